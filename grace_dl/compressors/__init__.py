@@ -1,0 +1,9 @@
+"""The compression methods. Importing this package registers all of them."""
+
+from .fp16 import FP16
+from .none import NoCompression
+from .qsgd import QSGD
+from .randomk import RandomK
+from .topk import TopK
+
+__all__ = ["NoCompression", "FP16", "TopK", "RandomK", "QSGD"]

@@ -1,0 +1,74 @@
+"""Top-k sparsification."""
+
+from __future__ import annotations
+
+from ..core import Compressor, TensorContext
+from ..ops import DTYPE_ITEMSIZE, Array, Ops
+from ..payload import Payload, layout_nbytes, pack_words, unpack_words
+from ..registry import register
+
+MAX_INT32_INDEX = 2**31 - 1
+
+
+def k_for(ratio: float, numel: int) -> int:
+    """Elements kept for ``ratio``: ``max(1, floor(ratio * numel))`` (0 for an empty tensor)."""
+    return min(numel, max(1, int(ratio * numel))) if numel else 0
+
+
+def check_ratio(ratio: float) -> float:
+    """``ratio`` if it lies in (0, 1], else ValueError."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    return float(ratio)
+
+
+def sparse_payload(ops: Ops, idx: Array, values: Array, numel: int) -> Payload:
+    """Pack int32 indices followed by values into one buffer."""
+    if numel > MAX_INT32_INDEX:
+        raise ValueError(f"tensor of {numel} elements: indices do not fit int32")
+    return Payload.of(ops, pack_words(ops, [ops.cast(idx, "int32"), values]))
+
+
+def sparse_unpack(ops: Ops, buffer: Array, dtype: str) -> tuple[Array, Array]:
+    """(int64 indices, values) from a buffer made by :func:`sparse_payload`; the count
+    follows from the buffer length."""
+    words_per_pair = 1 + DTYPE_ITEMSIZE[dtype] // 4
+    k = ops.numel(buffer) // words_per_pair
+    idx, values = unpack_words(ops, buffer, [("int32", k), (dtype, k)])
+    return ops.cast(idx, "int64"), values
+
+
+@register("compressor", "topk", paper="Aji & Heafield 2017, Sparse Communication for Distributed "
+          "Gradient Descent; Stich et al. 2018, Sparsified SGD with Memory",
+          summary="Keep the k largest-magnitude elements; residual error feedback, allgather.")
+class TopK(Compressor):
+    """Keep the ``k = max(1, floor(ratio * n))`` elements of largest magnitude.
+
+    Ties at the k-th magnitude go to the lowest indices, so every backend keeps the same
+    set. Wire size: ``k * (4 + itemsize)`` bytes (int32 indices, then values in the
+    compute dtype). A contraction (``||x - C(x)||^2 <= (1 - k/n) ||x||^2``), meant for
+    residual error feedback over allgather.
+
+    Args:
+        ratio: fraction of elements kept, in (0, 1] (default 0.01).
+    """
+
+    bias = "contraction"
+    memory = "residual"
+    communicator = "allgather"
+
+    def __init__(self, ratio: float = 0.01):
+        self.ratio = check_ratio(ratio)
+
+    def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
+        k = k_for(self.ratio, ctx.numel)
+        idx = ops.topk_indices(ops.abs(x), k)
+        return sparse_payload(ops, idx, ops.gather(x, idx), ctx.numel)
+
+    def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
+        idx, values = sparse_unpack(ops, buffer, ctx.dtype)
+        return ops.scatter(ctx.numel, idx, values)
+
+    def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
+        k = k_for(self.ratio, numel)
+        return layout_nbytes([("int32", k), (dtype, k)])

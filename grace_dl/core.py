@@ -1,0 +1,375 @@
+"""The backend-neutral pipeline: Compressor, Memory, Communicator and Grace.
+
+For each named tensor, one step is::
+
+    compensate (memory) -> compress -> update memory -> exchange (communicator)
+      -> decompress -> aggregate
+
+:class:`Grace` runs that pipeline over any :class:`~grace_dl.transport.Transport`, in two
+halves (:meth:`Grace.start` posts the exchange, :meth:`Grace.finish` completes it) so
+that the exchange of one tensor overlaps the production of the next.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .ops import DTYPE_ITEMSIZE, Array, Ops, get_ops
+from .payload import Payload
+from .transport.base import Transport, allgather_traffic, allreduce_traffic
+
+
+def derive_key(*parts: Any) -> int:
+    """A 64-bit random key from the given parts (seed, tensor name, rank ...), identical
+    on every machine and Python process (unlike ``hash()``)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a compressor and a memory know about the tensor being processed.
+
+    Attributes:
+        name: the tensor's name (the key of all per-tensor state).
+        shape: its original shape.
+        numel: its element count.
+        dtype: the compute dtype the pipeline hands to the compressor
+            (``float32``, or ``float64`` for float64 input).
+        in_dtype: the dtype of the tensor as the framework produced it.
+        step: how many times this name went through the pipeline before.
+        shared_key: random key identical on every worker (shared randomness).
+        worker_key: random key distinct per worker (independent randomness).
+        rank: this worker's rank.
+        world_size: number of workers.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    dtype: str
+    in_dtype: str
+    step: int
+    shared_key: int
+    worker_key: int
+    rank: int
+    world_size: int
+
+
+class Compressor(abc.ABC):
+    """Turns a flat tensor into a :class:`Payload` and back.
+
+    Class attributes state the method's contract (checked by the test suite):
+
+    * ``summable``: payloads of several workers may be added elementwise (allreduce);
+    * ``bias``: ``"unbiased"`` (E[decompress(compress(x))] = x), ``"contraction"``
+      (``||x - C(x)||^2 <= (1 - delta) ||x||^2``) or ``"biased"``;
+    * ``memory`` and ``communicator``: the registry names of the defaults it is meant for;
+    * ``deterministic``: same input gives the same payload (no random draws).
+    """
+
+    summable: ClassVar[bool] = False
+    bias: ClassVar[str] = "unbiased"
+    memory: ClassVar[str] = "none"
+    communicator: ClassVar[str] = "allgather"
+    deterministic: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
+        """Compress flat ``x`` (``ctx.dtype``, ``ctx.numel`` elements)."""
+
+    @abc.abstractmethod
+    def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
+        """A flat dense ``ctx.dtype`` array of ``ctx.numel`` elements from a payload
+        buffer (or, for summable methods, from the sum of several)."""
+
+    def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int | None:
+        """The exact payload size for ``numel`` elements of compute dtype ``dtype``
+        (input dtype ``in_dtype``, default the same), or None where it depends on the
+        data (threshold methods)."""
+        return None
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+class Memory(abc.ABC):
+    """Per-tensor state that feeds back what compression dropped (error feedback).
+
+    State is a dict ``{tensor name: {field: array}}``; :meth:`state_dict` gives it as
+    NumPy arrays, so that it is saved and restored independently of the backend.
+    """
+
+    #: whether :meth:`update` needs the locally decompressed payload
+    needs_transmitted: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self.state: dict[str, dict[str, Any]] = {}
+
+    @abc.abstractmethod
+    def compensate(self, ops: Ops, x: Array, ctx: TensorContext) -> Array:
+        """The tensor to compress, given the new gradient ``x``."""
+
+    @abc.abstractmethod
+    def update(self, ops: Ops, compensated: Array, transmitted: Array | None, ctx: TensorContext) -> None:
+        """Record what was not sent: ``compensated`` minus the local decompression."""
+
+    def _field(self, ops: Ops, name: str, key: str, like: Array) -> Array | None:
+        """A state array as a backend array like ``like`` (state restored from a
+        checkpoint is NumPy until first used)."""
+        value = self.state.get(name, {}).get(key)
+        if value is not None and not ops.owns(value):
+            value = ops.cast(ops.from_numpy(np.asarray(value), like), ops.dtype(like))
+            self.state[name][key] = value
+        return value
+
+    def state_dict(self) -> dict[str, dict[str, np.ndarray]]:
+        """All per-tensor state as NumPy arrays."""
+        return {
+            name: {k: get_ops(v).to_numpy(v) for k, v in fields.items()}
+            for name, fields in self.state.items()
+        }
+
+    def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
+        """Restore state saved by :meth:`state_dict`."""
+        self.state = {name: {k: np.asarray(v) for k, v in fields.items()} for name, fields in state.items()}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "state" and not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+@dataclass
+class Exchange:
+    """A started collective: what :meth:`Communicator.finish` needs to complete it."""
+
+    handle: Any
+    payload_nbytes: int
+    kind: str
+
+
+class Communicator(abc.ABC):
+    """Moves payloads between workers and aggregates the decompressed results."""
+
+    #: whether the communicator sums payloads, so the compressor must be summable
+    requires_summable: ClassVar[bool] = False
+
+    def __init__(self, aggregate: str = "mean"):
+        if aggregate not in ("mean", "sum", "majority"):
+            raise ValueError(f"aggregate must be one of 'mean', 'sum', 'majority', got {aggregate!r}")
+        self.aggregate = aggregate
+
+    @abc.abstractmethod
+    def start(self, ops: Ops, transport: Transport, payload: Payload, compressor: Compressor,
+              ctx: TensorContext) -> Exchange:
+        """Post the exchange of ``payload``."""
+
+    @abc.abstractmethod
+    def finish(self, ops: Ops, transport: Transport, exchange: Exchange, compressor: Compressor,
+               ctx: TensorContext) -> tuple[Array, int, int]:
+        """Complete the exchange; return (aggregated flat tensor, bytes sent, bytes received)."""
+
+    def _combine(self, ops: Ops, dense: list[Array], world_size: int) -> Array:
+        total = dense[0]
+        if self.aggregate == "majority":
+            total = ops.sign(total)
+            for d in dense[1:]:
+                total = total + ops.sign(d)
+            return ops.sign(total)
+        for d in dense[1:]:
+            total = total + d
+        return total / world_size if self.aggregate == "mean" else total
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(aggregate={self.aggregate!r})"
+
+
+@dataclass
+class TrafficStats:
+    """Exact per-worker byte counts, per tensor and per step.
+
+    ``dense`` is the uncompressed size of the tensors (in their input dtype),
+    ``payload`` what this worker's compressor produced, ``sent``/``received`` what the
+    collective moved under the byte model of :mod:`grace_dl.transport.base`.
+    """
+
+    dense: int = 0
+    payload: int = 0
+    sent: int = 0
+    received: int = 0
+    tensors: int = 0
+    per_tensor: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def record(self, name: str, dense: int, payload: int, sent: int, received: int) -> None:
+        """Add one tensor exchange."""
+        self.dense += dense
+        self.payload += payload
+        self.sent += sent
+        self.received += received
+        self.tensors += 1
+        t = self.per_tensor.setdefault(name, {"dense": 0, "payload": 0, "sent": 0, "received": 0, "count": 0})
+        t["dense"] += dense
+        t["payload"] += payload
+        t["sent"] += sent
+        t["received"] += received
+        t["count"] += 1
+
+    @property
+    def compression_ratio(self) -> float:
+        """Dense bytes over payload bytes (inf when nothing was sent)."""
+        return self.dense / self.payload if self.payload else float("inf")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Totals as a plain dict."""
+        return {"dense_bytes": self.dense, "payload_bytes": self.payload, "sent_bytes": self.sent,
+                "received_bytes": self.received, "tensors": self.tensors,
+                "compression_ratio": self.compression_ratio}
+
+
+@dataclass
+class Pending:
+    """A tensor whose exchange was started by :meth:`Grace.start`."""
+
+    ops: Ops
+    ctx: TensorContext
+    exchange: Exchange
+    in_dtype: str
+    dense_nbytes: int
+
+
+_COMPUTE_DTYPE = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
+
+
+class Grace:
+    """One compression method: Memory + Compressor + Communicator over a transport.
+
+    Args:
+        compressor: the :class:`Compressor`.
+        memory: the :class:`Memory` (error feedback); default: none.
+        communicator: the :class:`Communicator`; default: allgather.
+        seed: global seed of all random draws (default 0); with the tensor name and the
+            step it determines every draw, so runs are reproducible.
+        transport: where collectives go; can be bound later with :meth:`bind`.
+    """
+
+    def __init__(self, compressor: Compressor, memory: Memory | None = None,
+                 communicator: Communicator | None = None, *, seed: int = 0,
+                 transport: Transport | None = None):
+        from .communicators import Allgather
+        from .memories import NoMemory
+
+        self.compressor = compressor
+        self.memory = memory if memory is not None else NoMemory()
+        self.communicator = communicator if communicator is not None else Allgather()
+        if self.communicator.requires_summable and not compressor.summable:
+            raise ValueError(
+                f"{type(compressor).__name__} payloads cannot be summed, so they cannot go over "
+                f"{type(self.communicator).__name__}; use communicator='allgather' or 'broadcast'"
+            )
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+        self.transport = transport
+        self.steps: dict[str, int] = {}
+        self.stats = TrafficStats()
+
+    # -- configuration ------------------------------------------------------------------
+    def bind(self, transport: Transport) -> "Grace":
+        """Use ``transport`` for collectives; returns self."""
+        self.transport = transport
+        return self
+
+    def fresh_copy(self) -> "Grace":
+        """An unbound copy with the same configuration and empty state."""
+        clone = copy.copy(self)
+        clone.compressor = copy.deepcopy(self.compressor)
+        clone.memory = copy.deepcopy(self.memory)
+        clone.memory.state = {}
+        clone.communicator = copy.deepcopy(self.communicator)
+        clone.transport = None
+        clone.steps = {}
+        clone.stats = TrafficStats()
+        return clone
+
+    # -- the pipeline ---------------------------------------------------------------------
+    def start(self, tensor: Array, name: str) -> Pending:
+        """Compensate, compress, update memory and post the exchange of ``tensor``."""
+        if self.transport is None:
+            raise RuntimeError("Grace has no transport: call bind(transport) first")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor name must be a non-empty string, got {name!r}")
+        ops = get_ops(tensor)
+        in_dtype = ops.dtype(tensor)
+        if in_dtype not in _COMPUTE_DTYPE:
+            raise TypeError(f"tensor {name!r} has dtype {in_dtype}; grace-dl compresses float16, "
+                            f"bfloat16, float32 and float64 gradients")
+        shape = ops.shape(tensor)
+        numel = ops.numel(tensor)
+        compute_dtype = _COMPUTE_DTYPE[in_dtype]
+        step = self.steps.get(name, 0)
+        self.steps[name] = step + 1
+        transport = self.transport
+        ctx = TensorContext(
+            name=name, shape=shape, numel=numel, dtype=compute_dtype, in_dtype=in_dtype, step=step,
+            shared_key=derive_key(self.seed, name),
+            worker_key=derive_key(self.seed, name, transport.rank),
+            rank=transport.rank, world_size=transport.size,
+        )
+        x = ops.flatten(tensor)
+        if in_dtype != compute_dtype:
+            x = ops.cast(x, compute_dtype)
+        compensated = self.memory.compensate(ops, x, ctx)
+        payload = self.compressor.compress(ops, compensated, ctx)
+        if self.memory.needs_transmitted:
+            transmitted = self.compressor.decompress(ops, payload.buffer, ctx)
+        else:
+            transmitted = None
+        self.memory.update(ops, compensated, transmitted, ctx)
+        exchange = self.communicator.start(ops, transport, payload, self.compressor, ctx)
+        return Pending(ops, ctx, exchange, in_dtype, numel * DTYPE_ITEMSIZE[in_dtype])
+
+    def finish(self, pending: Pending) -> Array:
+        """Wait for the exchange, decompress and aggregate; the result has the input's
+        shape and dtype."""
+        ops, ctx = pending.ops, pending.ctx
+        flat, sent, received = self.communicator.finish(ops, self.transport, pending.exchange,
+                                                        self.compressor, ctx)
+        self.stats.record(ctx.name, pending.dense_nbytes, pending.exchange.payload_nbytes, sent, received)
+        if pending.in_dtype != ctx.dtype:
+            flat = ops.cast(flat, pending.in_dtype)
+        return ops.reshape(flat, ctx.shape)
+
+    def step(self, tensor: Array, name: str) -> Array:
+        """:meth:`start` then :meth:`finish`."""
+        return self.finish(self.start(tensor, name))
+
+    # -- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Memory state and step counters, as NumPy arrays and ints."""
+        return {"steps": dict(self.steps), "memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        unknown = set(state) - {"steps", "memory"}
+        if unknown:
+            raise KeyError(f"unknown keys in Grace state: {sorted(unknown)}")
+        self.steps = {str(k): int(v) for k, v in state.get("steps", {}).items()}
+        self.memory.load_state_dict(state.get("memory", {}))
+
+    def __repr__(self) -> str:
+        return f"Grace({self.compressor!r}, {self.memory!r}, {self.communicator!r}, seed={self.seed})"
+
+
+def traffic_for(kind: str, mine: int, all_nbytes: list[int] | None, rank: int, size: int,
+                equal_sizes: bool) -> tuple[int, int]:
+    """(sent, received) bytes of one exchange; see :mod:`grace_dl.transport.base`."""
+    if kind == "allreduce":
+        return allreduce_traffic(mine, size)
+    return allgather_traffic(mine, all_nbytes or [mine] * size, rank, equal_sizes)

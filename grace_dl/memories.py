@@ -1,0 +1,57 @@
+"""Memories: per-tensor error feedback, keyed by tensor name."""
+
+from __future__ import annotations
+
+from .core import Memory, TensorContext
+from .ops import Array, Ops
+from .registry import register
+
+
+@register("memory", "none", summary="No memory: what compression drops is lost.")
+class NoMemory(Memory):
+    """No error feedback."""
+
+    needs_transmitted = False
+
+    def compensate(self, ops: Ops, x: Array, ctx: TensorContext) -> Array:
+        return x
+
+    def update(self, ops, compensated, transmitted, ctx) -> None:
+        return None
+
+
+@register("memory", "residual",
+          paper="Seide et al. 2014, 1-bit SGD (error feedback); Karimireddy et al. 2019, "
+                "Error Feedback Fixes SignSGD",
+          summary="Residual error feedback: add back what the last compression dropped.")
+class ResidualMemory(Memory):
+    """Residual error feedback: ``compensated = beta * residual + gamma * grad`` and
+    ``residual = compensated - decompress(compress(compensated))``.
+
+    Args:
+        beta: weight of the stored residual (default 1.0).
+        gamma: weight of the new gradient (default 1.0).
+    """
+
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0):
+        super().__init__()
+        if not beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        if not gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}")
+        self.beta = float(beta)
+        self.gamma = float(gamma)
+
+    def compensate(self, ops: Ops, x: Array, ctx: TensorContext) -> Array:
+        residual = self._field(ops, ctx.name, "residual", x)
+        if residual is None:
+            return x * self.gamma if self.gamma != 1.0 else x
+        if ops.numel(residual) != ctx.numel:
+            raise ValueError(f"tensor {ctx.name!r} has {ctx.numel} elements but its residual has "
+                             f"{ops.numel(residual)}: two tensors share one name")
+        if self.beta == 1.0 and self.gamma == 1.0:
+            return residual + x
+        return residual * self.beta + x * self.gamma
+
+    def update(self, ops: Ops, compensated: Array, transmitted: Array, ctx: TensorContext) -> None:
+        self.state.setdefault(ctx.name, {})["residual"] = compensated - transmitted

@@ -1,0 +1,217 @@
+"""The array-ops protocol: the only primitives a compression method may use.
+
+Every method in grace-dl is written once against :class:`Ops`. A backend (NumPy,
+PyTorch, TensorFlow) implements these primitives for its own array type and nothing
+else: no algorithm logic lives in a backend.
+
+Conventions shared by every backend, so that deterministic methods give bit-identical
+payloads on every backend:
+
+* dtypes are named by strings: ``float16 bfloat16 float32 float64 int32 int64 uint8 bool``;
+* arrays passed to compressors are 1-D (the pipeline flattens);
+* index arrays are ``int64``;
+* :meth:`Ops.pack_bits` puts element ``i`` into bit ``i % 32`` of int32 word ``i // 32``
+  (little-endian bit order);
+* :meth:`Ops.topk_indices` breaks ties towards the lower index and returns indices sorted
+  ascending;
+* random draws come from an explicit ``(key, counter)`` seed and never touch a
+  framework's global random state (they are identical on every worker of one backend,
+  not across backends).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Sequence
+
+Array = Any  # a backend's array type: numpy.ndarray, torch.Tensor or tf.Tensor
+
+DTYPE_ITEMSIZE = {
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "int32": 4,
+    "int64": 8,
+    "uint8": 1,
+    "bool": 1,
+}
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class Ops(abc.ABC):
+    """Array primitives for one framework. Stateless; one instance per backend."""
+
+    #: short backend name, e.g. ``"numpy"``
+    name: str = ""
+
+    # -- identity -------------------------------------------------------------------
+    @staticmethod
+    @abc.abstractmethod
+    def owns(x: Any) -> bool:
+        """Whether ``x`` is an array of this backend."""
+
+    @abc.abstractmethod
+    def dtype(self, x: Array) -> str:
+        """The dtype name of ``x``."""
+
+    @abc.abstractmethod
+    def numel(self, x: Array) -> int:
+        """Number of elements of ``x``."""
+
+    @abc.abstractmethod
+    def shape(self, x: Array) -> tuple[int, ...]:
+        """Shape of ``x`` as a tuple of ints."""
+
+    # -- layout and conversion ----------------------------------------------------------
+    @abc.abstractmethod
+    def reshape(self, x: Array, shape: Sequence[int]) -> Array:
+        """``x`` with a new shape (a view where the backend allows)."""
+
+    def flatten(self, x: Array) -> Array:
+        """``x`` as a 1-D array."""
+        return self.reshape(x, (-1,))
+
+    @abc.abstractmethod
+    def cast(self, x: Array, dtype: str) -> Array:
+        """Value conversion of ``x`` to ``dtype`` (round to nearest for floats)."""
+
+    @abc.abstractmethod
+    def bitcast(self, x: Array, dtype: str) -> Array:
+        """Reinterpret the bytes of 1-D ``x`` as ``dtype``; the length scales by the
+        itemsize ratio and must divide evenly."""
+
+    @abc.abstractmethod
+    def concat(self, xs: Sequence[Array]) -> Array:
+        """Concatenation of 1-D arrays of one dtype."""
+
+    @abc.abstractmethod
+    def to_numpy(self, x: Array) -> Any:
+        """A NumPy copy of ``x`` (synchronises with the device)."""
+
+    @abc.abstractmethod
+    def from_numpy(self, a: Any, like: Array) -> Array:
+        """A backend array holding ``a``, on the same device as ``like``."""
+
+    # -- creation -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def zeros(self, n: int, dtype: str, like: Array) -> Array:
+        """A 1-D zero array of length ``n`` on ``like``'s device."""
+
+    @abc.abstractmethod
+    def arange(self, n: int, like: Array) -> Array:
+        """``[0, 1, ..., n-1]`` as int64 on ``like``'s device."""
+
+    # -- elementwise ------------------------------------------------------------------
+    @abc.abstractmethod
+    def abs(self, x: Array) -> Array:
+        """Elementwise absolute value."""
+
+    @abc.abstractmethod
+    def sign(self, x: Array) -> Array:
+        """Elementwise sign (-1, 0, +1) in ``x``'s dtype."""
+
+    @abc.abstractmethod
+    def floor(self, x: Array) -> Array:
+        """Elementwise floor."""
+
+    @abc.abstractmethod
+    def sqrt(self, x: Array) -> Array:
+        """Elementwise square root."""
+
+    @abc.abstractmethod
+    def where(self, cond: Array, a: Array, b: Array) -> Array:
+        """``a`` where ``cond`` else ``b``."""
+
+    @abc.abstractmethod
+    def minimum(self, a: Array, b: Array) -> Array:
+        """Elementwise minimum."""
+
+    @abc.abstractmethod
+    def isfinite(self, x: Array) -> Array:
+        """Elementwise finiteness mask (bool)."""
+
+    # -- reductions ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def sum(self, x: Array, axis: int | None = None) -> Array:
+        """Sum of all elements (0-d array), or along ``axis``."""
+
+    @abc.abstractmethod
+    def max(self, x: Array, axis: int | None = None) -> Array:
+        """Maximum of all elements (0-d array), or along ``axis``."""
+
+    def norm(self, x: Array, axis: int | None = None) -> Array:
+        """Euclidean norm of all elements (0-d array), or along ``axis``."""
+        return self.sqrt(self.sum(x * x, axis=axis))
+
+    @abc.abstractmethod
+    def item(self, x: Array) -> float:
+        """A 0-d array as a Python number (synchronises with the device)."""
+
+    # -- selection ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def kth_largest(self, x: Array, k: int) -> Array:
+        """The ``k``-th largest value of 1-D ``x`` (0-d array), ``1 <= k <= len(x)``."""
+
+    @abc.abstractmethod
+    def nonzero(self, mask: Array) -> Array:
+        """Ascending int64 indices where the bool ``mask`` is true."""
+
+    @abc.abstractmethod
+    def gather(self, x: Array, idx: Array) -> Array:
+        """``x[idx]``."""
+
+    @abc.abstractmethod
+    def scatter(self, n: int, idx: Array, values: Array) -> Array:
+        """A length-``n`` zero array of ``values``' dtype with ``values`` at ``idx``
+        (indices are distinct)."""
+
+    def topk_indices(self, x: Array, k: int) -> Array:
+        """Ascending indices of the ``k`` largest elements of 1-D ``x``; ties at the
+        boundary go to the lowest indices, so every backend selects the same set."""
+        if k <= 0:
+            return self.zeros(0, "int64", x)
+        n = self.numel(x)
+        if k >= n:
+            return self.arange(n, x)
+        kth = self.kth_largest(x, k)
+        above = self.nonzero(x > kth)
+        ties = self.nonzero(x == kth)
+        need = k - self.numel(above)
+        if need == 0:
+            return above
+        merged = self.concat([above, ties[:need]])
+        return self.sort(merged)
+
+    @abc.abstractmethod
+    def sort(self, x: Array) -> Array:
+        """Ascending sort of 1-D ``x``."""
+
+    # -- bits ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def pack_bits(self, mask: Array) -> Array:
+        """Pack a 1-D bool array into int32 words: element ``i`` is bit ``i % 32`` of
+        word ``i // 32``; the tail of the last word is zero. ``ceil(n / 32)`` words."""
+
+    @abc.abstractmethod
+    def unpack_bits(self, words: Array, n: int) -> Array:
+        """Inverse of :meth:`pack_bits`: the first ``n`` bits as a bool array."""
+
+    @abc.abstractmethod
+    def uint_to_bits(self, v: Array, bits: int) -> Array:
+        """Non-negative integers ``v`` (< 2**bits) as a flat bool array of
+        ``len(v) * bits`` bits, least significant bit first per element."""
+
+    @abc.abstractmethod
+    def bits_to_uint(self, b: Array, bits: int) -> Array:
+        """Inverse of :meth:`uint_to_bits`: int64 values from a flat bool array."""
+
+    # -- randomness ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def random_uniform(self, n: int, key: int, counter: int, like: Array) -> Array:
+        """``n`` float32 draws from U[0, 1), determined by ``(key, counter)`` alone."""
+
+    @abc.abstractmethod
+    def random_choice(self, n: int, k: int, key: int, counter: int, like: Array) -> Array:
+        """``k`` distinct ascending int64 indices drawn uniformly from ``range(n)``,
+        determined by ``(key, counter)`` alone."""

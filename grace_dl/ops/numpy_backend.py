@@ -1,0 +1,155 @@
+"""NumPy implementation of the ops protocol (the reference backend)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from .base import Ops
+
+_NP_DTYPES = {
+    "float16": np.float16,
+    "float32": np.float32,
+    "float64": np.float64,
+    "int32": np.int32,
+    "int64": np.int64,
+    "uint8": np.uint8,
+    "bool": np.bool_,
+}
+
+
+def _np_dtype(name: str) -> Any:
+    if name == "bfloat16":
+        import ml_dtypes  # only needed for bf16 arrays; ships with TF and JAX
+
+        return ml_dtypes.bfloat16
+    try:
+        return _NP_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; valid: {sorted(_NP_DTYPES) + ['bfloat16']}") from None
+
+
+class NumpyOps(Ops):
+    """Ops over ``numpy.ndarray``."""
+
+    name = "numpy"
+
+    @staticmethod
+    def owns(x: Any) -> bool:
+        return isinstance(x, (np.ndarray, np.generic))
+
+    def dtype(self, x):
+        name = np.asarray(x).dtype.name
+        return "bool" if name == "bool" else name
+
+    def numel(self, x):
+        return int(np.size(x))
+
+    def shape(self, x):
+        return tuple(int(d) for d in np.shape(x))
+
+    def reshape(self, x, shape):
+        return np.reshape(x, tuple(shape))
+
+    def cast(self, x, dtype):
+        return np.asarray(x).astype(_np_dtype(dtype), copy=False)
+
+    def bitcast(self, x, dtype):
+        return np.ascontiguousarray(x).view(_np_dtype(dtype))
+
+    def concat(self, xs: Sequence[Any]):
+        return np.concatenate([np.asarray(x).reshape(-1) for x in xs])
+
+    def to_numpy(self, x):
+        return np.array(x, copy=True)
+
+    def from_numpy(self, a, like):
+        return np.asarray(a)
+
+    def zeros(self, n, dtype, like):
+        return np.zeros(int(n), dtype=_np_dtype(dtype))
+
+    def arange(self, n, like):
+        return np.arange(int(n), dtype=np.int64)
+
+    def abs(self, x):
+        return np.abs(x)
+
+    def sign(self, x):
+        return np.sign(x)
+
+    def floor(self, x):
+        return np.floor(x)
+
+    def sqrt(self, x):
+        return np.sqrt(x)
+
+    def where(self, cond, a, b):
+        return np.where(cond, a, b)
+
+    def minimum(self, a, b):
+        return np.minimum(a, b)
+
+    def isfinite(self, x):
+        return np.isfinite(x)
+
+    def sum(self, x, axis=None):
+        return np.sum(x, axis=axis, dtype=np.asarray(x).dtype if np.asarray(x).dtype.kind == "f" else None)
+
+    def max(self, x, axis=None):
+        return np.max(x, axis=axis)
+
+    def item(self, x):
+        return np.asarray(x).item()
+
+    def kth_largest(self, x, k):
+        n = x.shape[0]
+        return np.partition(x, n - k)[n - k]
+
+    def nonzero(self, mask):
+        return np.flatnonzero(mask).astype(np.int64, copy=False)
+
+    def gather(self, x, idx):
+        return x[idx]
+
+    def scatter(self, n, idx, values):
+        out = np.zeros(int(n), dtype=values.dtype)
+        out[idx] = values
+        return out
+
+    def sort(self, x):
+        return np.sort(x)
+
+    def pack_bits(self, mask):
+        n = mask.shape[0]
+        packed = np.packbits(mask.astype(np.bool_, copy=False), bitorder="little")
+        pad = (-packed.shape[0]) % 4
+        if pad:
+            packed = np.concatenate([packed, np.zeros(pad, np.uint8)])
+        words = packed.view("<i4")
+        assert words.shape[0] == -(-n // 32)
+        return words.astype(np.int32, copy=False)
+
+    def unpack_bits(self, words, n):
+        raw = np.ascontiguousarray(words, dtype="<i4").view(np.uint8)
+        return np.unpackbits(raw, count=int(n), bitorder="little").astype(np.bool_)
+
+    def uint_to_bits(self, v, bits):
+        shifts = np.arange(bits, dtype=np.int64)
+        return ((v.astype(np.int64)[:, None] >> shifts) & 1).astype(np.bool_).reshape(-1)
+
+    def bits_to_uint(self, b, bits):
+        weights = np.int64(1) << np.arange(bits, dtype=np.int64)
+        return (b.reshape(-1, bits).astype(np.int64) * weights).sum(axis=1)
+
+    @staticmethod
+    def _generator(key, counter):
+        return np.random.Generator(np.random.Philox(key=int(key), counter=int(counter)))
+
+    def random_uniform(self, n, key, counter, like):
+        return self._generator(key, counter).random(int(n), dtype=np.float32)
+
+    def random_choice(self, n, k, key, counter, like):
+        picked = self._generator(key, counter).choice(int(n), size=int(k), replace=False)
+        return np.sort(picked).astype(np.int64)

@@ -1,0 +1,4 @@
+"""Setuptools shim: the project is described in pyproject.toml."""
+from setuptools import setup
+
+setup()
