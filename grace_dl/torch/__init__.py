@@ -1,0 +1,56 @@
+"""grace-dl for PyTorch: ``import grace_dl.torch as grace``.
+
+Each factory (``grace.topk(ratio=0.01)``, ``grace.dgc(...)``, ...) returns an object that
+stock Horovod accepts as ``compression=``::
+
+    import horovod.torch as hvd
+    import grace_dl.torch as grace
+    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                   compression=grace.topk(ratio=0.01))
+
+The wrapped :class:`~grace_dl.core.Grace` is available as ``.grace`` for direct use
+(``.grace.bind(transport).step(tensor, name)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grace_dl as _core
+from grace_dl.ops import register_backend as _register_backend
+
+from .horovod import HorovodCompression, HorovodTorchTransport
+from .ops import TorchOps
+
+_register_backend(TorchOps())
+
+
+def _factory(method: str):
+    core_factory = getattr(_core, method)
+
+    def factory(**kwargs: Any) -> HorovodCompression:
+        return HorovodCompression(core_factory(**kwargs))
+
+    factory.__name__ = factory.__qualname__ = method
+    factory.__signature__ = core_factory.__signature__
+    factory.__doc__ = core_factory.__doc__
+    return factory
+
+
+def from_config(config: Any) -> HorovodCompression:
+    """:func:`grace_dl.from_config`, wrapped for Horovod."""
+    return HorovodCompression(_core.from_config(config))
+
+
+def grace_from_params(params: dict[str, Any]) -> HorovodCompression:
+    """GRACE's ``grace_from_params``, wrapped for Horovod."""
+    return HorovodCompression(_core.grace_from_params(params))
+
+
+for _method in _core.list_methods():
+    globals()[_method] = _factory(_method)
+
+list_methods = _core.list_methods
+
+__all__ = ["HorovodCompression", "HorovodTorchTransport", "TorchOps", "from_config",
+           "grace_from_params", "list_methods"] + _core.list_methods()

@@ -1,0 +1,177 @@
+"""PyTorch implementation of the ops protocol, for CPU and CUDA tensors.
+
+Everything stays on the tensor's device. Host synchronisation happens only where the
+protocol returns a Python value (``item``) or a data-dependent length (``nonzero``,
+hence threshold selection), never in fixed-size paths such as casts, packing or top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..core import derive_key
+from ..ops.base import Ops
+
+_TORCH_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
+
+
+def _td(name: str) -> torch.dtype:
+    try:
+        return _TORCH_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; valid: {sorted(_TORCH_DTYPES)}") from None
+
+
+class TorchOps(Ops):
+    """Ops over ``torch.Tensor``."""
+
+    name = "torch"
+
+    @staticmethod
+    def owns(x: Any) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def dtype(self, x):
+        try:
+            return _NAMES[x.dtype]
+        except KeyError:
+            raise TypeError(f"grace-dl does not handle torch dtype {x.dtype}") from None
+
+    def numel(self, x):
+        return x.numel()
+
+    def shape(self, x):
+        return tuple(x.shape)
+
+    def reshape(self, x, shape):
+        return x.reshape(tuple(shape))
+
+    def cast(self, x, dtype):
+        return x.to(_td(dtype))
+
+    def bitcast(self, x, dtype):
+        return x.contiguous().view(_td(dtype))
+
+    def concat(self, xs: Sequence[Any]):
+        return torch.cat([x.reshape(-1) for x in xs])
+
+    def to_numpy(self, x):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+        return x.numpy().copy()
+
+    def from_numpy(self, a, like):
+        a = np.asarray(a)
+        if a.dtype.name == "bfloat16":
+            return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).to(like.device)
+        return torch.from_numpy(a.copy()).to(like.device)
+
+    def zeros(self, n, dtype, like):
+        return torch.zeros(int(n), dtype=_td(dtype), device=like.device)
+
+    def arange(self, n, like):
+        return torch.arange(int(n), dtype=torch.int64, device=like.device)
+
+    def abs(self, x):
+        return torch.abs(x)
+
+    def sign(self, x):
+        return torch.sign(x)
+
+    def floor(self, x):
+        return torch.floor(x)
+
+    def sqrt(self, x):
+        return torch.sqrt(x)
+
+    def where(self, cond, a, b):
+        return torch.where(cond, a, b)
+
+    def minimum(self, a, b):
+        return torch.minimum(a, b)
+
+    def isfinite(self, x):
+        return torch.isfinite(x)
+
+    def sum(self, x, axis=None):
+        return x.sum() if axis is None else x.sum(dim=axis)
+
+    def max(self, x, axis=None):
+        return x.max() if axis is None else x.amax(dim=axis)
+
+    def item(self, x):
+        return x.item()
+
+    def kth_largest(self, x, k):
+        if x.is_cuda:
+            return torch.topk(x, k, sorted=True).values[k - 1]
+        return torch.kthvalue(x, x.numel() - k + 1).values
+
+    def nonzero(self, mask):
+        return torch.nonzero(mask).reshape(-1)
+
+    def gather(self, x, idx):
+        return x[idx]
+
+    def scatter(self, n, idx, values):
+        out = torch.zeros(int(n), dtype=values.dtype, device=values.device)
+        out[idx] = values
+        return out
+
+    def sort(self, x):
+        return torch.sort(x).values
+
+    def pack_bits(self, mask):
+        n = mask.numel()
+        pad = (-n) % 32
+        bits = mask.to(torch.uint8)
+        if pad:
+            bits = torch.cat([bits, bits.new_zeros(pad)])
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+        packed = (bits.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+        return packed.view(torch.int32)  # little-endian byte order, as NumPy's '<i4'
+
+    def unpack_bits(self, words, n):
+        raw = words.contiguous().view(torch.uint8)
+        shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
+        return ((raw.reshape(-1, 1) >> shifts) & 1).reshape(-1)[: int(n)].to(torch.bool)
+
+    def uint_to_bits(self, v, bits):
+        shifts = torch.arange(bits, dtype=torch.int64, device=v.device)
+        return ((v.to(torch.int64).reshape(-1, 1) >> shifts) & 1).reshape(-1).to(torch.bool)
+
+    def bits_to_uint(self, b, bits):
+        weights = torch.ones(1, dtype=torch.int64, device=b.device) << torch.arange(
+            bits, dtype=torch.int64, device=b.device)
+        return (b.reshape(-1, bits).to(torch.int64) * weights).sum(dim=1)
+
+    @staticmethod
+    def _generator(key: int, counter: int, device: torch.device) -> torch.Generator:
+        # a private generator: the global torch RNG is never touched
+        g = torch.Generator(device=device)
+        g.manual_seed(derive_key(key, counter) & (2**63 - 1))
+        return g
+
+    def random_uniform(self, n, key, counter, like):
+        g = self._generator(key, counter, like.device)
+        return torch.rand(int(n), generator=g, device=like.device, dtype=torch.float32)
+
+    def random_choice(self, n, k, key, counter, like):
+        g = self._generator(key, counter, like.device)
+        return torch.sort(torch.randperm(int(n), generator=g, device=like.device)[: int(k)]).values
