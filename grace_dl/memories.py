@@ -28,6 +28,10 @@ class ResidualMemory(Memory):
     """Residual error feedback: ``compensated = beta * residual + gamma * grad`` and
     ``residual = compensated - decompress(compress(compensated))``.
 
+    A gradient with NaN or Inf values passes through to the aggregate (so that a loss
+    scaler sees it and skips the step) but never reaches the residual: the previous
+    residual is kept whole. The check runs on the device, without a host sync.
+
     Args:
         beta: weight of the stored residual (default 1.0).
         gamma: weight of the new gradient (default 1.0).
@@ -54,4 +58,9 @@ class ResidualMemory(Memory):
         return residual * self.beta + x * self.gamma
 
     def update(self, ops: Ops, compensated: Array, transmitted: Array, ctx: TensorContext) -> None:
-        self.state.setdefault(ctx.name, {})["residual"] = compensated - transmitted
+        residual = compensated - transmitted
+        previous = self._field(ops, ctx.name, "residual", compensated)
+        if previous is None:
+            previous = ops.zeros(ctx.numel, ctx.dtype, compensated)
+        non_finite = ops.sum(ops.cast(~ops.isfinite(residual), ctx.dtype)) > 0
+        self.state.setdefault(ctx.name, {})["residual"] = ops.where(non_finite, previous, residual)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..core import Compressor, TensorContext
-from ..ops import DTYPE_ITEMSIZE, Array, Ops
+from ..ops import Array, Ops
 from ..payload import Payload, layout_nbytes, pack_words, unpack_words
 from ..registry import register
 
@@ -56,7 +56,11 @@ class QSGD(Compressor):
         buckets = -(-n // d)
         padded = ops.concat([x, ops.zeros(buckets * d - n, ctx.dtype, x)]) if buckets * d != n else x
         grid = ops.reshape(padded, (buckets, d))
-        norms = ops.norm(grid, axis=1)
+        # the norm of the bucket scaled by its largest magnitude, so that squares of
+        # magnitudes beyond 1.8e19 do not overflow float32
+        peak = ops.max(ops.abs(grid), axis=1)
+        peak = ops.where(peak > 0, peak, peak * 0 + 1)
+        norms = ops.norm(grid / ops.reshape(peak, (buckets, 1)), axis=1) * peak
         safe = ops.where(norms > 0, norms, norms * 0 + 1)
         scaled = ops.abs(grid) / ops.reshape(safe, (buckets, 1)) * s
         noise = ops.reshape(ops.random_uniform(buckets * d, ctx.worker_key, ctx.step, x), (buckets, d))

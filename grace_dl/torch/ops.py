@@ -63,7 +63,12 @@ class TorchOps(Ops):
         return x.to(_td(dtype))
 
     def bitcast(self, x, dtype):
-        return x.contiguous().view(_td(dtype))
+        target = _td(dtype)
+        x = x.contiguous()
+        ratio = max(1, target.itemsize // x.element_size())
+        if x.storage_offset() % ratio:  # a slice not aligned to the wider type: copy it
+            x = x.clone()
+        return x.view(target)
 
     def concat(self, xs: Sequence[Any]):
         return torch.cat([x.reshape(-1) for x in xs])

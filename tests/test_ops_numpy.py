@@ -1,0 +1,88 @@
+"""The NumPy ops backend and the payload packing it underlies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from grace_dl.ops.numpy_backend import NumpyOps
+from grace_dl.payload import layout_nbytes, pack_words, unpack_words
+
+ops = NumpyOps()
+
+
+@given(st.lists(st.booleans(), min_size=0, max_size=200))
+def test_pack_bits_round_trip_and_layout(bits):
+    mask = np.array(bits, dtype=bool)
+    words = ops.pack_bits(mask)
+    assert words.dtype == np.int32 and words.shape == (-(-len(bits) // 32),)
+    assert np.array_equal(ops.unpack_bits(words, len(bits)), mask)
+    # element i is bit i % 32 of word i // 32
+    for i in np.flatnonzero(mask)[:5]:
+        assert (int(words[i // 32]) >> (i % 32)) & 1 == 1
+
+
+@given(st.integers(1, 12).flatmap(lambda b: st.tuples(
+    st.just(b), st.lists(st.integers(0, 2**b - 1), min_size=1, max_size=50))))
+def test_uint_bits_round_trip(case):
+    bits, values = case
+    v = np.array(values, dtype=np.int64)
+    flat = ops.uint_to_bits(v, bits)
+    assert flat.shape == (len(values) * bits,)
+    assert np.array_equal(ops.bits_to_uint(flat, bits), v)
+
+
+def test_topk_indices_breaks_ties_to_lowest_index():
+    x = np.array([1.0, 3.0, 2.0, 3.0, 2.0, 2.0], dtype=np.float32)
+    assert ops.topk_indices(x, 1).tolist() == [1]
+    assert ops.topk_indices(x, 3).tolist() == [1, 2, 3]
+    assert ops.topk_indices(x, 4).tolist() == [1, 2, 3, 4]
+    assert ops.topk_indices(x, 0).tolist() == []
+    assert ops.topk_indices(x, 9).tolist() == list(range(6))
+
+
+@given(hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-1e3, 1e3, width=32)),
+       st.integers(1, 300))
+def test_topk_indices_are_a_largest_set(x, k):
+    k = min(k, len(x))
+    idx = ops.topk_indices(x, k)
+    assert len(idx) == k and np.all(np.diff(idx) > 0)
+    rest = np.setdiff1d(np.arange(len(x)), idx)
+    if len(rest):
+        assert x[idx].min() >= x[rest].max()
+
+
+def test_random_draws_are_determined_by_key_and_counter():
+    a = ops.random_uniform(1000, key=7, counter=3, like=None)
+    assert np.array_equal(a, ops.random_uniform(1000, key=7, counter=3, like=None))
+    assert not np.array_equal(a, ops.random_uniform(1000, key=7, counter=4, like=None))
+    assert not np.array_equal(a, ops.random_uniform(1000, key=8, counter=3, like=None))
+    assert a.dtype == np.float32 and a.min() >= 0 and a.max() < 1
+    state = np.random.get_state()[1].copy()
+    c = ops.random_choice(1000, 50, key=1, counter=2, like=None)
+    assert np.array_equal(np.random.get_state()[1], state), "global NumPy RNG was touched"
+    assert len(np.unique(c)) == 50 and np.all(np.diff(c) > 0) and c.max() < 1000
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int32", "int64", "bool"])
+@settings(max_examples=25)
+@given(n=st.integers(0, 70))
+def test_pack_words_round_trips_mixed_layouts(dtype, n):
+    rng = np.random.default_rng(n)
+    part = (rng.random(n) > 0.5) if dtype == "bool" else (rng.standard_normal(n) * 100).astype(dtype)
+    idx = np.arange(n, dtype=np.int32)
+    layout = [("int32", n), (dtype, n), ("float32", 1)]
+    buf = pack_words(ops, [idx, part, np.ones(1, np.float32)])
+    assert buf.dtype == np.int32
+    assert buf.nbytes == layout_nbytes(layout)
+    got = unpack_words(ops, buf, layout)
+    assert np.array_equal(got[0], idx) and np.array_equal(got[1], part) and got[2][0] == 1.0
+
+
+def test_unpack_words_rejects_a_wrong_layout():
+    buf = pack_words(ops, [np.zeros(3, np.float32)])
+    with pytest.raises(ValueError, match="expects"):
+        unpack_words(ops, buf, [("float32", 4)])

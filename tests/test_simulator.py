@@ -1,0 +1,164 @@
+"""The N-worker pipeline in the in-process simulator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import grace_dl
+from grace_dl.transport.base import SIZE_HEADER_BYTES
+
+from helpers import normal
+
+SIZES = [1, 2, 3, 8]
+
+
+def grads_for(size, n=257, step=0, names=("a", "b")):
+    return [{name: normal(n + i, seed=1000 * step + 10 * r + i) for i, name in enumerate(names)}
+            for r in range(size)]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("communicator", ["allreduce", "allgather", "broadcast"])
+def test_none_gives_the_exact_mean_on_every_worker(size, communicator):
+    sim = grace_dl.LocalSimulator(grace_dl.none(communicator=communicator), size)
+    grads = grads_for(size)
+    out = sim.step(grads)
+    for name in ("a", "b"):
+        expected = sum(g[name] for g in grads) / size
+        for r in range(size):
+            assert np.array_equal(out[r][name], expected)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("method", ["topk", "randomk"])
+def test_error_feedback_loses_no_mass(size, method):
+    """sum over steps of what all workers transmitted + their final residuals == the sum
+    of all their gradients."""
+    sim = grace_dl.LocalSimulator(grace_dl.make(method, ratio=0.05, communicator="allgather"), size)
+    steps = 12
+    total_grad = {"a": 0.0, "b": 0.0}
+    total_out = {"a": 0.0, "b": 0.0}
+    for t in range(steps):
+        grads = grads_for(size, step=t)
+        out = sim.step(grads)
+        for name in total_grad:
+            total_grad[name] = total_grad[name] + sum(g[name].astype(np.float64) for g in grads)
+            total_out[name] = total_out[name] + out[0][name].astype(np.float64) * size
+    for name in total_grad:
+        residuals = sum(w.memory.state[name]["residual"].astype(np.float64) for w in sim.workers)
+        np.testing.assert_allclose(total_out[name] + residuals, total_grad[name], atol=1e-4)
+        assert np.abs(residuals).max() > 0, "nothing was held back: the test would prove nothing"
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_randomk_picks_the_same_indices_on_every_worker(size):
+    sim = grace_dl.LocalSimulator(grace_dl.randomk(ratio=0.1), size)
+    for t in range(3):
+        out = sim.step(grads_for(size, step=t))
+        kept = [np.flatnonzero(w.memory.state["a"]["residual"] == 0) for w in sim.workers]
+        assert all(np.array_equal(kept[0], k) for k in kept)
+        assert len(kept[0]) == 25
+        assert np.array_equal(np.flatnonzero(out[0]["a"]), kept[0])
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("method", grace_dl.list_methods())
+def test_every_worker_gets_the_same_aggregate(size, method):
+    sim = grace_dl.LocalSimulator(grace_dl.make(method), size)
+    for t in range(2):
+        out = sim.step(grads_for(size, step=t))
+        for r in range(1, size):
+            for name in out[0]:
+                assert np.array_equal(out[0][name], out[r][name])
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_byte_accounting_follows_the_traffic_model(size):
+    n = 1000
+    topk = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.01), size)
+    topk.step(grads_for(size, n=n, names=("a",)))
+    stats = topk.workers[0].stats
+    payload = 10 * (4 + 4)
+    assert (stats.dense, stats.payload) == (4 * n, payload)
+    assert stats.sent == stats.received == (size - 1) * payload  # fixed size: no size exchange
+
+    fp16 = grace_dl.LocalSimulator(grace_dl.fp16(), size)
+    fp16.step(grads_for(size, n=n, names=("a",)))
+    stats = fp16.workers[0].stats
+    assert stats.payload == 2 * n
+    assert stats.sent == stats.received == 2 * (size - 1) * 2 * n // size  # ring allreduce
+    assert stats.compression_ratio == 2.0
+
+
+def test_variable_size_allgather_counts_the_size_exchange():
+    from grace_dl.core import traffic_for
+
+    sent, received = traffic_for("allgather", 40, [40, 24, 8], rank=0, size=3, equal_sizes=False)
+    assert sent == 2 * 40 + 2 * SIZE_HEADER_BYTES
+    assert received == 24 + 8 + 2 * SIZE_HEADER_BYTES
+
+
+def test_start_all_then_finish_overlaps_tensors_and_missing_workers_raise():
+    world = grace_dl.LocalWorld(2)
+    g0 = grace_dl.topk(ratio=0.5).bind(world.transports[0])
+    g1 = grace_dl.topk(ratio=0.5).bind(world.transports[1])
+    p0 = g0.start(normal(10), "w")
+    with pytest.raises(RuntimeError, match="only workers \\[0\\] of 2"):
+        g0.finish(p0)
+    p1 = g1.start(normal(10, seed=1), "w")
+    assert np.array_equal(g0.finish(p0), g1.finish(p1))
+
+
+def test_shapes_and_dtypes_are_restored():
+    sim = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.3), 2)
+    grads = [{"w": normal(24, seed=r).reshape(2, 3, 4).astype(np.float16)} for r in range(2)]
+    out = sim.step(grads)
+    assert out[0]["w"].shape == (2, 3, 4) and out[0]["w"].dtype == np.float16
+
+
+def test_non_finite_gradient_reaches_the_output_but_not_the_residual():
+    sim = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.2), 2)
+    sim.step(grads_for(2, n=50, names=("a",)))
+    before = [w.memory.state["a"]["residual"].copy() for w in sim.workers]
+    bad = grads_for(2, n=50, step=1, names=("a",))
+    bad[0]["a"][3] = np.nan
+    bad[1]["a"][4] = np.inf
+    out = sim.step(bad)
+    assert not np.all(np.isfinite(out[0]["a"]))
+    for w, old in zip(sim.workers, before):
+        assert np.array_equal(w.memory.state["a"]["residual"], old)
+    out = sim.step(grads_for(2, n=50, step=2, names=("a",)))
+    assert np.all(np.isfinite(out[0]["a"]))
+
+
+def test_state_dict_resume_is_bit_identical():
+    def run(steps, resume_at=None):
+        sim = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.05), 2)
+        outs = []
+        for t in range(steps):
+            if t == resume_at:
+                saved = [w.state_dict() for w in sim.workers]
+                sim = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.05), 2)
+                for w, s in zip(sim.workers, saved):
+                    w.load_state_dict(s)
+            outs.append(sim.step(grads_for(2, step=t))[0]["a"])
+        return outs
+
+    for a, b in zip(run(6), run(6, resume_at=3)):
+        assert np.array_equal(a, b)
+
+
+def test_allreduce_needs_a_summable_compressor():
+    with pytest.raises(grace_dl.ConfigError, match="cannot be summed"):
+        grace_dl.topk(communicator="allreduce")
+
+
+def test_simulator_checks_its_input():
+    sim = grace_dl.LocalSimulator(grace_dl.none(), 2)
+    with pytest.raises(ValueError, match="expected gradients of 2 workers"):
+        sim.step([{"a": normal(3)}])
+    with pytest.raises(ValueError, match="worker 1 has tensors"):
+        sim.step([{"a": normal(3)}, {"b": normal(3)}])
+    with pytest.raises(TypeError, match="dtype int64"):
+        sim.step([{"a": np.arange(3)}, {"a": np.arange(3)}])

@@ -1,0 +1,99 @@
+"""The torch ops backend against the NumPy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import grace_dl
+from grace_dl.ops.numpy_backend import NumpyOps
+
+from helpers import make_ctx, normal
+
+torch = pytest.importorskip("torch")
+from grace_dl.torch.ops import TorchOps  # noqa: E402
+
+np_ops, t_ops = NumpyOps(), TorchOps()
+SIZES = [1, 7, 32, 33, 100, 1000]
+
+
+def same_bytes(a: np.ndarray, b) -> bool:
+    b = b.numpy() if isinstance(b, torch.Tensor) else b
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_primitives_match_numpy(n):
+    x = normal(n, seed=n)
+    x[: n // 2] = np.round(x[: n // 2], 1)  # plant ties in magnitude
+    tx = torch.from_numpy(x.copy())
+    mask = x > 0
+    tmask = torch.from_numpy(mask)
+    k = max(1, n // 3)
+    assert same_bytes(np_ops.topk_indices(np.abs(x), k), t_ops.topk_indices(tx.abs(), k))
+    assert same_bytes(np_ops.pack_bits(mask), t_ops.pack_bits(tmask))
+    words = np_ops.pack_bits(mask)
+    assert same_bytes(np_ops.unpack_bits(words, n), t_ops.unpack_bits(torch.from_numpy(words), n))
+    v = (np.arange(n) % 13).astype(np.int64)
+    assert same_bytes(np_ops.uint_to_bits(v, 4), t_ops.uint_to_bits(torch.from_numpy(v), 4))
+    bits = np_ops.uint_to_bits(v, 4)
+    assert same_bytes(np_ops.bits_to_uint(bits, 4), t_ops.bits_to_uint(torch.from_numpy(bits), 4))
+    for dtype in ("float16", "float32", "float64"):
+        y = x.astype(dtype)
+        if dtype == "float16" and n % 2:
+            y = y[:-1]
+        assert same_bytes(np_ops.bitcast(y, "int32"), t_ops.bitcast(torch.from_numpy(y), "int32"))
+    idx = np_ops.topk_indices(np.abs(x), k)
+    assert same_bytes(np_ops.scatter(n, idx, x[idx]), t_ops.scatter(n, torch.from_numpy(idx), tx[idx]))
+
+
+@pytest.mark.parametrize("name", [m for m in grace_dl.list_methods() if grace_dl.make(m).compressor.deterministic])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n", SIZES)
+def test_deterministic_payloads_are_bit_identical_to_numpy(name, dtype, n):
+    comp = grace_dl.make(name).compressor
+    x = normal(n, seed=n, dtype=dtype)
+    ctx = make_ctx(n, dtype=dtype)
+    a = comp.compress(np_ops, x, ctx)
+    b = comp.compress(t_ops, torch.from_numpy(x.copy()), ctx)
+    assert a.nbytes == b.nbytes and same_bytes(a.buffer, b.buffer)
+    assert same_bytes(comp.decompress(np_ops, a.buffer, ctx), comp.decompress(t_ops, b.buffer, ctx))
+
+
+def test_random_draws_never_touch_the_global_torch_rng():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    a = t_ops.random_uniform(100, 5, 1, torch.zeros(1))
+    c = t_ops.random_choice(100, 10, 5, 1, torch.zeros(1))
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(a, t_ops.random_uniform(100, 5, 1, torch.zeros(1)))
+    assert not torch.equal(a, t_ops.random_uniform(100, 5, 2, torch.zeros(1)))
+    assert len(torch.unique(c)) == 10 and torch.all(c[1:] > c[:-1])
+
+
+@pytest.mark.parametrize("method", grace_dl.list_methods())
+def test_simulator_on_torch_matches_numpy_for_deterministic_methods(method):
+    grads = [{"w": normal(300, seed=r).reshape(10, 30)} for r in range(3)]
+    torch_grads = [{"w": torch.from_numpy(g["w"].copy())} for g in grads]
+    ref = grace_dl.LocalSimulator(grace_dl.make(method), 3)
+    sim = grace_dl.LocalSimulator(grace_dl.make(method), 3)
+    for _ in range(3):
+        a, b = ref.step(grads), sim.step(torch_grads)
+        assert b[0]["w"].shape == (10, 30) and b[0]["w"].dtype == torch.float32
+        if ref.workers[0].compressor.deterministic:
+            assert same_bytes(a[0]["w"], b[0]["w"])
+        else:
+            assert np.abs(a[0]["w"] - b[0]["w"].numpy()).max() < 2 * np.abs(grads[0]["w"]).max() * 3
+
+
+def test_state_restored_from_numpy_moves_to_torch():
+    g = grace_dl.topk(ratio=0.1)
+    sim = grace_dl.LocalSimulator(g, 1)
+    sim.step([{"w": torch.randn(50)}])
+    state = sim.workers[0].state_dict()
+    assert isinstance(state["memory"]["w"]["residual"], np.ndarray)
+    fresh = grace_dl.LocalSimulator(g, 1)
+    fresh.workers[0].load_state_dict(state)
+    fresh.step([{"w": torch.randn(50)}])
+    assert isinstance(fresh.workers[0].memory.state["w"]["residual"], torch.Tensor)
