@@ -33,7 +33,8 @@ class MPITransport(Transport):
         if buf.dtype == np.float16:
             return ("sum_of_gathered", self.allgather_async(buf, name, equal_sizes=True))
         out = np.empty_like(buf)
-        return ("request", self.comm.Iallreduce(buf, out, op=self._mpi.SUM), out)
+        # the handle keeps the send buffer alive until Wait: MPI reads it asynchronously
+        return ("request", self.comm.Iallreduce(buf, out, op=self._mpi.SUM), out, buf)
 
     def allgather_async(self, buf, name, equal_sizes=False):
         buf = np.ascontiguousarray(buf).reshape(-1)
@@ -47,7 +48,7 @@ class MPITransport(Transport):
             req = self.comm.Iallgatherv(buf.view(np.int16), [out.view(np.int16), counts, displs, self._mpi.SHORT])
         else:
             req = self.comm.Iallgatherv(buf, [out, counts, displs, self._mpi._typedict[buf.dtype.char]])
-        return ("gather", req, out, counts, displs)
+        return ("gather", req, out, counts, displs, buf)
 
     def broadcast_async(self, buf, root, name):
         buf = np.array(buf, copy=True).reshape(-1)
@@ -60,7 +61,7 @@ class MPITransport(Transport):
             handle[1].Wait()
             return handle[2]
         if kind == "gather":
-            _, req, out, counts, displs = handle
+            _, req, out, counts, displs, _ = handle
             req.Wait()
             return [out[d:d + c] for d, c in zip(displs, counts)]
         parts = self.wait(handle[1])

@@ -1,0 +1,293 @@
+"""TensorFlow implementation of the ops protocol, for ``tf.Tensor`` and ``tf.Variable``.
+
+Every primitive is written with TensorFlow ops on tensors of static or dynamic length, so
+that it runs eagerly and also traces inside ``tf.function``. Python values are produced
+only where the protocol returns them (``numel``, ``shape``, ``item``); those need a
+static shape (always the case eagerly) or an eager tensor.
+
+Where TensorFlow's own op differs from NumPy's reference semantics, this module adds
+what is needed for bit-identical results:
+
+* ``tf.cast`` from float64 to float16 rounds twice (through float32); NumPy rounds once.
+  :func:`_float64_to_float16` rounds to float32 with round-to-odd first, which makes the
+  second rounding exact.
+* ``tf.sort`` puts NaN first; NumPy puts it last.
+* ``tf.bitcast`` changes the rank when item sizes differ and does not take bool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from ..core import derive_key
+from ..ops.base import DTYPE_ITEMSIZE, FLOAT_DTYPES, Ops
+
+_TF_DTYPES: dict[str, tf.DType] = {
+    "float16": tf.float16,
+    "bfloat16": tf.bfloat16,
+    "float32": tf.float32,
+    "float64": tf.float64,
+    "int32": tf.int32,
+    "int64": tf.int64,
+    "uint8": tf.uint8,
+    "bool": tf.bool,
+}
+_NAMES: dict[tf.DType, str] = {v: k for k, v in _TF_DTYPES.items()}
+
+_MASK63 = (1 << 63) - 1
+
+
+def _tfd(name: str) -> tf.DType:
+    try:
+        return _TF_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; valid: {sorted(_TF_DTYPES)}") from None
+
+
+def _on(like: Any) -> ContextManager:
+    """A device scope placing new tensors where ``like`` lives (a no-op when its device
+    is unknown, as for most symbolic tensors inside ``tf.function``)."""
+    device = getattr(like, "device", "") or ""
+    return tf.device(device) if device else contextlib.nullcontext()
+
+
+def _static_len(x: Any) -> int | None:
+    """The element count of ``x`` if it is known without running anything."""
+    return tf.TensorShape(x.shape).num_elements()
+
+
+def _float64_to_float16(x: tf.Tensor) -> tf.Tensor:
+    """float64 -> float16 with a single round-to-nearest-even, as NumPy does.
+
+    ``tf.cast`` goes through float32, so a value just above a float16 midpoint can be
+    rounded onto the midpoint first and then to even: a different result. Rounding to
+    float32 *to odd* (truncate, then set the last bit if anything was dropped) keeps the
+    information that the value was not exactly on the midpoint; with 24 >= 11 + 2 bits
+    the following float32 -> float16 rounding is then the correctly rounded one.
+    """
+    f = tf.cast(x, tf.float32)
+    bits = tf.bitcast(f, tf.int32)
+    # float32 is sign-magnitude: decrementing the bits of a non-zero value moves it one
+    # step towards zero (inf -> FLT_MAX), turning round-to-nearest into truncation
+    rounded_away = tf.abs(tf.cast(f, tf.float64)) > tf.abs(x)
+    bits = tf.where(rounded_away, bits - 1, bits)
+    inexact = tf.cast(tf.bitcast(bits, tf.float32), tf.float64) != x
+    inexact = tf.logical_and(inexact, tf.logical_not(tf.math.is_nan(x)))
+    bits = tf.where(inexact, tf.bitwise.bitwise_or(bits, 1), bits)
+    return tf.cast(tf.bitcast(bits, tf.float32), tf.float16)
+
+
+class TFOps(Ops):
+    """Ops over ``tf.Tensor`` (eager or symbolic) and ``tf.Variable``."""
+
+    name = "tensorflow"
+
+    @staticmethod
+    def owns(x: Any) -> bool:
+        return isinstance(x, (tf.Tensor, tf.Variable))
+
+    # -- identity -------------------------------------------------------------------------
+    def dtype(self, x: Any) -> str:
+        try:
+            return _NAMES[tf.as_dtype(x.dtype).base_dtype]
+        except KeyError:
+            raise TypeError(f"grace-dl does not handle TensorFlow dtype {x.dtype.name}") from None
+
+    def numel(self, x: Any) -> int:
+        n = _static_len(x)
+        if n is None:
+            raise ValueError(f"the element count of {x!r} is not known statically; grace-dl needs "
+                             f"tensors of static shape inside tf.function")
+        return int(n)
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        dims = tf.TensorShape(x.shape).as_list()
+        if dims is None or any(d is None for d in dims):
+            raise ValueError(f"the shape of {x!r} is not known statically")
+        return tuple(int(d) for d in dims)
+
+    # -- layout and conversion ----------------------------------------------------------
+    def reshape(self, x: Any, shape: Sequence[int]) -> tf.Tensor:
+        return tf.reshape(x, [int(d) for d in shape])
+
+    def cast(self, x: Any, dtype: str) -> tf.Tensor:
+        target = _tfd(dtype)
+        if x.dtype == tf.float64 and target == tf.float16:
+            return _float64_to_float16(tf.convert_to_tensor(x))
+        return tf.cast(x, target)
+
+    def bitcast(self, x: Any, dtype: str) -> tf.Tensor:
+        src, dst = self.dtype(x), dtype
+        x = tf.reshape(x, [-1])
+        if src == dst:
+            return tf.identity(x)
+        # tf.bitcast does not take bool; bool bytes are 0/1, the same as uint8's
+        if src == "bool":
+            x, src = tf.cast(x, tf.uint8), "uint8"
+        out_dtype = "uint8" if dst == "bool" else dst
+        s_in, s_out = DTYPE_ITEMSIZE[src], DTYPE_ITEMSIZE[out_dtype]
+        n = _static_len(x)
+        if n is not None and (n * s_in) % s_out:
+            raise ValueError(f"cannot view {n} {src} elements ({n * s_in} bytes) as {dst} "
+                             f"({s_out}-byte items)")
+        if s_in < s_out:
+            # smaller -> larger: TF wants the ratio as a trailing dimension and drops it
+            x = tf.reshape(x, [-1, s_out // s_in])
+        out = tf.reshape(tf.bitcast(x, _tfd(out_dtype)), [-1])  # larger -> smaller adds one
+        return out != 0 if dst == "bool" else out
+
+    def concat(self, xs: Sequence[Any]) -> tf.Tensor:
+        return tf.concat([tf.reshape(x, [-1]) for x in xs], axis=0)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        a = np.array(x.numpy(), copy=True)
+        if self.dtype(x) == "bfloat16" and a.dtype.name != "bfloat16":
+            import ml_dtypes  # ships with TensorFlow
+
+            a = a.view(ml_dtypes.bfloat16)
+        return a
+
+    def from_numpy(self, a: Any, like: Any) -> tf.Tensor:
+        with _on(like):
+            return tf.constant(np.asarray(a))
+
+    # -- creation -------------------------------------------------------------------------
+    def zeros(self, n: int, dtype: str, like: Any) -> tf.Tensor:
+        with _on(like):
+            return tf.zeros([int(n)], dtype=_tfd(dtype))
+
+    def arange(self, n: int, like: Any) -> tf.Tensor:
+        with _on(like):
+            return tf.range(int(n), dtype=tf.int64)
+
+    # -- elementwise ------------------------------------------------------------------
+    def abs(self, x: Any) -> tf.Tensor:
+        return tf.abs(x)
+
+    def sign(self, x: Any) -> tf.Tensor:
+        return tf.sign(x)
+
+    def floor(self, x: Any) -> tf.Tensor:
+        return tf.floor(x)
+
+    def sqrt(self, x: Any) -> tf.Tensor:
+        return tf.sqrt(x)
+
+    def where(self, cond: Any, a: Any, b: Any) -> tf.Tensor:
+        return tf.where(cond, a, b)
+
+    def minimum(self, a: Any, b: Any) -> tf.Tensor:
+        return tf.minimum(a, b)
+
+    def isfinite(self, x: Any) -> tf.Tensor:
+        if self.dtype(x) in FLOAT_DTYPES:
+            return tf.math.is_finite(x)
+        return tf.ones_like(x, dtype=tf.bool)  # integers are always finite
+
+    # -- reductions ---------------------------------------------------------------------
+    def sum(self, x: Any, axis: int | None = None) -> tf.Tensor:
+        # floats sum in their own dtype; integers and bools in int64, as NumPy does
+        if self.dtype(x) not in FLOAT_DTYPES:
+            x = tf.cast(x, tf.int64)
+        return tf.reduce_sum(x, axis=axis)
+
+    def max(self, x: Any, axis: int | None = None) -> tf.Tensor:
+        if x.dtype == tf.bool:
+            return tf.reduce_any(x, axis=axis)
+        return tf.reduce_max(x, axis=axis)
+
+    def item(self, x: Any) -> float:
+        return np.asarray(x.numpy()).item()
+
+    # -- selection ----------------------------------------------------------------------
+    def kth_largest(self, x: Any, k: int) -> tf.Tensor:
+        return tf.math.top_k(x, k=int(k), sorted=True).values[int(k) - 1]
+
+    def nonzero(self, mask: Any) -> tf.Tensor:
+        return tf.where(tf.reshape(mask, [-1]))[:, 0]  # int64, ascending
+
+    def gather(self, x: Any, idx: Any) -> tf.Tensor:
+        return tf.gather(x, idx)
+
+    def scatter(self, n: int, idx: Any, values: Any) -> tf.Tensor:
+        idx = tf.reshape(tf.cast(idx, tf.int64), [-1, 1])
+        return tf.scatter_nd(idx, values, tf.constant([int(n)], dtype=tf.int64))
+
+    def topk_indices(self, x: Any, k: int) -> tf.Tensor:
+        """Ascending indices of the ``k`` largest elements; ties go to the lower index.
+
+        ``tf.math.top_k`` orders equal values by ascending index, so its first ``k`` are
+        exactly the protocol's set, without the data-dependent lengths of the generic
+        version (which therefore would not trace in ``tf.function``).
+        """
+        k = int(k)
+        if k <= 0:
+            return self.zeros(0, "int64", x)
+        n = self.numel(x)
+        if k >= n:
+            return self.arange(n, x)
+        picked = tf.math.top_k(x, k=k, sorted=True, index_type=tf.int64).indices
+        return tf.sort(picked)
+
+    def sort(self, x: Any) -> tf.Tensor:
+        dtype = self.dtype(x)
+        if dtype == "bool":
+            return tf.cast(tf.sort(tf.cast(x, tf.uint8)), tf.bool)
+        if dtype not in FLOAT_DTYPES:
+            return tf.sort(x)
+        # NumPy sorts NaN last, tf.sort first: sort NaN as +inf, then put NaN in the tail
+        nan = tf.math.is_nan(x)
+        ordered = tf.sort(tf.where(nan, tf.constant(np.inf, x.dtype), x))
+        n = tf.size(x, out_type=tf.int64)
+        tail = tf.range(n, dtype=tf.int64) >= n - tf.reduce_sum(tf.cast(nan, tf.int64))
+        return tf.where(tail, tf.constant(np.nan, x.dtype), ordered)
+
+    # -- bits ---------------------------------------------------------------------------
+    def pack_bits(self, mask: Any) -> tf.Tensor:
+        bits = tf.cast(tf.reshape(mask, [-1]), tf.uint8)
+        pad = tf.math.floormod(-tf.size(bits), 32)
+        bits = tf.pad(bits, [[0, pad]])
+        # eight bits -> one byte (weights sum to at most 255, so uint8 is exact), then
+        # four bytes -> one int32 word in native (little-endian) order, as NumPy's '<i4'
+        weights = tf.constant([1, 2, 4, 8, 16, 32, 64, 128], dtype=tf.uint8)
+        packed = tf.reduce_sum(tf.reshape(bits, [-1, 8]) * weights, axis=1)
+        return tf.bitcast(tf.reshape(packed, [-1, 4]), tf.int32)
+
+    def unpack_bits(self, words: Any, n: int) -> tf.Tensor:
+        raw = tf.reshape(tf.bitcast(tf.reshape(words, [-1]), tf.uint8), [-1, 1])
+        shifts = tf.range(8, dtype=tf.uint8)
+        bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(raw, shifts), 1)
+        return tf.cast(tf.reshape(bits, [-1])[: int(n)], tf.bool)
+
+    def uint_to_bits(self, v: Any, bits: int) -> tf.Tensor:
+        shifts = tf.range(int(bits), dtype=tf.int64)
+        v = tf.reshape(tf.cast(v, tf.int64), [-1, 1])
+        return tf.cast(tf.reshape(tf.bitwise.bitwise_and(tf.bitwise.right_shift(v, shifts), 1), [-1]), tf.bool)
+
+    def bits_to_uint(self, b: Any, bits: int) -> tf.Tensor:
+        weights = tf.bitwise.left_shift(tf.ones([int(bits)], tf.int64), tf.range(int(bits), dtype=tf.int64))
+        return tf.reduce_sum(tf.cast(tf.reshape(b, [-1, int(bits)]), tf.int64) * weights, axis=1)
+
+    # -- randomness ---------------------------------------------------------------------
+    @staticmethod
+    def _seed(key: int, counter: int) -> tf.Tensor:
+        """A stateless-op seed from ``(key, counter)``: both 64-bit halves are hashed
+        from the whole pair, so every bit of either int matters."""
+        hi = derive_key("tensorflow", int(key), int(counter), 0) & _MASK63
+        lo = derive_key("tensorflow", int(key), int(counter), 1) & _MASK63
+        return tf.constant([hi, lo], dtype=tf.int64)
+
+    def random_uniform(self, n: int, key: int, counter: int, like: Any) -> tf.Tensor:
+        with _on(like):
+            return tf.random.stateless_uniform([int(n)], seed=self._seed(key, counter), dtype=tf.float32)
+
+    def random_choice(self, n: int, k: int, key: int, counter: int, like: Any) -> tf.Tensor:
+        # the k largest of n i.i.d. uniform keys form a uniform random k-subset
+        with _on(like):
+            u = tf.random.stateless_uniform([int(n)], seed=self._seed(key, counter), dtype=tf.float32)
+            picked = tf.math.top_k(u, k=int(k), sorted=False, index_type=tf.int64).indices
+            return tf.sort(picked)

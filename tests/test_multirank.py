@@ -1,0 +1,59 @@
+"""Multi-process runs on localhost: horovodrun -np 2 (Gloo and MPI) for torch and TF, and
+mpirun -np 2 for the mpi4py transport. Each launch checks many things (see the scripts in
+tests/multirank/), because starting a job costs seconds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.multirank
+
+HERE = Path(__file__).parent / "multirank"
+BIN = Path(sys.executable).parent
+MPI_ARGS = "--allow-run-as-root --oversubscribe"  # CI runs as root on 2 cores
+
+
+def run(cmd: list[str], expect_ok_lines: int, timeout: int = 420) -> str:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE.parent.parent)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-6000:]}"
+    assert out.count("ALL OK") == expect_ok_lines, out[-6000:]
+    return out
+
+
+def horovodrun(controller: str) -> list[str]:
+    if shutil.which("horovodrun", path=str(BIN)) is None:
+        pytest.skip("horovod is not installed (run scripts/setup.sh)")
+    cmd = [str(BIN / "horovodrun"), "-np", "2", f"--{controller}"]
+    if controller == "mpi":
+        cmd += ["--mpi-args", MPI_ARGS]
+    return cmd
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_horovod_torch(controller):
+    out = run(horovodrun(controller) + [sys.executable, str(HERE / "hvd_torch_checks.py")], expect_ok_lines=2)
+    assert "bit-identical to the simulator" in out and "training ok" in out
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_horovod_tensorflow(controller):
+    out = run(horovodrun(controller) + [sys.executable, str(HERE / "hvd_tf_checks.py")], expect_ok_lines=2)
+    assert "bit-identical to the simulator" in out
+
+
+def test_mpi4py_transport():
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("Open MPI is not installed (run scripts/setup.sh)")
+    cmd = [mpirun, *MPI_ARGS.split(), "-np", "2", sys.executable, str(HERE / "mpi4py_checks.py")]
+    out = run(cmd, expect_ok_lines=2)
+    assert "bit-identical to the simulator" in out
