@@ -198,6 +198,8 @@ class TrafficStats:
     ``dense`` is the uncompressed size of the tensors (in their input dtype),
     ``payload`` what this worker's compressor produced, ``sent``/``received`` what the
     collective moved under the byte model of :mod:`grace_dl.transport.base`.
+    ``per_tensor`` breaks the totals down by tensor name, ``per_step`` by step (the
+    step counter of each tensor: step ``s`` sums every tensor's ``s``-th exchange).
     """
 
     dense: int = 0
@@ -206,20 +208,22 @@ class TrafficStats:
     received: int = 0
     tensors: int = 0
     per_tensor: dict[str, dict[str, int]] = field(default_factory=dict)
+    per_step: dict[int, dict[str, int]] = field(default_factory=dict)
 
-    def record(self, name: str, dense: int, payload: int, sent: int, received: int) -> None:
-        """Add one tensor exchange."""
+    def record(self, name: str, dense: int, payload: int, sent: int, received: int, step: int = 0) -> None:
+        """Add one exchange of tensor ``name`` at its ``step``."""
         self.dense += dense
         self.payload += payload
         self.sent += sent
         self.received += received
         self.tensors += 1
-        t = self.per_tensor.setdefault(name, {"dense": 0, "payload": 0, "sent": 0, "received": 0, "count": 0})
-        t["dense"] += dense
-        t["payload"] += payload
-        t["sent"] += sent
-        t["received"] += received
-        t["count"] += 1
+        for table, key in ((self.per_tensor, name), (self.per_step, step)):
+            t = table.setdefault(key, {"dense": 0, "payload": 0, "sent": 0, "received": 0, "count": 0})
+            t["dense"] += dense
+            t["payload"] += payload
+            t["sent"] += sent
+            t["received"] += received
+            t["count"] += 1
 
     @property
     def compression_ratio(self) -> float:
@@ -341,7 +345,7 @@ class Grace:
         ops, ctx = pending.ops, pending.ctx
         flat, sent, received = self.communicator.finish(ops, self.transport, pending.exchange,
                                                         self.compressor, ctx)
-        self.stats.record(ctx.name, pending.dense_nbytes, pending.exchange.payload_nbytes, sent, received)
+        self.stats.record(ctx.name, pending.dense_nbytes, pending.exchange.payload_nbytes, sent, received, ctx.step)
         if pending.in_dtype != ctx.dtype:
             flat = ops.cast(flat, pending.in_dtype)
         return ops.reshape(flat, ctx.shape)

@@ -35,6 +35,19 @@ def test_uint_bits_round_trip(case):
     assert np.array_equal(ops.bits_to_uint(flat, bits), v)
 
 
+@given(st.integers(1, 16).flatmap(lambda b: st.tuples(
+    st.just(b), st.lists(st.integers(0, 2**b - 1), min_size=0, max_size=70))))
+def test_pack_uint_fast_path_equals_the_generic_bit_stream(case):
+    from grace_dl.ops.base import Ops
+
+    bits, values = case
+    v = np.array(values, dtype=np.int64)
+    words = ops.pack_uint(v, bits)
+    assert np.array_equal(words, Ops.pack_uint(ops, v, bits))
+    assert words.shape == (-(-len(values) * bits // 32),)
+    assert np.array_equal(ops.unpack_uint(words, len(values), bits), v)
+
+
 def test_topk_indices_breaks_ties_to_lowest_index():
     x = np.array([1.0, 3.0, 2.0, 3.0, 2.0, 2.0], dtype=np.float32)
     assert ops.topk_indices(x, 1).tolist() == [1]

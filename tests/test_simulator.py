@@ -91,6 +91,18 @@ def test_byte_accounting_follows_the_traffic_model(size):
     assert stats.compression_ratio == 2.0
 
 
+def test_bytes_are_broken_down_per_tensor_and_per_step():
+    sim = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.1), 2)
+    for t in range(3):
+        sim.step(grads_for(2, n=100, step=t))  # tensors "a" (100) and "b" (101 elements)
+    stats = sim.workers[0].stats
+    assert stats.per_tensor["a"] == {"dense": 1200, "payload": 3 * 80, "sent": 3 * 80, "received": 3 * 80, "count": 3}
+    assert stats.per_tensor["b"]["payload"] == 3 * 80
+    assert sorted(stats.per_step) == [0, 1, 2]
+    assert stats.per_step[1] == {"dense": 804, "payload": 160, "sent": 160, "received": 160, "count": 2}
+    assert sum(s["sent"] for s in stats.per_step.values()) == stats.sent
+
+
 def test_variable_size_allgather_counts_the_size_exchange():
     from grace_dl.core import traffic_for
 

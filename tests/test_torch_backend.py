@@ -38,6 +38,11 @@ def test_primitives_match_numpy(n):
     assert same_bytes(np_ops.uint_to_bits(v, 4), t_ops.uint_to_bits(torch.from_numpy(v), 4))
     bits = np_ops.uint_to_bits(v, 4)
     assert same_bytes(np_ops.bits_to_uint(bits, 4), t_ops.bits_to_uint(torch.from_numpy(bits), 4))
+    for b in (1, 3, 4, 8, 16):
+        vb = (np.arange(n) * 7919 % (2**b)).astype(np.int64)
+        words = np_ops.pack_uint(vb, b)
+        assert same_bytes(words, t_ops.pack_uint(torch.from_numpy(vb), b))
+        assert same_bytes(np_ops.unpack_uint(words, n, b), t_ops.unpack_uint(torch.from_numpy(words), n, b))
     for dtype in ("float16", "float32", "float64"):
         y = x.astype(dtype)
         if dtype == "float16" and n % 2:

@@ -6,7 +6,7 @@ import math
 
 from ..core import Compressor, TensorContext
 from ..ops import Array, Ops
-from ..payload import Payload, layout_nbytes, pack_words, unpack_words
+from ..payload import Payload, from_words, layout_nbytes, to_words, words_for
 from ..registry import register
 
 
@@ -48,6 +48,7 @@ class QSGD(Compressor):
         return math.ceil(math.log2(2 * self.levels + 1))
 
     def _layout(self, numel: int, dtype: str) -> list[tuple[str, int]]:
+        # the codes form a bit stream of numel * bits bits: the size of a bool part
         buckets = -(-numel // self.bucket_size)
         return [(dtype, buckets), ("bool", numel * self.bits)]
 
@@ -66,14 +67,15 @@ class QSGD(Compressor):
         noise = ops.reshape(ops.random_uniform(buckets * d, ctx.worker_key, ctx.step, x), (buckets, d))
         level = ops.minimum(ops.floor(scaled + ops.cast(noise, ctx.dtype)), scaled * 0 + s)
         code = ops.flatten(ops.sign(grid) * level + s)[:n]
-        bits = ops.uint_to_bits(ops.cast(code, "int64"), self.bits)
-        return Payload.of(ops, pack_words(ops, [norms, bits]))
+        words = ops.pack_uint(ops.cast(code, "int64"), self.bits)
+        return Payload.of(ops, ops.concat([to_words(ops, norms), words]))
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         n, d, s = ctx.numel, self.bucket_size, self.levels
         buckets = -(-n // d)
-        norms, bits = unpack_words(ops, buffer, self._layout(n, ctx.dtype))
-        code = ops.cast(ops.bits_to_uint(bits, self.bits), ctx.dtype) - s
+        norm_words = words_for(ctx.dtype, buckets)
+        norms = from_words(ops, buffer[:norm_words], ctx.dtype, buckets)
+        code = ops.cast(ops.unpack_uint(buffer[norm_words:], n, self.bits), ctx.dtype) - s
         pad = buckets * d - n
         if pad:
             code = ops.concat([code, ops.zeros(pad, ctx.dtype, code)])

@@ -206,6 +206,17 @@ class Ops(abc.ABC):
     def bits_to_uint(self, b: Array, bits: int) -> Array:
         """Inverse of :meth:`uint_to_bits`: int64 values from a flat bool array."""
 
+    def pack_uint(self, v: Array, bits: int) -> Array:
+        """Pack non-negative integers ``v`` (< 2**bits) into int32 words as one bit
+        stream: element ``i`` occupies stream bits ``i*bits .. i*bits+bits-1``, least
+        significant first; ``ceil(len(v) * bits / 32)`` words. Backends may override
+        this with a faster path giving the same words."""
+        return self.pack_bits(self.uint_to_bits(v, bits))
+
+    def unpack_uint(self, words: Array, n: int, bits: int) -> Array:
+        """Inverse of :meth:`pack_uint`: ``n`` int64 values."""
+        return self.bits_to_uint(self.unpack_bits(words, n * bits), bits)
+
     # -- randomness ---------------------------------------------------------------------
     @abc.abstractmethod
     def random_uniform(self, n: int, key: int, counter: int, like: Array) -> Array:

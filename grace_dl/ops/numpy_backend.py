@@ -143,6 +143,26 @@ class NumpyOps(Ops):
         weights = np.int64(1) << np.arange(bits, dtype=np.int64)
         return (b.reshape(-1, bits).astype(np.int64) * weights).sum(axis=1)
 
+    def pack_uint(self, v, bits):
+        if 32 % bits:  # fields straddle words: use the generic bit stream
+            return super().pack_uint(v, bits)
+        per = 32 // bits
+        pad = (-v.shape[0]) % per
+        u = v.astype(np.uint64)
+        if pad:
+            u = np.concatenate([u, np.zeros(pad, np.uint64)])
+        shifts = np.arange(per, dtype=np.uint64) * np.uint64(bits)
+        words = np.bitwise_or.reduce(u.reshape(-1, per) << shifts, axis=1)
+        return words.astype("<u4").view("<i4").astype(np.int32, copy=False)
+
+    def unpack_uint(self, words, n, bits):
+        if 32 % bits:
+            return super().unpack_uint(words, n, bits)
+        per = 32 // bits
+        u = np.ascontiguousarray(words, dtype="<i4").view("<u4").astype(np.int64)
+        shifts = np.arange(per, dtype=np.int64) * bits
+        return ((u[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[: int(n)]
+
     @staticmethod
     def _generator(key, counter):
         return np.random.Generator(np.random.Philox(key=int(key), counter=int(counter)))

@@ -166,6 +166,28 @@ class TorchOps(Ops):
             bits, dtype=torch.int64, device=b.device)
         return (b.reshape(-1, bits).to(torch.int64) * weights).sum(dim=1)
 
+    def pack_uint(self, v, bits):
+        if 32 % bits:  # fields straddle words: use the generic bit stream
+            return super().pack_uint(v, bits)
+        per = 32 // bits
+        pad = (-v.numel()) % per
+        u = v.to(torch.int64)
+        if pad:
+            u = torch.cat([u, u.new_zeros(pad)])
+        shifts = torch.arange(per, dtype=torch.int64, device=v.device) * bits
+        # fields are disjoint, so the sum is their bitwise or; keep the low 32 bits
+        words = (u.reshape(-1, per) << shifts).sum(dim=1)
+        words = torch.where(words >= 2**31, words - 2**32, words)
+        return words.to(torch.int32)
+
+    def unpack_uint(self, words, n, bits):
+        if 32 % bits:
+            return super().unpack_uint(words, n, bits)
+        per = 32 // bits
+        u = words.to(torch.int64) & 0xFFFFFFFF
+        shifts = torch.arange(per, dtype=torch.int64, device=words.device) * bits
+        return ((u.reshape(-1, 1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[: int(n)]
+
     @staticmethod
     def _generator(key: int, counter: int, device: torch.device) -> torch.Generator:
         # a private generator: the global torch RNG is never touched
