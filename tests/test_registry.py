@@ -94,3 +94,13 @@ def test_duplicate_registration_is_refused():
         @register("compressor", "topk")
         class Again(grace_dl.Compressor):  # pragma: no cover - never instantiated
             pass
+
+
+def test_docs_methods_md_is_generated_from_the_registry():
+    from pathlib import Path
+
+    from grace_dl.docs import methods_markdown
+
+    committed = (Path(__file__).parent.parent / "docs" / "methods.md").read_text()
+    assert committed.strip() == methods_markdown().strip(), \
+        "docs/methods.md is stale: run python -m grace_dl.docs > docs/methods.md"

@@ -1,0 +1,46 @@
+"""Generate ``docs/methods.md`` from the registry: ``python -m grace_dl.docs > docs/methods.md``."""
+
+from __future__ import annotations
+
+from .registry import entries
+
+_SAMPLE = 1_000_000
+
+
+def _bits(cls_entry) -> str:
+    comp = cls_entry.cls()
+    nbytes = comp.payload_nbytes(_SAMPLE, "float32", "float32")
+    return "data-dependent" if nbytes is None else f"{8 * nbytes / _SAMPLE:.3g}"
+
+
+def methods_markdown() -> str:
+    """The Markdown text of docs/methods.md."""
+    lines = [
+        "# Methods",
+        "",
+        "Generated from the registry by `python -m grace_dl.docs > docs/methods.md`; a test",
+        "fails when this file and the code disagree. Bits per element are for a float32",
+        f"tensor of {_SAMPLE:,} elements with the default parameters.",
+        "",
+        "| method | paper | parameters (defaults) | bits/element | summable | bias | memory | communicator |",
+        "|---|---|---|---:|---|---|---|---|",
+    ]
+    for name, e in sorted(entries("compressor").items()):
+        params = ", ".join(f"`{p.name}={p.default!r}`" for p in e.params.values()) or "-"
+        comp = e.cls()
+        lines.append(f"| `{name}` | {e.paper or '-'} | {params} | {_bits(e)} | "
+                     f"{'yes' if comp.summable else 'no'} | {comp.bias} | {e.cls.memory} | {e.cls.communicator} |")
+    for kind in ("memory", "communicator"):
+        lines += ["", f"## {kind.capitalize()} options", "", "| name | parameters (defaults) | what it does |",
+                  "|---|---|---|"]
+        for name, e in sorted(entries(kind).items()):
+            params = ", ".join(f"`{p.name}={p.default!r}`" for p in e.params.values()) or "-"
+            lines.append(f"| `{name}` | {params} | {e.summary} |")
+    lines += ["", "## Details", ""]
+    for name, e in sorted(entries("compressor").items()):
+        lines += [f"### `{name}`", "", (e.cls.__doc__ or "").strip().replace("\n    ", "\n"), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(methods_markdown())
