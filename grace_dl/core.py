@@ -70,15 +70,21 @@ class Compressor(abc.ABC):
     * ``summable``: payloads of several workers may be added elementwise (allreduce);
     * ``bias``: ``"unbiased"`` (E[decompress(compress(x))] = x), ``"contraction"``
       (``||x - C(x)||^2 <= (1 - delta) ||x||^2``) or ``"biased"``;
-    * ``memory`` and ``communicator``: the registry names of the defaults it is meant for;
-    * ``deterministic``: same input gives the same payload (no random draws).
+    * ``memory`` and ``communicator``: the registry names of the defaults it is meant for,
+      and ``aggregate``: the communicator's default aggregation (``"majority"`` for
+      sign methods);
+    * ``deterministic``: same input gives the same payload (no random draws);
+    * ``zero_preserving``: a zero tensor decompresses to zero (false for 1-bit signs,
+      which cannot encode zero).
     """
 
     summable: ClassVar[bool] = False
     bias: ClassVar[str] = "unbiased"
     memory: ClassVar[str] = "none"
     communicator: ClassVar[str] = "allgather"
+    aggregate: ClassVar[str] = "mean"
     deterministic: ClassVar[bool] = True
+    zero_preserving: ClassVar[bool] = True
 
     @abc.abstractmethod
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:

@@ -179,8 +179,10 @@ def make(compressor: str, **kwargs: Any):
     if unknown:
         valid = sorted(set().union(*accepted.values()) | set(_STRUCTURAL))
         raise ConfigError(f"{compressor!r} has no parameter {unknown[0]!r}; valid: {', '.join(valid)}")
-    built = {kind: build(kind, name, {k: v for k, v in kwargs.items() if k in accepted[kind]})
-             for kind, name in targets}
+    chosen = {kind: {k: v for k, v in kwargs.items() if k in accepted[kind]} for kind, _ in targets}
+    if "communicator" in chosen and "aggregate" in accepted["communicator"]:
+        chosen["communicator"].setdefault("aggregate", comp_entry.cls.aggregate)
+    built = {kind: build(kind, name, chosen[kind]) for kind, name in targets}
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be int, got {seed!r}")
     try:
