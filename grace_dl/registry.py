@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -107,8 +108,9 @@ def _ensure_loaded() -> None:
 
 def _check_value(where: str, param: Param, value: Any) -> Any:
     expected = param.type
-    origin = typing.get_origin(expected)
-    allowed = typing.get_args(expected) if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (expected,)
+    # "float | None" and Optional[float] both list their members in get_args
+    is_union = typing.get_origin(expected) in (typing.Union, types.UnionType)
+    allowed = typing.get_args(expected) if is_union else (expected,)
     for t in allowed:
         if t is Any:
             return value

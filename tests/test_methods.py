@@ -74,7 +74,7 @@ def test_edge_sizes_and_zero_tensor(name, n):
     assert np.abs(out).max() <= np.linalg.norm(x.astype(np.float64)) * (1 + 2**-10)
 
 
-UNBIASED = [m for m in METHODS if grace_dl.make(m, **SMALL.get(m, {})).compressor.bias == "unbiased"] + ["randomk-rescaled"]
+UNBIASED = [m for m in METHODS if compressor(m).bias == "unbiased"] + ["randomk-rescaled"]
 
 
 @pytest.mark.parametrize("name", UNBIASED)

@@ -7,7 +7,6 @@ import os
 import sys
 
 import horovod.torch as hvd
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
