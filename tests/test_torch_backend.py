@@ -65,6 +65,28 @@ def test_deterministic_payloads_are_bit_identical_to_numpy(name, dtype, n):
     assert same_bytes(comp.decompress(np_ops, a.buffer, ctx), comp.decompress(t_ops, b.buffer, ctx))
 
 
+def test_float64_narrowing_rounds_once_like_numpy():
+    # values just above a float16 rounding midpoint: rounding via float32 lands on the
+    # midpoint and then rounds to even, NumPy rounds once and goes up
+    x = np.array([1 + 2**-11 + 2**-40, -(1 + 2**-11 + 2**-40), 1 + 2**-11, 1e300, -1e-300, np.nan],
+                 dtype=np.float64)
+    x = np.concatenate([x, np.random.default_rng(0).standard_normal(10000) * 1e3])
+    for dtype in ("float16", "bfloat16"):
+        want = np_ops.cast(x, dtype)
+        got = t_ops.to_numpy(t_ops.cast(torch.from_numpy(x), dtype))
+        if dtype == "float16":
+            assert same_bytes(want, got)
+        else:  # ml_dtypes itself narrows via float32: agree on everything but midpoints
+            assert np.array_equal(np.isnan(want.astype(np.float32)), np.isnan(got.astype(np.float32)))
+
+
+def test_topk_indices_with_nan_still_returns_k():
+    x = np.array([0.5, np.nan, 2.0, -3.0, np.nan, 0.1], dtype=np.float32)
+    for backend, arr in ((np_ops, x), (t_ops, torch.from_numpy(x))):
+        idx = backend.topk_indices(backend.abs(arr), 3)
+        assert list(np.asarray(t_ops.to_numpy(idx) if backend is t_ops else idx)) == [1, 3, 4]
+
+
 def test_random_draws_never_touch_the_global_torch_rng():
     torch.manual_seed(0)
     expected = torch.rand(3)

@@ -168,12 +168,15 @@ class Ops(abc.ABC):
 
     def topk_indices(self, x: Array, k: int) -> Array:
         """Ascending indices of the ``k`` largest elements of 1-D ``x``; ties at the
-        boundary go to the lowest indices, so every backend selects the same set."""
+        boundary go to the lowest indices, so every backend selects the same set. NaN
+        ranks as +inf, so exactly ``k`` indices come back whatever the data."""
         if k <= 0:
             return self.zeros(0, "int64", x)
         n = self.numel(x)
         if k >= n:
             return self.arange(n, x)
+        if self.dtype(x) in FLOAT_DTYPES:
+            x = self.where(x != x, self.zeros(n, self.dtype(x), x) + float("inf"), x)
         kth = self.kth_largest(x, k)
         above = self.nonzero(x > kth)
         ties = self.nonzero(x == kth)

@@ -27,9 +27,16 @@ from .ops import TFOps
 
 _register_backend(TFOps())
 
-for _method in _core.list_methods():
-    globals()[_method] = getattr(_core, _method)
-del _method
+
+def _export_methods() -> list[str]:
+    """Expose each registered method's core factory under its own name."""
+    names = _core.list_methods()
+    for name in names:
+        globals()[name] = getattr(_core, name)
+    return names
+
+
+_METHODS = _export_methods()
 
 
 def __getattr__(name: str) -> Any:
@@ -42,4 +49,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["TFOps", "HorovodTFTransport", "Grace", "from_config", "grace_from_params",
-           "list_methods"] + _core.list_methods()
+           "list_methods"] + _METHODS

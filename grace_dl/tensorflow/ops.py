@@ -259,7 +259,7 @@ class TFOps(Ops):
 
     def unpack_bits(self, words: Any, n: int) -> tf.Tensor:
         raw = tf.reshape(tf.bitcast(tf.reshape(words, [-1]), tf.uint8), [-1, 1])
-        shifts = tf.range(8, dtype=tf.uint8)
+        shifts = tf.constant([0, 1, 2, 3, 4, 5, 6, 7], dtype=tf.uint8)
         bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(raw, shifts), 1)
         return tf.cast(tf.reshape(bits, [-1])[: int(n)], tf.bool)
 

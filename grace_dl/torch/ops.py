@@ -35,6 +35,18 @@ def _td(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; valid: {sorted(_TORCH_DTYPES)}") from None
 
 
+def _narrow_float64(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    """float64 -> float16/bfloat16 rounded once, as NumPy does. torch goes through
+    float32 and rounds twice; rounding to float32 *to odd* first (an inexact result gets
+    the neighbour with an odd last bit) keeps the second rounding correct."""
+    f = x.to(torch.float32)
+    inexact = f.to(torch.float64) != x
+    bits = f.view(torch.int32)
+    step = torch.where(f.abs().to(torch.float64) > x.abs(), -1, 1).to(torch.int32)
+    odd = torch.where(inexact & ((bits & 1) == 0), bits + step, bits)
+    return odd.view(torch.float32).to(target)
+
+
 class TorchOps(Ops):
     """Ops over ``torch.Tensor``."""
 
@@ -60,7 +72,10 @@ class TorchOps(Ops):
         return x.reshape(tuple(shape))
 
     def cast(self, x, dtype):
-        return x.to(_td(dtype))
+        target = _td(dtype)
+        if x.dtype == torch.float64 and target in (torch.float16, torch.bfloat16):
+            return _narrow_float64(x, target)
+        return x.to(target)
 
     def bitcast(self, x, dtype):
         target = _td(dtype)

@@ -1,9 +1,10 @@
 """The transport protocol: the collectives that communicators use.
 
 A transport moves flat arrays between the workers of one job. Every call is
-non-blocking and returns a handle; :meth:`Transport.wait` completes it. Collectives are
-matched across workers by ``name`` (as in Horovod), so each name must be issued by every
-worker, in any order.
+non-blocking and returns a handle; :meth:`Transport.wait` completes it. Every worker must
+issue every collective name. The simulator and Horovod's torch ops match them by name;
+MPI matches by order and Horovod's eager TF ops block, so portable code issues them in
+the same order on every worker, as the pipeline does when workers run the same code.
 """
 
 from __future__ import annotations
