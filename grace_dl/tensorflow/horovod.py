@@ -16,7 +16,7 @@ from typing import Any
 import tensorflow as tf
 
 from ..core import derive_key
-from ..transport.base import Transport
+from ..transport.base import Transport, horovod_membership
 
 
 def _op_name(name: str) -> str:
@@ -41,12 +41,8 @@ class HorovodTFTransport(Transport):
     def __init__(self, process_set: Any = None):
         import horovod.tensorflow as hvd  # only when used: importing horovod is slow
 
-        if not hvd.is_initialized():
-            raise RuntimeError("horovod.tensorflow is not initialised: call hvd.init() first")
         self.hvd = hvd
-        self._ps = {} if process_set is None else {"process_set": process_set}
-        self.rank = hvd.rank() if process_set is None else process_set.rank()
-        self.size = hvd.size() if process_set is None else process_set.size()
+        self._ps, self.rank, self.size = horovod_membership(hvd, process_set)
 
     def allreduce_async(self, buf: Any, name: str) -> Any:
         """Sum ``buf`` over all workers; the handle is the result."""

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..core import Grace
-from ..transport.base import Transport
+from ..transport.base import Transport, horovod_membership
 
 
 class HorovodTorchTransport(Transport):
@@ -32,12 +32,8 @@ class HorovodTorchTransport(Transport):
     def __init__(self, process_set: Any = None):
         import horovod.torch as hvd
 
-        if not hvd.is_initialized():
-            raise RuntimeError("horovod.torch is not initialised: call hvd.init() first")
         self.hvd = hvd
-        self._ps = {} if process_set is None else {"process_set": process_set}
-        self.rank = hvd.rank() if process_set is None else process_set.rank()
-        self.size = hvd.size() if process_set is None else process_set.size()
+        self._ps, self.rank, self.size = horovod_membership(hvd, process_set)
 
     def allreduce_async(self, buf, name):
         return ("reduce", self.hvd.allreduce_async(buf, name=name, op=self.hvd.Sum, **self._ps))

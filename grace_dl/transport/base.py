@@ -41,6 +41,16 @@ class Transport(abc.ABC):
         """Complete a collective and return its result."""
 
 
+def horovod_membership(hvd: Any, process_set: Any = None) -> tuple[dict[str, Any], int, int]:
+    """(extra keyword arguments for Horovod's collectives, rank, size) for one of
+    Horovod's framework modules and an optional process set; Horovod must be initialised."""
+    if not hvd.is_initialized():
+        raise RuntimeError(f"{hvd.__name__} is not initialised: call hvd.init() first")
+    if process_set is None:
+        return {}, hvd.rank(), hvd.size()
+    return {"process_set": process_set}, process_set.rank(), process_set.size()
+
+
 # Byte model used for accounting, per worker: what it puts on and takes off the network.
 SIZE_HEADER_BYTES = 8  # one int64 length per worker when an allgather's sizes differ
 
