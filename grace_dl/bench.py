@@ -52,23 +52,27 @@ def bench(method: str, numel: int, *, backend: str = "numpy", repeats: int = 5,
     Args:
         method: registered method name.
         numel: tensor size.
-        backend: ``"numpy"`` (default) or ``"torch"``.
+        backend: ``"numpy"`` (default), ``"torch"`` (CPU) or ``"torch-cuda"``.
         repeats: best of this many timings (default 5).
         params: the method's parameters (default: its defaults).
     """
     grace = make(method, **(params or {}))
     comp = grace.compressor
     data = np.random.default_rng(0).standard_normal(numel).astype(np.float32)
-    if backend == "torch":
+    sync = lambda: None  # noqa: E731
+    if backend in ("torch", "torch-cuda"):
         import torch
 
         x = torch.from_numpy(data)
+        if backend == "torch-cuda":
+            x = x.cuda()
+            sync = torch.cuda.synchronize
         copy = lambda: x.clone()  # noqa: E731
     elif backend == "numpy":
         x = data
         copy = lambda: x.copy()  # noqa: E731
     else:
-        raise ValueError(f"unknown backend {backend!r}; valid: numpy, torch")
+        raise ValueError(f"unknown backend {backend!r}; valid: numpy, torch, torch-cuda")
     ops = get_ops(x)
     ctx = TensorContext(name="bench", shape=(numel,), numel=numel, dtype="float32", in_dtype="float32", step=0,
                         shared_key=derive_key(0, "bench"), worker_key=derive_key(0, "bench", 0), rank=0,
@@ -77,11 +81,16 @@ def bench(method: str, numel: int, *, backend: str = "numpy", repeats: int = 5,
     def round_trip():
         payload = comp.compress(ops, x, ctx)
         comp.decompress(ops, payload.buffer, ctx)
+        sync()  # GPU kernels are asynchronous: time them to completion
         return payload
+
+    def copy_synced():
+        copy()
+        sync()
 
     payload = round_trip()  # warm-up, and the payload whose size is reported
     t = _best_time(round_trip, repeats)
-    t_copy = _best_time(copy, repeats)
+    t_copy = _best_time(copy_synced, repeats)
     formula = comp.payload_nbytes(numel, "float32", "float32")
     return BenchResult(method, numel, backend, 1e9 * t / numel, 1e9 * t_copy / numel,
                        8 * payload.nbytes / numel, None if formula is None else 8 * formula / numel)

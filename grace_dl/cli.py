@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("bench", help="time per element vs a memory copy, and wire bits per element")
     p.add_argument("--method", action="append", help="method to time (repeatable; default: all)")
     p.add_argument("--size", nargs="+", default=["1e4", "1e6"], help="element counts (default 1e4 1e6)")
-    p.add_argument("--backend", default="numpy", choices=["numpy", "torch"])
+    p.add_argument("--backend", default="numpy", choices=["numpy", "torch", "torch-cuda"])
     p.add_argument("--repeats", type=int, default=5, help="best of this many timings (default 5)")
     p.add_argument("--param", action="append", help="method parameter KEY=VALUE (repeatable)")
     p.set_defaults(func=cmd_bench)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import Communicator, Compressor, Exchange, TensorContext, traffic_for
+from .core import Communicator, Compressor, Exchange, TensorContext, mean_factor, traffic_for
 from .ops import DTYPE_ITEMSIZE, Ops
 from .payload import Payload
 from .registry import register
@@ -42,7 +42,7 @@ class Allreduce(Communicator):
         if self.aggregate == "majority":
             dense = ops.sign(dense)
         elif self.aggregate == "mean":
-            dense = dense / ctx.world_size
+            dense = dense * mean_factor(ctx.world_size)
         sent, received = traffic_for("allreduce", exchange.payload_nbytes, None, ctx.rank, ctx.world_size, True)
         return dense, sent, received
 

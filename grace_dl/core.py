@@ -191,10 +191,17 @@ class Communicator(abc.ABC):
             return ops.sign(total)
         for d in dense[1:]:
             total = total + d
-        return total / world_size if self.aggregate == "mean" else total
+        return total * mean_factor(world_size) if self.aggregate == "mean" else total
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(aggregate={self.aggregate!r})"
+
+
+def mean_factor(world_size: int) -> float:
+    """The factor that turns a sum over workers into a mean. Means multiply by ``1/N``
+    rather than divide by ``N``: GPU kernels divide by a scalar that way, so every
+    backend and device then rounds the same way."""
+    return 1.0 / world_size
 
 
 @dataclass

@@ -143,6 +143,15 @@ class TorchOps(Ops):
             return torch.topk(x, k, sorted=True).values[k - 1]
         return torch.kthvalue(x, x.numel() - k + 1).values
 
+    def topk_indices(self, x, k):
+        if not x.is_cuda or k <= 0 or k >= x.numel():
+            return super().topk_indices(x, k)
+        # on the GPU, avoid nonzero's host sync: a stable descending sort keeps equal
+        # values in index order, which is the protocol's tie rule (NaN sorts first, as +inf)
+        key = torch.where(torch.isnan(x), torch.full_like(x, float("inf")), x)
+        order = torch.sort(key, descending=True, stable=True).indices[:k]
+        return torch.sort(order).values
+
     def nonzero(self, mask):
         return torch.nonzero(mask).reshape(-1)
 
