@@ -102,7 +102,7 @@ def format_table(rows: list[BenchResult]) -> str:
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         formula = "data-dependent" if r.formula_bits_per_element is None else f"{r.formula_bits_per_element:.3f}"
-        lines.append(f"| {r.method} | {r.numel:.0e} | {r.backend} | {r.ns_per_element:.2f} | "
+        lines.append(f"| {r.method} | {r.numel:.2g} | {r.backend} | {r.ns_per_element:.2f} | "
                      f"{r.copy_multiple:.1f} | {r.bits_per_element:.3f} | {formula} |")
     return "\n".join(lines)
 

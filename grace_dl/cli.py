@@ -49,7 +49,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             own = {k: v for k, v in params.items() if k in entries("compressor")[method].params} \
                 if method in entries("compressor") else params
             rows.append(bench(method, numel, backend=args.backend, repeats=args.repeats, params=own))
-            print(f"  {method} @ {numel:.0e}: {rows[-1].copy_multiple:.1f}x memcpy", file=sys.stderr, flush=True)
+            print(f"  {method} @ {numel:.2g}: {rows[-1].copy_multiple:.1f}x memcpy", file=sys.stderr, flush=True)
     print(format_table(rows))
     return 0
 
