@@ -64,3 +64,46 @@ class ResidualMemory(Memory):
             previous = ops.zeros(ctx.numel, ctx.dtype, compensated)
         non_finite = ops.sum(ops.cast(~ops.isfinite(residual), ctx.dtype)) > 0
         self.state.setdefault(ctx.name, {})["residual"] = ops.where(non_finite, previous, residual)
+
+
+@register("memory", "signum_momentum",
+          paper="Bernstein et al. 2018, signSGD: Compressed Optimisation for Non-Convex Problems (Signum)",
+          summary="Per-tensor momentum for Signum: compress the momentum, not the gradient.")
+class SignumMomentum(Memory):
+    """Signum's momentum: ``compensated = m = momentum * m_prev + (1 - momentum) * grad``
+    (``m_prev = 0`` at the first step), kept per tensor name under the field
+    ``"momentum"``. Nothing else is stored: the compressor sends the sign of ``m``.
+
+    A gradient with NaN or Inf values passes through to the compressor (and so to the
+    aggregate) but never reaches the stored momentum: the previous momentum is kept
+    whole. The check runs on the device, without a host sync.
+
+    Args:
+        momentum: weight of the previous momentum, in [0, 1) (default 0.9; 0 gives
+            signSGD).
+    """
+
+    needs_transmitted = False
+
+    def __init__(self, momentum: float = 0.9):
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = float(momentum)
+
+    def compensate(self, ops: Ops, x: Array, ctx: TensorContext) -> Array:
+        previous = self._field(ops, ctx.name, "momentum", x)
+        fresh = x * (1.0 - self.momentum) if self.momentum else x
+        if previous is None:
+            return fresh
+        if ops.numel(previous) != ctx.numel:
+            raise ValueError(f"tensor {ctx.name!r} has {ctx.numel} elements but its momentum has "
+                             f"{ops.numel(previous)}: two tensors share one name")
+        return previous * self.momentum + fresh if self.momentum else fresh
+
+    def update(self, ops: Ops, compensated: Array, transmitted: Array | None, ctx: TensorContext) -> None:
+        previous = self._field(ops, ctx.name, "momentum", compensated)
+        if previous is None:
+            previous = ops.zeros(ctx.numel, ctx.dtype, compensated)
+        non_finite = ops.sum(ops.cast(~ops.isfinite(compensated), ctx.dtype)) > 0
+        self.state.setdefault(ctx.name, {})["momentum"] = ops.where(non_finite, previous, compensated)

@@ -5,5 +5,6 @@ from .none import NoCompression
 from .qsgd import QSGD
 from .randomk import RandomK
 from .topk import TopK
+from .sign import EFSignSGD, OneBit, SignSGD, Signum
 
-__all__ = ["NoCompression", "FP16", "TopK", "RandomK", "QSGD"]
+__all__ = ["NoCompression", "FP16", "TopK", "RandomK", "QSGD", "SignSGD", "Signum", "EFSignSGD", "OneBit"]

@@ -172,7 +172,9 @@ class TorchOps(Ops):
         bits = mask.to(torch.uint8)
         if pad:
             bits = torch.cat([bits, bits.new_zeros(pad)])
-        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+        # built on the device: copying a Python list there would sync with the host
+        weights = torch.ones(8, dtype=torch.uint8, device=mask.device) << torch.arange(
+            8, dtype=torch.uint8, device=mask.device)
         packed = (bits.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
         return packed.view(torch.int32)  # little-endian byte order, as NumPy's '<i4'
 

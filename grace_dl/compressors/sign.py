@@ -1,0 +1,201 @@
+"""Sign compressors: one bit per element, with zero, one or two scales.
+
+All four methods share one wire format: the sign bits of the tensor, packed 32 to an
+int32 word with :meth:`Ops.pack_bits` (bit set where ``x >= 0``), optionally followed
+by a few scales in the compute dtype. They differ in the scales and in the memory they
+are meant for.
+
+Scales are reduced with :func:`pairwise_sum`, a fixed pairwise tree of elementwise
+additions, so that the payload is bit-identical on every backend and device (a
+framework's own ``sum`` may add in any order).
+"""
+
+from __future__ import annotations
+
+from ..core import Compressor, TensorContext
+from ..ops import Array, Ops
+from ..payload import Payload, layout_nbytes, pack_words, unpack_words
+from ..registry import register
+
+
+def pairwise_sum(ops: Ops, x: Array, dtype: str) -> Array:
+    """The sum of 1-D ``x`` as a 1-element array of ``dtype``, added in a fixed order:
+    halves are added elementwise (an odd length is padded with one zero) until one
+    element is left. Every backend rounds each addition the same way, so the result is
+    bit-identical everywhere; ``ceil(log2 n)`` elementwise kernels, no host sync."""
+    n = ops.numel(x)
+    if n == 0:
+        return ops.zeros(1, dtype, x)
+    while n > 1:
+        if n % 2:
+            x = ops.concat([x, ops.zeros(1, dtype, x)])
+            n += 1
+        half = n // 2
+        x = x[:half] + x[half:]
+        n = half
+    return x
+
+
+def _signs_of(ops: Ops, x: Array) -> Array:
+    """The bool mask sent on the wire: true where ``x >= 0`` (zero counts as +1; NaN as
+    -1)."""
+    return x >= 0
+
+
+def _plus_minus_one(ops: Ops, bits: Array, dtype: str) -> Array:
+    """+1 where ``bits`` is set, -1 elsewhere, in ``dtype``."""
+    return ops.cast(bits, dtype) * 2 - 1
+
+
+class _SignCompressor(Compressor):
+    """Shared wire format: ``n`` sign bits, then ``scales`` values of the compute dtype.
+
+    Subclasses set :attr:`scales` and implement :meth:`_scales` (compress side, a
+    ``scales``-element array) and :meth:`_expand` (decompress side)."""
+
+    summable = False
+    bias = "biased"
+    deterministic = True
+    #: number of compute-dtype scales sent after the sign bits
+    scales = 0
+
+    def _layout(self, numel: int, dtype: str) -> list[tuple[str, int]]:
+        layout = [("bool", numel)]
+        if self.scales:
+            layout.append((dtype, self.scales))
+        return layout
+
+    def _scales(self, ops: Ops, x: Array, mask: Array, ctx: TensorContext) -> Array:
+        raise NotImplementedError
+
+    def _expand(self, ops: Ops, bits: Array, scales: Array | None, ctx: TensorContext) -> Array:
+        raise NotImplementedError
+
+    def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
+        mask = _signs_of(ops, x)
+        parts = [mask]
+        if self.scales:
+            parts.append(self._scales(ops, x, mask, ctx))
+        return Payload.of(ops, pack_words(ops, parts))
+
+    def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
+        parts = unpack_words(ops, buffer, self._layout(ctx.numel, ctx.dtype))
+        return self._expand(ops, parts[0], parts[1] if self.scales else None, ctx)
+
+    def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
+        return layout_nbytes(self._layout(numel, dtype))
+
+
+@register("compressor", "signsgd", paper="Bernstein et al. 2018, signSGD: Compressed Optimisation "
+          "for Non-Convex Problems",
+          summary="One sign bit per element; workers combine by majority vote.")
+class SignSGD(_SignCompressor):
+    """signSGD: each worker sends only the sign of every gradient element, one bit
+    each, and the receivers take the elementwise majority of the workers' signs
+    (Bernstein et al. 2018).
+
+    A bit is set where ``x >= 0``: zero is sent as +1 (one bit cannot encode zero), so a
+    zero tensor decompresses to all +1. A NaN element is sent as -1. Decompression gives
+    +1/-1 in the compute dtype; the aggregate defaults to ``"majority"``. No scale is
+    sent, so the update's magnitude is the optimiser's learning rate alone.
+
+    Wire size: ``4 * ceil(n / 32)`` bytes. Biased; no memory, allgather.
+    """
+
+    memory = "none"
+    communicator = "allgather"
+    aggregate = "majority"
+    zero_preserving = False
+
+    def __init__(self) -> None:
+        pass
+
+    def _expand(self, ops, bits, scales, ctx):
+        return _plus_minus_one(ops, bits, ctx.dtype)
+
+
+@register("compressor", "signum", paper="Bernstein et al. 2018, signSGD: Compressed Optimisation "
+          "for Non-Convex Problems (Signum)",
+          summary="Sign of the momentum, one bit per element; majority vote.")
+class Signum(SignSGD):
+    """Signum: signSGD applied to each worker's momentum rather than to its raw
+    gradient (Bernstein et al. 2018). The momentum
+    ``m = momentum * m_prev + (1 - momentum) * g`` lives in the ``signum_momentum``
+    memory (parameter ``momentum``, default 0.9); this compressor sends its sign.
+
+    Same wire format as signSGD: ``4 * ceil(n / 32)`` bytes, zero sent as +1, +1/-1 on
+    decompression, majority vote by default. Biased; allgather.
+    """
+
+    memory = "signum_momentum"
+
+
+@register("compressor", "efsignsgd", paper="Karimireddy et al. 2019, Error Feedback Fixes SignSGD "
+          "and other Gradient Compression Schemes",
+          summary="Signs scaled by the mean magnitude, with residual error feedback.")
+class EFSignSGD(_SignCompressor):
+    """EF-signSGD: the sign bits plus one scale, the mean magnitude
+    ``||x||_1 / n``, so that ``C(x) = (||x||_1 / n) sign(x)``; what the scaled signs
+    miss is fed back through the residual memory (Karimireddy et al. 2019).
+
+    Zero is sent as +1, but the scale of a zero tensor is 0, so it decompresses to
+    zero. The sum is taken in a fixed pairwise order (bit-identical on every backend)
+    and multiplied by ``1/n``.
+
+    Wire size: ``4 * ceil(n / 32) + itemsize`` bytes (sign bits, then the scale in the
+    compute dtype). Biased (a scaled-sign contraction); residual memory, allgather mean.
+    """
+
+    memory = "residual"
+    communicator = "allgather"
+    scales = 1
+
+    def __init__(self) -> None:
+        pass
+
+    def _scales(self, ops, x, mask, ctx):
+        return pairwise_sum(ops, ops.abs(x), ctx.dtype) * (1.0 / ctx.numel)
+
+    def _expand(self, ops, bits, scales, ctx):
+        return _plus_minus_one(ops, bits, ctx.dtype) * scales
+
+
+@register("compressor", "onebit", paper="Seide et al. 2014, 1-Bit Stochastic Gradient Descent and "
+          "its Application to Data-Parallel Distributed Training of Speech DNNs",
+          summary="Sign bits plus the mean of each sign's elements; residual error feedback.")
+class OneBit(_SignCompressor):
+    """1-bit SGD: each element is quantised to one bit, its sign, and reconstructed as
+    the mean of the elements that share its sign; the quantisation error is carried to
+    the next step by the residual memory (Seide et al. 2014).
+
+    Two scales follow the bits: the mean of the non-negative elements (zero included,
+    as it is sent as +1) and the mean of the negative ones. A side with no elements has
+    mean 0 (the count is made 1 on the device, no host sync), so a zero tensor
+    decompresses to zero. Sums are taken in a fixed pairwise order and counts in int64,
+    so payloads are bit-identical on every backend.
+
+    Wire size: ``4 * ceil(n / 32) + 2 * itemsize`` bytes. Biased; residual memory,
+    allgather mean.
+    """
+
+    memory = "residual"
+    communicator = "allgather"
+    scales = 2
+
+    def __init__(self) -> None:
+        pass
+
+    def _scales(self, ops, x, mask, ctx):
+        zeros = ops.zeros(ctx.numel, ctx.dtype, x)
+        pos_sum = pairwise_sum(ops, ops.where(mask, x, zeros), ctx.dtype)
+        neg_sum = pairwise_sum(ops, ops.where(mask, zeros, x), ctx.dtype)
+        pos_count = ops.cast(ops.sum(ops.cast(mask, "int64")), ctx.dtype)
+        neg_count = ops.cast(ops.sum(ops.cast(~mask, "int64")), ctx.dtype)
+        # an empty side has sum 0: dividing it by 1 gives mean 0
+        pos_mean = pos_sum / ops.where(pos_count > 0, pos_count, pos_count * 0 + 1)
+        neg_mean = neg_sum / ops.where(neg_count > 0, neg_count, neg_count * 0 + 1)
+        return ops.concat([pos_mean, neg_mean])
+
+    def _expand(self, ops, bits, scales, ctx):
+        zeros = ops.zeros(ctx.numel, ctx.dtype, bits)
+        return ops.where(bits, zeros + scales[0:1], zeros + scales[1:2])
