@@ -16,7 +16,7 @@ import abc
 import copy
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generator
 
 import numpy as np
 
@@ -62,6 +62,54 @@ class TensorContext:
     world_size: int
 
 
+@dataclass
+class Collective:
+    """A collective that a method asks the pipeline to run.
+
+    Methods that exchange more than one message (a size exchange before a broadcast,
+    PowerSGD's two allreduces, a norm exchange before choosing chunks) are written as
+    generators that ``yield`` a list of collectives and receive the list of their
+    results; the pipeline posts them on the transport, counts their bytes and resumes the
+    method when they complete. All workers yield the same collectives in the same order.
+
+    Attributes:
+        kind: ``"allreduce"`` (elementwise sum), ``"allgather"`` (the result is the list
+            of every worker's buffer) or ``"broadcast"`` (the result is root's buffer).
+        buf: this worker's 1-D buffer (for a broadcast off the root: any buffer of the
+            root's length and dtype).
+        tag: distinguishes the collectives of one tensor (part of the collective's name).
+        root: the root of a broadcast.
+        equal_sizes: for an allgather, whether every worker's buffer has the same length
+            (otherwise the transport exchanges the sizes first, counted in the bytes).
+    """
+
+    kind: str
+    buf: Array
+    tag: str = ""
+    root: int = 0
+    equal_sizes: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("allreduce", "allgather", "broadcast"):
+            raise ValueError(f"unknown collective kind {self.kind!r}; valid: allreduce, allgather, broadcast")
+
+
+#: What a multi-round method yields and receives back; see :class:`Collective`.
+Rounds = Generator[list[Collective], list[Any], Any]
+
+
+def run_alone(rounds: Rounds) -> Any:
+    """Run a multi-round method as the only worker: an allreduce returns the buffer, an
+    allgather a one-element list, a broadcast the buffer. Lets such methods also offer a
+    plain :meth:`Compressor.compress` for one worker and for tests."""
+    try:
+        requests = next(rounds)
+        while True:
+            requests = rounds.send([[c.buf] if c.kind == "allgather" else c.buf for c in requests])
+    except StopIteration as done:
+        return done.value
+
+
 class Compressor(abc.ABC):
     """Turns a flat tensor into a :class:`Payload` and back.
 
@@ -95,6 +143,13 @@ class Compressor(abc.ABC):
         """A flat dense ``ctx.dtype`` array of ``ctx.numel`` elements from a payload
         buffer (or, for summable methods, from the sum of several)."""
 
+    def compress_rounds(self, ops: Ops, x: Array, ctx: TensorContext) -> Rounds:
+        """Compress ``x`` where compression itself needs collectives (a generator, see
+        :class:`Collective`); returns the :class:`Payload`. Bytes of these collectives
+        count as payload. The default runs :meth:`compress` with no collective."""
+        return self.compress(ops, x, ctx)
+        yield  # pragma: no cover  (makes this a generator)
+
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int | None:
         """The exact payload size for ``numel`` elements of compute dtype ``dtype``
         (input dtype ``in_dtype``, default the same), or None where it depends on the
@@ -127,6 +182,12 @@ class Memory(abc.ABC):
     def update(self, ops: Ops, compensated: Array, transmitted: Array | None, ctx: TensorContext) -> None:
         """Record what was not sent: ``compensated`` minus the local decompression."""
 
+    def after_exchange(self, ops: Ops, aggregated: Array, ctx: TensorContext) -> None:
+        """Called with the aggregated flat tensor once the exchange completes, for
+        memories whose state depends on what all workers sent (PowerSGD's error is the
+        local tensor minus the aggregated approximation). Default: nothing."""
+        return None
+
     def _field(self, ops: Ops, name: str, key: str, like: Array) -> Array | None:
         """A state array as a backend array like ``like`` (state restored from a
         checkpoint is NumPy until first used)."""
@@ -152,15 +213,6 @@ class Memory(abc.ABC):
         return f"{type(self).__name__}({params})"
 
 
-@dataclass
-class Exchange:
-    """A started collective: what :meth:`Communicator.finish` needs to complete it."""
-
-    handle: Any
-    payload_nbytes: int
-    kind: str
-
-
 class Communicator(abc.ABC):
     """Moves payloads between workers and aggregates the decompressed results."""
 
@@ -173,14 +225,9 @@ class Communicator(abc.ABC):
         self.aggregate = aggregate
 
     @abc.abstractmethod
-    def start(self, ops: Ops, transport: Transport, payload: Payload, compressor: Compressor,
-              ctx: TensorContext) -> Exchange:
-        """Post the exchange of ``payload``."""
-
-    @abc.abstractmethod
-    def finish(self, ops: Ops, transport: Transport, exchange: Exchange, compressor: Compressor,
-               ctx: TensorContext) -> tuple[Array, int, int]:
-        """Complete the exchange; return (aggregated flat tensor, bytes sent, bytes received)."""
+    def exchange(self, ops: Ops, payload: Payload, compressor: Compressor, ctx: TensorContext) -> Rounds:
+        """Exchange ``payload`` (a generator yielding :class:`Collective` lists, see
+        there) and return the aggregated flat tensor."""
 
     def _combine(self, ops: Ops, dense: list[Array], world_size: int) -> Array:
         total = dense[0]
@@ -252,13 +299,25 @@ class TrafficStats:
 
 @dataclass
 class Pending:
-    """A tensor whose exchange was started by :meth:`Grace.start`."""
+    """A tensor whose pipeline was started by :meth:`Grace.start`: the suspended
+    pipeline, the collectives it waits on, and its byte counts so far."""
 
     ops: Ops
     ctx: TensorContext
-    exchange: Exchange
     in_dtype: str
     dense_nbytes: int
+    rounds: Rounds | None = None
+    requests: list[Collective] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)
+    payload: int = 0
+    sent: int = 0
+    received: int = 0
+    result: Array | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the aggregated result is ready."""
+        return self.rounds is None
 
 
 _COMPUTE_DTYPE = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
@@ -342,23 +401,82 @@ class Grace:
         x = ops.flatten(tensor)
         if in_dtype != compute_dtype:
             x = ops.cast(x, compute_dtype)
+        pending = Pending(ops, ctx, in_dtype, numel * DTYPE_ITEMSIZE[in_dtype])
+        pending.rounds = self._pipeline(ops, x, ctx, pending)
+        self._resume(pending, None)
+        return pending
+
+    def _pipeline(self, ops: Ops, x: Array, ctx: TensorContext, pending: Pending) -> Rounds:
         compensated = self.memory.compensate(ops, x, ctx)
-        payload = self.compressor.compress(ops, compensated, ctx)
+        rounds = self.compressor.compress_rounds(ops, compensated, ctx)
+        payload = yield from _counting_payload(rounds, ops, pending)
+        pending.payload += payload.nbytes
         if self.memory.needs_transmitted:
             transmitted = self.compressor.decompress(ops, payload.buffer, ctx)
         else:
             transmitted = None
         self.memory.update(ops, compensated, transmitted, ctx)
-        exchange = self.communicator.start(ops, transport, payload, self.compressor, ctx)
-        return Pending(ops, ctx, exchange, in_dtype, numel * DTYPE_ITEMSIZE[in_dtype])
+        aggregated = yield from self.communicator.exchange(ops, payload, self.compressor, ctx)
+        self.memory.after_exchange(ops, aggregated, ctx)
+        return aggregated
+
+    def _resume(self, pending: Pending, results: list[Any] | None) -> None:
+        """Run the pipeline of ``pending`` up to its next collectives and post them (or
+        to its end)."""
+        try:
+            requests = pending.rounds.send(results)
+        except StopIteration as end:
+            pending.rounds, pending.requests, pending.handles = None, [], []
+            pending.result = end.value
+            return
+        transport = self.transport
+        prefix = f"grace.{pending.ctx.name}"
+        handles = []
+        for c in requests:
+            name = f"{prefix}.{c.tag}" if c.tag else prefix
+            if c.kind == "allreduce":
+                handles.append(transport.allreduce_async(c.buf, name))
+            elif c.kind == "allgather":
+                handles.append(transport.allgather_async(c.buf, name, equal_sizes=c.equal_sizes))
+            else:
+                handles.append(transport.broadcast_async(c.buf, c.root, name))
+        pending.requests, pending.handles = list(requests), handles
+
+    def advance(self, pending: Pending) -> bool:
+        """Wait for the collectives ``pending`` is blocked on, then run it up to its next
+        ones (or its end). Returns whether it is done. Every worker's collectives of
+        that round must have been posted (the simulator advances workers in lockstep)."""
+        if pending.done:
+            return True
+        ops, ctx = pending.ops, pending.ctx
+        results = []
+        for c, h in zip(pending.requests, pending.handles):
+            result = self.transport.wait(h)
+            mine = ops.numel(c.buf) * DTYPE_ITEMSIZE[ops.dtype(c.buf)]
+            if c.kind == "allreduce":
+                sent, received = allreduce_traffic(mine, ctx.world_size)
+            elif c.kind == "allgather":
+                sizes = [ops.numel(b) * DTYPE_ITEMSIZE[ops.dtype(b)] for b in result]
+                sent, received = allgather_traffic(mine, sizes, ctx.rank, c.equal_sizes)
+            else:
+                root_nbytes = ops.numel(result) * DTYPE_ITEMSIZE[ops.dtype(result)]
+                sent = (ctx.world_size - 1) * root_nbytes if c.root == ctx.rank else 0
+                received = 0 if c.root == ctx.rank else root_nbytes
+            pending.sent += sent
+            pending.received += received
+            results.append(result)
+        self._resume(pending, results)
+        return pending.done
 
     def finish(self, pending: Pending) -> Array:
-        """Wait for the exchange, decompress and aggregate; the result has the input's
-        shape and dtype."""
+        """Complete the pipeline of ``pending`` (wait, decompress, aggregate); the
+        result has the input's shape and dtype."""
+        while not self.advance(pending):
+            pass
         ops, ctx = pending.ops, pending.ctx
-        flat, sent, received = self.communicator.finish(ops, self.transport, pending.exchange,
-                                                        self.compressor, ctx)
-        self.stats.record(ctx.name, pending.dense_nbytes, pending.exchange.payload_nbytes, sent, received, ctx.step)
+        self.stats.record(ctx.name, pending.dense_nbytes, pending.payload, pending.sent, pending.received, ctx.step)
+        flat = pending.result
+        pending.result = None
         if pending.in_dtype != ctx.dtype:
             flat = ops.cast(flat, pending.in_dtype)
         return ops.reshape(flat, ctx.shape)
@@ -382,6 +500,18 @@ class Grace:
 
     def __repr__(self) -> str:
         return f"Grace({self.compressor!r}, {self.memory!r}, {self.communicator!r}, seed={self.seed})"
+
+
+def _counting_payload(rounds: Rounds, ops: Ops, pending: Pending) -> Rounds:
+    """Pass a compressor's collectives through, adding this worker's buffers to the
+    payload bytes of ``pending``."""
+    try:
+        requests = next(rounds)
+        while True:
+            pending.payload += sum(ops.numel(c.buf) * DTYPE_ITEMSIZE[ops.dtype(c.buf)] for c in requests)
+            requests = rounds.send((yield requests))
+    except StopIteration as done:
+        return done.value
 
 
 def traffic_for(kind: str, mine: int, all_nbytes: list[int] | None, rank: int, size: int,

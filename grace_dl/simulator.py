@@ -34,4 +34,10 @@ class LocalSimulator:
             if list(g) != names:
                 raise ValueError(f"worker {r} has tensors {list(g)}, worker 0 has {names}")
         pending = [[(n, w.start(g[n], n)) for n in names] for w, g in zip(self.workers, grads)]
+        # multi-round methods: advance every worker one round at a time, so that each
+        # round's collectives are posted by all workers before any waits on them
+        while not all(p.done for ps in pending for _, p in ps):
+            for w, ps in zip(self.workers, pending):
+                for _, p in ps:
+                    w.advance(p)
         return [{n: w.finish(p) for n, p in ps} for w, ps in zip(self.workers, pending)]

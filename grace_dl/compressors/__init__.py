@@ -1,10 +1,9 @@
-"""The compression methods. Importing this package registers all of them."""
+"""The compression methods. Importing this package registers all of them: every module
+of this package is imported, so a new method only needs its own file."""
 
-from .fp16 import FP16
-from .none import NoCompression
-from .qsgd import QSGD
-from .randomk import RandomK
-from .topk import TopK
-from .sign import EFSignSGD, OneBit, SignSGD, Signum
+import importlib as _importlib
+import pkgutil as _pkgutil
 
-__all__ = ["NoCompression", "FP16", "TopK", "RandomK", "QSGD", "SignSGD", "Signum", "EFSignSGD", "OneBit"]
+for _module in sorted(m.name for m in _pkgutil.iter_modules(__path__)):
+    if not _module.startswith("_"):
+        _importlib.import_module(f"{__name__}.{_module}")
