@@ -1,4 +1,5 @@
-"""The ``grace-dl`` command line: ``grace-dl list`` and ``grace-dl bench``."""
+"""The ``grace-dl`` command line: ``run`` (a YAML experiment), ``compare`` (tables and
+plots of finished runs), ``list`` (registered methods) and ``bench`` (speed and wire size)."""
 
 from __future__ import annotations
 
@@ -54,10 +55,82 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a YAML experiment (or sweep): launch horovodrun or the simulator, print the summary."""
+    import os
+
+    from .experiments import launch
+    from .experiments.config import load
+    from .experiments.metrics import format_summary
+
+    overrides = _overrides(args.set)
+    if args.output:
+        overrides["output_dir"] = args.output
+    config = load(args.config, overrides)
+    # workers may start elsewhere: give them an absolute path
+    config.output_dir = os.path.abspath(config.output_dir)
+    try:
+        summaries = launch.run_experiment(config, progress=args.progress)
+    except launch.LaunchError as err:
+        print(f"grace-dl: error: {err}", file=sys.stderr)
+        return err.returncode or 1
+    if not summaries:  # a Horovod rank > 0
+        return 0
+    print()
+    for summary in summaries:
+        print(format_summary(summary))
+    if config.sweep is not None:
+        print()
+        print(table_for(config))
+        print(f"\nresults in {config.output_dir}/ (one directory per method; comparison.md, loss.png, accuracy.png)")
+    else:
+        print(f"results in {config.output_dir}/ (metrics.jsonl, summary.json, config.yaml)")
+    return 0
+
+
+def table_for(config) -> str:
+    """The comparison table of a finished sweep."""
+    from .experiments.compare import find_runs, table
+
+    return table(find_runs([c.output_dir for c in config.run_configs()]))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Print the comparison table of finished runs and write the plots."""
+    from .experiments.compare import compare
+
+    text, written = compare(args.runs, args.output)
+    print(text)
+    print("\nwrote " + ", ".join(written))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``grace-dl`` command."""
     parser = argparse.ArgumentParser(prog="grace-dl", description="Gradient compression for distributed training.")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run a YAML experiment with horovodrun or the simulator")
+    p.add_argument("config", help="experiment YAML file (see docs/user-guide.md)")
+    p.add_argument("--output", help="output directory (default: the config's output_dir)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, dotted for nested ones, e.g. --set optimizer.lr=0.05 (repeatable)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on rank 0 (default: when stderr is a terminal)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("compare", help="table and plots of finished runs")
+    p.add_argument("runs", nargs="+", help="run directories (or directories of runs, e.g. a sweep)")
+    p.add_argument("--output", help="where the plots and comparison.md go (default: the first directory)")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("list", help="registered methods, memories and communicators")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("bench", help="time per element vs a memory copy, and wire bits per element")
