@@ -33,11 +33,13 @@ fi
 PY=$VENV/bin/python
 
 stamp=$VENV/.grace-dl-requirements
-want=$(cat requirements.txt constraints.txt pyproject.toml setup.py | sha256sum | cut -c1-16)
+want=$(cat requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml setup.py | sha256sum | cut -c1-16)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "[setup] installing pinned requirements into $VENV"
   # (the grep drops the notices this machine's pip.conf prints for its absent local mirrors)
   "$PY" -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  "$PY" -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   "$PY" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"

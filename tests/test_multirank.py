@@ -48,6 +48,13 @@ def test_horovod_torch(controller):
 def test_horovod_tensorflow(controller):
     out = run(horovodrun(controller) + [sys.executable, str(HERE / "hvd_tf_checks.py")], expect_ok_lines=2)
     assert "bit-identical to the simulator" in out
+    assert "DistributedGradientTape ok" in out and "identical to an uninterrupted run" in out
+
+
+def test_horovod_keras_training():
+    out = run(horovodrun("gloo") + [sys.executable, str(HERE / "hvd_keras_training.py")], expect_ok_lines=2,
+              timeout=900)
+    assert out.count("keras ") >= 7, out[-3000:]
 
 
 def test_mpi4py_transport():

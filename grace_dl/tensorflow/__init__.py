@@ -9,44 +9,71 @@ factory per method (``grace.topk(ratio=0.01)``, ``grace.qsgd(levels=15)``, ...),
     import grace_dl.tensorflow as grace
 
     hvd.init()
-    method = grace.topk(ratio=0.01).bind(grace.HorovodTFTransport())
-    aggregated = method.step(gradient, "dense/kernel")
+    tape = hvd.DistributedGradientTape(tape, compression=grace.topk(ratio=0.01))
 
-Horovod is imported only when :class:`HorovodTFTransport` is instantiated.
+Each factory returns a :class:`HorovodTFGrace`: a Grace that stock Horovod accepts as
+``compression=`` (``DistributedGradientTape`` and the Keras ``DistributedOptimizer``), and
+that also runs on its own: ``method.bind(grace.HorovodTFTransport()).step(gradient, name)``.
+Horovod is imported only when it is first used.
 """
 
 from __future__ import annotations
 
+import inspect as _inspect
 from typing import Any
 
 import grace_dl as _core
-from grace_dl import Grace, from_config, grace_from_params, list_methods
+from grace_dl import Grace, LocalSimulator, list_methods
 from grace_dl.ops import register_backend as _register_backend
 
+from .horovod import HorovodTFGrace
 from .ops import TFOps
 
 _register_backend(TFOps())
 
 
+def as_horovod(method: Grace) -> HorovodTFGrace:
+    """``method`` as a :class:`HorovodTFGrace`, usable as Horovod's ``compression=``
+    (the object is converted in place and returned)."""
+    if not isinstance(method, Grace):
+        raise TypeError(f"expected a grace_dl.Grace, got {type(method).__name__}")
+    method.__class__ = HorovodTFGrace
+    return method
+
+
+def _tf_factory(core_factory: Any) -> Any:
+    def factory(**kwargs: Any) -> HorovodTFGrace:
+        return as_horovod(core_factory(**kwargs))
+
+    factory.__signature__ = _inspect.signature(core_factory)
+    factory.__name__ = factory.__qualname__ = core_factory.__name__
+    factory.__doc__ = core_factory.__doc__
+    return factory
+
+
+def from_config(config: Any) -> HorovodTFGrace:
+    """:func:`grace_dl.from_config`, returning a :class:`HorovodTFGrace`."""
+    return as_horovod(_core.from_config(config))
+
+
+def grace_from_params(params: dict[str, Any]) -> HorovodTFGrace:
+    """:func:`grace_dl.grace_from_params` (GRACE's keys), returning a :class:`HorovodTFGrace`."""
+    return as_horovod(_core.grace_from_params(params))
+
+
 def _export_methods() -> list[str]:
-    """Expose each registered method's core factory under its own name."""
+    """Expose each registered method under its own name: a factory returning a
+    :class:`HorovodTFGrace` (a Grace that Horovod accepts as ``compression=``)."""
     names = _core.list_methods()
     for name in names:
-        globals()[name] = getattr(_core, name)
+        globals()[name] = _tf_factory(getattr(_core, name))
     return names
 
 
 _METHODS = _export_methods()
 
 
-def __getattr__(name: str) -> Any:
-    # the transport module is loaded on first use only
-    if name == "HorovodTFTransport":
-        from .horovod import HorovodTFTransport
+from .horovod import HorovodTFTransport  # noqa: E402  (imports Horovod only when instantiated)
 
-        return HorovodTFTransport
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["TFOps", "HorovodTFTransport", "Grace", "from_config", "grace_from_params",
-           "list_methods"] + _METHODS
+__all__ = ["TFOps", "HorovodTFTransport", "HorovodTFGrace", "Grace", "LocalSimulator", "as_horovod", "from_config",
+           "grace_from_params", "list_methods"] + _METHODS

@@ -11,11 +11,12 @@ since a worker blocked on one name cannot post the next.
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any
 
 import tensorflow as tf
 
-from ..core import derive_key
+from ..core import Grace, derive_key
 from ..transport.base import Transport, horovod_membership
 
 
@@ -74,3 +75,171 @@ class HorovodTFTransport(Transport):
         if sizes is None:
             return tf.split(result, self.size, axis=0)
         return tf.split(result, tf.cast(sizes, tf.int64), num=self.size, axis=0)
+
+
+def _external(tensor: Any) -> Any:
+    """The tensor of the enclosing graph that ``tensor`` captures (Horovod compresses
+    inside a ``tf.cond`` branch, where its gradient is a captured placeholder)."""
+    for _ in range(16):
+        captures = getattr(getattr(tensor, "graph", None), "captures", None)
+        if not captures:
+            return tensor
+        for external, internal in captures:
+            if internal is tensor:
+                tensor = external
+                break
+        else:
+            return tensor
+    return tensor
+
+
+def _variable_names(variables: list[Any]) -> list[str]:
+    """Stable, distinct names for Horovod's list of variables (Keras 3 variables have a
+    ``path``; duplicates get their position appended)."""
+    names = [str(getattr(v, "path", None) or getattr(v, "name", None) or f"grad_{i}") for i, v in enumerate(variables)]
+    seen: dict[str, int] = {}
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+    return [f"{n}#{i}" if seen[n] > 1 else n for i, n in enumerate(names)]
+
+
+def _gradient_name(tensor: Any) -> str:
+    """The name of the variable whose gradient Horovod is compressing, read from the
+    frame of Horovod's ``allreduce_grads(grads, vars)`` (Horovod 0.28), which both
+    ``DistributedGradientTape`` and the Keras ``DistributedOptimizer`` use."""
+    target = _external(tensor)
+    frame = sys._getframe(2)
+    for _ in range(120):
+        if frame is None:
+            break
+        # autograph renames Horovod's function to tf__allreduce_grads
+        if frame.f_code.co_name.endswith("allreduce_grads"):
+            grads, variables = frame.f_locals.get("grads"), frame.f_locals.get("vars")
+            for i, g in enumerate(grads or ()):
+                if g is target or g is tensor:
+                    if variables is not None and i < len(variables):
+                        return _variable_names(list(variables))[i]
+                    return f"grad_{i}"
+        frame = frame.f_back
+    raise RuntimeError(
+        "grace-dl compression was called outside Horovod's DistributedGradientTape or Keras "
+        "DistributedOptimizer, so the gradient's name is unknown; call method.step(tensor, name) "
+        "with a HorovodTFTransport yourself, or pass the method only as compression=..."
+    )
+
+
+def _horovod_op(hvd: Any) -> Any:
+    """The ``op`` of Horovod's ``allreduce``/``grouped_allreduce`` that is compressing."""
+    frame = sys._getframe(2)
+    for _ in range(120):
+        if frame is None:
+            break
+        if frame.f_code.co_name.endswith("allreduce") and "op" in frame.f_locals:
+            return frame.f_locals["op"]
+        frame = frame.f_back
+    return hvd.Average
+
+
+class HorovodTFGrace(Grace):
+    """A :class:`~grace_dl.core.Grace` that is also a Horovod TF ``Compressor``:
+    ``hvd.DistributedGradientTape(tape, compression=grace.topk(ratio=0.01))`` and
+    ``hvd.DistributedOptimizer(opt, compression=...)`` (Horovod's Keras wrapper) work
+    with stock Horovod.
+
+    Horovod calls :meth:`compress` on each gradient, allreduces what it returns and
+    calls :meth:`decompress`. Horovod traces this inside a ``tf.function`` (even when
+    called eagerly), where Python state would be frozen at trace time; so the grace
+    pipeline of each gradient runs in a ``tf.py_function``, eagerly at every step, with
+    its state (error feedback, step counters) kept as eager tensors. Horovod itself
+    allreduces an empty tensor. The pipelines of one step are ordered by a shared
+    resource (automatic control dependencies chain them in program order), so every
+    worker issues its collectives in the same order, which Horovod's blocking eager
+    collectives need. Save the state with ``tf.train.Checkpoint(..., grace=method.checkpointable())``.
+    """
+
+    @tf.autograph.experimental.do_not_convert
+    def compress(self, tensor: Any) -> tuple[Any, Any]:
+        """Run the pipeline of ``tensor`` (Horovod's Compressor protocol); the returned
+        empty tensor is what Horovod allreduces."""
+        import horovod.tensorflow as hvd
+
+        name = _gradient_name(tensor)
+        op = _horovod_op(hvd)
+        if op not in (hvd.Average, hvd.Sum):
+            raise ValueError("grace-dl compression supports op=hvd.Average and op=hvd.Sum, not Adasum")
+        if self.transport is None:
+            self.bind(HorovodTFTransport())
+        scale = self.transport.size if op == hvd.Sum else 1
+
+        def run(t, *_ticket):
+            out = self.step(t, name)
+            return out * scale if scale != 1 else out
+
+        empty = tf.zeros([0], tensor.dtype)
+        if tf.executing_eagerly():
+            return empty, run(tensor)
+        ticket = self._order_token().assign_add(1)
+        out = tf.py_function(run, [tensor, ticket], Tout=tensor.dtype, name="grace_pipeline")
+        out.set_shape(tensor.shape)
+        return empty, out
+
+    @tf.autograph.experimental.do_not_convert
+    def decompress(self, tensor: Any, ctx: Any) -> Any:
+        """The aggregated gradient (Horovod's Compressor protocol): the mean over workers,
+        or the sum under ``op=hvd.Sum``."""
+        return ctx
+
+    def _order_token(self) -> Any:
+        token = getattr(self, "_token", None)
+        if token is None:
+            with tf.init_scope():  # created eagerly even while Horovod traces
+                token = tf.Variable(0, dtype=tf.int64, trainable=False, name="grace_order")
+            self._token = token
+        return token
+
+    def fresh_copy(self) -> "HorovodTFGrace":
+        clone = super().fresh_copy()
+        clone._token = None
+        return clone
+
+    def checkpointable(self) -> Any:
+        """A ``tf.train.Checkpoint`` dependency holding this method's state (residuals,
+        momenta, step counters): ``tf.train.Checkpoint(model=..., grace=m.checkpointable())``."""
+        return _GraceState(self)
+
+
+class _GraceState(tf.train.experimental.PythonState):
+    """The state of a Grace as one serialized string inside a TF checkpoint."""
+
+    def __init__(self, grace: Grace):
+        self._grace = grace
+
+    def serialize(self) -> bytes:
+        import io
+        import json
+
+        import numpy as np
+
+        state = self._grace.state_dict()
+        index, arrays = [], {}
+        for name, fields in state["memory"].items():
+            for key, value in fields.items():
+                index.append([name, key])
+                arrays[f"a{len(index) - 1}"] = value
+        header = json.dumps({"steps": state["steps"], "index": index}).encode()
+        buf = io.BytesIO()
+        np.savez(buf, header=np.frombuffer(header, dtype=np.uint8), **arrays)
+        return buf.getvalue()
+
+    def deserialize(self, data: bytes) -> None:
+        import io
+        import json
+
+        import numpy as np
+
+        with np.load(io.BytesIO(data)) as f:
+            header = json.loads(f["header"].tobytes().decode())
+            memory: dict[str, dict[str, np.ndarray]] = {}
+            for i, (name, key) in enumerate(header["index"]):
+                memory.setdefault(name, {})[key] = f[f"a{i}"]
+        self._grace.load_state_dict({"steps": header["steps"], "memory": memory})
