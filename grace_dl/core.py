@@ -333,13 +333,16 @@ class Grace:
         seed: global seed of all random draws (default 0); with the tensor name and the
             step it determines every draw, so runs are reproducible.
         transport: where collectives go; can be bound later with :meth:`bind`.
+        policies: a :class:`~grace_dl.policies.Policies` (tensors below a size or steps
+            in a warm-up go dense; per-name overrides); default: none.
     """
 
     def __init__(self, compressor: Compressor, memory: Memory | None = None,
                  communicator: Communicator | None = None, *, seed: int = 0,
-                 transport: Transport | None = None):
+                 transport: Transport | None = None, policies: Any = None):
         from .communicators import Allgather
         from .memories import NoMemory
+        from .policies import Policies, Route, dense_route
 
         self.compressor = compressor
         self.memory = memory if memory is not None else NoMemory()
@@ -353,6 +356,9 @@ class Grace:
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.seed = seed
         self.transport = transport
+        self.policies = policies if policies is not None else Policies()
+        self._main = Route(self.compressor, self.memory, self.communicator, "main")
+        self._dense = dense_route()
         self.steps: dict[str, int] = {}
         self.stats = TrafficStats()
 
@@ -369,6 +375,11 @@ class Grace:
         clone.memory = copy.deepcopy(self.memory)
         clone.memory.state = {}
         clone.communicator = copy.deepcopy(self.communicator)
+        clone.policies = copy.deepcopy(self.policies)
+        for _, route in clone.policies.overrides:
+            route.memory.state = {}
+        clone._main = type(self._main)(clone.compressor, clone.memory, clone.communicator, "main")
+        clone._dense = copy.deepcopy(self._dense)
         clone.transport = None
         clone.steps = {}
         clone.stats = TrafficStats()
@@ -402,22 +413,33 @@ class Grace:
         if in_dtype != compute_dtype:
             x = ops.cast(x, compute_dtype)
         pending = Pending(ops, ctx, in_dtype, numel * DTYPE_ITEMSIZE[in_dtype])
-        pending.rounds = self._pipeline(ops, x, ctx, pending)
+        pending.rounds = self._pipeline(ops, x, ctx, pending, self.route(name, numel, step))
         self._resume(pending, None)
         return pending
 
-    def _pipeline(self, ops: Ops, x: Array, ctx: TensorContext, pending: Pending) -> Rounds:
-        compensated = self.memory.compensate(ops, x, ctx)
-        rounds = self.compressor.compress_rounds(ops, compensated, ctx)
+    def route(self, name: str, numel: int, step: int) -> Any:
+        """The components (a :class:`~grace_dl.policies.Route`) that process tensor
+        ``name`` of ``numel`` elements at ``step``, after the policies."""
+        policies = self.policies
+        if not policies.active:
+            return self._main
+        if policies.is_dense(numel, step):
+            return self._dense
+        return policies.override_for(name) or self._main
+
+    def _pipeline(self, ops: Ops, x: Array, ctx: TensorContext, pending: Pending, route: Any) -> Rounds:
+        compressor, memory = route.compressor, route.memory
+        compensated = memory.compensate(ops, x, ctx)
+        rounds = compressor.compress_rounds(ops, compensated, ctx)
         payload = yield from _counting_payload(rounds, ops, pending)
         pending.payload += payload.nbytes
-        if self.memory.needs_transmitted:
-            transmitted = self.compressor.decompress(ops, payload.buffer, ctx)
+        if memory.needs_transmitted:
+            transmitted = compressor.decompress(ops, payload.buffer, ctx)
         else:
             transmitted = None
-        self.memory.update(ops, compensated, transmitted, ctx)
-        aggregated = yield from self.communicator.exchange(ops, payload, self.compressor, ctx)
-        self.memory.after_exchange(ops, aggregated, ctx)
+        memory.update(ops, compensated, transmitted, ctx)
+        aggregated = yield from route.communicator.exchange(ops, payload, compressor, ctx)
+        memory.after_exchange(ops, aggregated, ctx)
         return aggregated
 
     def _resume(self, pending: Pending, results: list[Any] | None) -> None:
@@ -488,18 +510,28 @@ class Grace:
     # -- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Memory state and step counters, as NumPy arrays and ints."""
-        return {"steps": dict(self.steps), "memory": self.memory.state_dict()}
+        state = {"steps": dict(self.steps), "memory": self.memory.state_dict()}
+        if self.policies.overrides:
+            state["overrides"] = {pattern: route.memory.state_dict() for pattern, route in self.policies.overrides}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        unknown = set(state) - {"steps", "memory"}
+        unknown = set(state) - {"steps", "memory", "overrides"}
         if unknown:
             raise KeyError(f"unknown keys in Grace state: {sorted(unknown)}")
+        routes = dict(self.policies.overrides)
+        saved = state.get("overrides", {})
+        if set(saved) != set(routes):
+            raise KeyError(f"state has overrides for {sorted(saved)}, this method has {sorted(routes)}")
         self.steps = {str(k): int(v) for k, v in state.get("steps", {}).items()}
         self.memory.load_state_dict(state.get("memory", {}))
+        for pattern, memory_state in saved.items():
+            routes[pattern].memory.load_state_dict(memory_state)
 
     def __repr__(self) -> str:
-        return f"Grace({self.compressor!r}, {self.memory!r}, {self.communicator!r}, seed={self.seed})"
+        policies = f", policies={self.policies!r}" if self.policies.active else ""
+        return f"Grace({self.compressor!r}, {self.memory!r}, {self.communicator!r}, seed={self.seed}{policies})"
 
 
 def _counting_payload(rounds: Rounds, ops: Ops, pending: Pending) -> Rounds:

@@ -147,18 +147,23 @@ def build(kind: str, name: str, params: dict[str, Any] | None = None) -> Any:
 
 
 # Keys of a method configuration that are not parameters of a component.
-_STRUCTURAL = ("compressor", "memory", "communicator", "seed")
+_STRUCTURAL = ("compressor", "memory", "communicator", "seed", "policies")
 
 
 def make(compressor: str, **kwargs: Any):
     """Build a ready :class:`~grace_dl.core.Grace` for a registered method.
 
     ``memory`` and ``communicator`` (registry names or instances) default to what the
-    compressor is meant for; ``seed`` defaults to 0; every other keyword goes to the
-    component(s) whose constructor takes it. An unknown keyword raises ConfigError
-    listing the valid ones.
+    compressor is meant for; ``seed`` defaults to 0; ``policies`` (a mapping, see
+    :func:`grace_dl.policies.parse_policies`: ``min_numel``, ``warmup_steps``,
+    ``overrides``) defaults to none; every other keyword goes to the component(s) whose
+    constructor takes it. An unknown keyword raises ConfigError listing the valid ones.
     """
     from .core import Communicator, Grace, Memory
+    from .policies import parse_policies
+
+    policies_config = kwargs.pop("policies", None)
+    base_config = {"compressor": compressor, **{k: v for k, v in kwargs.items() if k != "seed"}}
 
     comp_entry = entries("compressor").get(compressor)
     if comp_entry is None:
@@ -187,11 +192,12 @@ def make(compressor: str, **kwargs: Any):
     built = {kind: build(kind, name, chosen[kind]) for kind, name in targets}
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be int, got {seed!r}")
+    policies = parse_policies(policies_config, base_config, from_config)
     try:
         return Grace(built["compressor"],
                      built.get("memory", memory if isinstance(memory, Memory) else None),
                      built.get("communicator", communicator if isinstance(communicator, Communicator) else None),
-                     seed=seed)
+                     seed=seed, policies=policies)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
