@@ -7,6 +7,7 @@ measured alongside, not the absolute time.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -74,24 +75,31 @@ def bench(method: str, numel: int, *, backend: str = "numpy", repeats: int = 5,
     else:
         raise ValueError(f"unknown backend {backend!r}; valid: numpy, torch, torch-cuda")
     ops = get_ops(x)
-    ctx = TensorContext(name="bench", shape=(numel,), numel=numel, dtype="float32", in_dtype="float32", step=0,
+    # a square matrix where numel is a square (1e4, 1e6, 2.5e7), so low-rank methods
+    # see a layer's weight matrix rather than a vector they would send dense
+    side = math.isqrt(numel)
+    shape = (side, side) if side * side == numel else (numel,)
+    ctx = TensorContext(name="bench", shape=shape, numel=numel, dtype="float32", in_dtype="float32", step=0,
                         shared_key=derive_key(0, "bench"), worker_key=derive_key(0, "bench", 0), rank=0,
                         world_size=1)
 
     def round_trip():
         payload = comp.compress(ops, x, ctx)
-        comp.decompress(ops, payload.buffer, ctx)
+        out = comp.decompress(ops, payload.buffer, ctx)
         sync()  # GPU kernels are asynchronous: time them to completion
-        return payload
+        return payload, out
 
     def copy_synced():
         copy()
         sync()
 
-    payload = round_trip()  # warm-up, and the payload whose size is reported
+    payload, out = round_trip()  # warm-up, and the payload whose size is reported
     t = _best_time(round_trip, repeats)
     t_copy = _best_time(copy_synced, repeats)
     formula = comp.payload_nbytes(numel, "float32", "float32")
+    if formula is None and hasattr(comp, "payload_nbytes_for"):
+        # data-dependent sizes (threshold methods) are stated for the count sent
+        formula = comp.payload_nbytes_for(int(np.count_nonzero(ops.to_numpy(out))), numel, "float32")
     return BenchResult(method, numel, backend, 1e9 * t / numel, 1e9 * t_copy / numel,
                        8 * payload.nbytes / numel, None if formula is None else 8 * formula / numel)
 

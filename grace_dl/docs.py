@@ -36,6 +36,16 @@ def methods_markdown() -> str:
         for name, e in sorted(entries(kind).items()):
             params = ", ".join(f"`{p.name}={p.default!r}`" for p in e.params.values()) or "-"
             lines.append(f"| `{name}` | {params} | {e.summary} |")
+    lines += ["", "## Policies (any method)", "",
+              "`policies` is a mapping accepted by every factory, `make` and `from_config`:", "",
+              "| key | default | effect |", "|---|---|---|",
+              "| `min_numel` | 0 | tensors with fewer elements are sent dense (allreduce, no memory) |",
+              "| `warmup_steps` | 0 | every tensor is sent dense for its first steps |",
+              "| `overrides` | none | `{name pattern: settings}` (fnmatch, first match wins): a few parameters "
+              "of the base method (`{ratio: 0.1}`) or a whole method (`{compressor: fp16}`) |",
+              "", "```yaml", "compressor: topk", "ratio: 0.01", "policies:", "  min_numel: 1024",
+              "  warmup_steps: 100", "  overrides:", "    \"*.bias\": {compressor: none}",
+              "    \"embedding.*\": {ratio: 0.001}", "```"]
     lines += ["", "## Details", ""]
     for name, e in sorted(entries("compressor").items()):
         lines += [f"### `{name}`", "", (e.cls.__doc__ or "").strip().replace("\n    ", "\n"), ""]
