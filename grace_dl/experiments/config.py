@@ -232,13 +232,13 @@ def validate_compression(value: Any, path: str = "compression", seed: int = 0) -
         raise ConfigError(f"{path}.compressor: required (one of {', '.join(list_methods())})")
     method = raw["compressor"]
     if not isinstance(method, str) or method not in list_methods():
-        raise _fail(f"{path}.compressor", f"unknown method; registered: {', '.join(list_methods())}", method)
+        raise ConfigError(f"{path}.compressor: unknown method {method!r}; registered: {', '.join(list_methods())}")
     cls = entries("compressor")[method].cls
     memory = raw.get("memory") or cls.memory
     communicator = raw.get("communicator") or cls.communicator
     for kind, chosen in (("memory", memory), ("communicator", communicator)):
         if not isinstance(chosen, str) or chosen not in entries(kind):
-            raise _fail(f"{path}.{kind}", f"unknown {kind}; valid: {', '.join(sorted(entries(kind)))}", chosen)
+            raise ConfigError(f"{path}.{kind}: unknown {kind} {chosen!r}; valid: {', '.join(sorted(entries(kind)))}")
     owners = [entries("compressor")[method], entries("memory")[memory], entries("communicator")[communicator]]
     structural = ("compressor", "memory", "communicator", "seed", "policies")
     for key, val in raw.items():

@@ -63,10 +63,22 @@ class Timers:
 
 def instrument(grace: Any, timers: Timers, active: Callable[[], bool] | None = None) -> None:
     """Time ``grace``'s compressor and transport (instance attributes wrap the bound
-    methods; the classes are untouched). The transport is wrapped on the first
+    methods; the classes are untouched). A method that overrides ``compress_rounds``
+    (several exchanges while compressing) is timed while its generator runs, not while
+    it waits for collectives. The transport is wrapped on the first
     :meth:`~grace_dl.core.Grace.start`, since adapters bind it lazily."""
+    from ..core import Compressor
+
     comp = grace.compressor
-    comp.compress = timers.wrap(comp.compress, "compress_s", active)
+    if type(comp).compress_rounds is not Compressor.compress_rounds:
+        rounds = comp.compress_rounds
+
+        def timed_rounds(*args: Any, **kwargs: Any) -> Any:
+            return (yield from _timed_generator(rounds(*args, **kwargs), timers, "compress_s", active))
+
+        comp.compress_rounds = timed_rounds
+    else:
+        comp.compress = timers.wrap(comp.compress, "compress_s", active)
     comp.decompress = timers.wrap(comp.decompress, "decompress_s", active)
     start = grace.start
     wrapped: set[int] = set()
@@ -80,6 +92,23 @@ def instrument(grace: Any, timers: Timers, active: Callable[[], bool] | None = N
         return start(tensor, name)
 
     grace.start = start_and_wrap_transport
+
+
+def _timed_generator(gen: Any, timers: Timers, key: str, active: Callable[[], bool] | None) -> Any:
+    """Drive ``gen``, adding the time spent inside it (not between its yields) to ``key``."""
+    sent = None
+    while True:
+        counting = active is None or active()
+        t0 = time.perf_counter()
+        try:
+            request = gen.send(sent)
+        except StopIteration as done:
+            if counting:
+                timers.seconds[key] += time.perf_counter() - t0
+            return done.value
+        if counting:
+            timers.seconds[key] += time.perf_counter() - t0
+        sent = yield request
 
 
 def traffic(stats: Any) -> dict[str, int]:

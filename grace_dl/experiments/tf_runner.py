@@ -2,8 +2,10 @@
 :mod:`grace_dl.experiments.torch_runner`.
 
 Under ``horovodrun`` the gradients go through STOCK ``hvd.DistributedGradientTape`` with
-``compression=grace_dl.tensorflow.from_config(...)``, the TF adapter whose ``.grace``
-keeps the byte counts. Under the ``simulator`` launcher one model stands for the N
+``compression=grace_dl.tensorflow.from_config(...)`` (a
+:class:`~grace_dl.tensorflow.horovod.HorovodTFGrace`: a Grace that Horovod accepts as
+compression, whose ``stats`` keep the byte counts; its pipeline runs eagerly in a
+``tf.py_function``, so the timers measure real work). Under the ``simulator`` launcher one model stands for the N
 identical replicas: each worker's gradient is computed on its own batch (in a
 ``tf.function``), :class:`grace_dl.LocalSimulator` exchanges them eagerly, and the
 optimizer applies the aggregate.
@@ -91,16 +93,17 @@ class TFRunner:
         self.weight_decay = config.optimizer["weight_decay"]
         if horovod:
             compression = gtf.from_config(config.compression)
-            if not (hasattr(compression, "compress") and hasattr(compression, "decompress")
-                    and hasattr(compression, "grace")):
+            if not (hasattr(compression, "compress") and hasattr(compression, "decompress")):
                 raise RuntimeError(
-                    "grace_dl.tensorflow.from_config returned no Horovod compression adapter (an object "
-                    "with compress, decompress and .grace for hvd.DistributedGradientTape); this grace-dl "
-                    "has no TF tape adapter yet: use launcher: simulator for TensorFlow")
+                    "grace_dl.tensorflow.from_config returned no Horovod compression (an object with "
+                    "compress and decompress for hvd.DistributedGradientTape); this grace-dl has no TF "
+                    "tape adapter: use launcher: simulator for TensorFlow")
             self.compression = compression
-            self.grace = compression.grace
+            # the adapter is the Grace itself (HorovodTFGrace), or wraps one as .grace
+            self.grace = getattr(compression, "grace", compression)
             self.graces = [self.grace]
-            hvd.broadcast_variables(self.model.variables, root_rank=0)
+            # Horovod assigns to tf.Variables: Keras 3 keeps one as each variable's .value
+            hvd.broadcast_variables([getattr(v, "value", v) for v in self.model.variables], root_rank=0)
             self.local_ranks = [self.rank]
         else:
             import grace_dl
@@ -155,7 +158,8 @@ class TFRunner:
             with tf.GradientTape() as tape:
                 loss = self._loss(self.model(x, training=True), y)
             tape = self.hvd.DistributedGradientTape(tape, compression=self.compression)
-            self._apply(tape.gradient(loss, self.variables))
+            # Horovod's tape wants tf.Variables (it calls .ref()): Keras 3 keeps one as .value
+            self._apply(tape.gradient(loss, [getattr(v, "value", v) for v in self.variables]))
             return float(self.hvd.allreduce(loss, name="grace_dl.experiment.loss").numpy())
         grads, losses = [], []
         for batch in batches:
