@@ -32,8 +32,9 @@ class Payload:
 
     @classmethod
     def of(cls, ops: Ops, buffer: Array) -> "Payload":
-        """A payload around ``buffer``, sized from its dtype and length."""
-        return cls(buffer, ops.numel(buffer) * DTYPE_ITEMSIZE[ops.dtype(buffer)])
+        """A payload around ``buffer``, sized from its dtype and length (inside
+        ``tf.function``, a data-dependent length makes ``nbytes`` a 0-d tensor)."""
+        return cls(buffer, ops.length(buffer) * DTYPE_ITEMSIZE[ops.dtype(buffer)])
 
 
 def words_for(dtype: str, count: int) -> int:

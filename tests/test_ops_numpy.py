@@ -99,3 +99,10 @@ def test_unpack_words_rejects_a_wrong_layout():
     buf = pack_words(ops, [np.zeros(3, np.float32)])
     with pytest.raises(ValueError, match="expects"):
         unpack_words(ops, buf, [("float32", 4)])
+
+
+def test_log_exp_and_length():
+    x = np.array([0.5, 1.0, 2.0, 1e-30, 700.0], np.float64)
+    assert np.array_equal(ops.log(x), np.log(x)) and np.array_equal(ops.exp(x), np.exp(x))
+    assert ops.log(x.astype(np.float32)).dtype == np.float32
+    assert ops.length(x) == 5 and type(ops.length(x)) is int

@@ -382,6 +382,34 @@ def test_ops_trace_in_tf_function(rng):
     assert_same(eager[2], compressor.compress(N, a, ctx).buffer)
 
 
+def test_log_exp_and_run_time_lengths(rng):
+    for dtype in ("float32", "float64"):
+        a = np.abs(rand(rng, 1000, dtype)) + 1e-3
+        for np_f, tf_f in ((N.log, T.log), (N.exp, T.exp)):
+            want, got = np_f(a / 10), T.to_numpy(tf_f(tf.constant(a / 10)))
+            assert got.dtype == want.dtype
+            # TensorFlow's own kernels: within a few units in the last place, not bit-identical
+            assert (np.abs(got - want) / np.spacing(np.abs(want))).max() <= 4
+    assert T.length(tf.zeros(5)) == 5
+
+    # inside tf.function, a selection's length is known only when the graph runs: length
+    # is then a tensor, and top-k takes an input of run-time length (at least k long)
+    @tf.function(input_signature=[tf.TensorSpec([40], tf.float32)])
+    def select(x):
+        idx = T.nonzero(x > 0)
+        padded = T.concat([T.gather(x, idx), T.zeros(3, "float32", x) - 1])
+        return T.length(idx) * 1, T.topk_indices(padded, 3)
+
+    a = rand(rng, 40, "float32")
+    a[:37] = -np.abs(a[:37])
+    a[37:] = np.abs(a[37:]) + 1  # three positives at the end
+    count, top = select(tf.constant(a))
+    assert int(count) == 3 and T.to_numpy(top).tolist() == [0, 1, 2]
+    a[:] = -1.0  # none: the padding fills the top-k
+    count, top = select(tf.constant(a))
+    assert int(count) == 0 and T.to_numpy(top).tolist() == [0, 1, 2]
+
+
 # -- package surface -------------------------------------------------------------------------------
 def test_package_exports():
     for name in grace_dl.list_methods():

@@ -124,3 +124,14 @@ def test_state_restored_from_numpy_moves_to_torch():
     fresh.workers[0].load_state_dict(state)
     fresh.step([{"w": torch.randn(50)}])
     assert isinstance(fresh.workers[0].memory.state["w"]["residual"], torch.Tensor)
+
+
+def test_log_and_exp_are_close_to_numpy():
+    # the frameworks' own kernels: not bit-identical to NumPy's (measured), but close
+    for dtype in (np.float32, np.float64):
+        x = np.abs(normal(1000, seed=3, dtype=dtype)) * 10 + dtype(1e-3)
+        for np_f, t_f in ((np_ops.log, t_ops.log), (np_ops.exp, t_ops.exp)):
+            want, got = np_f(x), t_f(torch.from_numpy(x.copy())).numpy()
+            assert got.dtype == want.dtype
+            assert (np.abs(got - want) / np.spacing(np.abs(want))).max() <= 4
+    assert t_ops.length(torch.zeros(5)) == 5

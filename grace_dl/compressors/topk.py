@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..core import Compressor, TensorContext
 from ..ops import DTYPE_ITEMSIZE, Array, Ops
-from ..payload import Payload, layout_nbytes, pack_words, unpack_words
+from ..payload import Payload, layout_nbytes, pack_words
 from ..registry import register
 
 MAX_INT32_INDEX = 2**31 - 1
@@ -31,11 +31,11 @@ def sparse_payload(ops: Ops, idx: Array, values: Array, numel: int) -> Payload:
 
 def sparse_unpack(ops: Ops, buffer: Array, dtype: str) -> tuple[Array, Array]:
     """(int64 indices, values) from a buffer made by :func:`sparse_payload`; the count
-    follows from the buffer length."""
+    follows from the buffer length (which may be known only at run time, inside
+    ``tf.function``, for methods whose count depends on the data)."""
     words_per_pair = 1 + DTYPE_ITEMSIZE[dtype] // 4
-    k = ops.numel(buffer) // words_per_pair
-    idx, values = unpack_words(ops, buffer, [("int32", k), (dtype, k)])
-    return ops.cast(idx, "int64"), values
+    k = ops.length(buffer) // words_per_pair
+    return ops.cast(buffer[:k], "int64"), ops.bitcast(buffer[k:], dtype)
 
 
 @register("compressor", "topk", paper="Aji & Heafield 2017, Sparse Communication for Distributed "

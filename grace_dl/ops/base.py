@@ -63,6 +63,13 @@ class Ops(abc.ABC):
     def shape(self, x: Array) -> tuple[int, ...]:
         """Shape of ``x`` as a tuple of ints."""
 
+    def length(self, x: Array) -> Any:
+        """Element count of ``x`` for arithmetic and slicing: a Python int wherever it is
+        known before running (NumPy, torch, eager TensorFlow, static shapes); inside
+        ``tf.function``, a data-dependent length (a threshold method's payload) is a 0-d
+        int64 tensor instead of an error."""
+        return self.numel(x)
+
     # -- layout and conversion ----------------------------------------------------------
     @abc.abstractmethod
     def reshape(self, x: Array, shape: Sequence[int]) -> Array:
@@ -118,6 +125,16 @@ class Ops(abc.ABC):
     @abc.abstractmethod
     def sqrt(self, x: Array) -> Array:
         """Elementwise square root."""
+
+    @abc.abstractmethod
+    def log(self, x: Array) -> Array:
+        """Elementwise natural logarithm (the framework's own: results may differ from
+        NumPy's in the last bit)."""
+
+    @abc.abstractmethod
+    def exp(self, x: Array) -> Array:
+        """Elementwise exponential (the framework's own: results may differ from
+        NumPy's in the last bit)."""
 
     @abc.abstractmethod
     def where(self, cond: Array, a: Array, b: Array) -> Array:

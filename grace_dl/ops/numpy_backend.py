@@ -85,6 +85,12 @@ class NumpyOps(Ops):
     def sqrt(self, x):
         return np.sqrt(x)
 
+    def log(self, x):
+        return np.log(x)
+
+    def exp(self, x):
+        return np.exp(x)
+
     def where(self, cond, a, b):
         return np.where(cond, a, b)
 

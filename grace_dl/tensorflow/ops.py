@@ -104,6 +104,11 @@ class TFOps(Ops):
                              f"tensors of static shape inside tf.function")
         return int(n)
 
+    def length(self, x: Any) -> Any:
+        n = _static_len(x)
+        # a data-dependent length inside tf.function: known only when the graph runs
+        return int(n) if n is not None else tf.size(x, out_type=tf.int64)
+
     def shape(self, x: Any) -> tuple[int, ...]:
         dims = tf.TensorShape(x.shape).as_list()
         if dims is None or any(d is None for d in dims):
@@ -177,6 +182,12 @@ class TFOps(Ops):
     def sqrt(self, x: Any) -> tf.Tensor:
         return tf.sqrt(x)
 
+    def log(self, x: Any) -> tf.Tensor:
+        return tf.math.log(x)
+
+    def exp(self, x: Any) -> tf.Tensor:
+        return tf.math.exp(x)
+
     def where(self, cond: Any, a: Any, b: Any) -> tf.Tensor:
         return tf.where(cond, a, b)
 
@@ -227,9 +238,10 @@ class TFOps(Ops):
         k = int(k)
         if k <= 0:
             return self.zeros(0, "int64", x)
-        n = self.numel(x)
-        if k >= n:
-            return self.arange(n, x)
+        n = _static_len(x)
+        if n is not None and k >= n:
+            return self.arange(int(n), x)
+        # a length known only at run time (inside tf.function) must then be at least k
         picked = tf.math.top_k(x, k=k, sorted=True, index_type=tf.int64).indices
         return tf.sort(picked)
 

@@ -120,6 +120,12 @@ class TorchOps(Ops):
     def sqrt(self, x):
         return torch.sqrt(x)
 
+    def log(self, x):
+        return torch.log(x)
+
+    def exp(self, x):
+        return torch.exp(x)
+
     def where(self, cond, a, b):
         return torch.where(cond, a, b)
 
