@@ -10,6 +10,11 @@ stock Horovod accepts as ``compression=``::
 
 The wrapped :class:`~grace_dl.core.Grace` is available as ``.grace`` for direct use
 (``.grace.bind(transport).step(tensor, name)``).
+
+Also here: :func:`DistributedOptimizer`, the explicit form whose ``state_dict()`` carries
+the method's state; :func:`ddp_hook`, a torch.distributed DDP communication hook
+(``model.register_comm_hook(None, grace.ddp_hook(grace.topk(ratio=0.01)))``); and
+:class:`TorchDistributedTransport`, grace-dl's collectives over torch.distributed.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from typing import Any
 import grace_dl as _core
 from grace_dl.ops import register_backend as _register_backend
 
-from .horovod import HorovodCompression, HorovodTorchTransport
+from .ddp import GraceCommHook, ddp_hook
+from .distributed import TorchDistributedTransport
+from .horovod import DistributedOptimizer, HorovodCompression, HorovodTorchTransport
 from .ops import TorchOps
 
 _register_backend(TorchOps())
@@ -52,5 +59,6 @@ for _method in _core.list_methods():
 
 list_methods = _core.list_methods
 
-__all__ = ["HorovodCompression", "HorovodTorchTransport", "TorchOps", "from_config",
-           "grace_from_params", "list_methods"] + _core.list_methods()
+__all__ = ["DistributedOptimizer", "GraceCommHook", "HorovodCompression", "HorovodTorchTransport",
+           "TorchDistributedTransport", "TorchOps", "ddp_hook", "from_config", "grace_from_params",
+           "list_methods"] + _core.list_methods()

@@ -13,21 +13,35 @@ Stock Horovod's ``Compressor.compress`` receives no tensor name, but per-tensor 
 (error feedback) needs one. It is read from Horovod's optimizer frame (``self`` and
 ``p`` in ``_allreduce_grad_async`` / ``_grouped_allreduce_grad_async`` of Horovod
 0.28), where the name Horovod itself uses is ``self._parameter_names[p]``.
+
+:func:`DistributedOptimizer` is the explicit form: Horovod's own optimizer with a
+grace-dl method, whose ``state_dict()`` also carries the method's state (see there).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from ..core import Grace
 from ..transport.base import Transport, horovod_membership
 
+#: the key, in the first parameter group of an optimizer's ``state_dict()``, under which
+#: :func:`DistributedOptimizer` keeps the method's state
+STATE_KEY = "grace_dl"
+
 
 class HorovodTorchTransport(Transport):
-    """grace-dl collectives over ``horovod.torch`` (initialised by the caller)."""
+    """grace-dl collectives over ``horovod.torch`` (initialised by the caller).
+
+    Horovod has no bfloat16 collectives: bfloat16 buffers travel as their int16 bits,
+    and a bfloat16 allreduce becomes an allgather summed here in rank order (the
+    simulator's order, so results stay bit-identical; the bytes counted are those of
+    the allreduce the method asked for).
+    """
 
     def __init__(self, process_set: Any = None):
         import horovod.torch as hvd
@@ -36,30 +50,52 @@ class HorovodTorchTransport(Transport):
         self._ps, self.rank, self.size = horovod_membership(hvd, process_set)
 
     def allreduce_async(self, buf, name):
+        if buf.dtype == torch.bfloat16:
+            return ("sum", self.allgather_async(buf, name, equal_sizes=True))
         return ("reduce", self.hvd.allreduce_async(buf, name=name, op=self.hvd.Sum, **self._ps))
 
     def allgather_async(self, buf, name, equal_sizes=False):
-        data = self.hvd.allgather_async(buf.reshape(-1), name=name, **self._ps)
+        flat = buf.reshape(-1)
+        if flat.dtype == torch.bfloat16:
+            flat = flat.view(torch.int16)
+        data = self.hvd.allgather_async(flat, name=name, **self._ps)
         sizes = None
         if not equal_sizes:
             count = torch.tensor([buf.numel()], dtype=torch.int64)
             sizes = self.hvd.allgather_async(count, name=name + ".sizes", **self._ps)
-        return ("gather", data, sizes, buf.numel())
+        return ("gather", data, sizes, buf.numel(), buf.dtype)
 
     def broadcast_async(self, buf, root, name):
+        if buf.dtype == torch.bfloat16:
+            return ("bits", self.hvd.broadcast_async(buf.view(torch.int16), root_rank=root, name=name, **self._ps))
         return ("reduce", self.hvd.broadcast_async(buf, root_rank=root, name=name, **self._ps))
 
     def wait(self, handle):
         if handle[0] == "reduce":
             return self.hvd.synchronize(handle[1])
-        _, data, sizes, mine = handle
+        if handle[0] == "bits":
+            return self.hvd.synchronize(handle[1]).view(torch.bfloat16)
+        if handle[0] == "sum":
+            parts = self.wait(handle[1])
+            total = parts[0]
+            for p in parts[1:]:
+                total = total + p
+            return total
+        _, data, sizes, mine, dtype = handle
         flat = self.hvd.synchronize(data)
+        if flat.dtype != dtype:
+            flat = flat.view(dtype)
         counts = [mine] * self.size if sizes is None else self.hvd.synchronize(sizes).tolist()
         return list(torch.split(flat, counts))
 
 
 def _horovod_caller(tensor: torch.Tensor) -> tuple[str, Any]:
-    """(name, optimizer) of the Horovod optimizer call that is compressing ``tensor``."""
+    """(name, optimizer) of the Horovod optimizer call that is compressing ``tensor``.
+
+    The frames searched are Horovod's ``_allreduce_grad_async(self, p)`` and, for
+    ``groups=``, the list comprehension inside ``_grouped_allreduce_grad_async`` (its own
+    frame on Python 3.11, where ``self`` is a free variable and ``p`` the loop variable).
+    """
     frame = sys._getframe(2)
     for _ in range(6):
         if frame is None:
@@ -79,8 +115,27 @@ def _horovod_caller(tensor: torch.Tensor) -> tuple[str, Any]:
     )
 
 
+def _check_op(hvd: Any, optimizer: Any) -> Any:
+    """Horovod's reduction op of ``optimizer``; Adasum is refused."""
+    if hasattr(optimizer, "_starting_models") and not hasattr(optimizer, "op"):
+        # Horovod's Adasum optimizer (op=hvd.Adasum on more than one worker)
+        raise ValueError("grace-dl compression supports op=hvd.Average and op=hvd.Sum, not hvd.Adasum: "
+                         "Adasum combines model deltas pairwise, which a compressed exchange cannot do")
+    op = getattr(optimizer, "op", hvd.Average)
+    if op not in (hvd.Average, hvd.Sum):
+        raise ValueError("grace-dl compression supports op=hvd.Average and op=hvd.Sum, not hvd.Adasum")
+    return op
+
+
 class HorovodCompression:
     """A grace-dl method in the shape of Horovod's ``Compressor``.
+
+    Horovod's options are honoured as Horovod defines them: ``op=hvd.Average`` gives the
+    method's aggregate (the mean for most methods), ``op=hvd.Sum`` that times the number
+    of workers, and ``gradient_predivide_factor=f`` scales the gradient by ``1/f``
+    before compression and the aggregate by ``f`` after it (Horovod's prescale and
+    postscale; the ``1/N`` of the average is the method's mean). Unlike Horovod, the
+    factor is also applied with ``groups=``, whose grouped allreduce ignores it.
 
     Args:
         grace: the method (a :class:`~grace_dl.core.Grace`); bound to a
@@ -93,25 +148,27 @@ class HorovodCompression:
     def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Start the grace pipeline for ``tensor``; Horovod allreduces the returned empty tensor."""
         name, optimizer = _horovod_caller(tensor)
-        hvd_op = getattr(optimizer, "op", None)
         import horovod.torch as hvd
 
-        if hvd_op not in (None, hvd.Average, hvd.Sum):
-            raise ValueError("grace-dl compression supports op=hvd.Average and op=hvd.Sum, not Adasum")
+        op = _check_op(hvd, optimizer)
+        absorb_broadcast_state(optimizer, self)
         if self.grace.transport is None:
             self.grace.bind(HorovodTorchTransport(getattr(optimizer, "process_set", None)))
+        factor = float(getattr(optimizer, "gradient_predivide_factor", 1.0)) if op == hvd.Average else 1.0
+        if factor != 1.0:
+            tensor = tensor * (1.0 / factor)
         pending = self.grace.start(tensor, name)
-        return tensor.new_zeros(0), (pending, hvd_op == hvd.Sum)
+        post = self.grace.transport.size if op == hvd.Sum else factor
+        return tensor.new_zeros(0), (pending, post)
 
     def decompress(self, tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Finish the exchange started by :meth:`compress`; the aggregated gradient."""
-        pending, summed = ctx
+        pending, post = ctx
         out = self.grace.finish(pending)
-        return out * self.grace.transport.size if summed else out
+        return out * post if post != 1.0 else out
 
-    # state travels with the optimizer's state_dict (see grace_dl.torch.DistributedOptimizer)
     def state_dict(self) -> dict[str, Any]:
-        """The method's state (error feedback, step counters)."""
+        """The method's state (error feedback, step counters), as NumPy arrays and ints."""
         return self.grace.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -120,3 +177,141 @@ class HorovodCompression:
 
     def __repr__(self) -> str:
         return f"HorovodCompression({self.grace!r})"
+
+
+# -- method state inside the optimizer's state_dict ------------------------------------
+def _to_torch(value: Any) -> Any:
+    """NumPy arrays -> CPU tensors (so ``torch.load(weights_only=True)`` reads them back)."""
+    if isinstance(value, dict):
+        return {k: _to_torch(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value, copy=True))
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _to_numpy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_numpy(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy().copy()
+    return value
+
+
+def absorb_broadcast_state(optimizer: Any, compression: HorovodCompression) -> None:
+    """Load method state that sits in the live parameter groups of ``optimizer``.
+
+    ``hvd.broadcast_optimizer_state`` broadcasts every option of every parameter group
+    from the root (pickled) and assigns it to the live groups, so the method state of
+    :func:`DistributedOptimizer`'s ``state_dict()`` lands in ``param_groups[0]``; it is
+    taken from there before the next use.
+    """
+    for group in getattr(optimizer, "param_groups", ()):
+        state = group.pop(STATE_KEY, None)
+        if state is not None:
+            compression.load_state_dict(_to_numpy(state))
+
+
+def _attach_state(optimizer: Any, compression: HorovodCompression) -> None:
+    def before_save(opt: Any) -> None:
+        absorb_broadcast_state(opt, compression)
+
+    def after_save(opt: Any, state_dict: dict[str, Any]) -> None:
+        state_dict["param_groups"][0][STATE_KEY] = _to_torch(compression.state_dict())
+
+    def before_load(opt: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # state_dict is a shallow copy of the caller's: copy the groups we change
+        groups = []
+        for group in state_dict["param_groups"]:
+            if STATE_KEY in group:
+                group = dict(group)
+                compression.load_state_dict(_to_numpy(group.pop(STATE_KEY)))
+            groups.append(group)
+        state_dict["param_groups"] = groups
+        return state_dict
+
+    optimizer.register_state_dict_pre_hook(before_save)
+    optimizer.register_state_dict_post_hook(after_save)
+    optimizer.register_load_state_dict_pre_hook(before_load)
+
+
+def _refuse_sparse(optimizer: Any):
+    def sparse_allreduce(p: torch.Tensor, name: str) -> Any:
+        raise ValueError(f"parameter {name!r} has a sparse gradient, which Horovod would allreduce without "
+                         f"grace-dl compression; pass sparse_as_dense=True")
+    return sparse_allreduce
+
+
+def as_compression(compression: Any) -> Any:
+    """A :class:`HorovodCompression` from a Grace; others pass through unchanged."""
+    if isinstance(compression, Grace):
+        return HorovodCompression(compression)
+    if compression is None:
+        import horovod.torch as hvd
+
+        return hvd.Compression.none
+    if not (hasattr(compression, "compress") and hasattr(compression, "decompress")):
+        raise TypeError(f"compression must be a grace-dl method (grace_dl.torch.topk(...), a Grace) or a "
+                        f"Horovod compressor, got {compression!r}")
+    return compression
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer,
+                         named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+                         compression: Any = None, backward_passes_per_step: int = 1, op: Any = None,
+                         gradient_predivide_factor: float = 1.0, groups: Any = None,
+                         sparse_as_dense: bool = False, process_set: Any = None) -> torch.optim.Optimizer:
+    """Horovod's ``DistributedOptimizer`` running a grace-dl method.
+
+    The returned object is stock ``hvd.DistributedOptimizer(...)`` (so every Horovod
+    option behaves as Horovod documents it, see :class:`HorovodCompression` for ``op`` and
+    ``gradient_predivide_factor``), with three additions:
+
+    * ``state_dict()`` carries the method's state (error-feedback residuals, momenta,
+      step counters) under ``state_dict()["param_groups"][0]["grace_dl"]``, as CPU
+      tensors and ints, and ``load_state_dict()`` restores it: each worker saving and
+      loading its own ``state_dict()`` resumes bit-identically. It sits among the
+      group's options because ``hvd.broadcast_optimizer_state`` broadcasts exactly
+      those from the root: the root's method state then replaces every worker's, like
+      the rest of the optimizer state (residuals restart from the root's; step counters,
+      and so shared random draws, agree again). Horovod broadcasts nothing at all for
+      an optimizer without per-parameter state (SGD without momentum).
+    * A sparse gradient without ``sparse_as_dense=True`` raises instead of being
+      allreduced uncompressed.
+    * ``op=hvd.Adasum`` raises: a compressed exchange cannot combine model deltas pairwise.
+
+    Args:
+        optimizer: the torch optimizer to wrap.
+        named_parameters: ``model.named_parameters()``; the names key the method's
+            per-tensor state (default: Horovod's ``allreduce.noname.<group>.<index>``).
+        compression: a grace-dl method (``grace_dl.torch.topk(ratio=0.01)``, or a
+            :class:`~grace_dl.core.Grace`); Horovod's own compressors are accepted too
+            (default None: ``hvd.Compression.none``).
+        backward_passes_per_step: local accumulations before each exchange (default 1);
+            the method compresses the accumulated (summed) gradient.
+        op: ``hvd.Average`` (default, None) or ``hvd.Sum``.
+        gradient_predivide_factor: Horovod's split of the average (default 1.0).
+        groups: Horovod's explicit allreduce groups (default None).
+        sparse_as_dense: densify sparse gradients (default False).
+        process_set: the Horovod process set (default None: all workers).
+    """
+    import horovod.torch as hvd
+
+    if op is None:
+        op = hvd.Average
+    if op not in (hvd.Average, hvd.Sum):
+        raise ValueError("grace_dl.torch.DistributedOptimizer supports op=hvd.Average and op=hvd.Sum, not "
+                         "hvd.Adasum: Adasum combines model deltas pairwise, which a compressed exchange "
+                         "cannot do")
+    compression = as_compression(compression)
+    wrapped = hvd.DistributedOptimizer(
+        optimizer, named_parameters=named_parameters, compression=compression,
+        backward_passes_per_step=backward_passes_per_step, op=op,
+        gradient_predivide_factor=gradient_predivide_factor, groups=groups, sparse_as_dense=sparse_as_dense,
+        process_set=hvd.global_process_set if process_set is None else process_set)
+    if isinstance(compression, HorovodCompression):
+        _attach_state(wrapped, compression)
+        # an instance attribute shadows the class's method that Horovod's hook calls
+        wrapped._sparse_allreduce_grad_async = _refuse_sparse(wrapped)
+    return wrapped
