@@ -226,7 +226,10 @@ class TFOps(Ops):
 
     def scatter(self, n: int, idx: Any, values: Any) -> tf.Tensor:
         idx = tf.reshape(tf.cast(idx, tf.int64), [-1, 1])
-        return tf.scatter_nd(idx, values, tf.constant([int(n)], dtype=tf.int64))
+        # an update, not scatter_nd's sum into zeros (0 + -0.0 = +0.0): -0.0 stays -0.0, as in NumPy
+        with _on(values):
+            zeros = tf.zeros([int(n)], dtype=values.dtype)
+        return tf.tensor_scatter_nd_update(zeros, idx, values)
 
     def topk_indices(self, x: Any, k: int) -> tf.Tensor:
         """Ascending indices of the ``k`` largest elements; ties go to the lower index.

@@ -1,0 +1,194 @@
+"""Count sketch with top-k recovery (sketched SGD)."""
+
+from __future__ import annotations
+
+from ..core import Collective, Compressor, Rounds, TensorContext, derive_key, run_alone
+from ..ops import DTYPE_ITEMSIZE, Array, Ops
+from ..payload import Payload
+from ..registry import register
+from .chunk import blocked_pairwise_sum, check_world_size, decode_shared_ids, encode_shared_ids, id_digits
+from .topk import MAX_INT32_INDEX, check_ratio, k_for
+
+_KEY_BITS = 22  # random bits of a sort key; the index (< 2**31) fills the rest of 53
+
+
+def _median(ops: Ops, rows: list[Array]) -> Array:
+    """Elementwise median of equal-length arrays by an odd-even transposition sorting
+    network of selects (no arithmetic, so exact and the same on every backend); for an
+    even count, the mean of the two middle values."""
+    a = list(rows)
+    r = len(a)
+    for rnd in range(r):
+        for i in range(rnd % 2, r - 1, 2):
+            swap = a[i + 1] < a[i]
+            a[i], a[i + 1] = ops.where(swap, a[i + 1], a[i]), ops.where(swap, a[i], a[i + 1])
+    if r % 2:
+        return a[r // 2]
+    return (a[r // 2 - 1] + a[r // 2]) * 0.5
+
+
+@register("compressor", "sketch", paper="Ivkin et al. 2019, Communication-efficient Distributed SGD with "
+          "Sketching",
+          summary="Count sketch (summable, allreduce), top-k of the median estimates, then the exact values "
+                  "of those k in a second allreduce; residual error feedback.")
+class Sketch(Compressor):
+    """Sketched SGD (Ivkin et al. 2019): each worker compresses its tensor into a count
+    sketch of ``rows`` rows of ``cols`` buckets; sketches are linear, so they are
+    summed with an allreduce. Every coordinate is then estimated as the median over rows
+    of its signed bucket values, and the ``k = max(1, floor(ratio * n))`` coordinates of
+    largest estimated magnitude are kept (ties to the lower index).
+
+    With ``second_round`` (the paper's two-round variant), every worker then sends its
+    exact values at those ``k`` coordinates, chosen identically on all workers from the
+    summed sketch, in a second allreduce: the aggregate is the exact sum over workers
+    restricted to the recovered coordinates. The coordinates travel with the values as
+    float digits that survive the summation (see
+    :func:`~grace_dl.compressors.chunk.encode_shared_ids`: ``D = ceil(log2(n) / 12)``
+    digits per coordinate, at least 1, plus one count slot; float32 allows at most 4096
+    workers). Without it, the payload is the sketch itself and decompression returns
+    the estimates at the top ``k``.
+
+    Hashing: for row ``r`` at step ``t``, one ``random_uniform`` draw per element from
+    the shared key and the counter ``derive_key("sketch", t, r)`` (the same on every
+    worker, fresh at every step) gives a 22-bit sort key and a sign bit; sorting the keys
+    (index as tie-break) gives a random permutation ``pi``, and element ``i`` goes to
+    bucket ``pi(i) mod cols`` with its sign. Every bucket thus holds ``floor(n/cols)`` or
+    ``ceil(n/cols)`` elements (two elements share a bucket with probability below
+    ``1/cols``), and bucket sums are added in a fixed pairwise order. Random draws differ
+    across backends, so payloads are reproducible per backend, not across backends.
+
+    Sizes (itemsize ``s``; ``cols = max(1, min(n, floor(sketch_ratio * n)))``)::
+
+        second_round=True:   sketch allreduce  rows * cols * s
+                             payload allreduce (k + D * k + 1) * s
+        second_round=False:  payload allreduce rows * cols * s
+
+    :meth:`payload_nbytes` gives the payload, :meth:`rounds_nbytes` the sketch round.
+
+    Bias: with ``second_round`` and one worker, ``C(x)`` is ``x`` restricted to the
+    recovered coordinates, so ``||x - C(x)|| <= ||x||`` but with no guaranteed
+    fraction kept (a coordinate is missed when collisions hide it); without it the
+    estimates themselves are biased. Meant for residual error feedback (the paper keeps
+    error accumulation in sketch space on the server; here each worker keeps its own
+    residual) over allreduce. NaN or Inf in the input makes the buckets it falls in
+    non-finite, those coordinates rank first and the non-finite values reach the
+    aggregate; the residual memory keeps its previous state.
+
+    Measured (NumPy, 4 workers in the simulator, one step without memory, n = 100,000,
+    error ``||mean - aggregate||^2 / ||mean||^2``; bytes sent per worker)::
+
+        method                            sent     Gaussian   1000 heavy hitters
+        sketch (defaults, k = 1000)       318 KB   0.970      0.140
+        sketch (second_round=False)       300 KB   1.137      0.208
+        topk ratio=0.01 (k = 1000)         24 KB   0.915      0.097
+        topk ratio=0.0795, allgather      191 KB   0.620      0.063
+
+    So the recovery is close to top-k at the same ``k`` but costs about 13x its bytes
+    at 4 workers; at equal bytes top-k is far more accurate. The sketch's bytes do not
+    grow with the number of workers (a ring allreduce sends ``2 (N - 1) / N`` times the
+    buffer) while top-k's allgather sends ``N - 1`` times its payload, so at equal ``k``
+    top-k sends more only beyond about 53 workers. Kept because it is correct and
+    summable; tests/test_chunk_stc_sketch.py checks the recovery of heavy hitters and
+    this ordering.
+
+    Args:
+        ratio: fraction of coordinates recovered, in (0, 1] (default 0.01).
+        rows: rows of the sketch (independent hashes), >= 1 (default 5).
+        sketch_ratio: buckets per row as a fraction of the element count, in (0, 1]
+            (default 0.1).
+        second_round: fetch the exact values of the recovered coordinates with a second
+            allreduce (default True).
+    """
+
+    summable = True
+    bias = "biased"
+    memory = "residual"
+    communicator = "allreduce"
+    deterministic = False
+
+    def __init__(self, ratio: float = 0.01, rows: int = 5, sketch_ratio: float = 0.1, second_round: bool = True):
+        self.ratio = check_ratio(ratio)
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"rows must be an int >= 1, got {rows!r}")
+        if not 0.0 < sketch_ratio <= 1.0:
+            raise ValueError(f"sketch_ratio must be in (0, 1], got {sketch_ratio}")
+        self.rows = rows
+        self.sketch_ratio = float(sketch_ratio)
+        self.second_round = bool(second_round)
+
+    def _cols(self, numel: int) -> int:
+        return max(1, min(numel, int(self.sketch_ratio * numel)))
+
+    def _hashes(self, ops: Ops, like: Array, ctx: TensorContext) -> list[tuple[Array, Array]]:
+        """Per row: (permutation, +-1 signs in the compute dtype)."""
+        n = ctx.numel
+        index = ops.cast(ops.arange(n, like), "float64")
+        out = []
+        for r in range(self.rows):
+            u = ops.random_uniform(n, ctx.shared_key, derive_key("sketch", ctx.step, r), like)
+            # float32 uniforms are multiples of 2**-24 (2**-23 on TF): 23 integer bits
+            w = ops.floor(ops.cast(u, "float64") * float(1 << (_KEY_BITS + 1)))
+            key = ops.floor(w * 0.5)
+            sign = ops.cast(w - key * 2.0, ctx.dtype) * 2.0 - 1.0
+            # key * 2**31 + index < 2**53: exact in float64, distinct, so the sort is a permutation
+            order = ops.sort(key * float(1 << 31) + index)
+            perm = ops.cast(order - ops.floor(order * (1.0 / (1 << 31))) * float(1 << 31), "int64")
+            out.append((perm, sign))
+        return out
+
+    def _sketch(self, ops: Ops, x: Array, ctx: TensorContext, hashes: list[tuple[Array, Array]]) -> Array:
+        cols = self._cols(ctx.numel)
+        pad = -ctx.numel % cols
+        rows = []
+        for perm, sign in hashes:
+            y = ops.gather(x * sign, perm)  # y[j] = sign(i) x_i for i = perm[j], bucket j mod cols
+            if pad:
+                y = ops.concat([y, ops.zeros(pad, ctx.dtype, x)])
+            rows.append(blocked_pairwise_sum(ops, y, cols, ctx.dtype))
+        return ops.concat(rows)
+
+    def _estimate(self, ops: Ops, sketch: Array, ctx: TensorContext, hashes: list[tuple[Array, Array]]) -> Array:
+        n, cols = ctx.numel, self._cols(ctx.numel)
+        blocks = -(-n // cols)
+        column = ops.reshape(ops.zeros(blocks, ctx.dtype, sketch), (blocks, 1))
+        estimates = []
+        for r, (perm, sign) in enumerate(hashes):
+            buckets = ops.reshape(sketch[r * cols:(r + 1) * cols], (1, cols))
+            tiled = ops.reshape(column + buckets, (-1,))[:n]  # tiled[j] = bucket j mod cols
+            estimates.append(ops.scatter(n, perm, tiled) * sign)
+        return _median(ops, estimates)
+
+    def compress_rounds(self, ops: Ops, x: Array, ctx: TensorContext) -> Rounds:
+        if ctx.numel > MAX_INT32_INDEX:
+            raise ValueError(f"tensor of {ctx.numel} elements: indices do not fit 31 bits")
+        hashes = self._hashes(ops, x, ctx)
+        sketch = self._sketch(ops, x, ctx, hashes)
+        if not self.second_round:
+            return Payload.of(ops, sketch)
+        check_world_size(ctx)
+        (summed,) = yield [Collective("allreduce", sketch, tag="sketch")]
+        idx = ops.topk_indices(ops.abs(self._estimate(ops, summed, ctx, hashes)), k_for(self.ratio, ctx.numel))
+        return Payload.of(ops, ops.concat([ops.gather(x, idx), encode_shared_ids(ops, idx, ctx.numel, ctx.dtype)]))
+
+    def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
+        return run_alone(self.compress_rounds(ops, x, ctx))
+
+    def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
+        k = k_for(self.ratio, ctx.numel)
+        if self.second_round:
+            idx = decode_shared_ids(ops, buffer[k:], k, ctx.numel)
+            return ops.scatter(ctx.numel, idx, buffer[:k])
+        estimate = self._estimate(ops, buffer, ctx, self._hashes(ops, buffer, ctx))
+        idx = ops.topk_indices(ops.abs(estimate), k)
+        return ops.scatter(ctx.numel, idx, ops.gather(estimate, idx))
+
+    def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
+        if not self.second_round:
+            return self.rows * self._cols(numel) * DTYPE_ITEMSIZE[dtype]
+        k = k_for(self.ratio, numel)
+        return (k + id_digits(numel) * k + 1) * DTYPE_ITEMSIZE[dtype]
+
+    def rounds_nbytes(self, numel: int, dtype: str = "float32") -> int:
+        """Bytes of the sketch allreduce that precedes the payload (0 without
+        ``second_round``, where the sketch is the payload)."""
+        return self.rows * self._cols(numel) * DTYPE_ITEMSIZE[dtype] if self.second_round else 0
