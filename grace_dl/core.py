@@ -123,7 +123,11 @@ class Compressor(abc.ABC):
       sign methods);
     * ``deterministic``: same input gives the same payload (no random draws);
     * ``zero_preserving``: a zero tensor decompresses to zero (false for 1-bit signs,
-      which cannot encode zero).
+      which cannot encode zero);
+    * ``exact_across_backends``: a deterministic method gives bit-identical results on
+      every backend and device (false where it relies on a framework kernel that adds
+      in its own order, such as PowerSGD's matrix products; cross-backend tests then
+      compare with a stated tolerance; one backend still agrees with itself bit for bit).
     """
 
     summable: ClassVar[bool] = False
@@ -133,6 +137,7 @@ class Compressor(abc.ABC):
     aggregate: ClassVar[str] = "mean"
     deterministic: ClassVar[bool] = True
     zero_preserving: ClassVar[bool] = True
+    exact_across_backends: ClassVar[bool] = True
 
     @abc.abstractmethod
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:

@@ -29,6 +29,7 @@ SMALL["threshold"] = {"threshold": 1.0}
 SMALL["adaptive_threshold"] = {"ratio": 0.1}
 SMALL["dgc"] = {"ratio": 0.1, "sample_ratio": 0.1}
 SMALL["sidco"] = {"ratio": 0.1}
+SMALL["gtopk"] = {"ratio": 0.1}
 
 
 def compressor(name, **overrides):

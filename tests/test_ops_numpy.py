@@ -106,3 +106,14 @@ def test_log_exp_and_length():
     assert np.array_equal(ops.log(x), np.log(x)) and np.array_equal(ops.exp(x), np.exp(x))
     assert ops.log(x.astype(np.float32)).dtype == np.float32
     assert ops.length(x) == 5 and type(ops.length(x)) is int
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), k=st.integers(1, 9), m=st.integers(1, 9), dtype=st.sampled_from(["float32", "float64"]))
+def test_matmul_and_transpose(n, k, m, dtype):
+    rng = np.random.default_rng(n * 100 + k * 10 + m)
+    a, b = rng.standard_normal((n, k)).astype(dtype), rng.standard_normal((k, m)).astype(dtype)
+    out = ops.matmul(a, b)
+    assert out.dtype == np.dtype(dtype) and out.shape == (n, m)
+    np.testing.assert_allclose(out, a.astype(np.float64) @ b.astype(np.float64), rtol=1e-5, atol=1e-5)
+    assert np.array_equal(ops.transpose(a), a.T) and ops.shape(ops.transpose(a)) == (k, n)

@@ -479,3 +479,40 @@ def test_horovod_transport_two_ranks(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "HVD-OK 0" in out and "HVD-OK 1" in out, out[-4000:]
+
+
+# -- matmul and the low-rank / global top-k methods ----------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_matmul_and_transpose(rng, dtype):
+    for n, k, m in [(1, 1, 1), (7, 3, 33), (64, 2, 100)]:
+        a, b = rand(rng, n * k, dtype).reshape(n, k), rand(rng, k * m, dtype).reshape(k, m)
+        assert_same(T.transpose(tf.constant(a)), a.T.copy())
+        got, want = T.to_numpy(T.matmul(tf.constant(a), tf.constant(b))), N.matmul(a, b)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        # each framework's kernel adds in its own order: equal to rounding only
+        np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == "float32" else 1e-12, atol=1e-4)
+        ai, bi = np.round(a), np.round(b)  # integer-valued: exact sums in any order
+        assert_same(T.matmul(tf.constant(ai), tf.constant(bi)), N.matmul(ai, bi))
+
+
+@pytest.mark.parametrize("method,kwargs", [("gtopk", {"ratio": 0.1}),
+                                           ("powersgd", {"rank": 2, "min_compression_rate": 1.0}),
+                                           ("powersgd", {"rank": 1, "start_iter": 1})])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_low_rank_and_global_topk_match_numpy(rng, method, kwargs, dtype):
+    sim_np = grace_dl.LocalSimulator(grace_dl.make(method, **kwargs), 3)
+    sim_tf = grace_dl.LocalSimulator(getattr(grace_tf, method)(**kwargs), 3)
+    if method == "powersgd":  # (5, 20) goes low rank (from step start_iter)
+        assert sim_np.workers[0].compressor.plan((5, 20)) is not None
+    for _ in range(3):
+        grads = _grads(rng, 100, dtype)
+        out_np = sim_np.step([{"w": g} for g in grads])
+        out_tf = sim_tf.step([{"w": tf.constant(g)} for g in grads])
+        for r in range(3):
+            if sim_np.workers[0].compressor.exact_across_backends:
+                assert_same(out_tf[r]["w"], out_np[r]["w"])
+            else:  # matmuls add in TF's order: equal to rounding, carried on by the memory
+                scale = max(np.abs(g).max() for g in grads)
+                np.testing.assert_allclose(T.to_numpy(out_tf[r]["w"]), out_np[r]["w"], rtol=0,
+                                           atol=(1e-4 if dtype == "float32" else 1e-12) * scale)
+    assert sim_tf.workers[0].stats.as_dict() == sim_np.workers[0].stats.as_dict()

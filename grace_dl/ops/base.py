@@ -207,6 +207,18 @@ class Ops(abc.ABC):
     def sort(self, x: Array) -> Array:
         """Ascending sort of 1-D ``x``."""
 
+    # -- linear algebra -------------------------------------------------------------------
+    @abc.abstractmethod
+    def matmul(self, a: Array, b: Array) -> Array:
+        """Matrix product of 2-D ``a`` (n, k) and 2-D ``b`` (k, m) of one float dtype: an
+        (n, m) array. The framework's own kernel adds in its own order, so results may
+        differ between backends and devices in the last bits (never between two calls
+        on one backend and device with the same inputs)."""
+
+    @abc.abstractmethod
+    def transpose(self, x: Array) -> Array:
+        """The transpose of 2-D ``x`` (a view where the backend allows)."""
+
     # -- bits ---------------------------------------------------------------------------
     @abc.abstractmethod
     def pack_bits(self, mask: Array) -> Array:

@@ -127,6 +127,12 @@ class NumpyOps(Ops):
     def sort(self, x):
         return np.sort(x)
 
+    def matmul(self, a, b):
+        return np.matmul(a, b)
+
+    def transpose(self, x):
+        return np.transpose(x)
+
     def pack_bits(self, mask):
         n = mask.shape[0]
         packed = np.packbits(mask.astype(np.bool_, copy=False), bitorder="little")

@@ -261,6 +261,13 @@ class TFOps(Ops):
         tail = tf.range(n, dtype=tf.int64) >= n - tf.reduce_sum(tf.cast(nan, tf.int64))
         return tf.where(tail, tf.constant(np.nan, x.dtype), ordered)
 
+    # -- linear algebra -------------------------------------------------------------------
+    def matmul(self, a: Any, b: Any) -> tf.Tensor:
+        return tf.linalg.matmul(a, b)
+
+    def transpose(self, x: Any) -> tf.Tensor:
+        return tf.transpose(x)
+
     # -- bits ---------------------------------------------------------------------------
     def pack_bits(self, mask: Any) -> tf.Tensor:
         bits = tf.cast(tf.reshape(mask, [-1]), tf.uint8)

@@ -172,6 +172,12 @@ class TorchOps(Ops):
     def sort(self, x):
         return torch.sort(x).values
 
+    def matmul(self, a, b):
+        return torch.matmul(a, b)
+
+    def transpose(self, x):
+        return x.transpose(0, 1)
+
     def pack_bits(self, mask):
         n = mask.numel()
         pad = (-n) % 32
