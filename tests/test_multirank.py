@@ -1,5 +1,6 @@
-"""Multi-process runs on localhost: horovodrun -np 2 (Gloo and MPI) for torch and TF, and
-mpirun -np 2 for the mpi4py transport. Each launch checks many things (see the scripts in
+"""Multi-process runs on localhost: horovodrun -np 2 (Gloo and MPI) for torch and TF,
+mpirun -np 2 for the mpi4py transport, and 2 spawned torch.distributed (Gloo) processes
+for the DDP hook. Each launch checks many things (see the scripts in
 tests/multirank/), because starting a job costs seconds."""
 
 from __future__ import annotations
@@ -42,6 +43,24 @@ def horovodrun(controller: str) -> list[str]:
 def test_horovod_torch(controller):
     out = run(horovodrun(controller) + [sys.executable, str(HERE / "hvd_torch_checks.py")], expect_ok_lines=2)
     assert "bit-identical to the simulator" in out and "training ok" in out
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_horovod_torch_optimizer(controller):
+    # every method and Horovod option against the simulator, broadcasts, resume; the
+    # digits convergence runs (about 90 s) once, under Gloo
+    extra = [] if controller == "gloo" else ["--no-convergence"]
+    out = run(horovodrun(controller) + [sys.executable, str(HERE / "hvd_torch_training.py"), *extra],
+              expect_ok_lines=2, timeout=900)
+    for check in ("every method ok", "options ok", "errors ok", "broadcasts ok", "resume ok"):
+        assert check in out, check
+    assert controller != "gloo" or "convergence ok" in out
+
+
+def test_ddp_hook():
+    out = run([sys.executable, str(HERE / "ddp_checks.py")], expect_ok_lines=2)
+    for check in ("collectives ok", "methods ok", "ddp hook ok", "ddp hook options ok", "ddp resume ok"):
+        assert check in out, check
 
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])

@@ -28,6 +28,10 @@ import torch
 
 from ..core import Grace
 from ..transport.base import Transport, horovod_membership
+from .ops import TorchOps
+
+_OPS = TorchOps()
+_CPU = torch.empty(0)
 
 #: the key, in the first parameter group of an optimizer's ``state_dict()``, under which
 #: :func:`DistributedOptimizer` keeps the method's state
@@ -185,7 +189,7 @@ def _to_torch(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_torch(v) for k, v in value.items()}
     if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.array(value, copy=True))
+        return _OPS.from_numpy(value, _CPU)  # copies; handles bfloat16
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -195,7 +199,7 @@ def _to_numpy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_numpy(v) for k, v in value.items()}
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy().copy()
+        return _OPS.to_numpy(value)
     return value
 
 

@@ -1,0 +1,192 @@
+"""The torch adapters in one process: the optimizer's state_dict hooks, the
+torch.distributed transport and DDP hook on a one-process Gloo group, and their errors.
+The two-process checks are in tests/multirank/ (hvd_torch_training.py, ddp_checks.py)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import socket
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import grace_dl  # noqa: E402
+import grace_dl.torch as grace  # noqa: E402
+from grace_dl.torch import horovod as adapter  # noqa: E402
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def populate(compression: grace.HorovodCompression, model: torch.nn.Module, steps: int = 2) -> None:
+    """Give the method state (residuals, step counters) as a one-worker run would."""
+    compression.grace.bind(grace_dl.LocalWorld(1).transports[0])
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        for name, p in model.named_parameters():
+            compression.grace.step(torch.randn(p.shape, generator=gen), name)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["steps"] == b["steps"]
+    assert a["memory"].keys() == b["memory"].keys()
+    for name in a["memory"]:
+        for key, value in a["memory"][name].items():
+            other = b["memory"][name][key]
+            assert value.dtype == other.dtype and np.array_equal(value, other), (name, key)
+
+
+def with_state_hooks(model: torch.nn.Module, compression: grace.HorovodCompression) -> torch.optim.Optimizer:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    adapter._attach_state(opt, compression)
+    return opt
+
+
+def test_state_dict_carries_method_state_and_loads_back():
+    model = mlp()
+    compression = grace.topk(ratio=0.3)
+    populate(compression, model)
+    opt = with_state_hooks(model, compression)
+    saved = opt.state_dict()
+    state = saved["param_groups"][0][adapter.STATE_KEY]
+    assert state["steps"] == {n: 2 for n, _ in model.named_parameters()}
+    assert isinstance(state["memory"]["0.weight"]["residual"], torch.Tensor)
+    assert adapter.STATE_KEY not in opt.param_groups[0], "state_dict() must not leave the state in the live group"
+
+    buf = io.BytesIO()
+    torch.save(saved, buf)
+    buf.seek(0)
+    checkpoint = torch.load(buf, weights_only=True)  # only tensors, ints and strings inside
+    fresh = grace.topk(ratio=0.3)
+    opt2 = with_state_hooks(mlp(1), fresh)
+    opt2.load_state_dict(checkpoint)
+    assert_same_state(compression.state_dict(), fresh.state_dict())
+    assert adapter.STATE_KEY in checkpoint["param_groups"][0], "load_state_dict must not change its argument"
+    assert adapter.STATE_KEY not in opt2.param_groups[0]
+    # the saved arrays are copies: more steps of the original do not change the checkpoint
+    residual = state["memory"]["0.weight"]["residual"].clone()
+    populate(compression, model, steps=1)
+    assert torch.equal(state["memory"]["0.weight"]["residual"], residual)
+
+
+def test_broadcast_state_in_live_group_is_absorbed():
+    # hvd.broadcast_optimizer_state assigns the root's group options to the live groups
+    model = mlp()
+    root = grace.efsignsgd()
+    populate(root, model)
+    root_state = with_state_hooks(model, root).state_dict()["param_groups"][0][adapter.STATE_KEY]
+    mine = grace.efsignsgd()
+    opt = with_state_hooks(mlp(), mine)
+    opt.param_groups[0][adapter.STATE_KEY] = copy.deepcopy(root_state)
+    after = opt.state_dict()  # absorbs first, then saves
+    assert adapter.STATE_KEY not in opt.param_groups[0]
+    assert_same_state(root.state_dict(), mine.state_dict())
+    assert after["param_groups"][0][adapter.STATE_KEY]["steps"] == root_state["steps"]
+
+
+def test_compression_outside_horovod_names_the_problem():
+    with pytest.raises(RuntimeError, match="outside horovod.torch.DistributedOptimizer"):
+        grace.topk().compress(torch.zeros(3))
+
+
+def test_as_compression():
+    g = grace_dl.topk(ratio=0.1)
+    assert adapter.as_compression(g).grace is g
+    c = grace.qsgd()
+    assert adapter.as_compression(c) is c
+    with pytest.raises(TypeError, match="compression must be"):
+        adapter.as_compression("topk")
+
+
+def test_explicit_optimizer_single_worker():
+    hvd = pytest.importorskip("horovod.torch")
+    hvd.init()
+    model = mlp()
+    compression = grace.topk(ratio=0.3)
+    opt = grace.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                     named_parameters=model.named_parameters(), compression=compression)
+    assert adapter.STATE_KEY in opt.state_dict()["param_groups"][0]
+    with pytest.raises(ValueError, match="Adasum"):
+        grace.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), compression=compression,
+                                   op=hvd.Adasum)
+    plain = grace.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), compression=None)
+    assert adapter.STATE_KEY not in plain.state_dict()["param_groups"][0]
+
+
+# -- torch.distributed in one process --------------------------------------------------------
+def test_transport_needs_init():  # before the fixture below initialises a group
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        grace.TorchDistributedTransport()
+
+
+@pytest.fixture(scope="module")
+def gloo_group():
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with Gloo is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_transport_one_worker(gloo_group):
+    t = grace.TorchDistributedTransport()
+    assert (t.rank, t.size) == (0, 1)
+    buf = torch.arange(4, dtype=torch.float32)
+    assert torch.equal(t.wait(t.allreduce_async(buf, "a")), buf)
+    got = t.wait(t.allgather_async(torch.arange(3, dtype=torch.int32), "g"))
+    assert len(got) == 1 and torch.equal(got[0], torch.arange(3, dtype=torch.int32))
+    assert torch.equal(t.wait(t.broadcast_async(buf, 0, "b")), buf)
+    with pytest.raises(ValueError, match="root"):
+        t.broadcast_async(buf, 1, "b")
+
+
+@pytest.mark.parametrize("method", ["topk", "qsgd", "efsignsgd", "fp16"])
+def test_ddp_hook_one_worker_matches_simulator(gloo_group, method):
+    kwargs = {"ratio": 0.3} if method == "topk" else {}
+    local = mlp()
+    reference = copy.deepcopy(local)
+    model = torch.nn.parallel.DistributedDataParallel(local)
+    hook = grace.ddp_hook(getattr(grace, method)(**kwargs))
+    model.register_comm_hook(None, hook)
+    sim = grace_dl.LocalSimulator(getattr(grace_dl, method)(**kwargs), 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        names = [hook.name_of(p) for p in local.parameters()]
+        out = sim.step([{n: p.grad for n, p in zip(names, reference.parameters())}])[0]
+        for n, p in zip(names, reference.parameters()):
+            p.grad = out[n]
+        ref_opt.step()
+    for a, b in zip(local.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+    assert sorted(hook.grace.steps) == [f"param{k}" for k in range(4)]
+    assert set(hook.grace.steps.values()) == {3}
+
+
+def test_ddp_hook_errors(gloo_group):
+    with pytest.raises(TypeError, match="grace-dl method"):
+        grace.ddp_hook("topk")
+    hook = grace.ddp_hook(grace.topk(), named_parameters=mlp().named_parameters())
+    with pytest.raises(KeyError, match="named_parameters"):
+        hook.name_of(torch.nn.Parameter(torch.zeros(2)))
+    with pytest.raises(TypeError, match="process group"):
+        hook._group(object())
