@@ -175,12 +175,14 @@ def check_options() -> None:
         ("backward_passes_per_step=2 efsignsgd", "efsignsgd", {}, {}, 2, mlp, False),
         ("op=Sum topk", "topk", {"ratio": 0.3}, hvd_sum, 1, mlp, False),
         ("op=Sum fp16", "fp16", {}, hvd_sum, 1, mlp, False),
-        ("gradient_predivide_factor=4 topk", "topk", {"ratio": 0.3}, {"gradient_predivide_factor": 4.0}, 1, mlp,
+        ("gradient_predivide_factor=3 topk", "topk", {"ratio": 0.3}, {"gradient_predivide_factor": 3.0}, 1, mlp,
          False),
         ("gradient_predivide_factor=3 qsgd", "qsgd", {}, {"gradient_predivide_factor": 3.0}, 1, mlp, False),
         ("groups=2 topk", "topk", {"ratio": 0.3}, {"groups": 2}, 1, mlp, False),
         ("groups=[[layer 0]] efsignsgd", "efsignsgd", {}, {"groups": "first-layer"}, 1, mlp, False),
-        ("groups=2 predivide=2 topk", "topk", {"ratio": 0.3}, {"groups": 2, "gradient_predivide_factor": 2.0},
+        # factors that are not powers of two: the results then differ in rounding when
+        # the factor is not applied, so these cases can fail
+        ("groups=2 predivide=3 topk", "topk", {"ratio": 0.3}, {"groups": 2, "gradient_predivide_factor": 3.0},
          1, mlp, False),
         ("sparse_as_dense topk", "topk", {"ratio": 0.3}, {"sparse_as_dense": True}, 1, EmbeddingModel, False),
         ("sparse_as_dense qsgd", "qsgd", {}, {"sparse_as_dense": True}, 1, EmbeddingModel, False),
