@@ -117,3 +117,21 @@ def test_matmul_and_transpose(n, k, m, dtype):
     assert out.dtype == np.dtype(dtype) and out.shape == (n, m)
     np.testing.assert_allclose(out, a.astype(np.float64) @ b.astype(np.float64), rtol=1e-5, atol=1e-5)
     assert np.array_equal(ops.transpose(a), a.T) and ops.shape(ops.transpose(a)) == (k, n)
+
+
+@pytest.mark.parametrize("dtype,width", [("int32", 32), ("int64", 64)])
+@settings(max_examples=50)
+@given(data=st.data())
+def test_bitwise_ops_follow_python_integers(dtype, width, data):
+    lo, hi = -(2 ** (width - 1)), 2 ** (width - 1) - 1
+    values = data.draw(st.lists(st.integers(lo, hi), min_size=1, max_size=20))
+    other = data.draw(st.lists(st.integers(lo, hi), min_size=len(values), max_size=len(values)))
+    shifts = data.draw(st.lists(st.integers(0, width - 1), min_size=len(values), max_size=len(values)))
+    a, b, k = (np.array(v, dtype=dtype) for v in (values, other, shifts))
+    assert ops.bitwise_and(a, b).tolist() == [x & y for x, y in zip(values, other)]
+    assert ops.bitwise_or(a, b).tolist() == [x | y for x, y in zip(values, other)]
+    assert ops.shift_right(a, k).tolist() == [x >> s for x, s in zip(values, shifts)]  # arithmetic
+    small = [x >> s for x, s in zip(values, shifts)]  # fits after shifting left by s
+    assert ops.shift_left(np.array(small, dtype=dtype), k).tolist() == [x << s for x, s in zip(small, shifts)]
+    assert ops.bitwise_and(a, 0xFF).tolist() == [x & 0xFF for x in values]
+    assert ops.dtype(ops.shift_right(a, 3)) == dtype

@@ -110,6 +110,32 @@ def test_cast_float64_to_float16_rounds_once():
     assert_same(T.cast(tf.constant(near), "float16"), near.astype(np.float16))
 
 
+def test_cast_float32_to_float64_keeps_subnormals():
+    # TF's own cast flushes float32 subnormals to zero; TFOps rebuilds them from the bits
+    a = np.array([1e-40, -1e-40, 1.4e-45, -1.4e-45, 1.1754942e-38, 1.17549435e-38, 0.0, -0.0, 1.5, -np.inf,
+                  np.inf, np.nan], np.float32)
+    assert_same(T.cast(tf.constant(a), "float64"), a.astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64"])
+def test_bitwise_primitives(rng, dtype):
+    width = np.dtype(dtype).itemsize * 8
+    info = np.iinfo(dtype)
+    a = rng.integers(info.min, info.max, 300, dtype=dtype, endpoint=True)
+    b = rng.integers(info.min, info.max, 300, dtype=dtype, endpoint=True)
+    k = rng.integers(0, width, 300).astype(dtype)
+    small = N.shift_right(a, k)  # shifting back left by k stays in range
+    assert_same(T.bitwise_and(tf.constant(a), tf.constant(b)), N.bitwise_and(a, b))
+    assert_same(T.bitwise_or(tf.constant(a), tf.constant(b)), N.bitwise_or(a, b))
+    assert_same(T.shift_right(tf.constant(a), tf.constant(k)), N.shift_right(a, k))
+    assert_same(T.shift_left(tf.constant(small), tf.constant(k)), N.shift_left(small, k))
+    assert_same(T.bitwise_and(tf.constant(a), 0x7F0F), N.bitwise_and(a, 0x7F0F))
+    assert_same(T.shift_right(tf.constant(a), 5), N.shift_right(a, 5))
+    # broadcasting a column against a row, as lane unpacking does
+    col, row = a[:10].reshape(10, 1), k[:4]
+    assert_same(T.shift_right(tf.constant(col), tf.constant(row)), N.shift_right(col, row))
+
+
 @pytest.mark.parametrize("wide,narrow", [("float16", "int32"), ("bfloat16", "int32"), ("float32", "int32"),
                                          ("float64", "int32"), ("int64", "int32"), ("uint8", "int32"),
                                          ("bool", "uint8"), ("float64", "float16")])

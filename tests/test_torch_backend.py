@@ -18,7 +18,7 @@ SIZES = [1, 7, 32, 33, 100, 1000]
 
 
 def same_bytes(a: np.ndarray, b) -> bool:
-    b = b.numpy() if isinstance(b, torch.Tensor) else b
+    b = t_ops.to_numpy(b) if isinstance(b, torch.Tensor) else b  # bfloat16 too
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
@@ -160,3 +160,20 @@ def test_matmul_and_transpose_match_numpy(dtype):
         # integer-valued inputs have exact sums in any order: bit-identical
         ai, bi = np.round(a * 8), np.round(b * 8)
         assert same_bytes(np_ops.matmul(ai, bi), t_ops.matmul(torch.from_numpy(ai), torch.from_numpy(bi)))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64"])
+def test_bitwise_primitives_match_numpy(dtype):
+    width = np.dtype(dtype).itemsize * 8
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype)
+    a = rng.integers(info.min, info.max, 500, dtype=dtype, endpoint=True)
+    b = rng.integers(info.min, info.max, 500, dtype=dtype, endpoint=True)
+    k = rng.integers(0, width, 500).astype(dtype)
+    ta, tb, tk = (torch.from_numpy(v.copy()) for v in (a, b, k))
+    small = np_ops.shift_right(a, k)  # shifting back left by k stays in range
+    for op, args, targs in (("bitwise_and", (a, b), (ta, tb)), ("bitwise_or", (a, b), (ta, tb)),
+                            ("shift_right", (a, k), (ta, tk)), ("bitwise_and", (a, 0x7F0F), (ta, 0x7F0F)),
+                            ("shift_left", (small, k), (torch.from_numpy(small.copy()), tk)),
+                            ("shift_right", (a, 5), (ta, 5))):
+        assert same_bytes(getattr(np_ops, op)(*args), getattr(t_ops, op)(*targs)), op

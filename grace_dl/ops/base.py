@@ -220,6 +220,28 @@ class Ops(abc.ABC):
         """The transpose of 2-D ``x`` (a view where the backend allows)."""
 
     # -- bits ---------------------------------------------------------------------------
+    # Integer bit operations, for methods that work on the bits of floats (bitcast to
+    # int32/int64): they give the same bits on every backend, where float arithmetic may
+    # not (TensorFlow flushes subnormals, casts may round twice). ``b`` is an array of
+    # ``a``'s dtype or a Python int that fits it.
+    @abc.abstractmethod
+    def bitwise_and(self, a: Array, b: Array | int) -> Array:
+        """Elementwise bitwise and of int32/int64 ``a`` and ``b``."""
+
+    @abc.abstractmethod
+    def bitwise_or(self, a: Array, b: Array | int) -> Array:
+        """Elementwise bitwise or of int32/int64 ``a`` and ``b``."""
+
+    @abc.abstractmethod
+    def shift_left(self, a: Array, b: Array | int) -> Array:
+        """``a << b`` elementwise for int32/int64 ``a``; shift counts in
+        ``[0, bits - 1]``, and the caller keeps the result within the dtype's range."""
+
+    @abc.abstractmethod
+    def shift_right(self, a: Array, b: Array | int) -> Array:
+        """``a >> b`` elementwise for int32/int64 ``a`` (arithmetic: negative values
+        stay negative); shift counts in ``[0, bits - 1]``."""
+
     @abc.abstractmethod
     def pack_bits(self, mask: Array) -> Array:
         """Pack a 1-D bool array into int32 words: element ``i`` is bit ``i % 32`` of

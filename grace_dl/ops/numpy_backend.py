@@ -133,6 +133,18 @@ class NumpyOps(Ops):
     def transpose(self, x):
         return np.transpose(x)
 
+    def bitwise_and(self, a, b):
+        return np.bitwise_and(a, b)
+
+    def bitwise_or(self, a, b):
+        return np.bitwise_or(a, b)
+
+    def shift_left(self, a, b):
+        return np.left_shift(a, b)
+
+    def shift_right(self, a, b):
+        return np.right_shift(a, b)
+
     def pack_bits(self, mask):
         n = mask.shape[0]
         packed = np.packbits(mask.astype(np.bool_, copy=False), bitorder="little")

@@ -11,6 +11,8 @@ what is needed for bit-identical results:
 * ``tf.cast`` from float64 to float16 rounds twice (through float32); NumPy rounds once.
   :func:`_float64_to_float16` rounds to float32 with round-to-odd first, which makes the
   second rounding exact.
+* ``tf.cast`` from float32 to float64 flushes subnormals to zero (so do TF's float
+  arithmetic and comparisons); :func:`_float32_to_float64` rebuilds them from their bits.
 * ``tf.sort`` puts NaN first; NumPy puts it last.
 * ``tf.bitcast`` changes the rank when item sizes differ and does not take bool.
 """
@@ -81,6 +83,18 @@ def _float64_to_float16(x: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.bitcast(bits, tf.float32), tf.float16)
 
 
+def _float32_to_float64(x: tf.Tensor) -> tf.Tensor:
+    """float32 -> float64, exact for subnormals too: TensorFlow's CPU cast flushes float32
+    subnormals to zero. They are rebuilt from their bits as ``m * 2**-149``, a normal
+    float64 (integer ops and a normal-range product, which nothing flushes)."""
+    out = tf.cast(x, tf.float64)
+    bits = tf.bitcast(x, tf.int32)
+    mag = tf.bitwise.bitwise_and(bits, tf.constant(0x7FFFFFFF, tf.int32))
+    subnormal = tf.logical_and(mag > 0, mag < 0x00800000)
+    value = tf.cast(mag, tf.float64) * 2.0**-149
+    return tf.where(subnormal, tf.where(bits < 0, -value, value), out)
+
+
 class TFOps(Ops):
     """Ops over ``tf.Tensor`` (eager or symbolic) and ``tf.Variable``."""
 
@@ -123,6 +137,8 @@ class TFOps(Ops):
         target = _tfd(dtype)
         if x.dtype == tf.float64 and target == tf.float16:
             return _float64_to_float16(tf.convert_to_tensor(x))
+        if x.dtype == tf.float32 and target == tf.float64:
+            return _float32_to_float64(tf.convert_to_tensor(x))
         return tf.cast(x, target)
 
     def bitcast(self, x: Any, dtype: str) -> tf.Tensor:
@@ -269,6 +285,22 @@ class TFOps(Ops):
         return tf.transpose(x)
 
     # -- bits ---------------------------------------------------------------------------
+    @staticmethod
+    def _int_operand(b: Any, a: Any) -> Any:
+        return tf.constant(b, dtype=a.dtype) if isinstance(b, int) else b
+
+    def bitwise_and(self, a: Any, b: Any) -> tf.Tensor:
+        return tf.bitwise.bitwise_and(a, self._int_operand(b, a))
+
+    def bitwise_or(self, a: Any, b: Any) -> tf.Tensor:
+        return tf.bitwise.bitwise_or(a, self._int_operand(b, a))
+
+    def shift_left(self, a: Any, b: Any) -> tf.Tensor:
+        return tf.bitwise.left_shift(a, self._int_operand(b, a))
+
+    def shift_right(self, a: Any, b: Any) -> tf.Tensor:
+        return tf.bitwise.right_shift(a, self._int_operand(b, a))
+
     def pack_bits(self, mask: Any) -> tf.Tensor:
         bits = tf.cast(tf.reshape(mask, [-1]), tf.uint8)
         pad = tf.math.floormod(-tf.size(bits), 32)

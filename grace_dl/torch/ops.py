@@ -178,6 +178,18 @@ class TorchOps(Ops):
     def transpose(self, x):
         return x.transpose(0, 1)
 
+    def bitwise_and(self, a, b):
+        return a & b
+
+    def bitwise_or(self, a, b):
+        return a | b
+
+    def shift_left(self, a, b):
+        return a << b
+
+    def shift_right(self, a, b):
+        return a >> b
+
     def pack_bits(self, mask):
         n = mask.numel()
         pad = (-n) % 32
