@@ -21,6 +21,7 @@ ops = NumpyOps()
 METHODS = grace_dl.list_methods()
 # parameters that make each method compress noticeably on small tensors
 SMALL = {"topk": {"ratio": 0.1}, "randomk": {"ratio": 0.1}, "qsgd": {"levels": 3, "bucket_size": 16}}
+SMALL["natural_dithering"] = {"levels": 3, "bucket_size": 16}
 SMALL["chunk"] = {"ratio": 0.1, "chunk_size": 16}
 SMALL["stc"] = {"ratio": 0.1}
 SMALL["sbc"] = {"ratio": 0.1}
