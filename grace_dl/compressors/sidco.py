@@ -105,8 +105,11 @@ class SIDCo(ThresholdSparsifier):
         if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
             raise ValueError(f"stages must be an int >= 1, got {stages!r}")
         self.stages = stages
-        # log/exp are the frameworks' own kernels (see the class docstring)
-        self.exact_across_backends = distribution == "exponential"
+
+    @property
+    def exact_across_backends(self) -> bool:  # type: ignore[override]
+        """Only the exponential fit avoids the frameworks' own log/exp (see above)."""
+        return self.distribution == "exponential"
 
     def thresholds(self, ops: Ops, x: Array, ctx: TensorContext) -> list[Array]:
         """The threshold after each stage, as 1-element float64 arrays (for tests and
