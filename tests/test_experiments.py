@@ -133,20 +133,21 @@ def test_cli_bad_config_one_line_and_nonzero_exit(tmp_path, text, key):
     assert not (tmp_path / "results").exists()  # nothing started
 
 
-def test_policies_pass_through_or_fail_clearly():
-    try:
-        grace_dl.make("topk", policies={})
-        supported = True
-    except ConfigError:
-        supported = False
-    raw = {"compression": {"compressor": "topk", "policies": {}}}
-    if supported:
-        assert cfg.validate(raw).compression["policies"] == {}
-    else:
-        with pytest.raises(ConfigError, match=r"^compression.policies: this version of grace-dl has no"):
-            cfg.validate(raw)
-    with pytest.raises(ConfigError, match=r"^compression.policies: must be a mapping, got 3"):
-        cfg.validate({"compression": {"compressor": "topk", "policies": 3}})
+def test_policies_pass_through_and_errors_name_their_path():
+    pol = {"min_numel": 100, "warmup_steps": 5, "overrides": {"0.*": {"ratio": 0.5}}}
+    config = cfg.validate({"compression": {"compressor": "topk", "policies": pol}})
+    assert config.compression["policies"] == pol
+    grace = cfg.build_compression(config.compression)
+    assert grace.policies.min_numel == 100 and grace.policies.warmup_steps == 5
+    for bad, message in [
+        (3, "compression.policies: must be a mapping, got 3"),
+        ({"min_numel": -1}, "compression.policies.min_numel: must be an int >= 0, got -1"),
+        ({"bogus": 1}, "compression.policies: has no key 'bogus'; valid: "),
+        ({"overrides": {"0.*": {"ratoi": 0.5}}}, "compression.policies.overrides['0.*']: 'topk' has no parameter"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            cfg.validate({"compression": {"compressor": "topk", "policies": bad}})
+        assert str(err.value).startswith(message), str(err.value)
 
 
 def test_defaults_shorthands_overrides_and_round_trip(tmp_path):
@@ -188,9 +189,15 @@ def test_every_shipped_config_validates():
 
 
 def test_sweep_labels_and_run_configs():
-    c = cfg.validate({"name": "s", "output_dir": "out", "sweep": {"methods": [
-        "topk", {"compressor": "topk", "ratio": 0.1}, {"compressor": "none", "name": "dense"}]}})
+    c = cfg.validate({"name": "s", "output_dir": "out", "optimizer": {"lr": 0.2, "momentum": 0.9}, "sweep": {
+        "methods": ["topk", {"compressor": "topk", "ratio": 0.1}, {"compressor": "none", "name": "dense",
+                                                                    "optimizer": {"momentum": 0.0}}]}})
     runs = c.run_configs()
+    assert [r.optimizer for r in runs] == [{"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 0.0}] * 2 \
+        + [{"name": "sgd", "lr": 0.2, "momentum": 0.0, "weight_decay": 0.0}]
+    assert cfg.validate(c.to_dict()) == c
+    with pytest.raises(ConfigError, match=r"^sweep.methods\[0\].optimizer.momentum: must be float >= 0.0 and < 1.0"):
+        cfg.validate({"sweep": {"methods": [{"compressor": "none", "optimizer": {"momentum": 2}}]}})
     assert [r.name for r in runs] == ["topk", "topk-2", "dense"]
     assert [r.output_dir for r in runs] == [os.path.join("out", n) for n in ("topk", "topk-2", "dense")]
     assert runs[1].compression == {"compressor": "topk", "ratio": 0.1, "seed": 0}
@@ -398,6 +405,20 @@ def test_api_doc_is_fresh():
 
     on_disk = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
     assert on_disk == api_markdown(), "docs/api.md is stale: python -m grace_dl.apidoc > docs/api.md"
+
+
+def test_new_method_walkthrough_runs(tmp_path):
+    """The complete example of docs/new-method.md registers, runs on NumPy and torch
+    (bit-identical) and prints what the page says."""
+    pytest.importorskip("torch")
+    doc = (ROOT / "docs" / "new-method.md").read_text(encoding="utf-8")
+    blocks = doc.split("```python\n")[1:]
+    code = next(b.split("```")[0] for b in blocks if b.startswith('"""maxabs8:'))
+    script = write(tmp_path / "maxabs8_example.py", code)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = doc.split("Run as a script it prints:\n\n```\n")[1].split("```")[0]
+    assert result.stdout == shown
 
 
 def test_cli_list_and_bench_still_work():

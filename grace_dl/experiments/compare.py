@@ -45,12 +45,25 @@ def find_runs(paths: list[str]) -> list[Run]:
         if os.path.isfile(os.path.join(path, "summary.json")):
             runs.append(_load(path))
         elif os.path.isdir(path):
-            inner = sorted(os.path.join(path, d) for d in os.listdir(path)
-                           if os.path.isfile(os.path.join(path, d, "summary.json")))
-            runs.extend(_load(p) for p in inner)
+            inner = [d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "summary.json"))]
+            order = _sweep_order(path)
+            inner.sort(key=lambda d: (order.index(d) if d in order else len(order), d))
+            runs.extend(_load(os.path.join(path, d)) for d in inner)
     if not runs:
         raise ConfigError(f"no finished runs (directories with summary.json) in {', '.join(paths) or '(nothing)'}")
     return runs
+
+
+def _sweep_order(path: str) -> list[str]:
+    """The run names of the sweep whose ``config.yaml`` is in ``path`` (its order), or []."""
+    try:
+        import yaml
+
+        with open(os.path.join(path, "config.yaml"), encoding="utf-8") as f:
+            methods = (yaml.safe_load(f) or {}).get("sweep", {}).get("methods", [])
+        return [m["name"] for m in methods if isinstance(m, dict) and "name" in m]
+    except (OSError, AttributeError, yaml.YAMLError):
+        return []
 
 
 def _load(path: str) -> Run:
@@ -132,7 +145,7 @@ def plot(runs: list[Run], out_dir: str) -> list[str]:
         ax.set_ylabel("loss (line: training, smoothed; dots: evaluated)")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-    axes[1].set_xscale("symlog", linthresh=0.01)
+    _bytes_axis(axes[1], runs)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(out_dir, "loss.png")
@@ -157,7 +170,7 @@ def plot(runs: list[Run], out_dir: str) -> list[str]:
         ax.grid(True, alpha=0.3)
         if key == "opt_distance":
             ax.set_yscale("log")
-    axes[1].set_xscale("symlog", linthresh=0.01)
+    _bytes_axis(axes[1], runs)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(out_dir, "accuracy.png")
@@ -165,6 +178,13 @@ def plot(runs: list[Run], out_dir: str) -> list[str]:
     plt.close(fig)
     written.append(path)
     return written
+
+
+def _bytes_axis(ax, runs: list[Run]) -> None:
+    # bytes span orders of magnitude between methods: log scale, unless nothing was sent
+    # (one worker)
+    if all(r["cum_sent_bytes"] > 0 for run in runs for r in run.records):
+        ax.set_xscale("log")
 
 
 def compare(paths: list[str], out_dir: str | None = None) -> tuple[str, list[str]]:

@@ -19,7 +19,9 @@ An experiment file is a mapping; every key is optional and has a default (see
     output_dir: results/quickstart
 
 A sweep replaces ``compression`` by ``sweep: {methods: [...]}``, a list of compression
-mappings run one after the other on the same base experiment and then compared.
+mappings run one after the other on the same base experiment and then compared (an
+entry may also give its run a ``name`` and its own ``optimizer`` settings, merged over
+the base ones).
 
 Unknown keys and bad values raise :class:`grace_dl.ConfigError` with a one-line message
 that starts with the key's path, e.g. ``optimizer.lr: must be float > 0, got 'abc'``.
@@ -220,8 +222,8 @@ def _named_section(path: str, value: Any, name_key: str, table: dict[str, dict[s
 
 
 def validate_compression(value: Any, path: str = "compression", seed: int = 0) -> dict[str, Any]:
-    """Check a compression mapping (what :func:`grace_dl.from_config` takes, plus the alias
-    ``method`` of ``compressor`` and an optional ``policies`` mapping) by building it;
+    """Check a compression mapping (what :func:`grace_dl.from_config` takes: ``compressor``
+    (alias ``method``), ``memory``, ``communicator``, the parameters, and ``policies``) by building it;
     returns the normalised mapping (``compressor`` key, ``seed`` filled in)."""
     raw = _mapping(path, value, "compressor")
     if "method" in raw:
@@ -268,12 +270,13 @@ def build_compression(mapping: dict[str, Any], path: str = "compression"):
         return from_config(dict(mapping))
     except ConfigError as err:
         text = str(err)
-        if "policies" in mapping and "no parameter 'policies'" in text:
-            raise ConfigError(f"{path}.policies: this version of grace-dl has no compression "
-                              f"policies yet (grace_dl.make does not take 'policies')") from None
         # "compressor 'topk': ratio must be ..." -> "compression.ratio: must be ..."
         match = re.match(r"(?:compressor|memory|communicator) '[^']*': (\w+) (.*)", text)
         if match and match.group(1) in mapping:
+            raise ConfigError(f"{path}.{match.group(1)}: {match.group(2)}") from None
+        # "policies.min_numel must be ..." -> "compression.policies.min_numel: must be ..."
+        match = re.match(r"(policies(?:\.\w+|\[[^\]]*\])*):? (.*)", text)
+        if match:
             raise ConfigError(f"{path}.{match.group(1)}: {match.group(2)}") from None
         raise ConfigError(f"{path}: {text}") from None
 
@@ -317,8 +320,9 @@ class ExperimentConfig:
         for entry in self.sweep:
             method = dict(entry)
             label = method.pop("name")
+            optimizer = method.pop("optimizer", self.optimizer)
             runs.append(ExperimentConfig(**{**asdict(self), "sweep": None, "compression": method,
-                                            "name": label,
+                                            "name": label, "optimizer": optimizer,
                                             "output_dir": os.path.join(self.output_dir, label)}))
         return runs
 
@@ -385,7 +389,14 @@ def validate(raw: Any, *, default_name: str = "experiment") -> ExperimentConfig:
         for i, m in enumerate(methods):
             m = _mapping(f"sweep.methods[{i}]", m, "compressor")
             label = m.pop("name", None)
+            own_optimizer = m.pop("optimizer", None)
             checked = validate_compression(m, f"sweep.methods[{i}]", seed)
+            if own_optimizer is not None:
+                # merged over the base optimizer (replaced when it names another optimizer)
+                own = _mapping(f"sweep.methods[{i}].optimizer", own_optimizer, "name")
+                merged = own if own.get("name", optimizer["name"]) != optimizer["name"] else {**optimizer, **own}
+                checked["optimizer"] = _named_section(f"sweep.methods[{i}].optimizer", merged, "name",
+                                                      OPTIMIZER_OPTIONS, "sgd")
             if label is not None:
                 checked["name"] = _str(f"sweep.methods[{i}].name", label, r"[\w.+-]+",
                                        "a name of letters, digits, . _ + -")

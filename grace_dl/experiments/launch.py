@@ -115,6 +115,9 @@ def run_experiment(config: ExperimentConfig, progress: bool | None = None) -> li
     ``<output_dir>/comparison.md``, plots next to it); the summaries (an empty list on
     Horovod ranks > 0)."""
     summaries = []
+    if config.sweep is not None and not inside_launch():
+        os.makedirs(config.output_dir, exist_ok=True)
+        dump(config, os.path.join(config.output_dir, "config.yaml"))
     for run_config in config.run_configs():
         summary = run_one(run_config, progress)
         if summary is None:

@@ -62,24 +62,19 @@ class Timers:
 
 
 def instrument(grace: Any, timers: Timers, active: Callable[[], bool] | None = None) -> None:
-    """Time ``grace``'s compressor and transport (instance attributes wrap the bound
-    methods; the classes are untouched). A method that overrides ``compress_rounds``
+    """Time ``grace``'s compressors (its own and its policies' routes) and transport
+    (instance attributes wrap the bound methods; the classes are untouched). A method that overrides ``compress_rounds``
     (several exchanges while compressing) is timed while its generator runs, not while
     it waits for collectives. The transport is wrapped on the first
     :meth:`~grace_dl.core.Grace.start`, since adapters bind it lazily."""
     from ..core import Compressor
 
-    comp = grace.compressor
-    if type(comp).compress_rounds is not Compressor.compress_rounds:
-        rounds = comp.compress_rounds
-
-        def timed_rounds(*args: Any, **kwargs: Any) -> Any:
-            return (yield from _timed_generator(rounds(*args, **kwargs), timers, "compress_s", active))
-
-        comp.compress_rounds = timed_rounds
-    else:
-        comp.compress = timers.wrap(comp.compress, "compress_s", active)
-    comp.decompress = timers.wrap(comp.decompress, "decompress_s", active)
+    for comp in _compressors(grace):
+        if type(comp).compress_rounds is not Compressor.compress_rounds:
+            comp.compress_rounds = _timed_rounds(comp.compress_rounds, timers, active)
+        else:
+            comp.compress = timers.wrap(comp.compress, "compress_s", active)
+        comp.decompress = timers.wrap(comp.decompress, "decompress_s", active)
     start = grace.start
     wrapped: set[int] = set()
 
@@ -92,6 +87,26 @@ def instrument(grace: Any, timers: Timers, active: Callable[[], bool] | None = N
         return start(tensor, name)
 
     grace.start = start_and_wrap_transport
+
+
+def _compressors(grace: Any) -> list[Any]:
+    """Every compressor ``grace`` may run: its own, and those of its policies' routes
+    (the dense route of small or warm-up tensors, per-name overrides)."""
+    found = [grace.compressor]
+    policies = getattr(grace, "policies", None)
+    routes = [getattr(grace, "_dense", None)] + [r for _, r in getattr(policies, "overrides", [])]
+    found += [r.compressor for r in routes if r is not None]
+    unique: dict[int, Any] = {}
+    for comp in found:
+        unique.setdefault(id(comp), comp)
+    return list(unique.values())
+
+
+def _timed_rounds(rounds: Callable, timers: Timers, active: Callable[[], bool] | None) -> Callable:
+    def timed_rounds(*args: Any, **kwargs: Any) -> Any:
+        return (yield from _timed_generator(rounds(*args, **kwargs), timers, "compress_s", active))
+
+    return timed_rounds
 
 
 def _timed_generator(gen: Any, timers: Timers, key: str, active: Callable[[], bool] | None) -> Any:

@@ -156,7 +156,8 @@ def run(config: ExperimentConfig) -> dict[str, Any] | None:
         records, per_worker, name=config.name, framework=config.framework, task=config.task["name"],
         model=config.model.get("arch"), method=method, compression=config.compression,
         grace=repr(runner.grace), workers=size, launcher=config.launcher, seed=config.seed,
-        replicas_identical=identical, output_dir=os.path.abspath(config.output_dir),
+        replicas_identical=identical, tensors=sorted(runner.grace.stats.per_tensor),
+        output_dir=os.path.abspath(config.output_dir),
         wall_s=time.perf_counter() - wall0)
     with open(os.path.join(config.output_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
