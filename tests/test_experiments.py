@@ -67,8 +67,8 @@ eval_every: 8
     ("compression: {compressor: topk, ratio: abc}", "compression.ratio: must be float, got 'abc'"),
     ("compression: {compressor: topk, ratio: 2.0}", "compression.ratio: must be in (0, 1], got 2.0"),
     ("compression: {compressor: topk, memory: nope}", "compression.memory: unknown memory 'nope'; valid: "),
-    ("optimizer: {lr: abc}", "optimizer.lr: must be float > 0.0, got 'abc'"),
-    ("optimizer: {lr: -1}", "optimizer.lr: must be float > 0.0, got -1"),
+    ("optimizer: {lr: abc}", "optimizer.lr: must be float > 0, got 'abc'"),
+    ("optimizer: {lr: -1}", "optimizer.lr: must be float > 0, got -1"),
     ("optimizer: {name: adam, momentum: 0.9}", "optimizer.momentum: unknown key; valid: name, lr, weight_decay"),
     ("optimizer: rmsprop", "optimizer.name: must be one of sgd, adam, got 'rmsprop'"),
     ("schedule: {name: cosine, gamma: 0.5}", "schedule.gamma: unknown key; valid: name, warmup_steps, min_lr"),
@@ -118,7 +118,7 @@ def test_malformed_and_missing_files(tmp_path):
 @pytest.mark.parametrize("text, key", [
     ("compression: {compressor: nosuchmethod}", "compression.compressor: unknown method 'nosuchmethod'"),
     ("compression: topk\nbatchsize: 3", "batchsize: unknown key"),
-    ("optimizer: {name: sgd, lr: abc}", "optimizer.lr: must be float > 0.0, got 'abc'"),
+    ("optimizer: {name: sgd, lr: abc}", "optimizer.lr: must be float > 0, got 'abc'"),
     (None, "no such config file"),
     ("task: {name: digits\nsteps: 3", "malformed YAML"),
 ])
@@ -196,7 +196,7 @@ def test_sweep_labels_and_run_configs():
     assert [r.optimizer for r in runs] == [{"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 0.0}] * 2 \
         + [{"name": "sgd", "lr": 0.2, "momentum": 0.0, "weight_decay": 0.0}]
     assert cfg.validate(c.to_dict()) == c
-    with pytest.raises(ConfigError, match=r"^sweep.methods\[0\].optimizer.momentum: must be float >= 0.0 and < 1.0"):
+    with pytest.raises(ConfigError, match=r"^sweep.methods\[0\].optimizer.momentum: must be float >= 0 and < 1"):
         cfg.validate({"sweep": {"methods": [{"compressor": "none", "optimizer": {"momentum": 2}}]}})
     assert [r.name for r in runs] == ["topk", "topk-2", "dense"]
     assert [r.output_dir for r in runs] == [os.path.join("out", n) for n in ("topk", "topk-2", "dense")]

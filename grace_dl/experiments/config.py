@@ -88,8 +88,8 @@ def _float(path: str, value: Any, *, gt: float | None = None, ge: float | None =
         ok = ((gt is None or value > gt) and (ge is None or value >= ge)
               and (lt is None or value < lt) and (le is None or value <= le))
     if not ok:
-        bounds = [f"> {gt}" if gt is not None else "", f">= {ge}" if ge is not None else "",
-                  f"< {lt}" if lt is not None else "", f"<= {le}" if le is not None else ""]
+        bounds = [f"> {gt:g}" if gt is not None else "", f">= {ge:g}" if ge is not None else "",
+                  f"< {lt:g}" if lt is not None else "", f"<= {le:g}" if le is not None else ""]
         bounds = " and ".join(b for b in bounds if b)
         raise _fail(path, f"must be float{' ' + bounds if bounds else ''}", value)
     return float(value)

@@ -120,10 +120,10 @@ def run_experiment(config: ExperimentConfig, progress: bool | None = None) -> li
         dump(config, os.path.join(config.output_dir, "config.yaml"))
     for run_config in config.run_configs():
         summary = run_one(run_config, progress)
-        if summary is None:
-            return []
-        summaries.append(summary)
-    if config.sweep is not None:
+        # ranks > 0 of a launch get None, and go on to the next run with rank 0
+        if summary is not None:
+            summaries.append(summary)
+    if summaries and config.sweep is not None:
         from .compare import compare
 
         compare([c.output_dir for c in config.run_configs()], config.output_dir)
