@@ -438,8 +438,16 @@ def test_log_exp_and_run_time_lengths(rng):
 
 # -- package surface -------------------------------------------------------------------------------
 def test_package_exports():
+    import inspect
+
+    from grace_dl.tensorflow import HorovodTFGrace
+
     for name in grace_dl.list_methods():
-        assert getattr(grace_tf, name) is getattr(grace_dl, name)
+        # same signature as the core factory, returning what Horovod takes as compression=
+        assert inspect.signature(getattr(grace_tf, name)) == inspect.signature(getattr(grace_dl, name))
+        method = getattr(grace_tf, name)()
+        assert isinstance(method, HorovodTFGrace) and isinstance(method, grace_dl.Grace)
+        assert callable(method.compress) and callable(method.decompress)
     assert isinstance(grace_tf.topk(ratio=0.01), grace_dl.Grace)
     assert grace_tf.from_config({"compressor": "fp16"}).compressor.registry_name == "fp16"
     assert grace_tf.grace_from_params({"compressor": "topk", "compress_ratio": 0.1}).compressor.ratio == 0.1
