@@ -163,6 +163,9 @@ def test_defaults_shorthands_overrides_and_round_trip(tmp_path):
                                                                              "weight_decay": 0.0}
     assert c.model["arch"] == "gru" and c.compression == {"compressor": "qsgd", "levels": 3, "seed": 4}
     assert c.optimizer["lr"] == 0.05 and isinstance(c.optimizer["lr"], float)
+    assert (c.steps, c.epochs) == (3, None)
+    assert cfg.load(write(tmp_path / "e.yaml", "epochs: 2\n"), {"steps": 5}).steps == 5
+    assert cfg.load(write(tmp_path / "s.yaml", "steps: 2\n"), {"epochs": 5}).epochs == 5
     cfg.dump(c, tmp_path / "again.yaml")
     assert cfg.load(tmp_path / "again.yaml") == c
     assert cfg.validate({"optimizer": {"lr": "1e-3"}}).optimizer["lr"] == 1e-3  # YAML reads 1e-3 as a string
@@ -344,15 +347,19 @@ def test_multi_round_compressors_are_timed_while_computing_only():
 
 
 def test_tensorflow_simulator_run(tmp_path):
+    """The char LM on TF: the embedding's IndexedSlices gradient is compressed like the rest."""
     pytest.importorskip("tensorflow")
-    config = cfg.validate({"name": "tf", "framework": "tensorflow", "task": "digits",
-                           "optimizer": {"lr": 0.1, "momentum": 0.9}, "compression": {"compressor": "topk",
-                                                                                      "ratio": 0.05},
-                           "launcher": "simulator", "steps": 12, "eval_every": 6,
+    config = cfg.validate({"name": "tf", "framework": "tensorflow",
+                           "task": {"name": "charlm", "max_chars": 4000, "seq_len": 16},
+                           "model": {"embed": 8, "hidden": 16}, "optimizer": {"name": "adam", "lr": 0.01},
+                           "compression": {"compressor": "topk", "ratio": 0.05},
+                           "launcher": "simulator", "steps": 12, "batch_size": 8, "eval_every": 6,
                            "output_dir": str(tmp_path / "tf")})
     launch.run_experiment(config, progress=False)
     records, summary = check_run(tmp_path / "tf", "topk")
     assert summary["framework"] == "tensorflow" and 9.0 < summary["compression_ratio"] < 10.5
+    assert "sequential/embedding/embeddings:0" in summary["tensors"] and len(summary["tensors"]) == 6
+    assert records[-1]["loss"] < records[0]["loss"]
 
 
 def test_sweep_then_compare_via_cli(tmp_path):

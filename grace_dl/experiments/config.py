@@ -414,7 +414,8 @@ def validate(raw: Any, *, default_name: str = "experiment") -> ExperimentConfig:
 
 def load(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read and validate an experiment YAML file. ``overrides`` maps dotted key paths to
-    values that replace the file's (``{"output_dir": "out", "optimizer.lr": 0.05}``)."""
+    values that replace the file's (``{"output_dir": "out", "optimizer.lr": 0.05}``;
+    ``steps`` replaces the file's ``epochs`` and the other way round)."""
     import yaml
 
     path = os.fspath(path)
@@ -434,7 +435,12 @@ def load(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Ex
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: an experiment must be a mapping of keys, got {type(raw).__name__}")
-    for dotted, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    # steps and epochs exclude each other: overriding one replaces the file's other
+    for key, other in (("steps", "epochs"), ("epochs", "steps")):
+        if key in overrides and other not in overrides:
+            raw.pop(other, None)
+    for dotted, value in overrides.items():
         _set_path(raw, dotted, value)
     stem = re.sub(r"[^\w.+-]", "_", os.path.splitext(os.path.basename(path))[0]) or "experiment"
     return validate(raw, default_name=stem)

@@ -88,7 +88,10 @@ class TFRunner:
         keras.utils.set_random_seed(config.seed)
         self.model = build_model(config, data)
         self.variables = list(self.model.trainable_variables)
-        self.names = [v.path for v in self.variables]
+        # the names Horovod's tape gives gradients (the tf.Variable names, e.g.
+        # "sequential/dense/kernel:0"), so policies match the same tensors in both modes
+        names = [getattr(v, "value", v).name for v in self.variables]
+        self.names = names if len(set(names)) == len(names) else [v.path for v in self.variables]
         self.optimizer = make_optimizer(config)
         self.weight_decay = config.optimizer["weight_decay"]
         if horovod:
@@ -136,7 +139,8 @@ class TFRunner:
     def _loss_and_grads(self, x, y):
         with self.tf.GradientTape() as tape:
             loss = self._loss(self.model(x, training=True), y)
-        return loss, tape.gradient(loss, self.variables)
+        # an embedding's gradient is IndexedSlices: every method compresses dense tensors
+        return loss, [self.tf.convert_to_tensor(g) for g in tape.gradient(loss, self.variables)]
 
     def _tensors(self, x: np.ndarray, y: np.ndarray):
         return self.tf.constant(x, self._x_dtype), self.tf.constant(y, self._y_dtype)
@@ -157,7 +161,9 @@ class TFRunner:
             x, y = self._tensors(*batches[0])
             with tf.GradientTape() as tape:
                 loss = self._loss(self.model(x, training=True), y)
-            tape = self.hvd.DistributedGradientTape(tape, compression=self.compression)
+            # sparse_as_dense: Horovod would allgather an embedding's IndexedSlices itself,
+            # bypassing the compression
+            tape = self.hvd.DistributedGradientTape(tape, compression=self.compression, sparse_as_dense=True)
             # Horovod's tape wants tf.Variables (it calls .ref()): Keras 3 keeps one as .value
             self._apply(tape.gradient(loss, [getattr(v, "value", v) for v in self.variables]))
             return float(self.hvd.allreduce(loss, name="grace_dl.experiment.loss").numpy())

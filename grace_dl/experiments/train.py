@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import metrics
-from .config import ExperimentConfig
+from .config import ExperimentConfig, dump
 from .tasks import TaskData, batch_indices, load_task, steps_per_epoch
 
 #: Environment variable that turns the rank-0 progress bar on ("1") or off ("0"); by
@@ -95,6 +95,8 @@ def run(config: ExperimentConfig) -> dict[str, Any] | None:
     writer = bar = None
     if rank == 0:
         os.makedirs(config.output_dir, exist_ok=True)
+        # the launcher wrote it already, but not when started by hand under horovodrun
+        dump(config, os.path.join(config.output_dir, "config.yaml"))
         writer = metrics.MetricsWriter(os.path.join(config.output_dir, "metrics.jsonl"))
         if _progress_wanted():
             from tqdm import tqdm
