@@ -148,11 +148,18 @@ def test_bf16_bits_of_float64_round_once():
 @needs_ml_dtypes
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("n", [1, 2, 7, 33, 1000])
-def test_bf16_round_trip(dtype, n):
-    comp = compressor("bf16")
+@pytest.mark.parametrize("summable", [False, True])
+def test_bf16_round_trip(dtype, n, summable):
+    comp = compressor("bf16", summable=summable)
     x = normal(n, seed=n, dtype=dtype) * 1e3
     payload, out = round_trip(comp, x)
-    assert payload.buffer.dtype == ml_dtypes.bfloat16 and payload.nbytes == 2 * n == comp.payload_nbytes(n, dtype)
+    assert payload.nbytes == payload.buffer.nbytes == comp.payload_nbytes(n, dtype)
+    if summable:
+        assert payload.buffer.dtype == ml_dtypes.bfloat16 and payload.nbytes == 2 * n
+    else:  # the same bits as int32 words, two elements each
+        assert payload.buffer.dtype == np.int32 and payload.nbytes == 4 * math.ceil(n / 2)
+        summed = compressor("bf16", summable=True).compress(ops, x, make_ctx(n, dtype=dtype)).buffer
+        assert payload.buffer.view(np.uint16)[:n].tobytes() == summed.tobytes()
     assert out.dtype == np.dtype(dtype)
     assert np.all(np.abs(out - x) <= np.abs(x) * 2.0**-8)  # 8 significant bits
     assert np.array_equal(out, out.astype(ml_dtypes.bfloat16).astype(dtype))  # on the bf16 grid
@@ -163,19 +170,23 @@ def test_bf16_round_trip(dtype, n):
 
 
 @needs_ml_dtypes
-def test_bf16_in_the_simulator_sums_in_bfloat16():
+@pytest.mark.parametrize("summable", [False, True])
+def test_bf16_in_the_simulator(summable):
     grads = [{"w": normal(101, seed=r) * (r + 1)} for r in range(4)]
-    sim = grace_dl.LocalSimulator(grace_dl.bf16(), 4)
+    method = grace_dl.bf16(summable=True, communicator="allreduce") if summable else grace_dl.bf16()
+    sim = grace_dl.LocalSimulator(method, 4)
     out = sim.step(grads)
     narrow = [g["w"].astype(ml_dtypes.bfloat16) for g in grads]
-    total = narrow[0]
+    # summable: the transport adds bfloat16 buffers in rank order; otherwise each worker's
+    # values are widened to float32 and added in rank order
+    total = narrow[0] if summable else narrow[0].astype(np.float32)
     for b in narrow[1:]:
-        total = total + b  # the transport adds bfloat16 buffers in rank order
+        total = total + (b if summable else b.astype(np.float32))
     want = total.astype(np.float32) * np.float32(0.25)
     for o in out:
         assert np.array_equal(o["w"], want)
     stats = sim.workers[0].stats
-    assert stats.payload == 202 and stats.dense == 404
+    assert stats.payload == (202 if summable else 204) and stats.dense == 404
 
 
 # -- natural compression ---------------------------------------------------------------------
@@ -501,7 +512,8 @@ def test_terngrad_shared_payloads_sum_exactly():
 
 
 # -- every method of this file: simulator, backends ---------------------------------------------------
-@pytest.mark.parametrize("name,kwargs", [("bf16", {}), ("natural", {}), ("natural_dithering", {}),
+@pytest.mark.parametrize("name,kwargs", [("bf16", {}), ("bf16", {"summable": True, "communicator": "allreduce"}),
+                                         ("natural", {}), ("natural_dithering", {}),
                                          ("natural_dithering", {"p": "2", "levels": 4, "bucket_size": 16}),
                                          ("terngrad", {}), ("terngrad", {"clip_sigma": None})])
 def test_four_workers_in_the_simulator(name, kwargs):
@@ -534,7 +546,7 @@ def test_four_workers_in_the_simulator(name, kwargs):
 
 
 SPECIAL = np.array([0.0, -0.0, 1e-40, -1e-40, 1.4e-45, np.inf, -np.inf, np.nan, 3.3e38, -3.3e38, 1.0, 1.5, -0.75])
-CROSS_CASES = [("bf16", {}), ("natural", {}), ("natural_dithering", {}),
+CROSS_CASES = [("bf16", {}), ("bf16", {"summable": True}), ("natural", {}), ("natural_dithering", {}),
                ("natural_dithering", {"p": "2", "levels": 3, "bucket_size": 7}), ("terngrad", {}),
                ("terngrad", {"clip_sigma": None}), ("terngrad", {"shared_scale": True})]
 

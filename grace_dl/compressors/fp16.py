@@ -1,10 +1,11 @@
 """Casts to a 16-bit float: IEEE half precision (fp16) and bfloat16 (bf16).
 
-Both send the tensor in the narrow dtype and widen it back after; they share
-:class:`_CastCompressor` and differ in how they narrow. The bfloat16 narrowing is done
-with integer operations on the float's bits (:func:`bfloat16_bits`), because the
-frameworks disagree on it: NumPy's ``ml_dtypes`` narrows float64 through float32
-(rounding twice), and the three give NaN three different bit patterns.
+Both send the tensor in the narrow dtype and widen it back after (:class:`_CastCompressor`).
+The bfloat16 narrowing is done with integer operations on the float's bits
+(:func:`bfloat16_bits`), because the frameworks disagree on it: NumPy's ``ml_dtypes``
+narrows float64 through float32 (rounding twice), and the three give NaN three different
+bit patterns. bfloat16 travels as int32 words by default, because not every transport
+moves bfloat16 buffers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class _CastCompressor(Compressor):
 
     Summable over allreduce (the transport adds in the wire dtype), deterministic,
     biased only by rounding. Subclasses set :attr:`wire_dtype` and may override
-    :meth:`_narrow` and :meth:`_widen`.
+    :meth:`_widen`.
     """
 
     summable = True
@@ -34,14 +35,11 @@ class _CastCompressor(Compressor):
     def __init__(self) -> None:
         pass
 
-    def _narrow(self, ops: Ops, x: Array) -> Array:
-        return ops.cast(x, self.wire_dtype)
-
     def _widen(self, ops: Ops, buffer: Array, dtype: str) -> Array:
         return ops.cast(buffer, dtype)
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
-        return Payload.of(ops, self._narrow(ops, x))
+        return Payload.of(ops, ops.cast(x, self.wire_dtype))
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         return self._widen(ops, buffer, ctx.dtype)
@@ -123,23 +121,21 @@ def bfloat16_bits(ops: Ops, x: Array) -> Array:
     return ops.where(negative, rounded + 0x8000, rounded)
 
 
-def bfloat16_from_bits(ops: Ops, bits: Array) -> Array:
-    """A bfloat16 array holding the patterns ``bits`` (int64 values in ``[0, 65535]``):
-    pairs become little-endian int32 words (element ``2i`` in the low half of word ``i``),
-    which are then viewed as bfloat16."""
-    n = ops.numel(bits)
-    if n % 2:
+def bfloat16_words(ops: Ops, bits: Array) -> Array:
+    """The bfloat16 patterns ``bits`` (int64 values in ``[0, 65535]``) packed two to a
+    little-endian int32 word (element ``2i`` in the low half of word ``i``, a zero half
+    after an odd count): the memory layout of a bfloat16 array, as int32."""
+    if ops.numel(bits) % 2:
         bits = ops.concat([bits, ops.zeros(1, "int64", bits)])
     pairs = ops.reshape(bits, (-1, 2))
     words = pairs[:, 0] + pairs[:, 1] * 65536
     # words above 2**31 - 1 are the int32 patterns of negative numbers
     words = ops.where(words >= 2**31, words - 2**32, words)
-    out = ops.bitcast(ops.cast(words, "int32"), "bfloat16")
-    return out[:n] if n % 2 else out
+    return ops.cast(words, "int32")
 
 
 @register("compressor", "bf16", paper="Kalamkar et al. 2019, A Study of BFLOAT16 for Deep Learning Training",
-          summary="Cast to bfloat16 (float32's exponent range, 8-bit significand); summable over allreduce.")
+          summary="Cast to bfloat16 (float32's exponent range, 8-bit significand); optionally summable.")
 class BF16(_CastCompressor):
     """Cast to bfloat16 for the wire and back to the compute dtype after.
 
@@ -153,20 +149,50 @@ class BF16(_CastCompressor):
     inf, and NaN becomes the quiet NaN ``0x7FC0`` with its sign. The payload is therefore
     bit-identical on NumPy, torch and TensorFlow, on every device. Widening back is exact
     on every backend. Remaining exception: TensorFlow's CPU float arithmetic flushes
-    subnormals, so on TF an allreduce sum or a mean of bfloat16 subnormals (below
-    1.2e-38) may come out as zero where NumPy and torch keep them.
+    subnormals, so on TF a sum or mean of bfloat16 subnormals (below 1.2e-38) may come
+    out as zero where NumPy and torch keep them.
 
-    Wire size: ``2 n`` bytes. Summable (allreduce adds in bfloat16: the transport's
-    rounding of each partial sum), deterministic, biased only by rounding.
+    Two wire formats, because not every transport moves bfloat16:
+
+    * default (``summable=False``): the bfloat16 bits packed two to an int32 word,
+      ``4 * ceil(n / 2)`` bytes, which every transport moves; allgather, and each
+      worker's values are widened before they are averaged;
+    * ``summable=True``: a bfloat16 array of ``2 n`` bytes that an allreduce adds in
+      bfloat16 (pass ``communicator="allreduce"``), for transports that sum bfloat16:
+      the simulator and Horovod's torch ops do; Horovod's TensorFlow ops and the mpi4py
+      transport reject bfloat16 buffers.
+
+    Deterministic, biased only by rounding; no memory.
+
+    Args:
+        summable: send a bfloat16 array for allreduce rather than int32 words (default
+            False).
     """
 
+    communicator = "allgather"
     wire_dtype = "bfloat16"
 
-    def _narrow(self, ops: Ops, x: Array) -> Array:
-        return bfloat16_from_bits(ops, bfloat16_bits(ops, x))
+    def __init__(self, summable: bool = False):
+        self.summable = bool(summable)
+
+    def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
+        words = bfloat16_words(ops, bfloat16_bits(ops, x))
+        if not self.summable:
+            return Payload.of(ops, words)
+        out = ops.bitcast(words, "bfloat16")
+        return Payload.of(ops, out[:ctx.numel] if ctx.numel % 2 else out)
+
+    def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
+        if not self.summable:
+            buffer = ops.bitcast(buffer, "bfloat16")
+            buffer = buffer[:ctx.numel] if ctx.numel % 2 else buffer
+        return self._widen(ops, buffer, ctx.dtype)
 
     def _widen(self, ops: Ops, buffer: Array, dtype: str) -> Array:
         # bfloat16 -> float32 is a 16-bit shift on every backend; float32 -> float64 is
         # exact (the TF backend rebuilds the subnormals its cast would flush)
         wide = ops.cast(buffer, "float32")
         return wide if dtype == "float32" else ops.cast(wide, dtype)
+
+    def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
+        return 2 * numel if self.summable else 4 * -(-numel // 2)
