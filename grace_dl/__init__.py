@@ -53,6 +53,15 @@ def _factory(method: str):
 for _method in list_methods():
     globals()[_method] = _factory(_method)
 
+
+def __getattr__(name: str) -> _Any:
+    # a method registered after this package was imported (a user's own) gets its
+    # factory on first access
+    if name in entries("compressor"):
+        factory = globals()[name] = _factory(name)
+        return factory
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "Grace", "Compressor", "Memory", "Communicator", "TensorContext", "TrafficStats", "Payload",
     "Transport", "LocalWorld", "LocalSimulator", "ConfigError", "register", "make", "from_config",

@@ -104,3 +104,26 @@ def test_docs_methods_md_is_generated_from_the_registry():
     committed = (Path(__file__).parent.parent / "docs" / "methods.md").read_text()
     assert committed.strip() == methods_markdown().strip(), \
         "docs/methods.md is stale: run python -m grace_dl.docs > docs/methods.md"
+
+
+def test_a_method_registered_after_import_gets_factories_everywhere():
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import grace_dl
+        from grace_dl import register
+        from grace_dl.compressors.none import NoCompression
+
+        @register("compressor", "late_method", summary="registered by a user after import")
+        class Late(NoCompression):
+            '''A user's method.'''
+
+        import grace_dl.torch as grace_torch
+        assert type(grace_dl.late_method().compressor).__name__ == "Late"
+        assert type(grace_torch.late_method().grace.compressor).__name__ == "Late"
+        print("LATE-OK")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "LATE-OK" in result.stdout, result.stderr[-3000:]

@@ -73,6 +73,14 @@ def _export_methods() -> list[str]:
 _METHODS = _export_methods()
 
 
+def __getattr__(name: str) -> Any:
+    # methods registered after this module was imported get their factory on first access
+    if name in _core.list_methods():
+        factory = globals()[name] = _tf_factory(getattr(_core, name))
+        return factory
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 from .horovod import HorovodTFTransport  # noqa: E402  (imports Horovod only when instantiated)
 
 __all__ = ["TFOps", "HorovodTFTransport", "HorovodTFGrace", "Grace", "LocalSimulator", "as_horovod", "from_config",

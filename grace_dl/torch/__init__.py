@@ -57,6 +57,14 @@ def grace_from_params(params: dict[str, Any]) -> HorovodCompression:
 for _method in _core.list_methods():
     globals()[_method] = _factory(_method)
 
+
+def __getattr__(name: str) -> Any:
+    # methods registered after this module was imported get their factory on first access
+    if name in _core.list_methods():
+        factory = globals()[name] = _factory(name)
+        return factory
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 list_methods = _core.list_methods
 
 __all__ = ["DistributedOptimizer", "GraceCommHook", "HorovodCompression", "HorovodTorchTransport",
