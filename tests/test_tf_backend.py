@@ -550,3 +550,27 @@ def test_low_rank_and_global_topk_match_numpy(rng, method, kwargs, dtype):
                 np.testing.assert_allclose(T.to_numpy(out_tf[r]["w"]), out_np[r]["w"], rtol=0,
                                            atol=(1e-4 if dtype == "float32" else 1e-12) * scale)
     assert sim_tf.workers[0].stats.as_dict() == sim_np.workers[0].stats.as_dict()
+
+
+# -- every registered deterministic method, generated from the registry ---------------------------
+_SMALL_PARAMS = {"topk": {"ratio": 0.1}, "randomk": {"ratio": 0.1}, "dgc": {"ratio": 0.1, "sample_ratio": 0.1},
+                 "threshold": {"threshold": 1.0}, "chunk": {"ratio": 0.1, "chunk_size": 16}}
+
+
+@pytest.mark.parametrize("name", [m for m in grace_dl.list_methods() if grace_dl.make(m).compressor.deterministic])
+@pytest.mark.parametrize("in_dtype", ["float32", "float64"])
+def test_every_deterministic_method_is_bit_identical_to_numpy(rng, name, in_dtype):
+    compressor = grace_dl.make(name, **_SMALL_PARAMS.get(name, {})).compressor
+    for n in (7, 100, 1000):
+        ctx = _ctx(n, in_dtype)
+        x_np = N.cast(rand(rng, n, in_dtype), ctx.dtype)
+        p_np = compressor.compress(N, x_np, ctx)
+        p_tf = compressor.compress(T, tf.constant(x_np), ctx)
+        out_np = compressor.decompress(N, p_np.buffer, ctx)
+        out_tf = compressor.decompress(T, p_tf.buffer, ctx)
+        assert p_tf.nbytes == p_np.nbytes
+        if compressor.exact_across_backends:
+            assert_same(p_tf.buffer, p_np.buffer)
+            assert_same(out_tf, out_np)
+        else:  # framework kernels (matmul, log) add or round in their own way
+            np.testing.assert_allclose(T.to_numpy(out_tf), out_np, rtol=1e-4, atol=1e-5)
