@@ -99,12 +99,12 @@ class PowerSGD(Compressor):
 
     Exchange of a low-rank tensor: ``P = M Q`` is allreduced during compression (its
     bytes count as payload), its columns are orthonormalised (modified Gram-Schmidt,
-    ``column / (norm + epsilon)``), and the payload is this worker's
-    ``Q_w^T = P^T M``, which the ``powersgd`` communicator allreduces and averages;
-    the aggregate is ``P Q^T`` with the averaged ``Q``. Payloads are summable (the
+    ``column / (norm + epsilon)``, giving ``P^``), and the payload is this worker's
+    ``Q_w^T = P^^T M``, which the ``powersgd`` communicator allreduces and averages;
+    the aggregate is ``P^ Q^T`` with the averaged ``Q``. Payloads are summable (the
     decompression is linear in ``Q``), so the ``allreduce``, ``allgather`` and
     ``broadcast`` communicators give the same aggregate up to rounding (the memory then
-    takes the warm-start ``Q`` as ``P^T A`` from the aggregate ``A``, equal to the
+    takes the warm-start ``Q`` as ``A^T P^`` from the aggregate ``A``, equal to the
     averaged ``Q`` in exact arithmetic). Decompression needs the ``P`` agreed in the
     same step's compression: it is kept for the length of the pipeline (see
     :func:`pipeline_scratch`), so a payload decompresses on a worker that compressed
@@ -112,20 +112,23 @@ class PowerSGD(Compressor):
 
     The initial ``Q`` (at the first low-rank step, and every step without warm start)
     is uniform in [-1, 1), drawn from the shared key and the step by the NumPy reference
-    backend's ``random_uniform`` and copied to the tensor's device, so that every worker
-    and every backend starts from the same ``Q``.
+    backend's ``random_uniform`` and copied to the tensor's device (``m * r`` values; on
+    CUDA a synchronising host-to-device copy, once per tensor with warm start), so that
+    every worker and every backend starts from the same ``Q``.
 
     Wire size per worker and step: low rank ``(n + m) * r * itemsize`` bytes (``P``
     then ``Q``, in the compute dtype: float32, or float64 for float64 input), dense
-    ``numel * itemsize``. :meth:`payload_nbytes` answers for a 1-D tensor of ``numel``
-    elements (dense); :meth:`payload_nbytes_for` for any shape and step.
+    ``numel * itemsize``. The returned :class:`Payload` holds ``Q`` (``m * r *
+    itemsize``); the pipeline counts the ``P`` allreduce made while compressing as
+    payload too. :meth:`payload_nbytes` answers for a 1-D tensor of ``numel`` elements
+    (dense); :meth:`payload_nbytes_for` for any shape and step.
 
     Not bit-identical across backends: the matrix products are the frameworks' own
     kernels (``exact_across_backends`` is false); on one backend and device, every
     worker, the simulator and a real multi-process run agree bit for bit.
     Deterministic: the payload is a function of the input, the step, the shared seed
     and the warm-start ``Q``. Biased: on one worker the result is an orthogonal
-    projection of the (compensated) gradient, ``P^ P^T M``, never longer than it.
+    projection of the (compensated) gradient, ``P^ P^^T M``, never longer than it.
 
     NaN or Inf in a gradient spreads through the allreduced ``P`` to every worker's
     aggregate (a loss scaler sees it); the memory then keeps its previous error and
@@ -289,7 +292,7 @@ class PowerSGDMemory(Memory):
       dropped. Assumes the mean aggregate (the default).
     * ``"q"``: the warm-start ``Q^T`` (r x m, flat), the ``Q`` averaged over workers at
       the last low-rank step: the same on every worker. With a communicator other than
-      ``powersgd``, ``P^T A`` (the same in exact arithmetic).
+      ``powersgd``, ``A^T P^`` (the same in exact arithmetic).
 
     A step whose error holds NaN or Inf keeps the previous error whole; one whose
     averaged ``Q`` does (it is the same on every worker, so all decide alike) keeps the
@@ -351,7 +354,7 @@ class PowerSGDMemory(Memory):
         r, n = ops.shape(pt)
         m = ctx.numel // n
         q_next = scratch.get("q_next")
-        if q_next is None:  # another communicator: Q^T = P^T A, as A = P Q^T and P^T P = I
+        if q_next is None:  # another communicator: Q^T = P^^T A, as A = P^ Q^T, P^^T P^ = I
             q_next = ops.matmul(pt, ops.reshape(aggregated, (n, m)))
         q_next = ops.reshape(q_next, (r, m))
         used = ops.reshape(used, (r, m))
