@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .core import TensorContext, derive_key
-from .ops import get_ops
+from .core import TensorContext, derive_key, run_alone
+from .ops import DTYPE_ITEMSIZE, get_ops
 from .registry import make
 
 
@@ -84,24 +84,30 @@ def bench(method: str, numel: int, *, backend: str = "numpy", repeats: int = 5,
                         world_size=1)
 
     def round_trip():
-        payload = comp.compress(ops, x, ctx)
+        # compress_rounds, so that the bytes of collectives made while compressing
+        # (PowerSGD's P, chunk norms) count, as the pipeline counts them
+        sent: list[int] = []
+        rounds = comp.compress_rounds(ops, x, ctx)
+        payload = run_alone(rounds, lambda c: sent.append(ops.numel(c.buf) * DTYPE_ITEMSIZE[ops.dtype(c.buf)]))
         out = comp.decompress(ops, payload.buffer, ctx)
         sync()  # GPU kernels are asynchronous: time them to completion
-        return payload, out
+        return payload.nbytes + sum(sent), out
 
     def copy_synced():
         copy()
         sync()
 
-    payload, out = round_trip()  # warm-up, and the payload whose size is reported
+    payload_nbytes, out = round_trip()  # warm-up, and the payload whose size is reported
     t = _best_time(round_trip, repeats)
     t_copy = _best_time(copy_synced, repeats)
     formula = comp.payload_nbytes(numel, "float32", "float32")
-    if formula is None and hasattr(comp, "payload_nbytes_for"):
+    if hasattr(comp, "payload_nbytes_for_shape"):  # low rank: the size depends on the matrix shape
+        formula = comp.payload_nbytes_for_shape(shape, "float32", 0)
+    elif formula is None and hasattr(comp, "payload_nbytes_for"):
         # data-dependent sizes (threshold methods) are stated for the count sent
         formula = comp.payload_nbytes_for(int(np.count_nonzero(ops.to_numpy(out))), numel, "float32")
     return BenchResult(method, numel, backend, 1e9 * t / numel, 1e9 * t_copy / numel,
-                       8 * payload.nbytes / numel, None if formula is None else 8 * formula / numel)
+                       8 * payload_nbytes / numel, None if formula is None else 8 * formula / numel)
 
 
 def format_table(rows: list[BenchResult]) -> str:

@@ -48,6 +48,10 @@ class TensorContext:
         worker_key: random key distinct per worker (independent randomness).
         rank: this worker's rank.
         world_size: number of workers.
+        scratch: a dict private to this tensor's pipeline in this step, in which the
+            compressor, memory and communicator of one method may leave each other what
+            the pipeline's flat-tensor arguments cannot carry (PowerSGD's agreed ``P``);
+            never saved (state that outlives a step belongs in the memory).
     """
 
     name: str
@@ -60,6 +64,7 @@ class TensorContext:
     worker_key: int
     rank: int
     world_size: int
+    scratch: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -98,13 +103,22 @@ class Collective:
 Rounds = Generator[list[Collective], list[Any], Any]
 
 
-def run_alone(rounds: Rounds) -> Any:
+def run_alone(rounds: Rounds, on_collective: Any = None) -> Any:
     """Run a multi-round method as the only worker: an allreduce returns the buffer, an
     allgather a one-element list, a broadcast the buffer. Lets such methods also offer a
-    plain :meth:`Compressor.compress` for one worker and for tests."""
+    plain :meth:`Compressor.compress` for one worker and for tests.
+
+    Args:
+        rounds: the generator (e.g. ``compressor.compress_rounds(ops, x, ctx)``).
+        on_collective: called with each :class:`Collective` the method asks for (e.g. to
+            count its bytes); default none.
+    """
     try:
         requests = next(rounds)
         while True:
+            if on_collective is not None:
+                for c in requests:
+                    on_collective(c)
             requests = rounds.send([[c.buf] if c.kind == "allgather" else c.buf for c in requests])
     except StopIteration as done:
         return done.value

@@ -296,11 +296,11 @@ def test_wire_bytes_are_exact(dtype, size):
         t = w.stats.per_tensor
         for name, (n, m) in (("w", (16, 33)), ("conv", (8, 27))):
             compute = "float64" if dtype == "float64" else "float32"
-            assert t[name]["payload"] == (n + m) * rank * item == comp.payload_nbytes_for(shapes[name], compute)
+            assert t[name]["payload"] == (n + m) * rank * item == comp.payload_nbytes_for_shape(shapes[name], compute)
             sent = allreduce_traffic(n * rank * item, size)[0] + allreduce_traffic(m * rank * item, size)[0]
             assert t[name]["sent"] == t[name]["received"] == sent
         assert t["b"]["payload"] == 33 * item == comp.payload_nbytes(33, compute)
-        assert comp.payload_nbytes_for((33,), compute) == 33 * item
+        assert comp.payload_nbytes_for_shape((33,), compute) == 33 * item
         assert t["b"]["sent"] == allreduce_traffic(33 * item, size)[0]
 
 
@@ -315,12 +315,12 @@ def test_payload_is_the_q_factor_and_bytes_follow_the_formula(n, m, rank, dtype)
     plan = comp.plan((n, m))
     item = np.dtype(dtype).itemsize
     if plan is None:
-        assert payload.nbytes == n * m * item == comp.payload_nbytes_for((n, m), dtype)
+        assert payload.nbytes == n * m * item == comp.payload_nbytes_for_shape((n, m), dtype)
         assert np.array_equal(comp.decompress(ops, payload.buffer, ctx), x)
     else:  # the P round is counted by the pipeline; the payload is Q
         r = min(rank, n, m)
         assert payload.nbytes == payload.buffer.nbytes == m * r * item
-        assert comp.payload_nbytes_for((n, m), dtype) == (n + m) * r * item < n * m * item / 2
+        assert comp.payload_nbytes_for_shape((n, m), dtype) == (n + m) * r * item < n * m * item / 2
         assert comp.decompress(ops, payload.buffer, ctx).shape == (n * m,)
 
 

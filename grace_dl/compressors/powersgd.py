@@ -22,7 +22,6 @@ hand each other the agreed ``P^``, the warm-start ``Q`` and the averaged ``Q`` t
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any
 
 from ..core import Collective, Communicator, Compressor, Memory, TensorContext, mean_factor, run_alone
@@ -34,26 +33,12 @@ from ..registry import register
 PAPER = ("Vogels et al. 2019, PowerSGD: Practical Low-Rank Gradient Compression for Distributed "
          "Optimization")
 
-_SCRATCH: dict[int, dict[str, Any]] = {}
-
-
 def pipeline_scratch(ctx: TensorContext) -> dict[str, Any]:
-    """A dict private to one tensor's pipeline, in which PowerSGD's compressor,
-    communicator and memory leave each other what the pipeline's arguments cannot carry
-    (the agreed ``P^``, the warm-start and averaged ``Q``, the compensated tensor).
-
-    The pipeline builds one :class:`TensorContext` per tensor and step and hands that
-    same object to every stage; the scratch is keyed by its identity and dropped when it
-    is garbage-collected, so it is never shared between steps, tensors, workers or
-    Grace objects, and it is never saved (whatever must survive a step lives in the
-    memory's state).
-    """
-    key = id(ctx)
-    scratch = _SCRATCH.get(key)
-    if scratch is None:
-        scratch = _SCRATCH[key] = {}
-        weakref.finalize(ctx, _SCRATCH.pop, key, None)
-    return scratch
+    """The dict private to one tensor's pipeline in one step (``ctx.scratch``), in which
+    PowerSGD's compressor, communicator and memory leave each other what the pipeline's
+    arguments cannot carry (the agreed ``P^``, the warm-start and averaged ``Q``, the
+    compensated tensor). Never saved: what must survive a step lives in the memory."""
+    return ctx.scratch
 
 
 def orthonormalize_rows(ops: Ops, rows: Array, epsilon: float) -> Array:
@@ -121,7 +106,7 @@ class PowerSGD(Compressor):
     ``numel * itemsize``. The returned :class:`Payload` holds ``Q`` (``m * r *
     itemsize``); the pipeline counts the ``P`` allreduce made while compressing as
     payload too. :meth:`payload_nbytes` answers for a 1-D tensor of ``numel`` elements
-    (dense); :meth:`payload_nbytes_for` for any shape and step.
+    (dense); :meth:`payload_nbytes_for_shape` for any shape and step.
 
     Not bit-identical across backends: the matrix products are the frameworks' own
     kernels (``exact_across_backends`` is false); on one backend and device, every
@@ -188,7 +173,7 @@ class PowerSGD(Compressor):
             return None
         return n, m, r
 
-    def payload_nbytes_for(self, shape: tuple[int, ...], dtype: str = "float32", step: int | None = None) -> int:
+    def payload_nbytes_for_shape(self, shape: tuple[int, ...], dtype: str = "float32", step: int | None = None) -> int:
         """Exact bytes this worker sends for a tensor of ``shape`` at ``step``:
         ``(n + m) * r * itemsize`` low rank, ``numel * itemsize`` dense."""
         plan = self.plan(tuple(shape), step)
@@ -199,7 +184,7 @@ class PowerSGD(Compressor):
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
         """Bytes for a 1-D tensor of ``numel`` elements, which goes dense: ``numel *
-        itemsize``. Matrices: :meth:`payload_nbytes_for`."""
+        itemsize``. Matrices: :meth:`payload_nbytes_for_shape`."""
         return numel * DTYPE_ITEMSIZE[dtype]
 
     # -- compression ----------------------------------------------------------------------------
