@@ -177,3 +177,9 @@ def test_bitwise_primitives_match_numpy(dtype):
                             ("shift_left", (small, k), (torch.from_numpy(small.copy()), tk)),
                             ("shift_right", (a, 5), (ta, 5))):
         assert same_bytes(getattr(np_ops, op)(*args), getattr(t_ops, op)(*targs)), op
+
+
+def test_float32_sqrt_is_correctly_rounded_like_numpy():
+    rng = np.random.default_rng(3)
+    x = (np.abs(rng.standard_normal(200_000)) * 10.0 ** rng.integers(-30, 30, 200_000)).astype(np.float32)
+    assert same_bytes(np_ops.sqrt(x), t_ops.sqrt(torch.from_numpy(x)))
