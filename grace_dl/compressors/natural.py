@@ -9,12 +9,11 @@ probability exactly ``f`` is unbiased.
 
 from __future__ import annotations
 
-import math
-
 from ..core import Compressor, TensorContext
 from ..ops import DTYPE_ITEMSIZE, Array, Ops
 from ..payload import Payload, from_words, layout_nbytes, to_words, words_for
 from ..registry import register
+from .qsgd import BucketedLevels
 
 # compute dtype -> (integer dtype of its bits, mantissa bits, exponent bits)
 _FORMATS = {"float32": ("int32", 23, 8), "float64": ("int64", 52, 11)}
@@ -139,7 +138,7 @@ class Natural(Compressor):
 @register("compressor", "natural_dithering", paper="Horvath et al. 2019, Natural Compression for "
           "Distributed Deep Learning (natural dithering)",
           summary="Unbiased dithering to levels 1/2^(s-1) .. 1/2, 1 of each bucket's norm.")
-class NaturalDithering(Compressor):
+class NaturalDithering(BucketedLevels, Compressor):
     """Natural dithering ``D_nat^{p,s}``: each bucket ``v`` of ``bucket_size`` elements is
     sent as its norm ``||v||_p`` and, per element, a sign and a level of the geometric
     grid ``0 < 2**(1-s) < ... < 1/2 < 1`` (``s = levels``). ``y = |v_i| / ||v||_p`` lies
@@ -189,14 +188,6 @@ class NaturalDithering(Compressor):
         self.bucket_size = int(bucket_size)
         self.p = p
 
-    @property
-    def bits(self) -> int:
-        """Bits per element: ``ceil(log2(2 levels + 1))``."""
-        return math.ceil(math.log2(2 * self.levels + 1))
-
-    def _layout(self, numel: int, dtype: str) -> list[tuple[str, int]]:
-        buckets = -(-numel // self.bucket_size)
-        return [(dtype, buckets), ("bool", numel * self.bits)]
 
     def _norms(self, ops: Ops, grid: Array, mag: Array, buckets: int) -> Array:
         peak = ops.max(mag, axis=1)

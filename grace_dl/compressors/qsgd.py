@@ -10,10 +10,29 @@ from ..payload import Payload, from_words, layout_nbytes, to_words, words_for
 from ..registry import register
 
 
+class BucketedLevels:
+    """Wire layout shared by methods that send one norm per bucket of ``bucket_size``
+    elements, then a signed level in ``-levels..levels`` per element as a bit stream of
+    ``ceil(log2(2 levels + 1))`` bits (QSGD, natural dithering)."""
+
+    levels: int
+    bucket_size: int
+
+    @property
+    def bits(self) -> int:
+        """Bits per element: ``ceil(log2(2 levels + 1))``."""
+        return math.ceil(math.log2(2 * self.levels + 1))
+
+    def _layout(self, numel: int, dtype: str) -> list[tuple[str, int]]:
+        # the codes form a bit stream of numel * bits bits: the size of a bool part
+        buckets = -(-numel // self.bucket_size)
+        return [(dtype, buckets), ("bool", numel * self.bits)]
+
+
 @register("compressor", "qsgd", paper="Alistarh et al. 2017, QSGD: Communication-Efficient SGD via "
           "Gradient Quantization and Encoding",
           summary="Unbiased stochastic rounding to `levels` levels of each bucket's L2 norm.")
-class QSGD(Compressor):
+class QSGD(BucketedLevels, Compressor):
     """Each bucket of ``bucket_size`` elements is sent as its L2 norm ``||v||`` and, per
     element, a sign and a level ``l in {0..s}`` (``s = levels``) drawn so that
     ``E[l] = s |v_i| / ||v||``; the receiver rebuilds ``||v|| sign(v_i) l / s``. Unbiased.
@@ -42,15 +61,6 @@ class QSGD(Compressor):
         self.levels = int(levels)
         self.bucket_size = int(bucket_size)
 
-    @property
-    def bits(self) -> int:
-        """Bits per element: ``ceil(log2(2 levels + 1))``."""
-        return math.ceil(math.log2(2 * self.levels + 1))
-
-    def _layout(self, numel: int, dtype: str) -> list[tuple[str, int]]:
-        # the codes form a bit stream of numel * bits bits: the size of a bool part
-        buckets = -(-numel // self.bucket_size)
-        return [(dtype, buckets), ("bool", numel * self.bits)]
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         n, d, s = ctx.numel, self.bucket_size, self.levels
