@@ -106,6 +106,8 @@ def bench(method: str, numel: int, *, backend: str = "numpy", repeats: int = 5,
     elif formula is None and hasattr(comp, "payload_nbytes_for"):
         # data-dependent sizes (threshold methods) are stated for the count sent
         formula = comp.payload_nbytes_for(int(np.count_nonzero(ops.to_numpy(out))), numel, "float32")
+    if formula is not None and hasattr(comp, "rounds_nbytes"):  # collectives made while compressing
+        formula += comp.rounds_nbytes(numel, "float32")
     return BenchResult(method, numel, backend, 1e9 * t / numel, 1e9 * t_copy / numel,
                        8 * payload_nbytes / numel, None if formula is None else 8 * formula / numel)
 
