@@ -68,6 +68,7 @@ def test_horovod_tensorflow(controller):
     out = run(horovodrun(controller) + [sys.executable, str(HERE / "hvd_tf_checks.py")], expect_ok_lines=2)
     assert "bit-identical to the simulator" in out
     assert "DistributedGradientTape ok" in out and "identical to an uninterrupted run" in out
+    assert "op=hvd.Sum gives N x the mean" in out
 
 
 def test_horovod_keras_training():

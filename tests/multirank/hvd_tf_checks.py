@@ -117,6 +117,30 @@ def check_gradient_tape(steps: int = 3) -> int:
     return checked
 
 
+def check_sum_op_and_adasum() -> None:
+    """``op=hvd.Sum`` gives N times the mean; Adasum is refused with a clear error."""
+    variables = _model_vars()
+    x, y = _batch(hvd.rank(), 0)
+    results = {}
+    for label, op in (("average", hvd.Average), ("sum", hvd.Sum)):
+        with tf.GradientTape() as tape:
+            loss = _loss(variables, x, y)
+        tape = hvd.DistributedGradientTape(tape, compression=grace.topk(ratio=0.1), op=op)
+        results[label] = tape.gradient(loss, variables)
+    for avg, total in zip(results["average"], results["sum"]):
+        assert np.array_equal((avg * hvd.size()).numpy(), total.numpy()), "op=Sum is not N x the mean"
+    with tf.GradientTape() as tape:
+        loss = _loss(variables, x, y)
+    tape = hvd.DistributedGradientTape(tape, compression=grace.topk(ratio=0.1), op=hvd.Adasum)
+    try:
+        tape.gradient(loss, variables)
+    except ValueError as err:
+        assert "Adasum" in str(err)
+    else:
+        raise AssertionError("op=hvd.Adasum was accepted")
+    say("op=hvd.Sum gives N x the mean; op=hvd.Adasum is refused")
+
+
 def check_checkpoint_resume(k: int = 3) -> None:
     """Checkpoint at step k and restore: the weights at step 2k equal an uninterrupted run."""
     rank = hvd.rank()
@@ -150,6 +174,7 @@ def main() -> None:
     say(f"DistributedGradientTape ok: {count} method/mode cases (eager and tf.function) bit-identical "
         f"to the simulator, weights identical on all ranks")
     check_checkpoint_resume()
+    check_sum_op_and_adasum()
     say("ALL OK")
 
 
