@@ -202,6 +202,27 @@ def make(compressor: str, **kwargs: Any):
         raise ConfigError(str(err)) from None
 
 
+def read_yaml(path: str | os.PathLike) -> Any:
+    """The parsed YAML document at ``path``; a missing, unreadable or malformed file
+    raises a one-line :class:`ConfigError` naming the file (and the line and column of a
+    syntax error)."""
+    import yaml
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from None
+
+
 def from_config(config: dict[str, Any] | str | os.PathLike):
     """Build a Grace from a dict or a YAML file path.
 
@@ -210,16 +231,7 @@ def from_config(config: dict[str, Any] | str | os.PathLike):
     ``{"compressor": "topk", "ratio": 0.01, "memory": "residual"}``.
     """
     if isinstance(config, (str, os.PathLike)):
-        import yaml
-
-        path = os.fspath(config)
-        if not os.path.exists(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        try:
-            with open(path, encoding="utf-8") as f:
-                config = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
+        config = read_yaml(config)
     if not isinstance(config, dict):
         raise ConfigError(f"a method config must be a mapping, got {type(config).__name__}")
     config = dict(config)

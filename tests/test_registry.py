@@ -72,7 +72,7 @@ def test_from_config_errors(tmp_path, text, message):
 
 
 def test_from_config_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="no such config file"):
         grace_dl.from_config(tmp_path / "nope.yaml")
 
 

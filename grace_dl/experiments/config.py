@@ -35,7 +35,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..registry import ConfigError, _check_value, entries, list_methods
+from ..registry import ConfigError, _check_value, entries, list_methods, read_yaml
 
 FRAMEWORKS = ("torch", "tensorflow")
 LAUNCHERS = ("horovodrun-gloo", "horovodrun-mpi", "simulator")
@@ -416,21 +416,8 @@ def load(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Ex
     """Read and validate an experiment YAML file. ``overrides`` maps dotted key paths to
     values that replace the file's (``{"output_dir": "out", "optimizer.lr": 0.05}``;
     ``steps`` replaces the file's ``epochs`` and the other way round)."""
-    import yaml
-
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read: {err}") from None
+    raw = read_yaml(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
