@@ -264,9 +264,12 @@ class GraceName:
         defaults: GRACE's helper defaults for this compressor or memory, in GRACE's keys
             (applied by :func:`grace_from_params` only).
         memories: for a compressor, GRACE's memory name -> grace-dl's, where this method
-            differs from the memory rows; None refuses that memory with this method
-            (GRACE's Signum keeps its momentum in the compressor, grace-dl's in memory
-            ``signum_momentum``, which leaves no room for a second memory).
+            differs from the memory rows; None refuses that memory with this method,
+            with ``memory_why`` (GRACE's Signum keeps its momentum in the compressor,
+            grace-dl's in memory ``signum_momentum``, which leaves no room for another).
+        memory_why: why the memories mapped to None are refused.
+        serves: for a memory, the only GRACE compressor it works with (GRACE's ``dgc`` and
+            ``powersgd`` memories read their compressor's context or Q).
         communicator: for a compressor that did its own exchange inside GRACE's
             ``compress`` (PowerSGD), grace-dl's communicator, whatever GRACE's dict names.
     """
@@ -277,6 +280,8 @@ class GraceName:
     refuse_if: Callable[[Any], bool] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     memories: dict[str, str | None] = field(default_factory=dict)
+    memory_why: str = ""
+    serves: str | None = None
     communicator: str | None = None
 
 
@@ -305,13 +310,19 @@ GRACE_NAMES: dict[tuple[str, str], GraceName] = {
     ("compressor", "natural_cuda"): GraceName("natural"),
     ("compressor", "onebit"): GraceName("onebit"),
     ("compressor", "signsgd"): GraceName("signsgd"),
-    ("compressor", "signum"): GraceName("signum", defaults={"momentum": 0.9},
-                                        memories={"none": "signum_momentum", "residual": None, "dgc": None,
-                                                  "efsignsgd": None, "powersgd": None}),
+    ("compressor", "signum"): GraceName(
+        "signum", defaults={"momentum": 0.9},
+        memories={"none": "signum_momentum", "residual": None, "dgc": None, "efsignsgd": None, "powersgd": None},
+        memory_why="grace-dl's signum keeps its momentum in its own memory, so it takes no other; use 'memory': "
+                   "'none' (the momentum still applies)"),
     ("compressor", "efsignsgd"): GraceName("efsignsgd", defaults={"lr": 0.1}),
     ("compressor", "terngrad"): GraceName("terngrad"),
     # GRACE's PowerSGD allreduces P and Q inside compress and hands its communicator nothing
-    ("compressor", "powersgd"): GraceName("powersgd", communicator="powersgd"),
+    ("compressor", "powersgd"): GraceName(
+        "powersgd", communicator="powersgd",
+        memories={"none": None, "residual": None, "dgc": None, "efsignsgd": None},
+        memory_why="its Q and error feedback live in memory 'powersgd' (GRACE's powersgd failed without it); "
+                   "use 'memory': 'powersgd'"),
     ("compressor", "sketch"): GraceName(
         None, refused=True,
         why="GRACE's 'sketch' is SketchML's quantile-bucket quantizer (Jiang et al. 2018), not grace-dl's "
@@ -323,11 +334,12 @@ GRACE_NAMES: dict[tuple[str, str], GraceName] = {
     # memories
     ("memory", "none"): GraceName("none"),
     ("memory", "residual"): GraceName("residual"),
-    ("memory", "dgc"): GraceName("dgc_momentum", defaults={"momentum": 0.9, "gradient_clipping": False}),
+    ("memory", "dgc"): GraceName("dgc_momentum", serves="dgc",
+                                 defaults={"momentum": 0.9, "gradient_clipping": False}),
     # GRACE's EF memory scales the error feedback by lr and its aggregate divides by lr:
     # for a constant lr that is the unscaled residual memory
     ("memory", "efsignsgd"): GraceName("residual", defaults={"lr": 0.1}),
-    ("memory", "powersgd"): GraceName("powersgd", defaults={"compress_rank": 1}),
+    ("memory", "powersgd"): GraceName("powersgd", serves="powersgd", defaults={"compress_rank": 1}),
     # communicators
     ("communicator", "allreduce"): GraceName("allreduce"),
     ("communicator", "allgather"): GraceName("allgather"),
@@ -466,13 +478,15 @@ def grace_from_params(params: dict[str, Any]):
         if row.refused:
             raise ConfigError(row.why)
         rows[kind] = row
-    comp_row = rows.get("compressor")
+    comp_row, mem_row = rows.get("compressor"), rows.get("memory")
+    if comp_row is not None and comp_row.memories.get(names["memory"], "") is None:
+        raise ConfigError(f"GRACE's {names['compressor']!r} with memory {names['memory']!r}: {comp_row.memory_why}")
+    if mem_row is not None and mem_row.serves is not None and mem_row.serves != names["compressor"]:
+        raise ConfigError(f"GRACE's memory {names['memory']!r} works only with compressor {mem_row.serves!r} (it "
+                          f"reads that compressor's state; GRACE failed with {names['compressor']!r}); use "
+                          f"'memory': 'residual'")
     if comp_row is not None:
         names["compressor"] = comp_row.ours
-        if comp_row.memories.get(names["memory"], "") is None:
-            raise ConfigError(f"GRACE's {names['compressor']!r} with memory {names['memory']!r}: grace-dl's "
-                              f"{comp_row.ours} keeps its momentum in its own memory, so it takes no other; "
-                              f"use 'memory': 'none' (the momentum still applies)")
         names["memory"] = comp_row.memories.get(names["memory"], names["memory"])
         names["communicator"] = comp_row.communicator or names["communicator"]
     for kind in ("memory", "communicator"):
@@ -488,7 +502,7 @@ def grace_from_params(params: dict[str, Any]):
 
     # GRACE's helper defaults for its compressor and memory, under the user's keys
     values = {}
-    for row in (comp_row, rows.get("memory")):
+    for row in (comp_row, mem_row):
         values.update(row.defaults if row is not None else {})
     values.update(given)
     accepted = set(_STRUCTURAL)
