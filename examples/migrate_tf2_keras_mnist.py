@@ -53,9 +53,12 @@ grc = grace_from_params({'compressor': 'topk', 'memory': 'residual', 'communicat
 # Horovod: add Horovod DistributedOptimizer.
 opt = hvd.DistributedOptimizer(opt, grace=grc)
 
+# Horovod: Specify `experimental_run_tf_function=False` to ensure TensorFlow
+# uses hvd.DistributedOptimizer() to compute gradients (tf-keras ignores it today).
 mnist_model.compile(loss=tf.losses.SparseCategoricalCrossentropy(),
                     optimizer=opt,
-                    metrics=['accuracy'])
+                    metrics=['accuracy'],
+                    experimental_run_tf_function=False)
 
 callbacks = [
     # Horovod: broadcast initial variable states from rank 0 to all other processes.

@@ -245,3 +245,19 @@ def test_unbiased_grace_methods_average_to_the_mean():
             total += sim.step(grads)[0]["g"]
         err = np.abs(total / 200 - mean).max()
         assert err < 0.15 * np.abs(mean).max(), (comp, err)
+
+
+def test_tf_grace_keyword_hands_the_method_to_horovod():
+    pytest.importorskip("tensorflow")
+    import grace_dl.tensorflow as grace_tf
+    from grace_dl.tensorflow.helper import grace_from_params
+    from grace_dl.tensorflow.hvd import method_or_compression
+
+    grc = grace_dl.grace_from_params({"compressor": "topk", "communicator": "allgather"})
+    assert isinstance(method_or_compression(grc, None), grace_tf.HorovodTFGrace)
+    helper_grc = grace_from_params({"compressor": "topk", "communicator": "allgather"})
+    assert isinstance(helper_grc, grace_tf.HorovodTFGrace) and helper_grc.compressor.ratio == 0.3
+    with pytest.raises(ValueError, match="not both"):
+        method_or_compression(grc, grc)
+    with pytest.raises(TypeError, match="grace-dl method"):
+        method_or_compression({"compressor": "topk"}, None)
