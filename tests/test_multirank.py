@@ -84,3 +84,24 @@ def test_mpi4py_transport():
     cmd = [mpirun, *MPI_ARGS.split(), "-np", "2", sys.executable, str(HERE / "mpi4py_checks.py")]
     out = run(cmd, expect_ok_lines=2)
     assert "bit-identical to the simulator" in out
+
+
+MIGRATION_EXAMPLES = ["migrate_torch_mnist.py", "migrate_tf2_mnist.py", "migrate_tf2_keras_mnist.py"]
+
+
+@pytest.mark.parametrize("script", MIGRATION_EXAMPLES)
+def test_migration_guide_examples(script):
+    # docs/migrating-from-grace.md's three examples, each in one Gloo launch: they train,
+    # and every rank ends with bit-identical parameters (each asserts it over an allgather
+    # and prints its digest, which must be the same on both ranks)
+    import re
+
+    cmd = horovodrun("gloo") + [sys.executable, str(HERE.parent.parent / "examples" / script)]
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2",
+               OMP_NUM_THREADS="1", TF_USE_LEGACY_KERAS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env, cwd=HERE.parent.parent)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, f"{script} failed:\n{out[-6000:]}"
+    digests = re.findall(r"rank (\d): parameters identical on every rank \((\w+)\)", out)
+    assert sorted(r for r, _ in digests) == ["0", "1"], out[-3000:]
+    assert len({d for _, d in digests}) == 1, digests

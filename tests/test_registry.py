@@ -84,7 +84,7 @@ def test_grace_from_params_takes_grace_keys():
                                     "quantum_num": 64})
     assert g.compressor.levels == 64
     with pytest.raises(ConfigError, match="no parameter 'compress_ration'"):
-        grace_dl.grace_from_params({"compressor": "topk", "compress_ration": 0.3})
+        grace_dl.grace_from_params({"compressor": "topk", "communicator": "allgather", "compress_ration": 0.3})
 
 
 def test_duplicate_registration_is_refused():

@@ -450,7 +450,8 @@ def test_package_exports():
         assert callable(method.compress) and callable(method.decompress)
     assert isinstance(grace_tf.topk(ratio=0.01), grace_dl.Grace)
     assert grace_tf.from_config({"compressor": "fp16"}).compressor.registry_name == "fp16"
-    assert grace_tf.grace_from_params({"compressor": "topk", "compress_ratio": 0.1}).compressor.ratio == 0.1
+    assert grace_tf.grace_from_params({"compressor": "topk", "communicator": "allgather",
+                                      "compress_ratio": 0.1}).compressor.ratio == 0.1
     with pytest.raises(AttributeError):
         grace_tf.no_such_thing  # noqa: B018
 

@@ -35,7 +35,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..registry import ConfigError, _check_value, entries, list_methods, read_yaml
+from ..registry import ConfigError, _check_value, entries, list_methods, read_yaml, resolve_grace_names
 
 FRAMEWORKS = ("torch", "tensorflow")
 LAUNCHERS = ("horovodrun-gloo", "horovodrun-mpi", "simulator")
@@ -230,6 +230,7 @@ def validate_compression(value: Any, path: str = "compression", seed: int = 0) -
         if "compressor" in raw:
             raise ConfigError(f"{path}.method: give either method or compressor, not both")
         raw["compressor"] = raw.pop("method")
+    raw = resolve_grace_names(raw)  # GRACE's names, as from_config takes them
     if "compressor" not in raw:
         raise ConfigError(f"{path}.compressor: required (one of {', '.join(list_methods())})")
     method = raw["compressor"]

@@ -15,6 +15,11 @@ Each factory returns a :class:`HorovodTFGrace`: a Grace that stock Horovod accep
 ``compression=`` (``DistributedGradientTape`` and the Keras ``DistributedOptimizer``), and
 that also runs on its own: ``method.bind(grace.HorovodTFTransport()).step(gradient, name)``.
 Horovod is imported only when it is first used.
+
+GRACE's ``grace=`` keyword: :func:`DistributedGradientTape` and :func:`DistributedOptimizer`
+take ``grace=grace_from_params(params)`` and hand it to stock Horovod as ``compression=``
+(``grace_dl.tensorflow.hvd`` and ``grace_dl.tensorflow.keras_hvd`` are Horovod's modules
+with them; see docs/migrating-from-grace.md).
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ def __getattr__(name: str) -> Any:
 
 
 from .horovod import HorovodTFTransport  # noqa: E402  (imports Horovod only when instantiated)
+from .hvd import DistributedGradientTape, DistributedOptimizer  # noqa: E402  (GRACE's grace=; Horovod on use)
 
 __all__ = ["TFOps", "HorovodTFTransport", "HorovodTFGrace", "Grace", "LocalSimulator", "as_horovod", "from_config",
-           "grace_from_params", "list_methods"] + _METHODS
+           "grace_from_params", "list_methods", "DistributedGradientTape", "DistributedOptimizer"] + _METHODS

@@ -265,7 +265,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
                          compression: Any = None, backward_passes_per_step: int = 1, op: Any = None,
                          gradient_predivide_factor: float = 1.0, groups: Any = None,
-                         sparse_as_dense: bool = False, process_set: Any = None) -> torch.optim.Optimizer:
+                         sparse_as_dense: bool = False, process_set: Any = None,
+                         grace: Any = None) -> torch.optim.Optimizer:
     """Horovod's ``DistributedOptimizer`` running a grace-dl method.
 
     The returned object is stock ``hvd.DistributedOptimizer(...)`` (so every Horovod
@@ -299,9 +300,15 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         groups: Horovod's explicit allreduce groups (default None).
         sparse_as_dense: densify sparse gradients (default False).
         process_set: the Horovod process set (default None: all workers).
+        grace: the method under GRACE's keyword (``grace=grace_from_params(params)``),
+            instead of ``compression`` (default None).
     """
     import horovod.torch as hvd
 
+    if grace is not None:
+        if compression is not None:
+            raise ValueError("give the method as grace= or as compression=, not both")
+        compression = grace
     if op is None:
         op = hvd.Average
     if op not in (hvd.Average, hvd.Sum):
