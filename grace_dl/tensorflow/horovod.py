@@ -128,6 +128,24 @@ def _gradient_name(tensor: Any) -> str:
     )
 
 
+_ORDER_TOKEN: list[Any] = []
+
+
+def _order_token() -> Any:
+    """The process-wide resource that orders every grace pipeline of a step.
+
+    One variable for the whole process, created eagerly on first use: a variable per
+    method object would be created again whenever a ``tf.function`` that builds its
+    method is retraced, which TensorFlow refuses (only the first call of a
+    ``tf.function`` may create variables). One token for all methods also keeps the
+    pipelines of two methods used in one step in program order.
+    """
+    if not _ORDER_TOKEN:
+        with tf.init_scope():  # created eagerly even while Horovod traces
+            _ORDER_TOKEN.append(tf.Variable(0, dtype=tf.int64, trainable=False, name="grace_order"))
+    return _ORDER_TOKEN[0]
+
+
 def _horovod_op(hvd: Any) -> Any:
     """The ``op`` of Horovod's ``allreduce``/``grouped_allreduce`` that is compressing."""
     frame = sys._getframe(2)
@@ -178,7 +196,7 @@ class HorovodTFGrace(Grace):
         empty = tf.zeros([0], tensor.dtype)
         if tf.executing_eagerly():
             return empty, run(tensor)
-        ticket = self._order_token().assign_add(1)
+        ticket = _order_token().assign_add(1)
         out = tf.py_function(run, [tensor, ticket], Tout=tensor.dtype, name="grace_pipeline")
         out.set_shape(tensor.shape)
         return empty, out
@@ -188,19 +206,6 @@ class HorovodTFGrace(Grace):
         """The aggregated gradient (Horovod's Compressor protocol): the mean over workers,
         or the sum under ``op=hvd.Sum``."""
         return ctx
-
-    def _order_token(self) -> Any:
-        token = getattr(self, "_token", None)
-        if token is None:
-            with tf.init_scope():  # created eagerly even while Horovod traces
-                token = tf.Variable(0, dtype=tf.int64, trainable=False, name="grace_order")
-            self._token = token
-        return token
-
-    def fresh_copy(self) -> "HorovodTFGrace":
-        clone = super().fresh_copy()
-        clone._token = None
-        return clone
 
     def checkpointable(self) -> Any:
         """A ``tf.train.Checkpoint`` dependency holding this method's state (residuals,
