@@ -119,7 +119,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     params = _bench_params(args.param, methods)
     _bench_backend(args.backend, threads)
-    reference = None if args.reference == "none" else b.load_reference(args.reference)
+    if args.reference == "none" or (args.reference is None and not b.REFERENCE_PATH.exists()):
+        reference = None
+    else:
+        reference = b.load_reference(args.reference)
     rows = []
     for numel in sizes:
         for method in methods:
