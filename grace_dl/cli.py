@@ -4,6 +4,7 @@ plots of finished runs), ``list`` (registered methods) and ``bench`` (speed and 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Sequence
 
@@ -30,28 +31,112 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmark methods and print a Markdown table."""
-    from .bench import bench, format_table
+def _bench_sizes(texts: list[str]) -> list[int]:
+    sizes = []
+    for text in texts:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 1 or value != int(value):
+            raise ConfigError(f"--size must be a whole number of elements >= 1 (e.g. 1e6), got {text!r}")
+        sizes.append(int(value))
+    return sizes
 
+
+def _positive_int(option: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{option} must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _bench_backend(backend: str, threads: int | None) -> None:
+    """Check that the backend can run here, and set torch's threads."""
+    if backend == "numpy":
+        if threads is not None:
+            raise ConfigError("--threads sets torch's threads: use it with --backend torch or torch-cuda")
+        return
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError(f"--backend {backend} needs PyTorch, which is not installed (pip install torch)") from None
+    if backend == "torch-cuda" and not torch.cuda.is_available():
+        raise ConfigError("--backend torch-cuda: CUDA is not available here (torch.cuda.is_available() is False)")
+    # one intra-op thread unless asked: figures then compare across machines with
+    # different core counts (the reference file's included)
+    torch.set_num_threads(1 if threads is None else threads)
+
+
+def _bench_params(items: list[str] | None, methods: list[str]) -> dict:
     params = {}
-    for item in args.param or []:
+    for item in items or []:
         if "=" not in item:
             raise ConfigError(f"--param expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        params[key] = _parse_value(value)
+        params[key.strip()] = _parse_value(value)
+    valid = sorted({p for m in methods for p in entries("compressor")[m].params})
+    for key in params:
+        if key not in valid:
+            owners = ", ".join(methods) if len(methods) <= 3 else f"any of the {len(methods)} methods benchmarked"
+            raise ConfigError(f"--param {key}: not a parameter of {owners}; valid: {', '.join(valid) or '(none)'}")
+    return params
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmark methods and print a Markdown table (or, with ``--against-grace``, the
+    comparison with GRACE's torch compressors)."""
+    from . import bench as b
+
     methods = args.method or list_methods()
+    known = entries("compressor")
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ConfigError(f"--method {unknown[0]}: unknown method; valid: {', '.join(sorted(known))}")
+    sizes = _bench_sizes(args.size)
+    repeats = _positive_int("--repeats", args.repeats)
+    threads = None if args.threads is None else _positive_int("--threads", args.threads)
+    if args.backend not in b.BACKENDS:
+        raise ConfigError(f"--backend {args.backend}: unknown; valid: {', '.join(b.BACKENDS)}")
+    if args.against_grace is not None:
+        if args.param:
+            raise ConfigError("--param does not apply to --against-grace: both sides use the parameters "
+                              "listed in docs/bench.md")
+        if args.write_reference:
+            raise ConfigError("--write-reference stores grace-dl's own figures: run it without --against-grace")
+        _bench_backend(args.backend, threads)
+        grace_methods = args.method or list(b.GRACE_METHODS)
+        rows = b.compare_with_grace(
+            args.against_grace, sizes, methods=grace_methods, backend=args.backend, repeats=repeats,
+            threads=None,
+            progress=lambda r: print(f"  {r.method} @ {r.numel:.2g}: speedup "
+                                     f"{'n/a' if r.speedup is None else format(r.speedup, '.2f')}",
+                                     file=sys.stderr, flush=True))
+        print(b.format_comparison(rows))
+        return 0
+    params = _bench_params(args.param, methods)
+    _bench_backend(args.backend, threads)
+    if args.reference == "none" or (args.reference is None and not b.REFERENCE_PATH.exists()):
+        reference = None
+    else:
+        reference = b.load_reference(args.reference)
     rows = []
-    for size in args.size:
-        numel = int(float(size))
-        if numel < 1:
-            raise ConfigError(f"--size must be >= 1, got {size}")
+    for numel in sizes:
         for method in methods:
-            own = {k: v for k, v in params.items() if k in entries("compressor")[method].params} \
-                if method in entries("compressor") else params
-            rows.append(bench(method, numel, backend=args.backend, repeats=args.repeats, params=own))
+            own = {k: v for k, v in params.items() if k in known[method].params}
+            rows.append(b.bench(method, numel, backend=args.backend, repeats=repeats, params=own,
+                                memory=args.memory))
             print(f"  {method} @ {numel:.2g}: {rows[-1].copy_multiple:.1f}x memcpy", file=sys.stderr, flush=True)
-    print(format_table(rows))
+    print(b.format_table(rows, reference))
+    if reference is not None:
+        print()
+        print(b.describe_reference(reference, {r.backend for r in rows}))
+    if args.write_reference:
+        b.write_reference(rows, args.write_reference, repeats=repeats)
+        print(f"\nwrote the reference figures to {args.write_reference}")
     return 0
 
 
@@ -133,12 +218,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("list", help="registered methods, memories and communicators")
     p.set_defaults(func=cmd_list)
-    p = sub.add_parser("bench", help="time per element vs a memory copy, and wire bits per element")
+    p = sub.add_parser("bench", help="time per element vs a memory copy, per call, peak memory, wire bits; "
+                                     "or side by side with GRACE's torch compressors (docs/bench.md)")
     p.add_argument("--method", action="append", help="method to time (repeatable; default: all)")
-    p.add_argument("--size", nargs="+", default=["1e4", "1e6"], help="element counts (default 1e4 1e6)")
-    p.add_argument("--backend", default="numpy", choices=["numpy", "torch", "torch-cuda"])
-    p.add_argument("--repeats", type=int, default=5, help="best of this many timings (default 5)")
+    p.add_argument("--size", nargs="+", default=["1e3", "1e4", "1e6"],
+                   help="element counts (default 1e3 1e4 1e6; the 1e3 row's us/call is the per-call overhead)")
+    p.add_argument("--backend", default="numpy", help="numpy (default), torch (CPU) or torch-cuda")
+    p.add_argument("--repeats", default="5", help="best of this many timings (default 5)")
+    p.add_argument("--threads", help="torch's intra-op threads (default 1)")
     p.add_argument("--param", action="append", help="method parameter KEY=VALUE (repeatable)")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the peak extra memory of one round trip (default: on)")
+    p.add_argument("--reference", default=None, metavar="PATH",
+                   help="reference figures to compare against (default: the packaged grace_dl/bench_reference.json; "
+                        "'none' for no reference columns)")
+    p.add_argument("--write-reference", metavar="PATH", help="store this run's figures as a reference file "
+                   "(merged into PATH when it exists)")
+    p.add_argument("--against-grace", metavar="GRACE_CHECKOUT",
+                   help="compare with GRACE's torch compressors loaded from this checkout of sands-lab/grace")
     p.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     try:
