@@ -21,10 +21,10 @@ import grace_dl.torch.hvd as hvd  # grace-dl: was `import horovod.torch as hvd`
 from grace_dl.torch.helper import grace_from_params
 
 parser = argparse.ArgumentParser(description="PyTorch digits example (GRACE's pytorch_mnist, on grace-dl)")
-parser.add_argument("--batch-size", type=int, default=32, help="input batch size for training (default: 32)")
-parser.add_argument("--epochs", type=int, default=2, help="number of epochs to train (default: 2)")
+parser.add_argument("--batch-size", type=int, default=16, help="input batch size for training (default: 16)")
+parser.add_argument("--epochs", type=int, default=3, help="number of epochs to train (default: 3)")
 parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default: 0.05)")
-parser.add_argument("--momentum", type=float, default=0.5, help="SGD momentum (default: 0.5)")
+parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
 parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
 parser.add_argument("--log-interval", type=int, default=10, help="batches between log lines (default: 10)")
 args = parser.parse_args()

@@ -105,3 +105,6 @@ def test_migration_guide_examples(script):
     digests = re.findall(r"rank (\d): parameters identical on every rank \((\w+)\)", out)
     assert sorted(r for r, _ in digests) == ["0", "1"], out[-3000:]
     assert len({d for _, d in digests}) == 1, digests
+    # and they learn: the torch example reports its test accuracy (10 classes: chance is 0.1)
+    accuracies = [float(a) for a in re.findall(r"test accuracy (\d\.\d+)", out)]
+    assert all(a > 0.5 for a in accuracies), accuracies
