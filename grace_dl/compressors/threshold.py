@@ -30,7 +30,7 @@ from ..ops import DTYPE_ITEMSIZE, Array, Ops
 from ..payload import Payload, layout_nbytes, pack_words
 from ..registry import register
 from .sign import pairwise_sum
-from .topk import MAX_INT32_INDEX, check_ratio, sparse_payload, sparse_unpack
+from .topk import MAX_INT32_INDEX, check_ratio, remember_sent, sent_residual, sparse_payload, sparse_unpack
 
 
 def magnitudes(ops: Ops, x: Array, dtype: str) -> Array:
@@ -64,11 +64,16 @@ class ThresholdSparsifier(Compressor):
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         idx = self._select(ops, x, ctx)
-        return sparse_payload(ops, idx, ops.gather(x, idx), ctx.numel)
+        values = ops.gather(x, idx)
+        remember_sent(ctx, x, idx, values)
+        return sparse_payload(ops, idx, values, ctx.numel)
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         idx, values = sparse_unpack(ops, buffer, ctx.dtype)
         return ops.scatter(ctx.numel, idx, values)
+
+    def residual(self, ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> Array:
+        return sent_residual(ops, x, payload, ctx)
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> None:
         return None  # depends on the data: see payload_nbytes_for
