@@ -397,6 +397,8 @@ class Grace:
         self._dense = dense_route()
         self.steps: dict[str, int] = {}
         self.stats = TrafficStats()
+        # (seed, name, rank) -> (shared key, worker key)
+        self._keys: dict[tuple[int, str, int], tuple[int, int]] = {}
 
     # -- configuration ------------------------------------------------------------------
     def bind(self, transport: Transport) -> "Grace":
@@ -419,6 +421,7 @@ class Grace:
         clone.transport = None
         clone.steps = {}
         clone.stats = TrafficStats()
+        clone._keys = {}
         return clone
 
     # -- the pipeline ---------------------------------------------------------------------
@@ -439,11 +442,14 @@ class Grace:
         step = self.steps.get(name, 0)
         self.steps[name] = step + 1
         transport = self.transport
+        rank = transport.rank
+        keys = self._keys.get((self.seed, name, rank))
+        if keys is None:  # hashed once per tensor name, not per step
+            keys = (derive_key(self.seed, name), derive_key(self.seed, name, rank))
+            self._keys[(self.seed, name, rank)] = keys
         ctx = TensorContext(
             name=name, shape=shape, numel=numel, dtype=compute_dtype, in_dtype=in_dtype, step=step,
-            shared_key=derive_key(self.seed, name),
-            worker_key=derive_key(self.seed, name, transport.rank),
-            rank=transport.rank, world_size=transport.size,
+            shared_key=keys[0], worker_key=keys[1], rank=rank, world_size=transport.size,
         )
         x = ops.flatten(tensor)
         if in_dtype != compute_dtype:

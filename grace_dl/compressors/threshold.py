@@ -35,7 +35,7 @@ from .topk import MAX_INT32_INDEX, check_ratio, remember_sent, sent_residual, sp
 
 def magnitudes(ops: Ops, x: Array, dtype: str) -> Array:
     """``|x|`` with NaN as +inf, so that NaN and Inf elements pass any threshold."""
-    return ops.where(x != x, ops.zeros(ops.numel(x), dtype, x) + math.inf, ops.abs(x))
+    return ops.where(x != x, ops.zeros(1, dtype, x) + math.inf, ops.abs(x))  # +inf broadcast
 
 
 def at_least_one(ops: Ops, count: Array) -> Array:
@@ -113,7 +113,9 @@ class Threshold(ThresholdSparsifier):
 
     def _select(self, ops: Ops, x: Array, ctx: TensorContext) -> Array:
         level = ops.zeros(1, ctx.dtype, x) + self.threshold  # rounded to the compute dtype
-        return ops.nonzero(magnitudes(ops, x, ctx.dtype) >= level)
+        # "not below" is true for NaN: the set of magnitudes(x) >= level, without
+        # building the NaN-safe magnitudes
+        return ops.nonzero(~(ops.abs(x) < level))
 
 
 @register("compressor", "adaptive_threshold", paper="Dryden et al. 2016, Communication Quantization "

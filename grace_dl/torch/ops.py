@@ -126,7 +126,7 @@ class TorchOps(Ops):
         return x.view(target)
 
     def concat(self, xs: Sequence[Any]):
-        return torch.cat([x.reshape(-1) for x in xs])
+        return torch.cat([x if x.dim() == 1 else x.reshape(-1) for x in xs])
 
     def to_numpy(self, x):
         x = x.detach().cpu()
@@ -316,6 +316,8 @@ class TorchOps(Ops):
     def all_finite(self, x):
         if x.numel() == 0:
             return torch.ones((), dtype=torch.bool, device=x.device)
+        if x.numel() <= 1 << 16:  # fewer kernel launches for a small tensor
+            return torch.isfinite(x).all()
         # min and max propagate NaN and show an Inf: one pass, no temporary array
         low, high = torch.aminmax(x)
         return torch.isfinite(low) & torch.isfinite(high)
