@@ -218,7 +218,7 @@ class DGCMomentum(Memory):
         v = ops.index_update(compensated, idx, ops.gather(compensated, idx) - values)
         # u is cleared where the local decompression is non-zero
         u_sent = ops.gather(u, idx)
-        masked_u = ops.index_update(u, idx, ops.where(values != 0, ops.zeros(ops.numel(idx), ctx.dtype, u), u_sent))
+        masked_u = ops.index_update(u, idx, ops.where(values != 0, ops.zeros(1, ctx.dtype, u), u_sent))  # +0 broadcast
         self._keep(ops, u, masked_u, v, ctx)
 
     def update(self, ops: Ops, compensated: Array, transmitted: Array | None, ctx: TensorContext) -> None:
