@@ -120,8 +120,14 @@ class DGC(ThresholdSparsifier):
         sample = magnitudes(ops, x[start:start + stride * s:stride], ctx.dtype)
         threshold = ops.kth_largest(sample, min(s, max(1, math.ceil(density * s))))
         chosen = ops.nonzero(~(a < threshold) & ~(a <= 0))
-        # keep the k largest of the chosen: k padding entries (magnitude -1, index -1)
-        # make the candidates at least k long whatever their count
+        count = ops.length(chosen)
+        if isinstance(count, int):  # the count is known on the host: no padding needed
+            if count <= k:
+                return chosen
+            return ops.gather(chosen, ops.topk_indices(magnitudes(ops, ops.gather(x, chosen), ctx.dtype), k))
+        # inside tf.function: keep the k largest of the chosen with k padding entries
+        # (magnitude -1, index -1) that make the candidates at least k long whatever
+        # their count; the same selection as above
         candidates = ops.concat([magnitudes(ops, ops.gather(x, chosen), ctx.dtype),
                                  ops.zeros(k, ctx.dtype, x) - 1])
         kept = ops.gather(ops.concat([chosen, ops.zeros(k, "int64", x) - 1]), ops.topk_indices(candidates, k))
