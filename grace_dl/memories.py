@@ -63,6 +63,10 @@ class ResidualMemory(Memory):
 
     def update_from(self, ops: Ops, compensated: Array, payload: Payload, compressor: Compressor,
                     ctx: TensorContext) -> None:
+        """Keep ``compressor.residual(compensated, payload)`` (the same bits as
+        ``compensated`` minus the local decompression, which sparse compressors give
+        without a dense decompression); a subclass that overrides :meth:`update` gets
+        :meth:`update` instead."""
         if type(self).update is not ResidualMemory.update:  # a subclass with its own rule
             super().update_from(ops, compensated, payload, compressor, ctx)
             return

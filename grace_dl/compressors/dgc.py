@@ -213,6 +213,8 @@ class DGCMomentum(Memory):
 
     def update_from(self, ops: Ops, compensated: Array, payload: Payload, compressor: Compressor,
                     ctx: TensorContext) -> None:
+        """:meth:`update`, bit for bit; for a threshold sparsifier's payload it touches
+        only the sent elements of ``u`` and ``v`` instead of decompressing densely."""
         if not isinstance(compressor, ThresholdSparsifier) or type(self).update is not DGCMomentum.update:
             super().update_from(ops, compensated, payload, compressor, ctx)
             return
