@@ -28,7 +28,7 @@ class Allreduce(Communicator):
         dense = compressor.decompress(ops, summed, ctx)
         if self.aggregate == "majority":
             return ops.sign(dense)
-        if self.aggregate == "mean" and ctx.world_size > 1:  # one worker's mean is its tensor
+        if self.aggregate == "mean":
             return dense * mean_factor(ctx.world_size)
         return dense
 

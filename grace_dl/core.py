@@ -274,8 +274,7 @@ class Communicator(abc.ABC):
             return ops.sign(total)
         for d in dense[1:]:
             total = total + d
-        # one worker's mean is its tensor: skip a pass that multiplies by exactly 1
-        return total * mean_factor(world_size) if self.aggregate == "mean" and world_size > 1 else total
+        return total * mean_factor(world_size) if self.aggregate == "mean" else total
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(aggregate={self.aggregate!r})"
