@@ -169,6 +169,13 @@ class Compressor(abc.ABC):
         return self.compress(ops, x, ctx)
         yield  # pragma: no cover  (makes this a generator)
 
+    def residual(self, ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> Array:
+        """What error feedback keeps of ``x`` once this worker's own ``payload``
+        (compressed from ``x`` in this step) is sent: ``x - decompress(payload)``, bit for
+        bit. Sparse compressors override it to touch only the sent elements of a copy of
+        ``x`` rather than decompressing and subtracting the whole tensor."""
+        return x - self.decompress(ops, payload.buffer, ctx)
+
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int | None:
         """The exact payload size for ``numel`` elements of compute dtype ``dtype``
         (input dtype ``in_dtype``, default the same), or None where it depends on the
@@ -200,6 +207,16 @@ class Memory(abc.ABC):
     @abc.abstractmethod
     def update(self, ops: Ops, compensated: Array, transmitted: Array | None, ctx: TensorContext) -> None:
         """Record what was not sent: ``compensated`` minus the local decompression."""
+
+    def update_from(self, ops: Ops, compensated: Array, payload: Payload, compressor: "Compressor",
+                    ctx: TensorContext) -> None:
+        """What the pipeline calls after compression: :meth:`update` with the local
+        decompression of ``payload`` (or None where :attr:`needs_transmitted` is false).
+        Memories that only need what was not sent override it to ask the compressor for
+        :meth:`Compressor.residual`, which sparse methods compute without a dense
+        decompression."""
+        transmitted = compressor.decompress(ops, payload.buffer, ctx) if self.needs_transmitted else None
+        self.update(ops, compensated, transmitted, ctx)
 
     def after_exchange(self, ops: Ops, aggregated: Array, ctx: TensorContext) -> None:
         """Called with the aggregated flat tensor once the exchange completes, for
@@ -380,6 +397,8 @@ class Grace:
         self._dense = dense_route()
         self.steps: dict[str, int] = {}
         self.stats = TrafficStats()
+        # (seed, name, rank) -> (shared key, worker key)
+        self._keys: dict[tuple[int, str, int], tuple[int, int]] = {}
 
     # -- configuration ------------------------------------------------------------------
     def bind(self, transport: Transport) -> "Grace":
@@ -402,6 +421,7 @@ class Grace:
         clone.transport = None
         clone.steps = {}
         clone.stats = TrafficStats()
+        clone._keys = {}
         return clone
 
     # -- the pipeline ---------------------------------------------------------------------
@@ -422,11 +442,14 @@ class Grace:
         step = self.steps.get(name, 0)
         self.steps[name] = step + 1
         transport = self.transport
+        rank = transport.rank
+        keys = self._keys.get((self.seed, name, rank))
+        if keys is None:  # hashed once per tensor name, not per step
+            keys = (derive_key(self.seed, name), derive_key(self.seed, name, rank))
+            self._keys[(self.seed, name, rank)] = keys
         ctx = TensorContext(
             name=name, shape=shape, numel=numel, dtype=compute_dtype, in_dtype=in_dtype, step=step,
-            shared_key=derive_key(self.seed, name),
-            worker_key=derive_key(self.seed, name, transport.rank),
-            rank=transport.rank, world_size=transport.size,
+            shared_key=keys[0], worker_key=keys[1], rank=rank, world_size=transport.size,
         )
         x = ops.flatten(tensor)
         if in_dtype != compute_dtype:
@@ -452,11 +475,7 @@ class Grace:
         rounds = compressor.compress_rounds(ops, compensated, ctx)
         payload = yield from _counting_payload(rounds, ops, pending)
         pending.payload += payload.nbytes
-        if memory.needs_transmitted:
-            transmitted = compressor.decompress(ops, payload.buffer, ctx)
-        else:
-            transmitted = None
-        memory.update(ops, compensated, transmitted, ctx)
+        memory.update_from(ops, compensated, payload, compressor, ctx)
         aggregated = yield from route.communicator.exchange(ops, payload, compressor, ctx)
         memory.after_exchange(ops, aggregated, ctx)
         return aggregated

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .core import Memory, TensorContext
+from .core import Compressor, Memory, TensorContext
 from .ops import Array, Ops
+from .payload import Payload
 from .registry import register
 
 
@@ -58,12 +59,25 @@ class ResidualMemory(Memory):
         return residual * self.beta + x * self.gamma
 
     def update(self, ops: Ops, compensated: Array, transmitted: Array, ctx: TensorContext) -> None:
-        residual = compensated - transmitted
-        previous = self._field(ops, ctx.name, "residual", compensated)
+        self._keep(ops, compensated - transmitted, ctx)
+
+    def update_from(self, ops: Ops, compensated: Array, payload: Payload, compressor: Compressor,
+                    ctx: TensorContext) -> None:
+        """Keep ``compressor.residual(compensated, payload)`` (the same bits as
+        ``compensated`` minus the local decompression, which sparse compressors give
+        without a dense decompression); a subclass that overrides :meth:`update` gets
+        :meth:`update` instead."""
+        if type(self).update is not ResidualMemory.update:  # a subclass with its own rule
+            super().update_from(ops, compensated, payload, compressor, ctx)
+            return
+        # the compressor knows what it sent: sparse methods skip the dense decompression
+        self._keep(ops, compressor.residual(ops, compensated, payload, ctx), ctx)
+
+    def _keep(self, ops: Ops, residual: Array, ctx: TensorContext) -> None:
+        previous = self._field(ops, ctx.name, "residual", residual)
         if previous is None:
-            previous = ops.zeros(ctx.numel, ctx.dtype, compensated)
-        non_finite = ops.sum(ops.cast(~ops.isfinite(residual), ctx.dtype)) > 0
-        self.state.setdefault(ctx.name, {})["residual"] = ops.where(non_finite, previous, residual)
+            previous = ops.zeros(ctx.numel, ctx.dtype, residual)
+        self.state.setdefault(ctx.name, {})["residual"] = ops.choose(ops.all_finite(residual), residual, previous)
 
 
 @register("memory", "signum_momentum",

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 
-from ..core import Memory, TensorContext
+from ..core import Compressor, Memory, TensorContext
 from ..ops import Array, Ops
+from ..payload import Payload
 from ..registry import register
 from .sign import pairwise_sum
 from .threshold import ThresholdSparsifier, magnitudes
-from .topk import check_ratio, k_for
+from .topk import check_ratio, k_for, sparse_unpack
 
 #: density of the first warm-up step: the paper's 75% sparsity
 WARMUP_START_DENSITY = 0.25
@@ -107,18 +108,28 @@ class DGC(ThresholdSparsifier):
         n = ctx.numel
         density = self.density(ctx.step)
         k = k_for(density, n)
-        mag = magnitudes(ops, x, ctx.dtype)
+        # |x| with NaN kept: "not below" and "not at most" are true for NaN, so the sets
+        # below are those of the NaN-safe magnitudes (NaN as +inf), which are built only
+        # for the sample and the chosen elements
+        a = ops.abs(x)
         if k >= n:
-            return ops.nonzero(mag > 0)
+            return ops.nonzero(~(a <= 0))
         s = min(n, max(1, int(self.sample_ratio * n)))
         stride = n // s
         start = ctx.step % stride
-        sample = mag[start:start + stride * s:stride]
+        sample = magnitudes(ops, x[start:start + stride * s:stride], ctx.dtype)
         threshold = ops.kth_largest(sample, min(s, max(1, math.ceil(density * s))))
-        chosen = ops.nonzero((mag >= threshold) & (mag > 0))
-        # keep the k largest of the chosen: k padding entries (magnitude -1, index -1)
-        # make the candidates at least k long whatever their count
-        candidates = ops.concat([ops.gather(mag, chosen), ops.zeros(k, ctx.dtype, x) - 1])
+        chosen = ops.nonzero(~(a < threshold) & ~(a <= 0))
+        count = ops.length(chosen)
+        if isinstance(count, int):  # the count is known on the host: no padding needed
+            if count <= k:
+                return chosen
+            return ops.gather(chosen, ops.topk_indices(magnitudes(ops, ops.gather(x, chosen), ctx.dtype), k))
+        # inside tf.function: keep the k largest of the chosen with k padding entries
+        # (magnitude -1, index -1) that make the candidates at least k long whatever
+        # their count; the same selection as above
+        candidates = ops.concat([magnitudes(ops, ops.gather(x, chosen), ctx.dtype),
+                                 ops.zeros(k, ctx.dtype, x) - 1])
         kept = ops.gather(ops.concat([chosen, ops.zeros(k, "int64", x) - 1]), ops.topk_indices(candidates, k))
         return ops.gather(kept, ops.nonzero(kept >= 0))
 
@@ -200,6 +211,24 @@ class DGCMomentum(Memory):
         self._pending[ctx.name] = u
         return v
 
+    def update_from(self, ops: Ops, compensated: Array, payload: Payload, compressor: Compressor,
+                    ctx: TensorContext) -> None:
+        """:meth:`update`, bit for bit; for a threshold sparsifier's payload it touches
+        only the sent elements of ``u`` and ``v`` instead of decompressing densely."""
+        if not isinstance(compressor, ThresholdSparsifier) or type(self).update is not DGCMomentum.update:
+            super().update_from(ops, compensated, payload, compressor, ctx)
+            return
+        # a sparse payload: touch only the sent elements (the result of update, bit for bit)
+        u = self._pending.pop(ctx.name, None)
+        if u is None:
+            raise RuntimeError(f"update of tensor {ctx.name!r} without compensate first")
+        idx, values = sparse_unpack(ops, payload.buffer, ctx.dtype)
+        v = ops.index_update(compensated, idx, ops.gather(compensated, idx) - values)
+        # u is cleared where the local decompression is non-zero
+        u_sent = ops.gather(u, idx)
+        masked_u = ops.index_update(u, idx, ops.where(values != 0, ops.zeros(1, ctx.dtype, u), u_sent))  # +0 broadcast
+        self._keep(ops, u, masked_u, v, ctx)
+
     def update(self, ops: Ops, compensated: Array, transmitted: Array | None, ctx: TensorContext) -> None:
         u = self._pending.pop(ctx.name, None)
         if u is None:
@@ -207,10 +236,14 @@ class DGCMomentum(Memory):
         if transmitted is None:
             raise ValueError("dgc_momentum needs the local decompression to mask what was sent")
         zeros = ops.zeros(ctx.numel, ctx.dtype, compensated)
-        v = compensated - transmitted
-        non_finite = ops.sum(ops.cast(~(ops.isfinite(u) & ops.isfinite(v)), "int64")) > 0
+        self._keep(ops, u, ops.where(transmitted != 0, zeros, u), compensated - transmitted, ctx)
+
+    def _keep(self, ops: Ops, u: Array, masked_u: Array, v: Array, ctx: TensorContext) -> None:
+        """Store the new momentum (``u`` masked) and velocity, or keep the previous ones
+        whole when ``u`` or ``v`` holds a NaN or an Inf."""
+        finite = ops.all_finite(u) & ops.all_finite(v)
         state = self.state.setdefault(ctx.name, {})
-        previous_u = self._previous(ops, "momentum", compensated, ctx)
-        previous_v = self._previous(ops, "velocity", compensated, ctx)
-        state["momentum"] = ops.where(non_finite, previous_u, ops.where(transmitted != 0, zeros, u))
-        state["velocity"] = ops.where(non_finite, previous_v, v)
+        previous_u = self._previous(ops, "momentum", u, ctx)
+        previous_v = self._previous(ops, "velocity", v, ctx)
+        state["momentum"] = ops.choose(finite, masked_u, previous_u)
+        state["velocity"] = ops.choose(finite, v, previous_v)

@@ -135,5 +135,4 @@ class GlobalTopKMemory(ResidualMemory):
         previous = self._field(ops, ctx.name, "residual", compensated)
         if previous is None:
             previous = zeros
-        non_finite = ops.sum(ops.cast(~ops.isfinite(residual), ctx.dtype)) > 0
-        self.state.setdefault(ctx.name, {})["residual"] = ops.where(non_finite, previous, residual)
+        self.state.setdefault(ctx.name, {})["residual"] = ops.choose(ops.all_finite(residual), residual, previous)

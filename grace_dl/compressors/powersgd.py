@@ -60,9 +60,6 @@ def orthonormalize_rows(ops: Ops, rows: Array, epsilon: float) -> Array:
     return ops.reshape(ops.concat(out), (r, n))
 
 
-def _any_non_finite(ops: Ops, x: Array, dtype: str) -> Array:
-    """0-d bool: whether ``x`` holds a NaN or an Inf (on the device, no host sync)."""
-    return ops.sum(ops.cast(~ops.isfinite(x), dtype)) > 0
 
 
 @register("compressor", "powersgd", paper=PAPER,
@@ -328,7 +325,7 @@ class PowerSGDMemory(Memory):
                 previous = self._field(ops, ctx.name, "error", error)
                 if previous is None:
                     previous = ops.zeros(ctx.numel, ctx.dtype, error)
-                fields["error"] = ops.where(_any_non_finite(ops, error, ctx.dtype), previous, error)
+                fields["error"] = ops.choose(ops.all_finite(error), error, previous)
             if scratch.get("warm_start"):
                 fields["q"] = self._next_q(ops, aggregated, scratch, ctx)
         if not fields:
@@ -347,4 +344,4 @@ class PowerSGDMemory(Memory):
         # (P = M 0): restart it from the Q this step started from
         dead = ops.reshape(ops.max(ops.abs(q_next), axis=1) == 0, (r, 1))
         q_next = ops.flatten(ops.where(dead, used, q_next))
-        return ops.where(_any_non_finite(ops, q_next, ctx.dtype), ops.flatten(used), q_next)
+        return ops.choose(ops.all_finite(q_next), q_next, ops.flatten(used))

@@ -34,18 +34,32 @@ class RandomK(Compressor):
         self.rescale = bool(rescale)
         self.bias = "unbiased" if self.rescale else "contraction"
 
+    def _draw(self, ops: Ops, like: Array, ctx: TensorContext) -> Array:
+        idx = ops.random_choice(ctx.numel, k_for(self.ratio, ctx.numel), ctx.shared_key, ctx.step, like)
+        ctx.scratch["randomk_indices"] = ((ctx.numel, ctx.shared_key, ctx.step), idx)
+        return idx
+
     def _indices(self, ops: Ops, like: Array, ctx: TensorContext) -> Array:
-        k = k_for(self.ratio, ctx.numel)
-        return ops.random_choice(ctx.numel, k, ctx.shared_key, ctx.step, like)
+        # drawn once per step: decompression (of the local payload and of the sum) and
+        # the residual reuse the draw of compression, noted in ctx.scratch
+        noted = ctx.scratch.get("randomk_indices")
+        if noted is not None and noted[0] == (ctx.numel, ctx.shared_key, ctx.step):
+            return noted[1]
+        return self._draw(ops, like, ctx)
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
-        values = ops.gather(x, self._indices(ops, x, ctx))
+        values = ops.gather(x, self._draw(ops, x, ctx))
         if self.rescale:
             values = values * (ctx.numel / k_for(self.ratio, ctx.numel))
         return Payload.of(ops, values)
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         return ops.scatter(ctx.numel, self._indices(ops, buffer, ctx), buffer)
+
+    def residual(self, ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> Array:
+        # x - decompress(payload) bit for bit, touching only the k sent elements
+        idx = self._indices(ops, x, ctx)
+        return ops.index_update(x, idx, ops.gather(x, idx) - payload.buffer)
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
         return k_for(self.ratio, numel) * DTYPE_ITEMSIZE[dtype]

@@ -30,12 +30,12 @@ from ..ops import DTYPE_ITEMSIZE, Array, Ops
 from ..payload import Payload, layout_nbytes, pack_words
 from ..registry import register
 from .sign import pairwise_sum
-from .topk import MAX_INT32_INDEX, check_ratio, sparse_payload, sparse_unpack
+from .topk import MAX_INT32_INDEX, check_ratio, remember_sent, sent_residual, sparse_payload, sparse_unpack
 
 
 def magnitudes(ops: Ops, x: Array, dtype: str) -> Array:
     """``|x|`` with NaN as +inf, so that NaN and Inf elements pass any threshold."""
-    return ops.where(x != x, ops.zeros(ops.numel(x), dtype, x) + math.inf, ops.abs(x))
+    return ops.where(x != x, ops.zeros(1, dtype, x) + math.inf, ops.abs(x))  # +inf broadcast
 
 
 def at_least_one(ops: Ops, count: Array) -> Array:
@@ -64,11 +64,16 @@ class ThresholdSparsifier(Compressor):
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         idx = self._select(ops, x, ctx)
-        return sparse_payload(ops, idx, ops.gather(x, idx), ctx.numel)
+        values = ops.gather(x, idx)
+        remember_sent(ctx, x, idx, values)
+        return sparse_payload(ops, idx, values, ctx.numel)
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         idx, values = sparse_unpack(ops, buffer, ctx.dtype)
         return ops.scatter(ctx.numel, idx, values)
+
+    def residual(self, ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> Array:
+        return sent_residual(ops, x, payload, ctx)
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> None:
         return None  # depends on the data: see payload_nbytes_for
@@ -108,7 +113,9 @@ class Threshold(ThresholdSparsifier):
 
     def _select(self, ops: Ops, x: Array, ctx: TensorContext) -> Array:
         level = ops.zeros(1, ctx.dtype, x) + self.threshold  # rounded to the compute dtype
-        return ops.nonzero(magnitudes(ops, x, ctx.dtype) >= level)
+        # "not below" is true for NaN: the set of magnitudes(x) >= level, without
+        # building the NaN-safe magnitudes
+        return ops.nonzero(~(ops.abs(x) < level))
 
 
 @register("compressor", "adaptive_threshold", paper="Dryden et al. 2016, Communication Quantization "

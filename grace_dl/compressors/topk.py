@@ -38,6 +38,26 @@ def sparse_unpack(ops: Ops, buffer: Array, dtype: str) -> tuple[Array, Array]:
     return ops.cast(buffer[:k], "int64"), ops.bitcast(buffer[k:], dtype)
 
 
+def remember_sent(ctx: TensorContext, x: Array, idx: Array, values: Array) -> None:
+    """Note in ``ctx.scratch`` which elements of ``x`` this step's payload sends (int64
+    indices) and the values it sends for them, for :func:`sent_residual`."""
+    ctx.scratch["sparse_sent"] = (x, idx, values)
+
+
+def sent_residual(ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> Array:
+    """``x - decompress(payload)`` bit for bit, for a sparse payload compressed from
+    ``x`` (int32 indices and values, :func:`sparse_payload`, or what
+    :func:`remember_sent` noted): a copy of ``x`` in which each sent element becomes
+    itself minus the sent value. Touches ``k`` elements instead of building the dense
+    decompression and subtracting it."""
+    noted = ctx.scratch.get("sparse_sent")
+    if noted is not None and noted[0] is x:
+        idx, values = noted[1], noted[2]
+    else:
+        idx, values = sparse_unpack(ops, payload.buffer, ctx.dtype)
+    return ops.index_update(x, idx, ops.gather(x, idx) - values)
+
+
 @register("compressor", "topk", paper="Aji & Heafield 2017, Sparse Communication for Distributed "
           "Gradient Descent; Stich et al. 2018, Sparsified SGD with Memory",
           summary="Keep the k largest-magnitude elements; residual error feedback, allgather.")
@@ -62,12 +82,17 @@ class TopK(Compressor):
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         k = k_for(self.ratio, ctx.numel)
-        idx = ops.topk_indices(ops.abs(x), k)
-        return sparse_payload(ops, idx, ops.gather(x, idx), ctx.numel)
+        idx = ops.topk_magnitude_indices(x, k)
+        values = ops.gather(x, idx)
+        remember_sent(ctx, x, idx, values)
+        return sparse_payload(ops, idx, values, ctx.numel)
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         idx, values = sparse_unpack(ops, buffer, ctx.dtype)
         return ops.scatter(ctx.numel, idx, values)
+
+    def residual(self, ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> Array:
+        return sent_residual(ops, x, payload, ctx)
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
         k = k_for(self.ratio, numel)

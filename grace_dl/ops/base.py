@@ -22,6 +22,7 @@ payloads on every backend:
 from __future__ import annotations
 
 import abc
+import math
 from typing import Any, Sequence
 
 Array = Any  # a backend's array type: numpy.ndarray, torch.Tensor or tf.Tensor
@@ -280,3 +281,66 @@ class Ops(abc.ABC):
     def random_choice(self, n: int, k: int, key: int, counter: int, like: Array) -> Array:
         """``k`` distinct ascending int64 indices drawn uniformly from ``range(n)``,
         determined by ``(key, counter)`` alone."""
+
+    # -- selection kernels
+    # Primitives for the sparse methods' hot path. Each has a default in terms of the
+    # primitives above; backends override them with one fused kernel where they can.
+
+    def count_true(self, mask: Array) -> int:
+        """Number of true elements of the bool ``mask``, as a Python int (a host sync
+        on a device)."""
+        return int(self.item(self.sum(self.cast(mask, "int64"))))
+
+    def all_finite(self, x: Array) -> Array:
+        """0-d bool array: whether float ``x`` holds no NaN and no Inf (on the device,
+        no host sync)."""
+        return self.sum(self.cast(~self.isfinite(x), "int64")) == 0
+
+    def choose(self, cond: Array, a: Array, b: Array) -> Array:
+        """``a`` if the 0-d bool ``cond`` holds, else ``b`` (whole arrays of one shape
+        and dtype). Unlike :meth:`where`, a backend that may branch on the host returns
+        one of the two arrays as is, without an elementwise pass."""
+        return self.where(cond, a, b)
+
+    def index_update(self, x: Array, idx: Array, values: Array) -> Array:
+        """A copy of 1-D ``x`` with ``values`` at the distinct indices ``idx`` (``x``
+        itself is left alone)."""
+        n = self.numel(x)
+        hit = self.scatter(n, idx, self.zeros(self.numel(idx), "int32", x) + 1) > 0
+        return self.where(hit, self.scatter(n, idx, values), x)
+
+    #: below this many elements, :meth:`topk_magnitude_indices` selects directly
+    SAMPLED_TOPK_MIN_NUMEL: int = 1 << 16
+    #: expected number of sampled elements above the sampled threshold (the sample's
+    #: size follows from it: larger is a tighter candidate set and a longer sample)
+    SAMPLED_TOPK_HITS: int = 256
+
+    def topk_magnitude_indices(self, x: Array, k: int) -> Array:
+        """Ascending indices of the ``k`` elements of largest magnitude of 1-D float
+        ``x``: the set of ``topk_indices(abs(x), k)`` (NaN ranks as +inf, ties go to
+        the lowest indices), found without a selection over the whole tensor.
+
+        A strided sample of ``|x|`` gives a threshold ``t`` that about ``k`` plus a
+        margin of the elements reach; one pass collects the candidates ``|x| >= t``, and
+        the exact top-k is selected among them. The candidates hold every element at or
+        above the k-th largest magnitude whenever there are at least ``k`` of them, so
+        the result is exact whatever the sample; where the sample misleads (fewer than
+        ``k`` candidates), or ``x`` holds NaN or Inf, or ``k`` is a large fraction of
+        the tensor, the selection runs on the whole tensor instead. Decides on the
+        host (``item``), so backends that must not (TensorFlow inside ``tf.function``)
+        override it with ``topk_indices(abs(x), k)``."""
+        n = self.numel(x)
+        if k <= 0 or k >= n or n < self.SAMPLED_TOPK_MIN_NUMEL or 8 * k > n or not self.item(self.all_finite(x)):
+            return self.topk_indices(self.abs(x), k)
+        stride = max(1, n // min(n, -(-self.SAMPLED_TOPK_HITS * n // k)))
+        sample = self.abs(x[::stride])
+        s = self.numel(sample)
+        hits = k * s / n  # expected sampled elements at or above the k-th largest
+        j = min(s, math.ceil(hits + 4.0 * math.sqrt(hits) + 8.0))
+        t = float(self.item(self.kth_largest(sample, j)))
+        if t > 0:
+            candidates = self.nonzero((x >= t) | (x <= -t))
+            if self.numel(candidates) >= k:
+                chosen = self.topk_indices(self.abs(self.gather(x, candidates)), k)
+                return self.gather(candidates, chosen)
+        return self.topk_indices(self.abs(x), k)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,6 +29,30 @@ def _np_dtype(name: str) -> Any:
         return _NP_DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; valid: {sorted(_NP_DTYPES) + ['bfloat16']}") from None
+
+
+def draws_for_distinct(n: int, k: int, have: int = 0) -> int:
+    """How many uniform draws from ``range(n)`` to make so that, with ``have`` distinct
+    values already drawn, about ``k`` distinct ones are reached (the expectation plus a
+    margin, so that one batch nearly always suffices; ``2 * k <= n``)."""
+    expected = n * (math.log1p(-have / n) - math.log1p(-k / n))
+    return int(expected * 1.02 + 3.0 * math.sqrt(k - have) + 16)
+
+
+def _first_distinct(generator: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """The first ``k`` distinct values of a stream of uniform draws from ``range(n)``,
+    ascending: a uniform random ``k``-subset (each new distinct value is uniform over
+    those not yet drawn), in ``O(k log k)`` rather than a permutation of ``n``."""
+    draws = generator.integers(0, n, size=draws_for_distinct(n, k), dtype=np.int64)
+    while True:
+        values, first = np.unique(draws, return_index=True)
+        if values.shape[0] >= k:
+            break
+        more = generator.integers(0, n, size=draws_for_distinct(n, k, values.shape[0]), dtype=np.int64)
+        draws = np.concatenate([draws, more])
+    if values.shape[0] > k:  # keep the k drawn first
+        values = values[first <= np.partition(first, k - 1)[k - 1]]
+    return values
 
 
 class NumpyOps(Ops):
@@ -195,5 +220,44 @@ class NumpyOps(Ops):
         return self._generator(key, counter).random(int(n), dtype=np.float32)
 
     def random_choice(self, n, k, key, counter, like):
-        picked = self._generator(key, counter).choice(int(n), size=int(k), replace=False)
-        return np.sort(picked).astype(np.int64)
+        n, k = int(n), int(k)
+        if k <= 0:
+            return np.zeros(0, dtype=np.int64)
+        if k >= n:
+            return np.arange(n, dtype=np.int64)
+        generator = self._generator(key, counter)
+        if 2 * k > n:  # draw the n - k left out: fewer draws, then one pass over n
+            keep = np.ones(n, dtype=np.bool_)
+            keep[_first_distinct(generator, n, n - k)] = False
+            return np.flatnonzero(keep).astype(np.int64, copy=False)
+        return _first_distinct(generator, n, k)
+
+    # -- selection kernels
+    def count_true(self, mask):
+        return int(np.count_nonzero(mask))
+
+    def all_finite(self, x):
+        # min and max propagate NaN and show an Inf: two reductions, no temporary array
+        x = np.asarray(x)
+        if x.size == 0:
+            return np.bool_(True)
+        return np.bool_(np.isfinite(x.min()) and np.isfinite(x.max()))
+
+    def choose(self, cond, a, b):
+        return a if bool(cond) else b
+
+    def index_update(self, x, idx, values):
+        out = np.array(x, copy=True)
+        out[idx] = values
+        return out
+
+    def topk_indices(self, x, k):
+        n = x.shape[0]
+        if 0 < k < n:
+            # the k-th largest (NaN sorts last, as the largest); when exactly k elements
+            # are not below it they are the answer, already ascending (no tie to break)
+            kth = np.partition(x, n - k)[n - k]
+            idx = np.flatnonzero(~(x < kth))
+            if idx.shape[0] == k:
+                return idx.astype(np.int64, copy=False)
+        return super().topk_indices(x, k)

@@ -345,3 +345,17 @@ class TFOps(Ops):
             u = tf.random.stateless_uniform([int(n)], seed=self._seed(key, counter), dtype=tf.float32)
             picked = tf.math.top_k(u, k=int(k), sorted=False, index_type=tf.int64).indices
             return tf.sort(picked)
+
+    # -- selection kernels
+    def count_true(self, mask: Any) -> int:
+        return int(tf.math.count_nonzero(mask))
+
+    def all_finite(self, x: Any) -> tf.Tensor:
+        return tf.reduce_all(tf.math.is_finite(x))
+
+    def index_update(self, x: Any, idx: Any, values: Any) -> tf.Tensor:
+        return tf.tensor_scatter_nd_update(x, tf.reshape(idx, [-1, 1]), values)
+
+    def topk_magnitude_indices(self, x: Any, k: int) -> tf.Tensor:
+        # the sampled path decides on the host, which tf.function cannot
+        return self.topk_indices(self.abs(x), k)

@@ -1,0 +1,171 @@
+"""The sparse methods' selection kernels (ops primitives of the ``# -- selection kernels``
+block) and the residual shortcut of sparse compressors, on NumPy and torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import grace_dl
+from grace_dl.core import TensorContext, derive_key
+from grace_dl.ops import get_ops
+from grace_dl.ops.base import Ops
+from grace_dl.ops.numpy_backend import NumpyOps
+
+torch = pytest.importorskip("torch")
+from grace_dl.torch.ops import TorchOps  # noqa: E402
+
+N, T = NumpyOps(), TorchOps()
+
+
+def _as_np(a):
+    return a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def _reference_topk_magnitude(x: np.ndarray, k: int) -> np.ndarray:
+    """The protocol's generic top-k of |x| (NaN as +inf, ties to the lower index)."""
+    return Ops.topk_indices(N, np.where(np.isnan(x), np.inf, np.abs(x)), k)
+
+
+def _data(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    x = rng.standard_normal(n).astype(np.float32)
+    if kind == "ties":  # many equal magnitudes, so ties straddle the k-th
+        x = np.round(x * 2) / 2
+    elif kind == "nonfinite":
+        x[rng.integers(0, n, 3)] = np.nan
+        x[rng.integers(0, n, 2)] = -np.inf
+    elif kind == "mostly_zero":
+        x[rng.random(n) < 0.995] = 0
+    elif kind == "sorted":  # a strided sample sees a biased picture
+        x = np.sort(np.abs(x))
+    return x
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "mostly_zero", "sorted"])
+@pytest.mark.parametrize("n", [1, 7, 1000, 70_000, 200_003])
+def test_topk_magnitude_indices_is_the_protocols_topk_of_abs(kind, n):
+    rng = np.random.default_rng(n)
+    x = _data(kind, n, rng)
+    for k in sorted({1, 2, n // 100, n // 9, n // 2, n - 1, n} - {0}):
+        expected = _reference_topk_magnitude(x, k)
+        got_np = N.topk_magnitude_indices(x, k)
+        got_torch = T.topk_magnitude_indices(torch.from_numpy(x), k)
+        assert got_np.dtype == np.int64 and got_torch.dtype == torch.int64
+        np.testing.assert_array_equal(got_np, expected, err_msg=f"numpy k={k}")
+        np.testing.assert_array_equal(got_torch.numpy(), expected, err_msg=f"torch k={k}")
+        # topk_indices of magnitudes (the direct path) agrees too
+        mag = np.abs(x)
+        generic = Ops.topk_indices(N, np.where(np.isnan(mag), np.inf, mag), k)
+        if kind != "nonfinite":
+            np.testing.assert_array_equal(N.topk_indices(mag, k), generic)
+        np.testing.assert_array_equal(T.topk_indices(torch.from_numpy(np.where(np.isnan(mag), np.inf, mag)), k).numpy(),
+                                      generic)
+
+
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+@pytest.mark.parametrize("n,k", [(1, 1), (10, 0), (10, 3), (1000, 10), (1000, 700), (1000, 999), (10**6, 10**4)])
+def test_random_choice_draws_k_distinct_ascending_indices_from_the_key(backend, n, k):
+    like = torch.zeros(1) if backend is T else None
+    c = _as_np(backend.random_choice(n, k, 5, 3, like))
+    assert c.dtype == np.int64 and c.shape == (k,)
+    assert len(np.unique(c)) == k and np.all(np.diff(c) > 0)
+    assert k == 0 or (c.min() >= 0 and c.max() < n)
+    np.testing.assert_array_equal(c, _as_np(backend.random_choice(n, k, 5, 3, like)))
+    if 0 < k < n and n >= 1000:
+        assert not np.array_equal(c, _as_np(backend.random_choice(n, k, 5, 4, like)))
+        assert not np.array_equal(c, _as_np(backend.random_choice(n, k, 6, 3, like)))
+
+
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+@pytest.mark.parametrize("k", [5, 40])  # a subset, and the complement path (2k > n)
+def test_random_choice_is_uniform(backend, k):
+    like = torch.zeros(1) if backend is T else None
+    n, draws = 50, 4000
+    counts = np.zeros(n)
+    for counter in range(draws):
+        counts[_as_np(backend.random_choice(n, k, 9, counter, like))] += 1
+    expected = draws * k / n
+    sd = np.sqrt(draws * (k / n) * (1 - k / n))
+    assert np.abs(counts - expected).max() < 5 * sd
+
+
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+def test_finite_count_choose_and_index_update(backend):
+    def arr(a):
+        a = np.asarray(a, dtype=np.float32)
+        return torch.from_numpy(a) if backend is T else a
+
+    for values, finite in [([1.0, -2.0, 3.0], True), ([1.0, np.nan, 3.0], False), ([np.inf, 0.0], False),
+                           ([-np.inf], False), ([], True), ([3e38, -3e38], True)]:
+        assert bool(backend.all_finite(arr(values))) is finite, values
+    big = np.zeros(100_000, np.float32)
+    assert bool(backend.all_finite(arr(big)))
+    big[77_777] = np.nan
+    assert not bool(backend.all_finite(arr(big)))
+    assert backend.count_true(arr([1.0, 0.0, 2.0]) != 0) == 2
+    a, b = arr([1.0, 2.0]), arr([3.0, 4.0])
+    assert _as_np(backend.choose(arr([1.0]).sum() > 0, a, b)).tolist() == [1.0, 2.0]
+    assert _as_np(backend.choose(arr([1.0]).sum() < 0, a, b)).tolist() == [3.0, 4.0]
+    x = arr([1.0, 2.0, 3.0, 4.0])
+    idx = torch.tensor([0, 2]) if backend is T else np.array([0, 2])
+    out = backend.index_update(x, idx, arr([-1.0, -3.0]))
+    assert _as_np(out).tolist() == [-1.0, 2.0, -3.0, 4.0]
+    assert _as_np(x).tolist() == [1.0, 2.0, 3.0, 4.0]  # the input is left alone
+    # the default in terms of other primitives agrees
+    assert _as_np(Ops.index_update(backend, x, idx, arr([-1.0, -3.0]))).tolist() == [-1.0, 2.0, -3.0, 4.0]
+
+
+SPARSE = [("topk", {"ratio": 0.1}), ("randomk", {"ratio": 0.1}), ("randomk", {"ratio": 0.1, "rescale": True}),
+          ("threshold", {"threshold": 0.5}), ("dgc", {"ratio": 0.1, "sample_ratio": 0.2}), ("sidco", {})]
+
+
+def _ctx(n: int) -> TensorContext:
+    return TensorContext(name="w", shape=(n,), numel=n, dtype="float32", in_dtype="float32", step=3,
+                         shared_key=derive_key(0, "w"), worker_key=derive_key(0, "w", 0), rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("method,params", SPARSE)
+def test_original_is_transmitted_plus_residual_bit_for_bit(backend, method, params):
+    """The residual a sparse compressor hands the memory is exactly ``x - decompress``,
+    with or without what compression noted in ``ctx.scratch``."""
+    rng = np.random.default_rng(4)
+    data = rng.standard_normal(3001).astype(np.float32)
+    data[[5, 50]] = -0.0  # signed zeros keep their sign in the residual
+    x = torch.from_numpy(data) if backend == "torch" else data
+    ops = get_ops(x)
+    comp = grace_dl.make(method, **params).compressor
+    ctx = _ctx(3001)
+    payload = comp.compress(ops, x, ctx)
+    dense = comp.decompress(ops, payload.buffer, ctx)
+    expected = _as_np(x - dense)
+    for c in (ctx, _ctx(3001)):  # noted by compress, and recomputed from the payload
+        got = _as_np(comp.residual(ops, x, payload, c))
+        assert got.tobytes() == expected.tobytes()
+    assert np.count_nonzero(expected) < 3001  # something was sent
+
+
+@pytest.mark.parametrize("method,params", [("topk", {"ratio": 0.05}), ("threshold", {"threshold": 1.0}),
+                                           ("dgc", {"ratio": 0.05, "sample_ratio": 0.5}),
+                                           ("randomk", {"ratio": 0.05})])
+def test_memory_state_matches_the_dense_update(method, params):
+    """The memory's shortcut (update_from) leaves the same state, bit for bit, as its
+    dense update with the local decompression, over several steps with a NaN step."""
+    fast = grace_dl.make(method, **params)
+    slow = grace_dl.make(method, **params)
+    ops = get_ops(np.zeros(1, np.float32))
+    rng = np.random.default_rng(9)
+    for step in range(4):
+        g = rng.standard_normal(500).astype(np.float32)
+        if step == 2:
+            g[7] = np.nan
+        ctx_f, ctx_s = _ctx(500), _ctx(500)
+        cf = fast.memory.compensate(ops, g, ctx_f)
+        pf = fast.compressor.compress(ops, cf, ctx_f)
+        fast.memory.update_from(ops, cf, pf, fast.compressor, ctx_f)
+        cs = slow.memory.compensate(ops, g, ctx_s)
+        ps = slow.compressor.compress(ops, cs, ctx_s)
+        slow.memory.update(ops, cs, slow.compressor.decompress(ops, ps.buffer, ctx_s), ctx_s)
+        for name, fields in slow.memory.state_dict().items():
+            for key, value in fields.items():
+                assert fast.memory.state_dict()[name][key].tobytes() == value.tobytes(), (step, key)
