@@ -139,7 +139,12 @@ BUILT = sorted({(c, m, k) for c, m, k in TABLE if not isinstance(expected(c, m, 
 @pytest.mark.parametrize("comp, mem, comm", BUILT, ids=["-".join(t) for t in BUILT])
 def test_every_built_combination_trains(comp, mem, comm):
     g = grace_dl.grace_from_params({"compressor": comp, "memory": mem, "communicator": comm})
-    before, after = train(g, SIGN_LR.get(comp, 0.5))
+    lr = SIGN_LR.get(comp, 0.5)
+    if comp == "randomk" and mem == "none":
+        # unscaled random-k without error feedback moves only GRACE's default 30% of the
+        # coordinates per step: a step of lr / 0.3 gives it the others' progress per step
+        lr /= 0.3
+    before, after = train(g, lr)
     assert after < 0.75 * before, (before, after)
 
 
