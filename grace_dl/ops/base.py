@@ -280,3 +280,48 @@ class Ops(abc.ABC):
     def random_choice(self, n: int, k: int, key: int, counter: int, like: Array) -> Array:
         """``k`` distinct ascending int64 indices drawn uniformly from ``range(n)``,
         determined by ``(key, counter)`` alone."""
+
+    # -- quantization kernels
+    # Coarse primitives of the sign and quantization methods. Each has a default in terms
+    # of the primitives above, which fixes its result bit for bit; a backend may override
+    # one with a faster kernel that gives the same bits.
+    def pack_signs(self, x: Array) -> Array:
+        """:meth:`pack_bits` of ``x >= 0`` for 1-D float ``x`` (zero and -0.0 set the
+        bit, NaN clears it): ``ceil(n / 32)`` int32 words."""
+        return self.pack_bits(x >= 0)
+
+    def select_bits(self, words: Array, n: int, on: Array, off: Array) -> Array:
+        """An ``n``-element array holding ``on`` where bit ``i`` of ``words`` (the layout
+        of :meth:`pack_bits`) is set and ``off`` where it is clear; ``on`` and ``off`` are
+        1-element arrays of the output dtype, copied bit for bit (a -0.0 stays -0.0)."""
+        return self.where(self.unpack_bits(words, n), on, off)
+
+    def tree_sum(self, x: Array) -> Array:
+        """The sum of 1-D float ``x`` as a 1-element array, added in one fixed order so
+        that every backend and device rounds alike: with ``h`` the largest power of two
+        below ``n``, element ``i + h`` is added to element ``i`` (elements ``n - h ..
+        h - 1`` are carried unchanged), then halves of the ``h`` partial sums are added
+        elementwise until one is left. ``ceil(log2 n)`` elementwise additions, no host
+        sync; an empty ``x`` sums to 0."""
+        n = self.numel(x)
+        if n == 0:
+            return self.zeros(1, self.dtype(x), x)
+        if n == 1:
+            return x
+        h = 1 << ((n - 1).bit_length() - 1)
+        head = x[:n - h] + x[h:]
+        x = self.concat([head, x[n - h:h]]) if n - h < h else head
+        while h > 1:
+            h //= 2
+            x = x[:h] + x[h:]
+        return x
+
+    def sign_sums(self, x: Array) -> tuple[Array, Array]:
+        """``(sums, count)`` for 1-D float ``x``: ``sums`` is the 2-element array of the
+        :meth:`tree_sum` of ``x`` where ``x >= 0`` and of ``x`` elsewhere (NaN included),
+        each taken over all ``n`` positions with +0.0 in the other side's places;
+        ``count`` is the 1-element int64 number of elements with ``x >= 0``."""
+        mask = x >= 0
+        zeros = self.zeros(self.numel(x), self.dtype(x), x)
+        sums = self.concat([self.tree_sum(self.where(mask, x, zeros)), self.tree_sum(self.where(mask, zeros, x))])
+        return sums, self.reshape(self.sum(self.cast(mask, "int64")), (1,))

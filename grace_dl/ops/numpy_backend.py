@@ -197,3 +197,43 @@ class NumpyOps(Ops):
     def random_choice(self, n, k, key, counter, like):
         picked = self._generator(key, counter).choice(int(n), size=int(k), replace=False)
         return np.sort(picked).astype(np.int64)
+
+    # -- quantization kernels
+    @staticmethod
+    def _bytes_to_words(packed: np.ndarray) -> np.ndarray:
+        """Little-endian bytes as int32 words, the last word padded with zero bytes."""
+        pad = (-packed.shape[0]) % 4
+        if pad:
+            packed = np.concatenate([packed, np.zeros(pad, np.uint8)])
+        return packed.view("<i4").astype(np.int32, copy=False)
+
+    def pack_signs(self, x):
+        return self._bytes_to_words(np.packbits(x >= 0, bitorder="little"))
+
+    def select_bits(self, words, n, on, off):
+        # one row of 8 output values per byte of the bit stream, looked up in a 256-row table
+        raw = np.ascontiguousarray(words, dtype="<i4").view(np.uint8)[: -(-int(n) // 8)]
+        table = np.where(_BYTE_BITS, np.reshape(on, (1, 1)), np.reshape(off, (1, 1)))
+        return table[raw].reshape(-1)[: int(n)]
+
+    def tree_sum(self, x):
+        n = x.shape[0]
+        if n <= 1:
+            return x.copy() if n else np.zeros(1, x.dtype)
+        h = 1 << ((n - 1).bit_length() - 1)
+        acc = x[:h].copy()  # elements n - h .. h - 1 are carried unchanged
+        np.add(acc[:n - h], x[h:], out=acc[:n - h])
+        while h > 1:
+            h //= 2
+            np.add(acc[:h], acc[h:2 * h], out=acc[:h])
+        return acc[:1]
+
+    def sign_sums(self, x):
+        mask = x >= 0
+        zero = np.zeros((), x.dtype)
+        sums = np.concatenate([self.tree_sum(np.where(mask, x, zero)), self.tree_sum(np.where(mask, zero, x))])
+        return sums, np.array([np.count_nonzero(mask)], np.int64)
+
+
+#: bit j of byte value b, as a (256, 8) bool table
+_BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(np.bool_)

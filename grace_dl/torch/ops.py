@@ -14,6 +14,7 @@ import torch
 
 from ..core import derive_key
 from ..ops.base import Ops
+from ..ops.numpy_backend import NumpyOps
 
 _TORCH_DTYPES = {
     "float16": torch.float16,
@@ -26,6 +27,23 @@ _TORCH_DTYPES = {
     "bool": torch.bool,
 }
 _NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
+
+
+# NumPy's kernels run on a CPU tensor's own memory (``Tensor.numpy()`` shares it). The bit
+# and quantization primitives use them there: this torch build's CPU comparisons, integer
+# shifts and ``where`` run 15-30x slower than NumPy's (1.5 ns per element for ``x >= 0``,
+# 13 ns for ``where``, against 0.05 ns and 1 ns).
+_NUMPY = NumpyOps()
+_SHARES_WITH_NUMPY = {torch.float32, torch.float64, torch.float16, torch.int32, torch.int64, torch.uint8, torch.bool}
+
+
+def _on_cpu(*xs: torch.Tensor) -> bool:
+    """Whether NumPy can work on all of ``xs`` in place: CPU tensors of a dtype it has."""
+    return all(x.device.type == "cpu" and x.dtype in _SHARES_WITH_NUMPY for x in xs)
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().numpy()
 
 
 def _td(name: str) -> torch.dtype:
@@ -196,6 +214,8 @@ class TorchOps(Ops):
         return a >> b
 
     def pack_bits(self, mask):
+        if _on_cpu(mask):
+            return torch.from_numpy(_NUMPY.pack_bits(_np(mask)))
         n = mask.numel()
         pad = (-n) % 32
         bits = mask.to(torch.uint8)
@@ -208,6 +228,8 @@ class TorchOps(Ops):
         return packed.view(torch.int32)  # little-endian byte order, as NumPy's '<i4'
 
     def unpack_bits(self, words, n):
+        if _on_cpu(words):
+            return torch.from_numpy(_NUMPY.unpack_bits(_np(words), n))
         raw = words.contiguous().view(torch.uint8)
         shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
         return ((raw.reshape(-1, 1) >> shifts) & 1).reshape(-1)[: int(n)].to(torch.bool)
@@ -222,6 +244,8 @@ class TorchOps(Ops):
         return (b.reshape(-1, bits).to(torch.int64) * weights).sum(dim=1)
 
     def pack_uint(self, v, bits):
+        if _on_cpu(v):
+            return torch.from_numpy(_NUMPY.pack_uint(_np(v), bits))
         if 32 % bits:  # fields straddle words: use the generic bit stream
             return super().pack_uint(v, bits)
         per = 32 // bits
@@ -236,6 +260,8 @@ class TorchOps(Ops):
         return words.to(torch.int32)
 
     def unpack_uint(self, words, n, bits):
+        if _on_cpu(words):
+            return torch.from_numpy(_NUMPY.unpack_uint(_np(words), n, bits))
         if 32 % bits:
             return super().unpack_uint(words, n, bits)
         per = 32 // bits
@@ -257,3 +283,25 @@ class TorchOps(Ops):
     def random_choice(self, n, k, key, counter, like):
         g = self._generator(key, counter, like.device)
         return torch.sort(torch.randperm(int(n), generator=g, device=like.device)[: int(k)]).values
+
+    # -- quantization kernels
+    def pack_signs(self, x):
+        if _on_cpu(x):
+            return torch.from_numpy(_NUMPY.pack_signs(_np(x)))
+        return super().pack_signs(x)
+
+    def select_bits(self, words, n, on, off):
+        if _on_cpu(words, on, off):
+            return torch.from_numpy(_NUMPY.select_bits(_np(words), n, _np(on), _np(off)))
+        return super().select_bits(words, n, on, off)
+
+    def tree_sum(self, x):
+        if _on_cpu(x):
+            return torch.from_numpy(_NUMPY.tree_sum(_np(x)))
+        return super().tree_sum(x)
+
+    def sign_sums(self, x):
+        if _on_cpu(x):
+            sums, count = _NUMPY.sign_sums(_np(x))
+            return torch.from_numpy(sums), torch.from_numpy(count)
+        return super().sign_sums(x)
