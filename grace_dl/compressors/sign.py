@@ -27,11 +27,6 @@ def pairwise_sum(ops: Ops, x: Array, dtype: str) -> Array:
     return ops.tree_sum(x)
 
 
-def _constant(ops: Ops, value: float, dtype: str, like: Array) -> Array:
-    """A 1-element array holding ``value`` in ``dtype``."""
-    return ops.zeros(1, dtype, like) + value
-
-
 class _SignCompressor(Compressor):
     """Shared wire format: ``n`` sign bits, then ``scales`` values of the compute dtype.
 
@@ -101,8 +96,8 @@ class SignSGD(_SignCompressor):
         pass
 
     def _expand(self, ops, words, scales, ctx):
-        return ops.select_bits(words, ctx.numel, _constant(ops, 1.0, ctx.dtype, words),
-                               _constant(ops, -1.0, ctx.dtype, words))
+        return ops.select_bits(words, ctx.numel, ops.full(1, 1.0, ctx.dtype, words),
+                               ops.full(1, -1.0, ctx.dtype, words))
 
 
 @register("compressor", "signum", paper="Bernstein et al. 2018, signSGD: Compressed Optimisation "
@@ -145,7 +140,7 @@ class EFSignSGD(_SignCompressor):
         pass
 
     def _scales(self, ops, x, ctx):
-        return pairwise_sum(ops, ops.abs(x), ctx.dtype) * (1.0 / ctx.numel)
+        return ops.tree_sum(ops.abs(x), 1.0 / ctx.numel)
 
     def _expand(self, ops, words, scales, ctx):
         return ops.select_bits(words, ctx.numel, scales, -scales)
@@ -177,11 +172,7 @@ class OneBit(_SignCompressor):
         pass
 
     def _scales(self, ops, x, ctx):
-        sums, pos_count = ops.sign_sums(x)
-        counts = ops.concat([pos_count, ctx.numel - pos_count])
-        # an empty side has sum 0: dividing it by 1 gives mean 0
-        counts = ops.cast(ops.where(counts > 0, counts, counts * 0 + 1), ctx.dtype)
-        return sums / counts
+        return ops.sign_means(x)
 
     def _expand(self, ops, words, scales, ctx):
         return ops.select_bits(words, ctx.numel, scales[0:1], scales[1:2])

@@ -296,32 +296,40 @@ class Ops(abc.ABC):
         1-element arrays of the output dtype, copied bit for bit (a -0.0 stays -0.0)."""
         return self.where(self.unpack_bits(words, n), on, off)
 
-    def tree_sum(self, x: Array) -> Array:
+    def full(self, n: int, value: float, dtype: str, like: Array) -> Array:
+        """A 1-D array of ``n`` copies of ``value`` in ``dtype`` on ``like``'s device."""
+        return self.zeros(n, dtype, like) + value
+
+    def tree_sum(self, x: Array, scale: float = 1.0) -> Array:
         """The sum of 1-D float ``x`` as a 1-element array, added in one fixed order so
         that every backend and device rounds alike: with ``h`` the largest power of two
         below ``n``, element ``i + h`` is added to element ``i`` (elements ``n - h ..
         h - 1`` are carried unchanged), then halves of the ``h`` partial sums are added
         elementwise until one is left. ``ceil(log2 n)`` elementwise additions, no host
-        sync; an empty ``x`` sums to 0."""
+        sync; an empty ``x`` sums to 0. A ``scale`` other than 1 multiplies the sum
+        (one rounding) before it is returned."""
         n = self.numel(x)
         if n == 0:
             return self.zeros(1, self.dtype(x), x)
-        if n == 1:
-            return x
-        h = 1 << ((n - 1).bit_length() - 1)
-        head = x[:n - h] + x[h:]
-        x = self.concat([head, x[n - h:h]]) if n - h < h else head
-        while h > 1:
-            h //= 2
-            x = x[:h] + x[h:]
-        return x
+        if n > 1:
+            h = 1 << ((n - 1).bit_length() - 1)
+            head = x[:n - h] + x[h:]
+            x = self.concat([head, x[n - h:h]]) if n - h < h else head
+            while h > 1:
+                h //= 2
+                x = x[:h] + x[h:]
+        return x * scale if scale != 1.0 else x
 
-    def sign_sums(self, x: Array) -> tuple[Array, Array]:
-        """``(sums, count)`` for 1-D float ``x``: ``sums`` is the 2-element array of the
-        :meth:`tree_sum` of ``x`` where ``x >= 0`` and of ``x`` elsewhere (NaN included),
-        each taken over all ``n`` positions with +0.0 in the other side's places;
-        ``count`` is the 1-element int64 number of elements with ``x >= 0``."""
+    def sign_means(self, x: Array) -> Array:
+        """The 2-element array ``[mean of x where x >= 0, mean of x elsewhere]`` (NaN
+        counts as negative) for 1-D float ``x``: each side's :meth:`tree_sum`, taken over
+        all ``n`` positions with +0.0 in the other side's places, divided by its element
+        count cast to ``x``'s dtype; an empty side has mean +0.0 (its sum divided by 1)."""
         mask = x >= 0
-        zeros = self.zeros(self.numel(x), self.dtype(x), x)
+        n = self.numel(x)
+        zeros = self.zeros(n, self.dtype(x), x)
         sums = self.concat([self.tree_sum(self.where(mask, x, zeros)), self.tree_sum(self.where(mask, zeros, x))])
-        return sums, self.reshape(self.sum(self.cast(mask, "int64")), (1,))
+        positive = self.reshape(self.sum(self.cast(mask, "int64")), (1,))
+        counts = self.concat([positive, n - positive])
+        counts = self.where(counts > 0, counts, counts * 0 + 1)
+        return sums / self.cast(counts, self.dtype(x))

@@ -295,13 +295,15 @@ class TorchOps(Ops):
             return torch.from_numpy(_NUMPY.select_bits(_np(words), n, _np(on), _np(off)))
         return super().select_bits(words, n, on, off)
 
-    def tree_sum(self, x):
-        if _on_cpu(x):
-            return torch.from_numpy(_NUMPY.tree_sum(_np(x)))
-        return super().tree_sum(x)
+    def full(self, n, value, dtype, like):
+        return torch.full((int(n),), value, dtype=_td(dtype), device=like.device)
 
-    def sign_sums(self, x):
+    def tree_sum(self, x, scale=1.0):
         if _on_cpu(x):
-            sums, count = _NUMPY.sign_sums(_np(x))
-            return torch.from_numpy(sums), torch.from_numpy(count)
-        return super().sign_sums(x)
+            return torch.from_numpy(_NUMPY.tree_sum(_np(x), scale))
+        return super().tree_sum(x, scale)
+
+    def sign_means(self, x):
+        if _on_cpu(x):
+            return torch.from_numpy(_NUMPY.sign_means(_np(x)))
+        return super().sign_means(x)
