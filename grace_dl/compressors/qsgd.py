@@ -75,9 +75,9 @@ class QSGD(BucketedLevels, Compressor):
         safe = ops.where(norms > 0, norms, norms * 0 + 1)
         scaled = ops.abs(grid) / ops.reshape(safe, (buckets, 1)) * s
         noise = ops.reshape(ops.random_uniform(buckets * d, ctx.worker_key, ctx.step, x), (buckets, d))
-        level = ops.minimum(ops.floor(scaled + ops.cast(noise, ctx.dtype)), scaled * 0 + s)
+        level = ops.minimum(ops.floor(scaled + ops.cast(noise, ctx.dtype)), ops.full(1, s, ctx.dtype, x))
         code = ops.flatten(ops.sign(grid) * level + s)[:n]
-        words = ops.pack_uint(ops.cast(code, "int64"), self.bits)
+        words = ops.pack_uint(ops.cast(code, "uint8" if self.bits <= 8 else "int32"), self.bits)
         return Payload.of(ops, ops.concat([to_words(ops, norms), words]))
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:

@@ -168,24 +168,42 @@ class NumpyOps(Ops):
         return (b.reshape(-1, bits).astype(np.int64) * weights).sum(axis=1)
 
     def pack_uint(self, v, bits):
-        if 32 % bits:  # fields straddle words: use the generic bit stream
-            return super().pack_uint(v, bits)
-        per = 32 // bits
-        pad = (-v.shape[0]) % per
-        u = v.astype(np.uint64)
-        if pad:
-            u = np.concatenate([u, np.zeros(pad, np.uint64)])
-        shifts = np.arange(per, dtype=np.uint64) * np.uint64(bits)
-        words = np.bitwise_or.reduce(u.reshape(-1, per) << shifts, axis=1)
-        return words.astype("<u4").view("<i4").astype(np.int32, copy=False)
+        v = np.asarray(v)
+        n = v.shape[0]
+        if bits in (1, 2, 4, 8):  # whole fields per byte: or shifted columns of bytes
+            per = 8 // bits
+            u = v.astype(np.uint8)
+            pad = (-n) % (4 * per)
+            if pad:
+                u = np.concatenate([u, np.zeros(pad, np.uint8)])
+            if per > 1:
+                cols = u.reshape(-1, per)
+                packed = cols[:, 0].copy()
+                for j in range(1, per):
+                    packed |= cols[:, j] << np.uint8(j * bits)
+                u = packed
+            return u.view("<i4").astype(np.int32, copy=False)
+        # any other width: the little-endian bits of each value, cut to `bits`, as one stream
+        width = 2 if bits <= 16 else 4 if bits <= 32 else 8
+        u = v.astype(f"<u{width}")
+        stream = np.unpackbits(u.view(np.uint8).reshape(n, width), axis=1, bitorder="little")[:, :bits]
+        return self._bytes_to_words(np.packbits(stream.reshape(-1), bitorder="little"))
 
     def unpack_uint(self, words, n, bits):
-        if 32 % bits:
-            return super().unpack_uint(words, n, bits)
-        per = 32 // bits
-        u = np.ascontiguousarray(words, dtype="<i4").view("<u4").astype(np.int64)
-        shifts = np.arange(per, dtype=np.int64) * bits
-        return ((u[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[: int(n)]
+        n = int(n)
+        raw = np.ascontiguousarray(words, dtype="<i4").view(np.uint8)
+        if bits in (1, 2, 4, 8):
+            per = 8 // bits
+            u = raw[: -(-n // per)]
+            if per > 1:
+                shifts = np.arange(per, dtype=np.uint8) * np.uint8(bits)
+                u = ((u[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)[:n]
+            return u[:n].astype(np.int64)
+        width = 2 if bits <= 16 else 4 if bits <= 32 else 8
+        stream = np.unpackbits(raw, count=n * bits, bitorder="little").reshape(n, bits)
+        fields = np.zeros((n, 8 * width), np.uint8)
+        fields[:, :bits] = stream
+        return np.packbits(fields, axis=1, bitorder="little").view(f"<u{width}").reshape(-1).astype(np.int64)
 
     @staticmethod
     def _generator(key, counter):
