@@ -93,3 +93,50 @@ def test_torch_kernels_match_numpy_on_cpu_and_through_the_defaults(n):
             w = torch.from_numpy(ops.pack_signs(x))
             on, off = torch.tensor([1.5], dtype=t.dtype), torch.tensor([-2.0], dtype=t.dtype)
             assert backend.select_bits(w, n, on, off).numpy().tobytes() == np.where(x >= 0, 1.5, -2.0).astype(dtype).tobytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([1, 2, 3, 4, 5, 8]), n=st.integers(0, 300), seed=st.integers(0, 10**6))
+def test_take_fields_decodes_each_field_through_the_table(bits, n, seed):
+    rng = np.random.default_rng(seed)
+    v = rng.integers(0, 1 << bits, n)
+    table = rng.standard_normal(1 << bits).astype(np.float32)
+    table[0] = -0.0
+    words = ops.pack_uint(v, bits)
+    got = ops.take_fields(words, n, bits, table)
+    assert got.dtype == np.float32 and got.tobytes() == table[v].tobytes()
+    assert got.tobytes() == Ops.take_fields(ops, words, n, bits, table).tobytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=cases, bound=st.sampled_from([0.5, 1.0, 3.0]))
+def test_ternary_codes_equal_the_default(case, bound):
+    n, seed, dtype, specials = case
+    x = _floats(n, seed, dtype, specials)
+    u = np.random.default_rng(seed + 7).random(n).astype(dtype)
+    b = np.array([bound], dtype)
+    got = ops.ternary_codes(x, b, u)
+    assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1, 2}
+    assert got.tobytes() == Ops.ternary_codes(ops, x, b, u).tobytes()
+    keep = u < np.abs(x) / b
+    assert np.array_equal(got, np.where(keep, np.where(x < 0, 0, 2), 1))
+
+
+def test_torch_field_and_ternary_kernels_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    x = _floats(1001, 3, "float32", True)
+    u = np.random.default_rng(4).random(1001).astype(np.float32)
+    b = np.array([0.7], np.float32)
+    want = ops.ternary_codes(x, b, u)
+    got = T.ternary_codes(torch.from_numpy(x), torch.from_numpy(b), torch.from_numpy(u))
+    assert got.numpy().tobytes() == want.tobytes()
+    generic = Ops.ternary_codes(T, torch.from_numpy(x), torch.from_numpy(b), torch.from_numpy(u))
+    assert generic.numpy().tobytes() == want.tobytes()
+    words = ops.pack_uint(want, 2)
+    table = np.array([-1.5, 0.0, 1.5, 3.0], np.float32)
+    for backend_take in (T.take_fields, lambda *a: Ops.take_fields(T, *a)):
+        out = backend_take(torch.from_numpy(words), 1001, 2, torch.from_numpy(table))
+        assert out.numpy().tobytes() == table[want].tobytes()

@@ -77,7 +77,7 @@ class QSGD(BucketedLevels, Compressor):
         noise = ops.reshape(ops.random_uniform(buckets * d, ctx.worker_key, ctx.step, x), (buckets, d))
         level = ops.minimum(ops.floor(scaled + ops.cast(noise, ctx.dtype)), ops.full(1, s, ctx.dtype, x))
         code = ops.flatten(ops.sign(grid) * level + s)[:n]
-        words = ops.pack_uint(ops.cast(code, "uint8" if self.bits <= 8 else "int32"), self.bits)
+        words = ops.pack_uint(ops.cast(code, "int32"), self.bits)
         return Payload.of(ops, ops.concat([to_words(ops, norms), words]))
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
@@ -85,7 +85,11 @@ class QSGD(BucketedLevels, Compressor):
         buckets = -(-n // d)
         norm_words = words_for(ctx.dtype, buckets)
         norms = from_words(ops, buffer[:norm_words], ctx.dtype, buckets)
-        code = ops.cast(ops.unpack_uint(buffer[norm_words:], n, self.bits), ctx.dtype) - s
+        if self.bits <= 8:  # code c decodes to c - s: a 2**bits-entry table
+            table = ops.cast(ops.arange(1 << self.bits, norms) - s, ctx.dtype)
+            code = ops.take_fields(buffer[norm_words:], n, self.bits, table)
+        else:
+            code = ops.cast(ops.unpack_uint(buffer[norm_words:], n, self.bits), ctx.dtype) - s
         pad = buckets * d - n
         if pad:
             code = ops.concat([code, ops.zeros(pad, ctx.dtype, code)])

@@ -333,3 +333,19 @@ class Ops(abc.ABC):
         counts = self.concat([positive, n - positive])
         counts = self.where(counts > 0, counts, counts * 0 + 1)
         return sums / self.cast(counts, self.dtype(x))
+
+    def take_fields(self, words: Array, n: int, bits: int, values: Array) -> Array:
+        """``n`` elements: element ``i`` is ``values[f_i]``, with ``f_i`` the ``i``-th
+        ``bits``-wide field of ``words`` in the layout of :meth:`pack_uint`, and
+        ``values`` a 1-D array of ``2**bits`` entries of the output dtype (a decoding
+        table), copied bit for bit."""
+        return self.gather(values, self.unpack_uint(words, n, bits))
+
+    def ternary_codes(self, x: Array, bound: Array, u: Array) -> Array:
+        """uint8 codes ``1 + t_i`` in {0, 1, 2} for 1-D float ``x``: ``t_i`` is -1 where
+        ``x_i < 0`` and +1 elsewhere if ``u_i < |x_i| / bound``, and 0 otherwise (so NaN
+        gives 1). ``bound``: a 1-element array of ``x``'s dtype; ``u``: draws in
+        ``x``'s dtype."""
+        keep = u < self.abs(x) / bound
+        one = self.zeros(self.numel(x), "uint8", x) + 1
+        return self.where(keep, self.where(x < 0, one - 1, one + 1), one)

@@ -267,6 +267,27 @@ class NumpyOps(Ops):
         counts = np.array([max(positive, 1), max(x.shape[0] - positive, 1)], np.int64)
         return sums / counts.astype(x.dtype)
 
+    def take_fields(self, words, n, bits, values):
+        if bits not in (1, 2, 4, 8):
+            return super().take_fields(words, n, bits, values)
+        per = 8 // bits
+        raw = np.ascontiguousarray(words, dtype="<i4").view(np.uint8)[: -(-int(n) // per)]
+        if per == 1:
+            return np.take(values, raw)
+        # one row of `per` output values per byte, looked up in a 256-row table
+        return np.take(np.take(values, _BYTE_FIELDS[bits]), raw, axis=0).reshape(-1)[: int(n)]
+
+    def ternary_codes(self, x, bound, u):
+        keep = (u < np.abs(x) / bound).view(np.uint8)
+        # 1 + keep - 2 (keep and x < 0), in bytes: no branch per element
+        codes = np.add(keep, 1, dtype=np.uint8)
+        codes -= np.left_shift(keep & (x < 0).view(np.uint8), 1)
+        return codes
+
+
+#: field j of byte value b for fields of 1, 2 and 4 bits, as (256, 8 / bits) index tables
+_BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits)) & ((1 << bits) - 1)
+                for bits in (1, 2, 4)}
 
 #: bit j of byte value b, as a (256, 8) bool table
 _BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(np.bool_)

@@ -307,3 +307,13 @@ class TorchOps(Ops):
         if _on_cpu(x):
             return torch.from_numpy(_NUMPY.sign_means(_np(x)))
         return super().sign_means(x)
+
+    def take_fields(self, words, n, bits, values):
+        if _on_cpu(words, values):
+            return torch.from_numpy(_NUMPY.take_fields(_np(words), n, bits, _np(values)))
+        return super().take_fields(words, n, bits, values)
+
+    def ternary_codes(self, x, bound, u):
+        if _on_cpu(x, bound, u):
+            return torch.from_numpy(_NUMPY.ternary_codes(_np(x), _np(bound), _np(u)))
+        return super().ternary_codes(x, bound, u)
