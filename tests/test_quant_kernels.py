@@ -140,3 +140,38 @@ def test_torch_field_and_ternary_kernels_match_numpy():
     for backend_take in (T.take_fields, lambda *a: Ops.take_fields(T, *a)):
         out = backend_take(torch.from_numpy(words), 1001, 2, torch.from_numpy(table))
         assert out.numpy().tobytes() == table[want].tobytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=cases)
+def test_power_of_two_kernels_equal_the_defaults(case):
+    n, seed, _, specials = case
+    x = _floats(n, seed, "float32", specials)
+    r = np.random.default_rng(seed + 3).integers(0, 1 << 23, n).astype(np.int32)
+    codes = ops.power_of_two_codes(x, r)
+    assert codes.dtype == np.int32 and codes.tobytes() == Ops.power_of_two_codes(ops, x, r).tobytes()
+    assert codes.min(initial=0) >= 0 and codes.max(initial=0) < 512
+    values = ops.power_of_two_values(codes)
+    assert values.tobytes() == Ops.power_of_two_values(ops, codes).tobytes()
+    # every finite value lands on one of the two powers of two around it, with its sign
+    finite = np.isfinite(x) & (x != 0) & (np.abs(x) >= np.finfo(np.float32).tiny)
+    low = np.exp2(np.floor(np.log2(np.abs(x[finite].astype(np.float64)))))
+    got = np.abs(values[finite].astype(np.float64))
+    assert np.all((got == low) | (got == 2 * low))
+    assert np.all(np.sign(values[finite]) == np.sign(x[finite]))
+    assert np.isnan(values[np.isnan(x)]).all()
+
+
+def test_torch_power_of_two_kernels_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    x = _floats(2000, 9, "float32", True)
+    r = np.random.default_rng(2).integers(0, 1 << 23, 2000).astype(np.int32)
+    want = ops.power_of_two_codes(x, r)
+    for codes_of in (T.power_of_two_codes, lambda *a: Ops.power_of_two_codes(T, *a)):
+        assert codes_of(torch.from_numpy(x), torch.from_numpy(r)).numpy().tobytes() == want.tobytes()
+    for values_of in (T.power_of_two_values, lambda c: Ops.power_of_two_values(T, c)):
+        got = values_of(torch.from_numpy(want.astype(np.int64)))
+        assert got.numpy().tobytes() == ops.power_of_two_values(want).tobytes()

@@ -105,6 +105,10 @@ class Natural(Compressor):
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         itype, mbits, ebits = _format(ctx.dtype)
+        if ctx.dtype == "float32":  # one 23-bit draw per element decides, as below
+            u = ops.random_uniform(ctx.numel, ctx.worker_key, ctx.step, x)
+            r = ops.cast(u * float(1 << _UNIFORM_BITS), "int32")
+            return Payload.of(ops, ops.pack_uint(ops.power_of_two_codes(x, r), ebits + 1))
         bits = ops.bitcast(x, itype)
         negative = bits < 0
         mag = ops.bitwise_and(bits, (1 << (mbits + ebits)) - 1)
@@ -122,6 +126,8 @@ class Natural(Compressor):
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         itype, mbits, ebits = _format(ctx.dtype)
         code = ops.unpack_uint(buffer, ctx.numel, ebits + 1)
+        if ctx.dtype == "float32":
+            return ops.power_of_two_values(code)
         sign_bit = 1 << ebits
         negative = code >= sign_bit
         mag = ops.shift_left(ops.cast(ops.bitwise_and(code, sign_bit - 1), itype), mbits)

@@ -349,3 +349,26 @@ class Ops(abc.ABC):
         keep = u < self.abs(x) / bound
         one = self.zeros(self.numel(x), "uint8", x) + 1
         return self.where(keep, self.where(x < 0, one - 1, one + 1), one)
+
+    def power_of_two_codes(self, x: Array, r: Array) -> Array:
+        """int32 codes of float32 ``x`` rounded to a neighbouring power of two (natural
+        compression), from its bits: with ``e`` the exponent field and ``m`` the 23-bit
+        mantissa of ``|x|``, ``e`` is raised by one where ``r < m`` (``r``: int32 draws
+        in ``[0, 2**23)``) and ``e < 254``; the code is ``e``, plus 256 for a negative
+        ``x`` with ``e > 0``; NaN is code 256. :meth:`power_of_two_values` inverts it."""
+        bits = self.bitcast(x, "int32")
+        mag = self.bitwise_and(bits, 0x7FFFFFFF)
+        e = self.shift_right(mag, 23)
+        up = (r < self.bitwise_and(mag, 0x7FFFFF)) & (e < 254)
+        e = e + self.cast(up, "int32")
+        code = self.where((bits < 0) & (e > 0), e + 256, e)
+        return self.where(mag > 0x7F800000, e * 0 + 256, code)
+
+    def power_of_two_values(self, codes: Array) -> Array:
+        """float32 values of :meth:`power_of_two_codes` (any integer dtype, each below
+        512): ``+-2**(e - 127)`` from the exponent field ``e = code % 256`` (0 gives
+        zero, 255 infinity), negative for codes from 256 on, code 256 the quiet NaN."""
+        codes = self.cast(codes, "int32")
+        mag = self.shift_left(self.bitwise_and(codes, 255), 23)
+        bits = self.where(codes >= 256, mag + (-(1 << 31)), mag)
+        return self.bitcast(self.where(codes == 256, mag * 0 + 0x7FC00000, bits), "float32")

@@ -183,8 +183,10 @@ class NumpyOps(Ops):
                     packed |= cols[:, j] << np.uint8(j * bits)
                 u = packed
             return u.view("<i4").astype(np.int32, copy=False)
+        if bits <= 16:
+            return self._bytes_to_words(_pack_groups_of_eight(v, bits))
         # any other width: the little-endian bits of each value, cut to `bits`, as one stream
-        width = 2 if bits <= 16 else 4 if bits <= 32 else 8
+        width = 4 if bits <= 32 else 8
         u = v.astype(f"<u{width}")
         stream = np.unpackbits(u.view(np.uint8).reshape(n, width), axis=1, bitorder="little")[:, :bits]
         return self._bytes_to_words(np.packbits(stream.reshape(-1), bitorder="little"))
@@ -199,7 +201,9 @@ class NumpyOps(Ops):
                 shifts = np.arange(per, dtype=np.uint8) * np.uint8(bits)
                 u = ((u[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)[:n]
             return u[:n].astype(np.int64)
-        width = 2 if bits <= 16 else 4 if bits <= 32 else 8
+        if bits <= 16:
+            return _unpack_groups_of_eight(raw, n, bits)
+        width = 4 if bits <= 32 else 8
         stream = np.unpackbits(raw, count=n * bits, bitorder="little").reshape(n, bits)
         fields = np.zeros((n, 8 * width), np.uint8)
         fields[:, :bits] = stream
@@ -284,6 +288,24 @@ class NumpyOps(Ops):
         codes -= np.left_shift(keep & (x < 0).view(np.uint8), 1)
         return codes
 
+    def power_of_two_codes(self, x, r):
+        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
+        mag = bits & np.int32(0x7FFFFFFF)
+        e = mag >> 23
+        up = (r < (mag & np.int32(0x7FFFFF))) & (e < 254)
+        e += up
+        # the sign adds 256 where e > 0; no branch per element
+        e |= ((bits < 0) & (e > 0)).view(np.uint8).astype(np.int32) << 8
+        np.copyto(e, np.int32(256), where=mag > 0x7F800000)  # NaN: rare, so cheap
+        return e
+
+    def power_of_two_values(self, codes):
+        codes = np.asarray(codes).astype(np.int32, copy=False)
+        bits = (codes & 255) << 23
+        bits |= (codes >> 8) << 31  # codes < 512: bit 8 is the sign
+        np.copyto(bits, np.int32(0x7FC00000), where=codes == 256)
+        return bits.view(np.float32)
+
 
 #: field j of byte value b for fields of 1, 2 and 4 bits, as (256, 8 / bits) index tables
 _BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits)) & ((1 << bits) - 1)
@@ -291,3 +313,48 @@ _BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits))
 
 #: bit j of byte value b, as a (256, 8) bool table
 _BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(np.bool_)
+
+
+def _pack_groups_of_eight(v: np.ndarray, bits: int) -> np.ndarray:
+    """The bit stream of ``bits``-wide fields (``bits <= 16``) as bytes: eight fields make
+    ``bits`` bytes, built as two little-endian 64-bit accumulators per group of eight."""
+    n = v.shape[0]
+    groups = -(-n // 8)
+    padded = np.zeros(groups * 8, np.uint64)
+    padded[:n] = v
+    fields = np.ascontiguousarray(padded.reshape(groups, 8).T)  # field j of each group: row j
+    lo = np.zeros(groups, "<u8")
+    hi = np.zeros(groups, "<u8")
+    for j in range(8):
+        shift = bits * j
+        if shift < 64:
+            lo |= fields[j] << np.uint64(shift)  # bits past 63 fall off, into hi below
+            if shift + bits > 64:
+                hi |= fields[j] >> np.uint64(64 - shift)
+        else:
+            hi |= fields[j] << np.uint64(shift - 64)
+    out = np.concatenate([lo.view(np.uint8).reshape(groups, 8), hi.view(np.uint8).reshape(groups, 8)], axis=1)
+    return out[:, :bits].reshape(-1)[: -(-n * bits // 8)]
+
+
+def _unpack_groups_of_eight(raw: np.ndarray, n: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`_pack_groups_of_eight`: ``n`` int64 fields from the bytes ``raw``."""
+    groups = -(-n // 8)
+    take = min(raw.shape[0], groups * bits)
+    stream = np.zeros(groups * bits, np.uint8)
+    stream[:take] = raw[:take]
+    buf = np.zeros((groups, 16), np.uint8)
+    buf[:, :bits] = stream.reshape(groups, bits)
+    halves = np.ascontiguousarray(buf.view("<u8").T)  # rows: low and high 64 bits of each group
+    lo, hi = halves[0], halves[1]
+    mask = np.uint64((1 << bits) - 1)
+    out = np.empty((8, groups), np.uint64)  # field j of each group: row j
+    for j in range(8):
+        shift = bits * j
+        if shift + bits <= 64:
+            np.bitwise_and(lo >> np.uint64(shift), mask, out=out[j])
+        elif shift < 64:
+            np.bitwise_and((lo >> np.uint64(shift)) | (hi << np.uint64(64 - shift)), mask, out=out[j])
+        else:
+            np.bitwise_and(hi >> np.uint64(shift - 64), mask, out=out[j])
+    return out.T.reshape(-1)[:n].astype(np.int64)

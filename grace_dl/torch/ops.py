@@ -317,3 +317,13 @@ class TorchOps(Ops):
         if _on_cpu(x, bound, u):
             return torch.from_numpy(_NUMPY.ternary_codes(_np(x), _np(bound), _np(u)))
         return super().ternary_codes(x, bound, u)
+
+    def power_of_two_codes(self, x, r):
+        if _on_cpu(x, r):
+            return torch.from_numpy(_NUMPY.power_of_two_codes(_np(x), _np(r)))
+        return super().power_of_two_codes(x, r)
+
+    def power_of_two_values(self, codes):
+        if _on_cpu(codes):
+            return torch.from_numpy(_NUMPY.power_of_two_values(_np(codes)))
+        return super().power_of_two_values(codes)
