@@ -175,3 +175,23 @@ def test_torch_power_of_two_kernels_match_numpy():
     for values_of in (T.power_of_two_values, lambda c: Ops.power_of_two_values(T, c)):
         got = values_of(torch.from_numpy(want.astype(np.int64)))
         assert got.numpy().tobytes() == ops.power_of_two_values(want).tobytes()
+
+
+@pytest.mark.parametrize("name,kwargs", [("qsgd", {}), ("qsgd", {"levels": 3, "bucket_size": 7}),
+                                         ("qsgd", {"levels": 300, "bucket_size": 100}), ("natural", {})])
+@pytest.mark.parametrize("n", [1, 31, 1000, 5000])
+def test_chunked_processing_gives_the_payload_of_one_pass(monkeypatch, name, kwargs, n):
+    import grace_dl
+    import grace_dl.compressors.qsgd as qsgd_module
+
+    from helpers import make_ctx
+
+    comp = grace_dl.make(name, **kwargs).compressor
+    x = _floats(n, n, "float32", True)
+    ctx = make_ctx(n)
+    whole = comp.compress(ops, x, ctx).buffer
+    out = comp.decompress(ops, whole, ctx)
+    monkeypatch.setattr(qsgd_module, "CHUNK_ELEMENTS", 64)
+    assert len(qsgd_module.chunk_bounds(n, 32)) == -(-n // 64)
+    assert comp.compress(ops, x, ctx).buffer.tobytes() == whole.tobytes()
+    assert comp.decompress(ops, whole, ctx).tobytes() == out.tobytes()

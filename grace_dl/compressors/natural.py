@@ -13,7 +13,7 @@ from ..core import Compressor, TensorContext
 from ..ops import DTYPE_ITEMSIZE, Array, Ops
 from ..payload import Payload, from_words, layout_nbytes, to_words, words_for
 from ..registry import register
-from .qsgd import BucketedLevels
+from .qsgd import BucketedLevels, chunk_bounds
 
 # compute dtype -> (integer dtype of its bits, mantissa bits, exponent bits)
 _FORMATS = {"float32": ("int32", 23, 8), "float64": ("int64", 52, 11)}
@@ -107,8 +107,11 @@ class Natural(Compressor):
         itype, mbits, ebits = _format(ctx.dtype)
         if ctx.dtype == "float32":  # one 23-bit draw per element decides, as below
             u = ops.random_uniform(ctx.numel, ctx.worker_key, ctx.step, x)
-            r = ops.cast(u * float(1 << _UNIFORM_BITS), "int32")
-            return Payload.of(ops, ops.pack_uint(ops.power_of_two_codes(x, r), ebits + 1))
+            parts = []
+            for start, stop in chunk_bounds(ctx.numel, 32):  # whole words per chunk
+                r = ops.cast(u[start:stop] * float(1 << _UNIFORM_BITS), "int32")
+                parts.append(ops.pack_uint(ops.power_of_two_codes(x[start:stop], r), ebits + 1))
+            return Payload.of(ops, parts[0] if len(parts) == 1 else ops.concat(parts))
         bits = ops.bitcast(x, itype)
         negative = bits < 0
         mag = ops.bitwise_and(bits, (1 << (mbits + ebits)) - 1)
@@ -125,9 +128,13 @@ class Natural(Compressor):
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         itype, mbits, ebits = _format(ctx.dtype)
-        code = ops.unpack_uint(buffer, ctx.numel, ebits + 1)
         if ctx.dtype == "float32":
-            return ops.power_of_two_values(code)
+            parts = []
+            for start, stop in chunk_bounds(ctx.numel, 32):
+                words = buffer[start * 9 // 32:start * 9 // 32 + words_for("bool", (stop - start) * 9)]
+                parts.append(ops.power_of_two_values(ops.unpack_uint(words, stop - start, 9)))
+            return parts[0] if len(parts) == 1 else ops.concat(parts)
+        code = ops.unpack_uint(buffer, ctx.numel, ebits + 1)
         sign_bit = 1 << ebits
         negative = code >= sign_bit
         mag = ops.shift_left(ops.cast(ops.bitwise_and(code, sign_bit - 1), itype), mbits)
