@@ -195,3 +195,27 @@ def test_chunked_processing_gives_the_payload_of_one_pass(monkeypatch, name, kwa
     assert len(qsgd_module.chunk_bounds(n, 32)) == -(-n // 64)
     assert comp.compress(ops, x, ctx).buffer.tobytes() == whole.tobytes()
     assert comp.decompress(ops, whole, ctx).tobytes() == out.tobytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=cases)
+def test_bfloat16_words_kernel_equals_the_bit_formulation(case):
+    from grace_dl.compressors.fp16 import bfloat16_bits, bfloat16_words
+
+    n, seed, _, specials = case
+    x = _floats(n, seed, "float32", specials)
+    x[: min(n, 2)] = np.array([np.float32(-np.nan), np.float32(3.3961776e38)])[: min(n, 2)]  # -NaN, rounds to inf
+    want = bfloat16_words(ops, bfloat16_bits(ops, x))
+    assert ops.bfloat16_words(x).tobytes() == want.tobytes()
+    assert Ops.bfloat16_words(ops, x).tobytes() == want.tobytes()
+
+
+def test_torch_bfloat16_words_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    x = _floats(1001, 5, "float32", True)
+    want = ops.bfloat16_words(x)
+    assert T.bfloat16_words(torch.from_numpy(x)).numpy().tobytes() == want.tobytes()
+    assert Ops.bfloat16_words(T, torch.from_numpy(x)).numpy().tobytes() == want.tobytes()

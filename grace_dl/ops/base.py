@@ -372,3 +372,19 @@ class Ops(abc.ABC):
         mag = self.shift_left(self.bitwise_and(codes, 255), 23)
         bits = self.where(codes >= 256, mag + (-(1 << 31)), mag)
         return self.bitcast(self.where(codes == 256, mag * 0 + 0x7FC00000, bits), "float32")
+
+    def bfloat16_words(self, x: Array) -> Array:
+        """The bfloat16 bit patterns of 1-D float32 ``x``, two to a little-endian int32
+        word (element ``2i`` in the low half of word ``i``, a zero half after an odd
+        count): rounded once to nearest even on the 16 dropped bits, subnormals kept,
+        overflow to inf, NaN as the quiet NaN ``0x7FC0`` with ``x``'s sign."""
+        bits = self.cast(self.bitcast(x, "int32"), "int64")
+        mag = self.bitwise_and(bits, 0x7FFFFFFF)
+        rounded = self.shift_right(mag + 0x7FFF + self.bitwise_and(self.shift_right(mag, 16), 1), 16)
+        rounded = self.where(mag > 0x7F800000, rounded * 0 + 0x7FC0, rounded)
+        halves = self.where(bits < 0, rounded + 0x8000, rounded)
+        if self.numel(halves) % 2:
+            halves = self.concat([halves, self.zeros(1, "int64", halves)])
+        pairs = self.reshape(halves, (-1, 2))
+        words = pairs[:, 0] + pairs[:, 1] * 65536
+        return self.cast(self.where(words >= 2**31, words - 2**32, words), "int32")

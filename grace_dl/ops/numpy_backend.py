@@ -306,6 +306,16 @@ class NumpyOps(Ops):
         np.copyto(bits, np.int32(0x7FC00000), where=codes == 256)
         return bits.view(np.float32)
 
+    def bfloat16_words(self, x):
+        u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        # round to nearest even on the dropped half; no finite value carries into the sign
+        halves = ((u + (np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1)))) >> 16).astype(np.uint16)
+        nan = np.isnan(x)
+        np.copyto(halves, ((u >> 16) & np.uint32(0x8000)).astype(np.uint16) | np.uint16(0x7FC0), where=nan)
+        if halves.shape[0] % 2:
+            halves = np.concatenate([halves, np.zeros(1, np.uint16)])
+        return halves.astype("<u2", copy=False).view("<i4").astype(np.int32, copy=False)
+
 
 #: field j of byte value b for fields of 1, 2 and 4 bits, as (256, 8 / bits) index tables
 _BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits)) & ((1 << bits) - 1)

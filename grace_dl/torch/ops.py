@@ -327,3 +327,8 @@ class TorchOps(Ops):
         if _on_cpu(codes):
             return torch.from_numpy(_NUMPY.power_of_two_values(_np(codes)))
         return super().power_of_two_values(codes)
+
+    def bfloat16_words(self, x):
+        if _on_cpu(x):
+            return torch.from_numpy(_NUMPY.bfloat16_words(_np(x)))
+        return super().bfloat16_words(x)
