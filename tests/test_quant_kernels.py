@@ -219,3 +219,34 @@ def test_torch_bfloat16_words_match_numpy():
     want = ops.bfloat16_words(x)
     assert T.bfloat16_words(torch.from_numpy(x)).numpy().tobytes() == want.tobytes()
     assert Ops.bfloat16_words(T, torch.from_numpy(x)).numpy().tobytes() == want.tobytes()
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=cases, levels=st.sampled_from([1, 2, 3, 8, 30, 126]))
+def test_dither_kernels_equal_the_defaults(case, levels):
+    n, seed, dtype, specials = case
+    x = _floats(n, seed, dtype, specials)
+    y = x / np.abs(x[np.isfinite(x)]).max(initial=1.0).astype(dtype)
+    y[: min(n, 1)] = np.array([1.0000001], dtype)[: min(n, 1)]  # above 1 by rounding: clamped
+    u = np.random.default_rng(seed + 5).random(n).astype(dtype)
+    codes = ops.dither_codes(y, u, levels)
+    assert codes.tobytes() == Ops.dither_codes(ops, y, u, levels).astype(codes.dtype).tobytes()
+    assert codes.min(initial=levels) >= 0 and codes.max(initial=levels) <= 2 * levels
+    values = ops.dither_values(codes, levels, dtype)
+    assert values.dtype == np.dtype(dtype)
+    assert values.tobytes() == Ops.dither_values(ops, codes, levels, dtype).tobytes()
+
+
+def test_torch_dither_kernels_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    y = _floats(3000, 2, "float32", True) / np.float32(4)
+    u = np.random.default_rng(3).random(3000).astype(np.float32)
+    want = ops.dither_codes(y, u, 8)
+    for codes_of in (T.dither_codes, lambda *a: Ops.dither_codes(T, *a)):
+        assert codes_of(torch.from_numpy(y), torch.from_numpy(u), 8).numpy().astype(np.int32).tobytes() == want.tobytes()
+    for values_of in (T.dither_values, lambda *a: Ops.dither_values(T, *a)):
+        got = values_of(torch.from_numpy(want.astype(np.int64)), 8, "float32")
+        assert got.numpy().tobytes() == ops.dither_values(want, 8, "float32").tobytes()

@@ -214,7 +214,7 @@ class NaturalDithering(BucketedLevels, Compressor):
         return canonical_nan(ops, norms + ops.sum(grid * 0, axis=1))
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
-        itype, mbits, _ = _format(ctx.dtype)
+        _format(ctx.dtype)  # float32 or float64
         n, d, s = ctx.numel, self.bucket_size, self.levels
         buckets = -(-n // d)
         padded = ops.concat([x, ops.zeros(buckets * d - n, ctx.dtype, x)]) if buckets * d != n else x
@@ -222,41 +222,19 @@ class NaturalDithering(BucketedLevels, Compressor):
         mag = ops.abs(grid)
         norms = self._norms(ops, grid, mag, buckets)
         safe = ops.where(norms > 0, norms, norms * 0 + 1)
-        y = ops.flatten(mag / ops.reshape(safe, (buckets, 1)))
-        y = ops.minimum(y, y * 0 + 1)  # <= 1 already; guards the level index
-        lowest = 2.0 ** (1 - s)
-        top = y >= lowest
-        ybits = ops.bitcast(y, itype)
-        exponent_mask = ((1 << (8 * DTYPE_ITEMSIZE[itype] - 1)) - 1) ^ ((1 << mbits) - 1)
-        floor_pow2 = ops.bitcast(ops.bitwise_and(ybits, exponent_mask), ctx.dtype)
-        zero = y * 0
-        lower = ops.where(top, floor_pow2, zero)
-        width = ops.where(top, floor_pow2, zero + lowest)
-        frac = (y - lower) / width  # exact: a power-of-two division of an exact difference
+        y = ops.flatten(grid / ops.reshape(safe, (buckets, 1)))
         u = ops.cast(ops.random_uniform(buckets * d, ctx.worker_key, ctx.step, x), ctx.dtype)
-        up = u < frac
-        bias = (1 << (8 * DTYPE_ITEMSIZE[itype] - mbits - 2)) - 1
-        level = ops.cast(ops.shift_right(ybits, mbits), "int64") - bias + s  # s for y = 1
-        k = ops.where(top, level, level * 0) + ops.cast(up, "int64")
-        negative = ops.flatten(grid) < 0
-        code = ops.where(negative, s - k, s + k)[:n]
+        code = ops.dither_codes(y, u, s)[:n]
         words = ops.pack_uint(code, self.bits)
         return Payload.of(ops, ops.concat([to_words(ops, norms), words]))
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
-        itype, mbits, _ = _format(ctx.dtype)
+        _format(ctx.dtype)  # float32 or float64
         n, d, s = ctx.numel, self.bucket_size, self.levels
         buckets = -(-n // d)
         norm_words = words_for(ctx.dtype, buckets)
         norms = from_words(ops, buffer[:norm_words], ctx.dtype, buckets)
-        signed = ops.unpack_uint(buffer[norm_words:], n, self.bits) - s
-        k = ops.where(signed < 0, -signed, signed)
-        bias = (1 << (8 * DTYPE_ITEMSIZE[itype] - mbits - 2)) - 1
-        # level k >= 1 is 2**(k - s): its exponent field is k - s + bias >= 1
-        exponent = ops.where(k > 0, k - s + bias, k * 0 + bias)
-        level = ops.bitcast(ops.shift_left(ops.cast(exponent, itype), mbits), ctx.dtype)
-        zero = level * 0
-        value = ops.where(k > 0, ops.where(signed < 0, -level, level), zero)
+        value = ops.dither_values(ops.unpack_uint(buffer[norm_words:], n, self.bits), s, ctx.dtype)
         pad = buckets * d - n
         if pad:
             value = ops.concat([value, ops.zeros(pad, ctx.dtype, value)])

@@ -388,3 +388,43 @@ class Ops(abc.ABC):
         pairs = self.reshape(halves, (-1, 2))
         words = pairs[:, 0] + pairs[:, 1] * 65536
         return self.cast(self.where(words >= 2**31, words - 2**32, words), "int32")
+
+    def dither_codes(self, y: Array, u: Array, levels: int) -> Array:
+        """int32 codes ``levels + sign(y_i) k_i`` of natural dithering (Horvath et al.
+        2019) for 1-D float32/float64 ratios ``y = v / ||v||`` (magnitudes clamped to 1):
+        with ``s = levels`` and ``a = |y_i|``, an ``a >= 2**(1-s)`` between the levels
+        ``2**e <= a < 2**(e+1)`` gets ``k = e + s``, raised by one where ``u_i`` is below
+        its mantissa fraction ``(a - 2**e) / 2**e``; a smaller ``a`` gets ``k = 1`` where
+        ``u_i < a / 2**(1-s)`` and 0 otherwise; NaN gets ``k = 0``. ``u``: draws in ``y``'s
+        dtype. :meth:`dither_values` inverts the codes to the levels."""
+        dtype = self.dtype(y)
+        itype, mbits = ("int32", 23) if dtype == "float32" else ("int64", 52)
+        width_bits = 8 * DTYPE_ITEMSIZE[itype]
+        mag = self.abs(y)
+        mag = self.minimum(mag, mag * 0 + 1)
+        lowest = 2.0 ** (1 - levels)
+        top = mag >= lowest
+        ybits = self.bitcast(mag, itype)
+        exponent_mask = ((1 << (width_bits - 1)) - 1) ^ ((1 << mbits) - 1)
+        floor_pow2 = self.bitcast(self.bitwise_and(ybits, exponent_mask), dtype)
+        zero = mag * 0
+        lower = self.where(top, floor_pow2, zero)
+        width = self.where(top, floor_pow2, zero + lowest)
+        up = u < (mag - lower) / width  # exact: a power-of-two division of an exact difference
+        bias = (1 << (width_bits - mbits - 2)) - 1
+        level = self.cast(self.shift_right(ybits, mbits), "int32") - bias + levels  # s for a = 1
+        k = self.where(top, level, level * 0) + self.cast(up, "int32")
+        return self.where(y < 0, levels - k, levels + k)
+
+    def dither_values(self, codes: Array, levels: int, dtype: str) -> Array:
+        """The levels of :meth:`dither_codes` in ``dtype`` (float32 or float64): code
+        ``c`` with ``k = |c - levels| > 0`` gives ``+-2**(k - levels)``, signed as
+        ``c - levels``; ``k = 0`` gives +0.0."""
+        itype, mbits = ("int32", 23) if dtype == "float32" else ("int64", 52)
+        signed = self.cast(codes, "int32") - levels
+        k = self.where(signed < 0, -signed, signed)
+        bias = (1 << (8 * DTYPE_ITEMSIZE[itype] - mbits - 2)) - 1
+        # level k >= 1 is 2**(k - s): its exponent field is k - s + bias >= 1
+        exponent = self.where(k > 0, k - levels + bias, k * 0 + bias)
+        level = self.bitcast(self.shift_left(self.cast(exponent, itype), mbits), dtype)
+        return self.where(k > 0, self.where(signed < 0, -level, level), level * 0)

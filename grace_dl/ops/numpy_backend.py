@@ -316,6 +316,32 @@ class NumpyOps(Ops):
             halves = np.concatenate([halves, np.zeros(1, np.uint16)])
         return halves.astype("<u2", copy=False).view("<i4").astype(np.int32, copy=False)
 
+    def dither_codes(self, y, u, levels):
+        if y.dtype != np.float32:
+            return super().dither_codes(y, u, levels)
+        # branch-free on the bits: np.where on data-dependent masks is 15x slower
+        mag = np.abs(y)
+        mag = np.minimum(mag, mag * np.float32(0) + np.float32(1))  # +-inf becomes NaN, as NaN
+        a = mag.view(np.int32)
+        top = (a >= (128 - levels) << 23) & (a <= 0x7F800000)  # |y| >= 2**(1-s); NaN is not
+        keep = np.negative(top.view(np.uint8), dtype=np.int32)  # -1 where top
+        fraction_top = ((a & 0x7FFFFF).astype(np.float32) * np.float32(2.0 ** -23)).view(np.int32)
+        fraction_low = (mag * np.float32(2.0 ** (levels - 1))).view(np.int32)
+        fraction = ((fraction_top & keep) | (fraction_low & ~keep)).view(np.float32)
+        k = (((a >> 23) - (127 - levels)) & keep) + (u < fraction)
+        negative = np.negative((y < 0).view(np.uint8), dtype=np.int32)
+        return levels + k - ((k << 1) & negative)
+
+    def dither_values(self, codes, levels, dtype):
+        if dtype != "float32":
+            return super().dither_values(codes, levels, dtype)
+        signed = np.asarray(codes).astype(np.int32) - np.int32(levels)
+        k = np.abs(signed)
+        present = np.negative((k > 0).view(np.uint8), dtype=np.int32)
+        bits = ((k + (127 - levels)) << 23) & present
+        bits |= (signed >> 31) << 31  # the sign; a negative code always has k > 0
+        return bits.view(np.float32)
+
 
 #: field j of byte value b for fields of 1, 2 and 4 bits, as (256, 8 / bits) index tables
 _BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits)) & ((1 << bits) - 1)

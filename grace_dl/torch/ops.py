@@ -332,3 +332,13 @@ class TorchOps(Ops):
         if _on_cpu(x):
             return torch.from_numpy(_NUMPY.bfloat16_words(_np(x)))
         return super().bfloat16_words(x)
+
+    def dither_codes(self, y, u, levels):
+        if _on_cpu(y, u):
+            return torch.from_numpy(_NUMPY.dither_codes(_np(y), _np(u), levels))
+        return super().dither_codes(y, u, levels)
+
+    def dither_values(self, codes, levels, dtype):
+        if _on_cpu(codes):
+            return torch.from_numpy(_NUMPY.dither_values(_np(codes), levels, dtype))
+        return super().dither_values(codes, levels, dtype)
