@@ -23,6 +23,14 @@ def _floats(draw_n, seed, dtype, specials):
     return x
 
 
+def same_bits(a, b):
+    """Bit-identical, except that any NaN matches any NaN: the sign of a NaN that
+    arithmetic makes (inf - inf) depends on the CPU's kernel, not on grace-dl."""
+    a, b = np.asarray(a), np.asarray(b)
+    nan = np.isnan(a)
+    return a.dtype == b.dtype and np.array_equal(nan, np.isnan(b)) and a[~nan].tobytes() == b[~nan].tobytes()
+
+
 cases = st.tuples(st.integers(0, 2100), st.integers(0, 10**6), st.sampled_from(["float32", "float64"]), st.booleans())
 
 
@@ -32,10 +40,10 @@ def test_numpy_kernels_equal_the_protocol_defaults(case):
     n, seed, dtype, specials = case
     x = _floats(n, seed, dtype, specials)
     assert ops.pack_signs(x).tobytes() == Ops.pack_signs(ops, x).tobytes()
-    assert ops.tree_sum(x).tobytes() == Ops.tree_sum(ops, x).tobytes()
-    assert ops.tree_sum(np.abs(x), 1 / 3).tobytes() == Ops.tree_sum(ops, np.abs(x), 1 / 3).tobytes()
+    assert same_bits(ops.tree_sum(x), Ops.tree_sum(ops, x))
+    assert same_bits(ops.tree_sum(np.abs(x), 1 / 3), Ops.tree_sum(ops, np.abs(x), 1 / 3))
     if n:
-        assert ops.sign_means(x).tobytes() == Ops.sign_means(ops, x).tobytes()
+        assert same_bits(ops.sign_means(x), Ops.sign_means(ops, x))
     words = ops.pack_signs(x)
     on, off = np.array([2.5], dtype), np.array([-0.0], dtype)
     got = ops.select_bits(words, n, on, off)
@@ -87,9 +95,9 @@ def test_torch_kernels_match_numpy_on_cpu_and_through_the_defaults(n):
         t = torch.from_numpy(x.copy())
         for backend in (T, G):
             assert backend.pack_signs(t).numpy().tobytes() == ops.pack_signs(x).tobytes()
-            assert backend.tree_sum(t).numpy().tobytes() == ops.tree_sum(x).tobytes()
+            assert same_bits(backend.tree_sum(t).numpy(), ops.tree_sum(x))
             if n:
-                assert backend.sign_means(t).numpy().tobytes() == ops.sign_means(x).tobytes()
+                assert same_bits(backend.sign_means(t).numpy(), ops.sign_means(x))
             w = torch.from_numpy(ops.pack_signs(x))
             on, off = torch.tensor([1.5], dtype=t.dtype), torch.tensor([-2.0], dtype=t.dtype)
             assert backend.select_bits(w, n, on, off).numpy().tobytes() == np.where(x >= 0, 1.5, -2.0).astype(dtype).tobytes()
