@@ -39,7 +39,7 @@ _SHARES_WITH_NUMPY = {torch.float32, torch.float64, torch.float16, torch.int32, 
 
 def _on_cpu(*xs: torch.Tensor) -> bool:
     """Whether NumPy can work on all of ``xs`` in place: CPU tensors of a dtype it has."""
-    return all(x.device.type == "cpu" and x.dtype in _SHARES_WITH_NUMPY for x in xs)
+    return all(x.device.type == "cpu" and x.layout == torch.strided and x.dtype in _SHARES_WITH_NUMPY for x in xs)
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
