@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -146,9 +147,12 @@ def plot(path: str, results: Sequence[Result], ceiling: Result | None, title: st
         xs, ys, lo, hi, ideal_x, ideal_y = [], [], [], [], [], []
         for i, method in enumerate(methods):
             r = by_key.get((method, link))
+            x = i + (j - (len(links) - 1) / 2) * width
+            if r is not None and r.median is None:
+                ax.annotate("failed", (x, 0), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
+                            ha="center", va="bottom")
             if r is None or r.median is None:
                 continue
-            x = i + (j - (len(links) - 1) / 2) * width
             xs.append(x)
             ys.append(r.median)
             lo.append(r.median - r.low)
@@ -165,7 +169,7 @@ def plot(path: str, results: Sequence[Result], ceiling: Result | None, title: st
     ax.set_xticklabels(methods, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("seconds per step (median, min-max)")
     ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -251,7 +251,8 @@ def _run_all(preset: Preset, methods: list[MethodSpec], rates: list[float | None
              results: list[report.Result]) -> report.Result:
     """The ceiling, then every method on every link (appended to ``results``); returns the ceiling."""
     print(f"grace-dl bench-train: {len(methods)} methods x {len(rates)} links, {np} ranks", file=sys.stderr, flush=True)
-    ceiling = run_job(None, preset, 1, None, None, out_dir, 0, None)
+    # one process starts fast: more repeats make the reference of every fraction steadier
+    ceiling = run_job(None, replace(preset, repeats=max(2 * preset.repeats, 5)), 1, None, None, out_dir, 0, None)
     index = 1
     for rate in rates:
         with netns.ShapedLink(rate) if rate is not None else contextlib.nullcontext() as link:

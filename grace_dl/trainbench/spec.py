@@ -18,7 +18,8 @@ HOROVOD_BUILTINS = ("none", "fp16")
 #: torch's own DDP paths: no hook (DDP's allreduce), ``fp16_compress_hook``, ``powerSGD_hook``
 DDP_BUILTINS = ("allreduce", "fp16_hook", "powersgd_hook")
 #: parameters of torch's PowerSGD hook that a spec may set (``rank`` is its matrix_approximation_rank)
-POWERSGD_HOOK_PARAMS = ("rank", "start_iter", "min_compression_rate", "warm_start", "error_feedback")
+#: ``bucket_mb`` is DDP's bucket_cap_mb (default 1024: one bucket, see worker.py for why)
+POWERSGD_HOOK_PARAMS = ("rank", "start_iter", "min_compression_rate", "warm_start", "error_feedback", "bucket_mb")
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ PRESETS: dict[str, Preset] = {
     # a few minutes on a 2-core CPU: 62 tensors as in ResNet-18, 1/16 of its weights
     "small": Preset(width=16, num_classes=100, batch_size=8, image_size=64, warmup=2, steps=5, repeats=3,
                     methods=["hvd:none", "hvd:fp16", "hvd:topk,ratio=0.01", "hvd:powersgd,rank=4",
-                             "ddp:allreduce", "ddp:powersgd_hook,rank=4", "ddp:powersgd,rank=4"],
+                             "ddp:allreduce", "ddp:fp16_hook", "ddp:powersgd_hook,rank=4", "ddp:powersgd,rank=4"],
                     links=["unshaped", "100mbit"], timeout=180.0),
     # the setting of issue 11: ResNet-18 size, batch 16 per rank at 128x128
     "full": Preset(width=64, num_classes=1000, batch_size=16, image_size=128, warmup=3, steps=5, repeats=3,

@@ -98,7 +98,13 @@ def setup(config: dict[str, Any]) -> tuple[Callable[[], None], Callable[[], dict
         dist.init_process_group("gloo")
         rank, size = dist.get_rank(), dist.get_world_size()
         named = list(model.named_parameters())
-        model = DistributedDataParallel(model)
+        buckets = {}
+        if not spec["grace"] and spec["name"] == "powersgd_hook":
+            # torch's PowerSGD hook posts its second allreduce from a future's callback; on
+            # Gloo, with several buckets, the ranks can then enqueue collectives in different
+            # orders (a size mismatch abort), so it gets one bucket unless told otherwise
+            buckets = {"bucket_cap_mb": float(spec["params"].get("bucket_mb", 1024))}
+        model = DistributedDataParallel(model, **buckets)
         exchanged = [0]
         if spec["grace"]:
             import grace_dl.torch as grace
