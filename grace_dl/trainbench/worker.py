@@ -149,8 +149,13 @@ def run(config: dict[str, Any]) -> dict[str, Any] | None:
     """Warm up, time ``repeats`` runs of ``steps`` steps; rank 0's figures (None elsewhere)."""
     torch.set_num_threads(1)
     step, counters, rank, size, close = setup(config)
+    warmup = config["warmup"]
+    spec = config.get("method") or {}
+    if spec.get("name") == "powersgd_hook" and not spec.get("grace"):
+        # torch's hook allreduces uncompressed before its start_iter: keep those steps untimed
+        warmup = max(warmup, int(spec["params"].get("start_iter", 2)))
     try:
-        for _ in range(config["warmup"]):
+        for _ in range(warmup):
             step()
         before = counters()
         times = []
@@ -163,7 +168,7 @@ def run(config: dict[str, Any]) -> dict[str, Any] | None:
     finally:
         close()  # Horovod's shutdown; nothing for DDP (see setup)
     timed = config["repeats"] * config["steps"]
-    result = {"rank": rank, "size": size, "step_times": times,
+    result = {"rank": rank, "size": size, "warmup": warmup, "step_times": times,
               "sent_per_step": (after.get("sent", 0) - before.get("sent", 0)) / timed if after else 0.0,
               "payload_per_step": (after.get("payload", 0) - before.get("payload", 0)) / timed if after else 0.0}
     return result if rank == 0 else None
