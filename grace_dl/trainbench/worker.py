@@ -48,6 +48,7 @@ class AllreduceCounter:
         dist.all_reduce = counting_all_reduce
 
     def restore(self) -> None:
+        """Put torch's own ``all_reduce`` back."""
         self._dist.all_reduce = self._original
 
 
