@@ -1,5 +1,6 @@
 """The ``grace-dl`` command line: ``run`` (a YAML experiment), ``compare`` (tables and
-plots of finished runs), ``list`` (registered methods) and ``bench`` (speed and wire size)."""
+plots of finished runs), ``list`` (registered methods), ``bench`` (speed and wire size) and ``bench-train`` (end-to-end
+training step time on shaped links)."""
 
 from __future__ import annotations
 
@@ -237,6 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--against-grace", metavar="GRACE_CHECKOUT",
                    help="compare with GRACE's torch compressors loaded from this checkout of sands-lab/grace")
     p.set_defaults(func=cmd_bench)
+    from .trainbench import runner as trainbench
+
+    p = sub.add_parser("bench-train", help="end-to-end training step time per method and link, vs the compute-only "
+                                           "ceiling (docs/bench.md)")
+    trainbench.add_arguments(p)
+    p.set_defaults(func=trainbench.main)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
