@@ -84,6 +84,8 @@ class SignumMomentum(Memory):
     """
 
     needs_transmitted = False
+    #: keeps a momentum: refused with an optimizer's momentum (see :mod:`grace_dl.checks`)
+    carries_momentum = True
 
     def __init__(self, momentum: float = 0.9):
         super().__init__()
