@@ -1,4 +1,5 @@
-"""Checks of how a method is combined with the rest of a training setup.
+"""Checks of how a method is combined with the rest of a training setup, and of the state
+it is given.
 
 Momentum applied twice: a method whose memory keeps a momentum (DGC's momentum
 correction, Signum's momentum) already sends a momentum-accumulated tensor; an optimizer
@@ -61,3 +62,33 @@ def check_optimizer_momentum(grace: Any, optimizer_momentum: float, optimizer: s
     message = double_momentum_message(grace, optimizer_momentum, optimizer)
     if message is not None:
         raise ValueError(message)
+
+
+def check_state(grace: Any, state: dict[str, Any]) -> None:
+    """Refuse method state (:meth:`~grace_dl.core.Grace.state_dict`) that does not fit
+    ``grace``: fields that its memory does not keep (state saved by another method; a
+    memory declares its fields in ``state_fields``) and NaN or Inf values (which error
+    feedback would add to every later gradient). Raises ValueError naming the tensor and
+    field."""
+    import numpy as np
+
+    routes = [("", grace.memory, state.get("memory", {}))]
+    for pattern, memory_state in (state.get("overrides") or {}).items():
+        route = dict(grace.policies.overrides).get(pattern)
+        if route is not None:
+            routes.append((f" (override {pattern!r})", route.memory, memory_state))
+    for where, memory, tensors in routes:
+        expected = getattr(type(memory), "state_fields", None)
+        for name, fields in (tensors or {}).items():
+            for key, value in fields.items():
+                if expected is not None and key not in expected:
+                    kept = ", ".join(expected) or "nothing"
+                    raise ValueError(f"state of tensor {name!r}{where} has a field {key!r}, but the "
+                                     f"{getattr(type(memory), 'registry_name', type(memory).__name__)} memory keeps "
+                                     f"{kept}: the state was saved by another method")
+                array = np.asarray(value)
+                if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
+                    if not np.all(np.isfinite(array.astype(np.float64))):
+                        raise ValueError(f"state of tensor {name!r}{where}, field {key!r}, holds NaN or Inf "
+                                         f"values: error feedback would add them to every later gradient; "
+                                         f"resume from an earlier checkpoint")

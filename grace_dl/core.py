@@ -546,10 +546,15 @@ class Grace:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned. State of another method, or with NaN or
+        Inf values, raises ValueError (see :func:`grace_dl.checks.check_state`); the tensor
+        names are checked at their first use (see :mod:`grace_dl.handshake`)."""
+        from .checks import check_state
+
         unknown = set(state) - {"steps", "memory", "overrides"}
         if unknown:
             raise KeyError(f"unknown keys in Grace state: {sorted(unknown)}")
+        check_state(self, state)
         routes = dict(self.policies.overrides)
         saved = state.get("overrides", {})
         if set(saved) != set(routes):
@@ -558,6 +563,7 @@ class Grace:
         self.memory.load_state_dict(state.get("memory", {}))
         for pattern, memory_state in saved.items():
             routes[pattern].memory.load_state_dict(memory_state)
+        _handshake.loaded(self)
 
     def __repr__(self) -> str:
         policies = f", policies={self.policies!r}" if self.policies.active else ""

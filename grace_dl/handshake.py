@@ -47,6 +47,8 @@ class HandshakeError(RuntimeError):
 # per Grace object: the tensor names it has checked (a weak map, so that Grace itself
 # carries no handshake state and fresh copies start unchecked)
 _CHECKED: "weakref.WeakKeyDictionary[Grace, dict[str, int]]" = weakref.WeakKeyDictionary()
+# per Grace object: the tensor names of the checkpoint last loaded into it
+_LOADED: "weakref.WeakKeyDictionary[Grace, set[str]]" = weakref.WeakKeyDictionary()
 
 
 _PLAIN = (bool, int, float, str, type(None), tuple)
@@ -95,14 +97,43 @@ def fingerprint(fields: dict[str, str]) -> np.ndarray:
 
 def guard(grace: Grace, ops: Ops, x: Array, ctx: TensorContext, pending: Pending, rounds: Rounds) -> Rounds:
     """``rounds`` (the pipeline of one tensor), preceded by the handshake when ``grace``
-    processes ``ctx.name`` for the first time on more than one worker."""
+    processes ``ctx.name`` for the first time on more than one worker. At that first use
+    a tensor must also fit the state loaded from a checkpoint, if any."""
     checked = _CHECKED.get(grace)
     if checked is None:
         checked = _CHECKED[grace] = {}
-    if ctx.name in checked or ctx.world_size == 1 or not getattr(grace, "handshake", True):
+    if ctx.name in checked:
         return rounds
     position = checked[ctx.name] = len(checked)
+    loaded = _LOADED.get(grace)
+    if loaded:
+        _check_against_checkpoint(grace, ctx, loaded)
+    if ctx.world_size == 1 or not getattr(grace, "handshake", True):
+        return rounds
     return _handshake_then(grace, ops, x, ctx, pending, rounds, position)
+
+
+def loaded(grace: Grace) -> None:
+    """Called when state is loaded into ``grace`` (a resume): the handshake runs again at
+    each tensor's next use, and each tensor must then be one the checkpoint has state for."""
+    _CHECKED.pop(grace, None)
+    _LOADED[grace] = set(grace.steps)
+
+
+def _check_against_checkpoint(grace: Grace, ctx: TensorContext, names: set[str]) -> None:
+    if ctx.name not in names:
+        listed = ", ".join(repr(n) for n in sorted(names)[:6]) + (", ..." if len(names) > 6 else "")
+        raise ValueError(f"tensor {ctx.name!r} has no state in the checkpoint loaded into this method (it has "
+                         f"{listed}): it was saved from another model, or under other tensor names")
+    memory = grace.memory
+    sized = getattr(type(memory), "tensor_sized_fields", getattr(type(memory), "state_fields", ()))
+    for key, value in memory.state.get(ctx.name, {}).items():
+        if key not in sized:
+            continue
+        size = int(np.prod(np.shape(value)))
+        if size != ctx.numel:
+            raise ValueError(f"tensor {ctx.name!r} has {ctx.numel} elements but its {key} in the loaded "
+                             f"checkpoint has {size}: the model changed since the checkpoint was saved")
 
 
 def _handshake_then(grace: Grace, ops: Ops, x: Array, ctx: TensorContext, pending: Pending, rounds: Rounds,

@@ -137,3 +137,44 @@ def test_same_configuration_passes_and_fields_are_listed():
     assert FIELDS[0] == "grace-dl version" and "seed" in FIELDS and "step" in FIELDS
     one = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.5), 1)  # one worker: nothing to compare
     one.step(grads(workers=1))
+
+
+# -- checkpoints that do not fit ------------------------------------------------------------------
+def trained(method: grace_dl.Grace, names=("layer.weight", "layer.bias"), shapes=((8, 5), (5,))) -> dict:
+    sim = grace_dl.LocalSimulator(method, 2)
+    sim.step(grads(names, shapes))
+    return sim.workers[0].state_dict()
+
+
+def test_state_of_another_method_is_refused():
+    with pytest.raises(ValueError, match="has a field 'residual', but the dgc_momentum memory keeps momentum, "
+                                         "velocity: the state was saved by another method"):
+        grace_dl.dgc().load_state_dict(trained(grace_dl.topk(ratio=0.5)))
+    with pytest.raises(ValueError, match="the none memory keeps nothing"):
+        grace_dl.qsgd().load_state_dict(trained(grace_dl.topk(ratio=0.5)))
+    grace_dl.topk(ratio=0.25).load_state_dict(trained(grace_dl.efsignsgd()))  # same memory: fits
+
+
+def test_non_finite_state_is_refused():
+    state = trained(grace_dl.topk(ratio=0.5))
+    state["memory"]["layer.bias"]["residual"][2] = np.nan
+    with pytest.raises(ValueError, match="tensor 'layer.bias', field 'residual', holds NaN or Inf"):
+        grace_dl.topk(ratio=0.5).load_state_dict(state)
+
+
+def test_state_under_other_names_or_shapes_is_refused_at_first_use():
+    state = trained(grace_dl.topk(ratio=0.5))
+    for other, error in (({"names": ("fc.weight", "fc.bias")}, "tensor 'fc.weight' has no state in the checkpoint"),
+                         ({"shapes": ((8, 6), (5,))}, "tensor 'layer.weight' has 48 elements but its residual in "
+                                                      "the loaded checkpoint has 40: the model changed")):
+        sim = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.5), 2)
+        for w in sim.workers:
+            w.load_state_dict(state)
+        with pytest.raises(ValueError, match=error):
+            sim.step(grads(**other))
+    # the same model resumes (and runs the handshake again)
+    sim = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.5), 2)
+    for w in sim.workers:
+        w.load_state_dict(state)
+    sim.step(grads())
+    assert sim.workers[0].steps == {"layer.weight": 2, "layer.bias": 2}
