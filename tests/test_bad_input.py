@@ -119,7 +119,7 @@ def test_compare_errors_and_labels(tmp_path, capsys):
     runs = find_runs([str(tmp_path / "results" / "quickstart"), str(tmp_path / "results" / "qsgd")])
     assert [r.label for r in runs] == ["quickstart", "qsgd"]
     # a missing directory among valid ones
-    with pytest.raises(ConfigError, match="missing: no such run directory"):
+    with pytest.raises(ConfigError, match="no finished runs in .*missing: no such directory"):
         find_runs([str(tmp_path / "results" / "qsgd"), str(tmp_path / "missing")])
     (tmp_path / "results" / "qsgd" / "summary.json").write_text("{broken")
     assert main(["compare", str(tmp_path / "results" / "qsgd")]) == 2

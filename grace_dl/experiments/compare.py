@@ -49,12 +49,12 @@ def find_runs(paths: list[str]) -> list[Run]:
         elif os.path.isdir(path):
             inner = [d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "summary.json"))]
             if not inner and len(paths) > 1:
-                raise ConfigError(f"{path}: no finished run (no summary.json in it or its sub-directories)")
+                raise ConfigError(f"no finished runs in {path} (no summary.json in it or its sub-directories)")
             order = _sweep_order(path)
             inner.sort(key=lambda d: (order.index(d) if d in order else len(order), d))
             runs.extend(_load(os.path.join(path, d)) for d in inner)
         else:
-            raise ConfigError(f"{path}: no such run directory")
+            raise ConfigError(f"no finished runs in {path}: no such directory")
     if not runs:
         raise ConfigError(f"no finished runs (directories with summary.json) in {', '.join(paths) or '(nothing)'}")
     _distinct_labels(runs)
