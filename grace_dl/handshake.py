@@ -16,8 +16,9 @@ position among the tensors of the first step) and the first differing field, bef
 of the method's own collectives is posted. The step counter is part of the fingerprint,
 so a worker that resumed from another checkpoint (or none) is caught as well.
 
-The collective is named after the tensor's position (``grace.handshake.<i>``), not its
-name, so that workers whose tensors have different names still meet in it. Its bytes
+The collective is named after the tensor's position (``grace.handshake.<k>.<i>`` for the
+``i``-th tensor of the ``k``-th method object of the process), not its name, so that
+workers whose tensors have different names still meet in it. Its bytes
 (``8 * len(FIELDS)`` per worker and tensor, once) are not counted in
 :class:`~grace_dl.core.TrafficStats`, which reports what the method sends. Single-worker
 runs and empty tensors skip it; ``grace.handshake = False`` turns it off.
@@ -49,6 +50,25 @@ class HandshakeError(RuntimeError):
 _CHECKED: "weakref.WeakKeyDictionary[Grace, dict[str, int]]" = weakref.WeakKeyDictionary()
 # per Grace object: the tensor names of the checkpoint last loaded into it
 _LOADED: "weakref.WeakKeyDictionary[Grace, set[str]]" = weakref.WeakKeyDictionary()
+# per Grace object: its ordinal among the method objects of its rank that ran a handshake
+_ORDINAL: "weakref.WeakKeyDictionary[Grace, int]" = weakref.WeakKeyDictionary()
+# per world (a simulator's, or a transport class for real processes): rank -> ordinals given
+_GIVEN: "weakref.WeakKeyDictionary[Any, dict[int, int]]" = weakref.WeakKeyDictionary()
+
+
+def _ordinal(grace: Grace) -> int:
+    """The number of method objects of this rank (in this world) that ran a handshake
+    before ``grace``: the same on every rank when the ranks run the same code, and distinct
+    per object, so that two objects' handshakes never share a collective name (Horovod
+    refuses a name that is still in flight)."""
+    ordinal = _ORDINAL.get(grace)
+    if ordinal is None:
+        transport = grace.transport
+        world = getattr(transport, "world", None) or type(transport)
+        given = _GIVEN.setdefault(world, {})
+        ordinal = _ORDINAL[grace] = given.get(transport.rank, 0)
+        given[transport.rank] = ordinal + 1
+    return ordinal
 
 
 _PLAIN = (bool, int, float, str, type(None), tuple)
@@ -142,7 +162,8 @@ def _handshake_then(grace: Grace, ops: Ops, x: Array, ctx: TensorContext, pendin
     mine = fingerprint(fields)
     buf = ops.from_numpy(mine, x)
     # named after the tensor's position, so that workers whose tensors have other names still meet here
-    (gathered,) = yield [Collective("allgather", buf, equal_sizes=True, name=f"grace.handshake.{position}")]
+    name = f"grace.handshake.{_ordinal(grace)}.{position}"
+    (gathered,) = yield [Collective("allgather", buf, equal_sizes=True, name=name)]
     # the handshake is not the method's traffic: take its bytes back out of the counts
     nbytes = len(FIELDS) * DTYPE_ITEMSIZE["int64"]
     sent, received = allgather_traffic(nbytes, [nbytes] * ctx.world_size, ctx.rank, True)
