@@ -142,13 +142,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _overrides(items: list[str] | None) -> dict:
+    from .registry import parse_yaml
+
     out = {}
     for item in items or []:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = _parse_value(value)
+        if not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ConfigError(f"--set {item}: the key must be a dotted path such as optimizer.lr")
+        out[key.strip()] = parse_yaml(value, f"--set {item}")
     return out
+
+
+def _check_output_dir(path: str) -> None:
+    """Create the output directory, or say in one line why it cannot be used."""
+    import os
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"output_dir: {path} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir: cannot create {path}: {err.strerror or err}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: {path} is not writable")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -165,6 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load(args.config, overrides)
     # workers may start elsewhere: give them an absolute path
     config.output_dir = os.path.abspath(config.output_dir)
+    _check_output_dir(config.output_dir)
     try:
         summaries = launch.run_experiment(config, progress=args.progress)
     except launch.LaunchError as err:

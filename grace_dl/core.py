@@ -86,6 +86,9 @@ class Collective:
         root: the root of a broadcast.
         equal_sizes: for an allgather, whether every worker's buffer has the same length
             (otherwise the transport exchanges the sizes first, counted in the bytes).
+        name: the collective's full name, replacing ``grace.<tensor name>.<tag>``
+            (default empty: that one); for collectives that workers must meet in
+            whatever their tensors are called (the first-use handshake).
     """
 
     kind: str
@@ -93,6 +96,7 @@ class Collective:
     tag: str = ""
     root: int = 0
     equal_sizes: bool = True
+    name: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in ("allreduce", "allgather", "broadcast"):
@@ -455,7 +459,14 @@ class Grace:
         if in_dtype != compute_dtype:
             x = ops.cast(x, compute_dtype)
         pending = Pending(ops, ctx, in_dtype, numel * DTYPE_ITEMSIZE[in_dtype])
-        pending.rounds = self._pipeline(ops, x, ctx, pending, self.route(name, numel, step))
+        if numel == 0:
+            # nothing to compress or send (every worker has the same empty shape): the
+            # result is the empty tensor itself, without collectives or state
+            pending.result = x
+            return pending
+        rounds = self._pipeline(ops, x, ctx, pending, self.route(name, numel, step))
+        # the first use of a name starts with the workers' configuration handshake
+        pending.rounds = _handshake.guard(self, ops, x, ctx, pending, rounds)
         self._resume(pending, None)
         return pending
 
@@ -493,7 +504,7 @@ class Grace:
         prefix = f"grace.{pending.ctx.name}"
         handles = []
         for c in requests:
-            name = f"{prefix}.{c.tag}" if c.tag else prefix
+            name = c.name or (f"{prefix}.{c.tag}" if c.tag else prefix)
             if c.kind == "allreduce":
                 handles.append(transport.allreduce_async(c.buf, name))
             elif c.kind == "allgather":
@@ -554,10 +565,15 @@ class Grace:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned. State of another method, or with NaN or
+        Inf values, raises ValueError (see :func:`grace_dl.checks.check_state`); the tensor
+        names are checked at their first use (see :mod:`grace_dl.handshake`)."""
+        from .checks import check_state
+
         unknown = set(state) - {"steps", "memory", "overrides"}
         if unknown:
             raise KeyError(f"unknown keys in Grace state: {sorted(unknown)}")
+        check_state(self, state)
         routes = dict(self.policies.overrides)
         saved = state.get("overrides", {})
         if set(saved) != set(routes):
@@ -566,6 +582,7 @@ class Grace:
         self.memory.load_state_dict(state.get("memory", {}))
         for pattern, memory_state in saved.items():
             routes[pattern].memory.load_state_dict(memory_state)
+        _handshake.loaded(self)
 
     def __repr__(self) -> str:
         policies = f", policies={self.policies!r}" if self.policies.active else ""
@@ -590,3 +607,6 @@ def traffic_for(kind: str, mine: int, all_nbytes: list[int] | None, rank: int, s
     if kind == "allreduce":
         return allreduce_traffic(mine, size)
     return allgather_traffic(mine, all_nbytes or [mine] * size, rank, equal_sizes)
+
+
+from . import handshake as _handshake  # noqa: E402  (it builds on the classes above)

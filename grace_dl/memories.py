@@ -13,6 +13,8 @@ class NoMemory(Memory):
     """No error feedback."""
 
     needs_transmitted = False
+    #: the fields of its per-tensor state (checked when a checkpoint is loaded)
+    state_fields = ()
 
     def compensate(self, ops: Ops, x: Array, ctx: TensorContext) -> Array:
         return x
@@ -37,6 +39,9 @@ class ResidualMemory(Memory):
         beta: weight of the stored residual (default 1.0).
         gamma: weight of the new gradient (default 1.0).
     """
+
+    #: the fields of its per-tensor state (checked when a checkpoint is loaded)
+    state_fields = ("residual",)
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0):
         super().__init__()
@@ -98,6 +103,10 @@ class SignumMomentum(Memory):
     """
 
     needs_transmitted = False
+    #: keeps a momentum: refused with an optimizer's momentum (see :mod:`grace_dl.checks`)
+    carries_momentum = True
+    #: the fields of its per-tensor state (checked when a checkpoint is loaded)
+    state_fields = ("momentum",)
 
     def __init__(self, momentum: float = 0.9):
         super().__init__()

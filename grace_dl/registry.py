@@ -122,7 +122,10 @@ def _check_value(where: str, param: Param, value: Any) -> Any:
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond float's range
+                continue
         if t is str and isinstance(value, str):
             return value
     raise ConfigError(f"{where}: {param.name} must be {param.type_name}, got {value!r} "
@@ -203,23 +206,56 @@ def make(compressor: str, **kwargs: Any):
         raise ConfigError(str(err)) from None
 
 
-def read_yaml(path: str | os.PathLike) -> Any:
-    """The parsed YAML document at ``path``; a missing, unreadable or malformed file
-    raises a one-line :class:`ConfigError` naming the file (and the line and column of a
-    syntax error)."""
+def parse_yaml(text: Any, where: str) -> Any:
+    """The parsed YAML document ``text`` (a string or a file); a malformed or too deeply
+    nested document raises a one-line :class:`ConfigError` starting with ``where`` (with
+    the line and column of a syntax error).
+
+    Numbers in exponent notation without a dot (``1e-9``) are floats, as in YAML 1.2
+    (PyYAML's YAML 1.1 reads them as strings)."""
     import yaml
 
+    try:
+        return yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML{at}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply to read") from None
+
+
+_LOADER: Any = None
+
+
+def _yaml_loader() -> Any:
+    global _LOADER
+    if _LOADER is None:
+        import re
+
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            """PyYAML's safe loader, reading ``1e-9`` as a float."""
+
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                     list("-+0123456789"))
+        _LOADER = Loader
+    return _LOADER
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """The parsed YAML document at ``path`` (see :func:`parse_yaml`); a missing, unreadable,
+    malformed or too deeply nested file raises a one-line :class:`ConfigError` naming the
+    file (and the line and column of a syntax error)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such config file")
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+            return parse_yaml(f, path)
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read: {err}") from None
 

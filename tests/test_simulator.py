@@ -120,6 +120,9 @@ def test_start_all_then_finish_overlaps_tensors_and_missing_workers_raise():
     with pytest.raises(RuntimeError, match="only workers \\[0\\] of 2"):
         g0.finish(p0)
     p1 = g1.start(normal(10, seed=1), "w")
+    # the first use of a name is two rounds (the configuration handshake, then the data):
+    # both workers take the first before either finishes
+    assert not g0.advance(p0) and not g1.advance(p1)
     assert np.array_equal(g0.finish(p0), g1.finish(p1))
 
 

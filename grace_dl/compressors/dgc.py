@@ -180,6 +180,10 @@ class DGCMomentum(Memory):
     """
 
     needs_transmitted = True
+    #: keeps a momentum: refused with an optimizer's momentum (see :mod:`grace_dl.checks`)
+    carries_momentum = True
+    #: the fields of its per-tensor state (checked when a checkpoint is loaded)
+    state_fields = ("momentum", "velocity")
 
     def __init__(self, momentum: float = 0.9, nesterov: bool = False, clip_norm: float | None = None):
         super().__init__()

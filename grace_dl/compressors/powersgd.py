@@ -289,6 +289,10 @@ class PowerSGDMemory(Memory):
     """
 
     needs_transmitted = False
+    #: the fields of its per-tensor state (checked when a checkpoint is loaded)
+    state_fields = ("error", "q")
+    #: the fields with one element per tensor element (``q`` is a factor)
+    tensor_sized_fields = ("error",)
 
     def __init__(self, error_feedback: bool = True):
         super().__init__()

@@ -30,11 +30,13 @@ class Run:
     path: str
     summary: dict[str, Any]
     records: list[dict[str, Any]]
+    name: str = ""
 
     @property
     def label(self) -> str:
-        """The run's name (as in the table and legends)."""
-        return str(self.summary.get("name") or os.path.basename(self.path.rstrip(os.sep)))
+        """The run's name (as in the table and legends): its config's name, or its
+        directory where other runs compared with it have the same name."""
+        return self.name or str(self.summary.get("name") or os.path.basename(self.path.rstrip(os.sep)))
 
 
 def find_runs(paths: list[str]) -> list[Run]:
@@ -46,12 +48,30 @@ def find_runs(paths: list[str]) -> list[Run]:
             runs.append(_load(path))
         elif os.path.isdir(path):
             inner = [d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "summary.json"))]
+            if not inner and len(paths) > 1:
+                raise ConfigError(f"no finished runs in {path} (no summary.json in it or its sub-directories)")
             order = _sweep_order(path)
             inner.sort(key=lambda d: (order.index(d) if d in order else len(order), d))
             runs.extend(_load(os.path.join(path, d)) for d in inner)
+        else:
+            raise ConfigError(f"no finished runs in {path}: no such directory")
     if not runs:
         raise ConfigError(f"no finished runs (directories with summary.json) in {', '.join(paths) or '(nothing)'}")
+    _distinct_labels(runs)
     return runs
+
+
+def _distinct_labels(runs: list[Run]) -> None:
+    """Runs that share a name (the same config run with other ``--output`` directories)
+    are labelled by their directories instead, so that the table and legends tell them apart."""
+    names = [r.label for r in runs]
+    for run in runs:
+        if names.count(run.label) > 1:
+            run.name = os.path.basename(os.path.normpath(run.path))
+    labels = [r.label for r in runs]
+    for run in runs:  # directories of the same name too: the path relative to the common parent
+        if labels.count(run.label) > 1:
+            run.name = os.path.relpath(run.path, os.path.commonpath([r.path for r in runs]) or ".")
 
 
 def _sweep_order(path: str) -> list[str]:
@@ -67,10 +87,20 @@ def _sweep_order(path: str) -> list[str]:
 
 
 def _load(path: str) -> Run:
-    with open(os.path.join(path, "summary.json"), encoding="utf-8") as f:
-        summary = json.load(f)
+    file = os.path.join(path, "summary.json")
+    try:
+        with open(file, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(f"{file}: not a readable summary ({err}); rerun that experiment or leave it out") from None
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{file}: not a summary (a JSON object), got {type(summary).__name__}")
     metrics = os.path.join(path, "metrics.jsonl")
-    return Run(path, summary, read_jsonl(metrics) if os.path.exists(metrics) else [])
+    try:
+        records = read_jsonl(metrics) if os.path.exists(metrics) else []
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(f"{metrics}: not readable ({err})") from None
+    return Run(path, summary, records)
 
 
 def _num(value: Any, fmt: str) -> str:

@@ -282,6 +282,24 @@ def build_compression(mapping: dict[str, Any], path: str = "compression"):
         raise ConfigError(f"{path}: {text}") from None
 
 
+def check_momentum(compression: dict[str, Any], optimizer: dict[str, Any], compression_path: str = "compression",
+                   optimizer_path: str = "optimizer") -> None:
+    """Refuse an optimizer momentum on top of a method that keeps its own (DGC, Signum):
+    momentum would be applied twice and training diverges (see :mod:`grace_dl.checks`)."""
+    from ..checks import own_momenta
+
+    momentum = optimizer.get("momentum", 0.0)
+    if not momentum > 0:
+        return
+    momenta = own_momenta(build_compression(compression, compression_path))
+    if momenta:
+        memory, own = momenta[0]
+        raise ConfigError(f"{optimizer_path}.momentum: {compression['compressor']} keeps its own momentum "
+                          f"({memory} memory, momentum={own:g}), so momentum={momentum:g} in the optimizer would "
+                          f"apply momentum twice and training diverges; set {optimizer_path}.momentum: 0 (the "
+                          f"method's momentum takes its place: {compression_path}.momentum)")
+
+
 @dataclass
 class ExperimentConfig:
     """A validated experiment, every default filled in (see the module docstring)."""
@@ -398,6 +416,9 @@ def validate(raw: Any, *, default_name: str = "experiment") -> ExperimentConfig:
                 merged = own if own.get("name", optimizer["name"]) != optimizer["name"] else {**optimizer, **own}
                 checked["optimizer"] = _named_section(f"sweep.methods[{i}].optimizer", merged, "name",
                                                       OPTIMIZER_OPTIONS, "sgd")
+            method = {k: v for k, v in checked.items() if k != "optimizer"}
+            check_momentum(method, checked.get("optimizer", optimizer), f"sweep.methods[{i}]",
+                           f"sweep.methods[{i}].optimizer" if own_optimizer is not None else "optimizer")
             if label is not None:
                 checked["name"] = _str(f"sweep.methods[{i}].name", label, r"[\w.+-]+",
                                        "a name of letters, digits, . _ + -")
@@ -406,6 +427,7 @@ def validate(raw: Any, *, default_name: str = "experiment") -> ExperimentConfig:
             m["name"] = label
     else:
         compression = validate_compression(raw.get("compression", "none"), "compression", seed)
+        check_momentum(compression, optimizer)
 
     return ExperimentConfig(name=name, framework=framework, task=task, model=model, optimizer=optimizer,
                             schedule=schedule, compression=compression, workers=workers, launcher=launcher,

@@ -16,6 +16,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from ..checks import check_optimizer_momentum
 from ..core import Grace, derive_key
 from ..transport.base import Transport, horovod_membership
 
@@ -158,6 +159,30 @@ def _horovod_op(hvd: Any) -> Any:
     return hvd.Average
 
 
+def _keras_optimizer_momentum() -> tuple[str, float] | None:
+    """(class name, momentum) of the Keras optimizer whose Horovod ``_allreduce`` is
+    compressing (Horovod's Keras ``DistributedOptimizer``), or None under
+    ``DistributedGradientTape`` (no optimizer)."""
+    frame = sys._getframe(2)
+    for _ in range(120):
+        if frame is None:
+            return None
+        opt = frame.f_locals.get("self") if frame.f_code.co_name == "_allreduce" else None
+        if opt is not None and hasattr(opt, "_allreduce_grads"):
+            value = getattr(opt, "momentum", None)
+            if value is None and hasattr(opt, "_get_hyper"):  # Keras 2 legacy optimizers
+                try:
+                    value = opt._get_hyper("momentum")
+                except (KeyError, AttributeError, ValueError):
+                    value = None
+            if isinstance(value, tf.Variable):
+                with tf.init_scope():
+                    value = value.numpy()
+            return type(opt).__name__, float(value or 0.0)
+        frame = frame.f_back
+    return None
+
+
 class HorovodTFGrace(Grace):
     """A :class:`~grace_dl.core.Grace` that is also a Horovod TF ``Compressor``:
     ``hvd.DistributedGradientTape(tape, compression=grace.topk(ratio=0.01))`` and
@@ -187,6 +212,12 @@ class HorovodTFGrace(Grace):
             raise ValueError("grace-dl compression supports op=hvd.Average and op=hvd.Sum, not Adasum")
         if self.transport is None:
             self.bind(HorovodTFTransport())
+        if not getattr(self, "_momentum_checked", False):
+            # DGC and Signum keep their own momentum: refuse an optimizer's on top of it
+            found = _keras_optimizer_momentum()
+            if found is not None:
+                check_optimizer_momentum(self, found[1], f"the optimizer ({found[0]})")
+            self._momentum_checked = True
         scale = self.transport.size if op == hvd.Sum else 1
 
         def run(t, *_ticket):

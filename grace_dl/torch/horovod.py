@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from ..checks import check_optimizer_momentum
 from ..core import Grace
 from ..transport.base import Transport, horovod_membership
 from .ops import TorchOps
@@ -131,6 +132,21 @@ def _check_op(hvd: Any, optimizer: Any) -> Any:
     return op
 
 
+def optimizer_momentum(optimizer: Any) -> float:
+    """The largest ``momentum`` among the parameter groups of a torch optimizer (0 for
+    optimizers without one, such as Adam)."""
+    values = [group.get("momentum", 0.0) for group in getattr(optimizer, "param_groups", ())]
+    return max((float(v) for v in values if isinstance(v, (int, float))), default=0.0)
+
+
+def refuse_double_momentum(optimizer: Any, grace: Grace) -> None:
+    """Raise ValueError when ``grace`` keeps its own momentum (DGC, Signum) and the torch
+    ``optimizer`` applies a momentum too, which would apply momentum twice (see
+    :mod:`grace_dl.checks`)."""
+    check_optimizer_momentum(grace, optimizer_momentum(optimizer),
+                             f"the optimizer ({type(optimizer).__name__})")
+
+
 class HorovodCompression:
     """A grace-dl method in the shape of Horovod's ``Compressor``.
 
@@ -148,6 +164,7 @@ class HorovodCompression:
 
     def __init__(self, grace: Grace):
         self.grace = grace
+        self._checked_optimizer: Any = None
 
     def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Start the grace pipeline for ``tensor``; Horovod allreduces the returned empty tensor."""
@@ -155,6 +172,9 @@ class HorovodCompression:
         import horovod.torch as hvd
 
         op = _check_op(hvd, optimizer)
+        if optimizer is not self._checked_optimizer:
+            refuse_double_momentum(optimizer, self.grace)
+            self._checked_optimizer = optimizer
         absorb_broadcast_state(optimizer, self)
         if self.grace.transport is None:
             self.grace.bind(HorovodTorchTransport(getattr(optimizer, "process_set", None)))
@@ -285,6 +305,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     * A sparse gradient without ``sparse_as_dense=True`` raises instead of being
       allreduced uncompressed.
     * ``op=hvd.Adasum`` raises: a compressed exchange cannot combine model deltas pairwise.
+    * A method that keeps its own momentum (DGC, Signum) with an optimizer that has
+      ``momentum > 0`` raises: momentum would be applied twice (stock
+      ``hvd.DistributedOptimizer`` raises the same at the first step).
 
     Args:
         optimizer: the torch optimizer to wrap.
@@ -316,6 +339,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          "hvd.Adasum: Adasum combines model deltas pairwise, which a compressed exchange "
                          "cannot do")
     compression = as_compression(compression)
+    if isinstance(compression, HorovodCompression):
+        refuse_double_momentum(optimizer, compression.grace)
     wrapped = hvd.DistributedOptimizer(
         optimizer, named_parameters=named_parameters, compression=compression,
         backward_passes_per_step=backward_passes_per_step, op=op,

@@ -19,6 +19,7 @@ import tensorflow as tf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import grace_dl.tensorflow as grace  # noqa: E402
+from grace_dl.checks import own_momenta  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
 # methods the issue asks to converge, with parameters suited to a 4.8k-parameter MLP
@@ -43,7 +44,9 @@ def train(name: str, params: dict, epochs: int = 10) -> tuple[float, float, obje
     model = tf.keras.Sequential([tf.keras.layers.Input((64,)), tf.keras.layers.Dense(64, activation="relu"),
                                  tf.keras.layers.Dense(10)])
     method = getattr(grace, name)(**params)
-    opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05, momentum=0.9), compression=method)
+    # methods that keep their own momentum (DGC) refuse the optimizer's
+    momentum = 0.0 if own_momenta(method) else 0.9
+    opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05, momentum=momentum), compression=method)
     model.compile(optimizer=opt, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     model.fit(x, y, batch_size=32, epochs=epochs, verbose=0, shuffle=False,
@@ -55,8 +58,24 @@ def train(name: str, params: dict, epochs: int = 10) -> tuple[float, float, obje
     return accuracy, method.stats.compression_ratio, method
 
 
+def check_double_momentum_refused() -> None:
+    """DGC keeps its own momentum: Keras SGD(momentum=0.9) on top is refused at the first step."""
+    (x, y), _ = data(hvd.rank(), hvd.size())
+    model = tf.keras.Sequential([tf.keras.layers.Input((64,)), tf.keras.layers.Dense(10)])
+    opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05, momentum=0.9), compression=grace.dgc(ratio=0.01))
+    model.compile(optimizer=opt, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    try:
+        model.fit(x[:32], y[:32], batch_size=32, epochs=1, verbose=0)
+    except ValueError as err:
+        assert "momentum would be applied twice" in str(err), err
+    else:
+        raise AssertionError("dgc with SGD(momentum=0.9) was accepted")
+    print(f"rank {hvd.rank()}: keras dgc with SGD(momentum=0.9) refused", flush=True)
+
+
 def main() -> None:
     hvd.init()
+    check_double_momentum_refused()
     missing = [m for m in METHODS if m not in grace.list_methods()]
     if missing:
         raise SystemExit(f"methods not registered: {missing}")

@@ -68,6 +68,48 @@ def check_training() -> None:
     say(f"training ok: {len(cases)} compressions leave identical parameters on every rank")
 
 
+def check_handshake() -> None:
+    """Ranks configured differently fail at the first step on every rank, naming the tensor
+    and the field, instead of an index error on one rank, a hang or silent divergence."""
+    import time
+
+    from grace_dl.handshake import HandshakeError
+
+    rank = hvd.rank()
+    cases = [  # (label, this rank's compression, the field named)
+        ("topk vs qsgd", grace.topk(ratio=0.1) if rank == 0 else grace.qsgd(), "compressor"),
+        ("topk ratios", grace.topk(ratio=0.1 * (rank + 1)), "compressor"),
+        ("powersgd ranks", grace.powersgd(rank=1 + rank), "compressor"),
+        ("randomk seeds", grace.randomk(ratio=0.3, seed=rank), "seed"),
+    ]
+    slowest = 0.0
+    for label, compression, field in cases:
+        start = time.perf_counter()
+        try:
+            train(compression, steps=1)
+        except HandshakeError as err:
+            assert f"its {field} differs" in str(err), (label, err)
+        else:
+            raise AssertionError(f"{label}: accepted")
+        assert compression.grace.stats.tensors == 0, f"{label}: tensors were exchanged"
+        slowest = max(slowest, time.perf_counter() - start)
+        assert slowest < 60, label
+    # a different model on one rank: the first tensor's shape differs
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16 + rank), torch.nn.ReLU(), torch.nn.Linear(16 + rank, 3))
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(), compression=grace.topk())
+    torch.nn.functional.cross_entropy(model(torch.randn(8, 12)), torch.randint(0, 3, (8,))).backward()
+    try:
+        opt.step()
+    except HandshakeError as err:
+        assert "its shape differs" in str(err), err
+    else:
+        raise AssertionError("a different model was accepted")
+    say(f"handshake ok: {len(cases) + 1} mismatched configurations refused on every rank at the first step "
+        f"(slowest {slowest:.2f} s)")
+
+
 def main() -> None:
     hvd.init()
     torch.set_num_threads(1)
@@ -77,6 +119,7 @@ def main() -> None:
         lambda t: t.numpy())
     say(f"methods ok: {count} method/communicator cases bit-identical to the simulator")
     check_training()
+    check_handshake()
     say("ALL OK")
 
 

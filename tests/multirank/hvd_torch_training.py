@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 import grace_dl  # noqa: E402
 import grace_dl.torch as grace  # noqa: E402
+from grace_dl.checks import own_momenta  # noqa: E402
 
 #: method -> (factory kwargs, SGD lr, SGD momentum) of the convergence runs. The ratios
 #: suit a 4.8k-parameter MLP; DGC's momentum correction replaces the optimizer's
@@ -46,6 +47,12 @@ def say(msg: str) -> None:
 
 def methods() -> list[str]:
     return grace_dl.list_methods()
+
+
+def sgd_momentum(method: str) -> float:
+    """The SGD momentum of the checks: 0.9, or 0 for methods that keep their own
+    momentum (DGC, Signum), which refuse an optimizer's momentum."""
+    return 0.0 if own_momenta(grace_dl.make(method)) else 0.9
 
 
 def small_kwargs(method: str) -> dict[str, Any]:
@@ -163,7 +170,7 @@ def check_against_simulator(label: str, method: str, kwargs: dict[str, Any], ste
 def check_options() -> None:
     count = 0
     for method in methods():
-        check_against_simulator(method, method, small_kwargs(method))
+        check_against_simulator(method, method, small_kwargs(method), momentum=sgd_momentum(method))
         count += 1
     say(f"every method ok: {count} methods, 2 steps of grace_dl.torch.DistributedOptimizer bit-identical "
         f"to the simulator and across ranks")
@@ -232,7 +239,14 @@ def check_errors() -> None:
     grace.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1), named_parameters=emb.named_parameters(),
                                compression=grace.topk())
     expect_error(lambda: backward(emb, hvd.rank(), 0, 1), "sparse_as_dense=True")
-    say("errors ok: Adasum (explicit and stock) and sparse gradients without sparse_as_dense are refused")
+    # DGC's momentum correction on top of the optimizer's momentum: refused at the first step
+    model = mlp(0)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                   named_parameters=model.named_parameters(), compression=grace.dgc(ratio=0.01))
+    expect_error(lambda: backward(model, hvd.rank(), 0, 1), "momentum would be applied twice")
+    del opt
+    say("errors ok: Adasum (explicit and stock), sparse gradients without sparse_as_dense and DGC with "
+        "SGD(momentum=0.9) are refused")
 
 
 def same(a: Any, b: Any) -> bool:
@@ -294,7 +308,7 @@ def train_resumable(method: str, kwargs: dict[str, Any], steps: int, resume_at: 
     def fresh(seed: int):
         model = mlp(seed)
         compression = getattr(grace, method)(**kwargs)
-        opt = grace.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        opt = grace.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=sgd_momentum(method)),
                                          named_parameters=model.named_parameters(), compression=compression)
         return model, opt
 

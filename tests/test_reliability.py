@@ -1,0 +1,180 @@
+"""Reliability in the simulator: empty tensors, and the first-use handshake that makes
+workers configured differently fail at once, on every worker, naming the tensor and the
+field (instead of an index error on one rank, a hang, or silently different replicas)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import grace_dl
+from grace_dl.handshake import FIELDS, HandshakeError
+
+
+# -- empty tensors ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", grace_dl.list_methods())
+def test_every_method_passes_empty_tensors_through(name):
+    sim = grace_dl.LocalSimulator(grace_dl.make(name), 2)
+    shapes = {"a": (0,), "b": (0, 5), "c": (3, 0, 4)}
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        grads = [{**{k: np.zeros(s, np.float32) for k, s in shapes.items()},
+                  "w": rng.standard_normal(40).astype(np.float32)} for _ in range(2)]
+        out = sim.step(grads)
+        for k, s in shapes.items():
+            assert out[0][k].shape == s and out[0][k].dtype == np.float32, (k, out[0][k].shape)
+        assert np.all(np.isfinite(out[0]["w"]))
+    stats = sim.workers[0].stats.per_tensor
+    assert all(stats[k]["payload"] == stats[k]["sent"] == 0 for k in shapes), stats
+    assert all(k not in sim.workers[0].memory.state for k in shapes)
+
+
+# -- handshake ---------------------------------------------------------------------------------
+def mixed(*methods: grace_dl.Grace) -> grace_dl.LocalSimulator:
+    """A simulator whose worker ``r`` runs ``methods[r]``."""
+    sim = grace_dl.LocalSimulator(methods[0], len(methods))
+    sim.workers = [m.bind(t) for m, t in zip(methods, sim.world.transports)]
+    return sim
+
+
+def grads(names=("layer.weight", "layer.bias"), shapes=((8, 5), (5,)), workers=2, dtype=np.float32):
+    rng = np.random.default_rng(1)
+    return [{n: rng.standard_normal(s).astype(dtype) for n, s in zip(names, shapes)} for _ in range(workers)]
+
+
+@pytest.mark.parametrize("a, b, field", [
+    (grace_dl.topk(ratio=0.5), grace_dl.qsgd(), "compressor"),
+    (grace_dl.topk(ratio=0.5), grace_dl.topk(ratio=0.25), "compressor"),
+    (grace_dl.qsgd(levels=4), grace_dl.qsgd(levels=8), "compressor"),
+    (grace_dl.powersgd(rank=1), grace_dl.powersgd(rank=2), "compressor"),
+    (grace_dl.randomk(ratio=0.5, seed=0), grace_dl.randomk(ratio=0.5, seed=1), "seed"),
+    (grace_dl.topk(ratio=0.5), grace_dl.topk(ratio=0.5, memory="none"), "memory"),
+    (grace_dl.qsgd(), grace_dl.qsgd(communicator="broadcast"), "communicator"),
+    (grace_dl.topk(ratio=0.5), grace_dl.topk(ratio=0.5, policies={"min_numel": 10}), "policies"),
+])
+def test_workers_configured_differently_fail_on_every_worker(a, b, field):
+    sim = mixed(a, b)
+    with pytest.raises(HandshakeError) as caught:
+        sim.step(grads())
+    message = str(caught.value)
+    assert f"tensor 'layer.weight' (tensor #0 of this worker): its {field} differs between rank 0 and rank 1" \
+        in message, message
+    # the other worker fails the same way (its pending handshake has every fingerprint)
+    pending = b.start(grads()[1]["layer.bias"], "layer.bias")
+    assert pending is not None
+    assert not a.stats.tensors and not b.stats.tensors, "nothing was exchanged"
+
+
+def test_rank_one_raises_too():
+    world = grace_dl.LocalWorld(2)
+    a = grace_dl.randomk(ratio=0.5, seed=0).bind(world.transports[0])
+    b = grace_dl.randomk(ratio=0.5, seed=7).bind(world.transports[1])
+    g = grads()
+    pa, pb = a.start(g[0]["layer.weight"], "layer.weight"), b.start(g[1]["layer.weight"], "layer.weight")
+    for method, pending, rank in ((a, pa, 0), (b, pb, 1)):
+        with pytest.raises(HandshakeError, match=f"its seed differs between rank {rank} and rank {1 - rank}; "
+                                                 f"rank {rank} has seed = {(0, 7)[rank]}"):
+            method.finish(pending)
+
+
+@pytest.mark.parametrize("other, field", [
+    (dict(names=("layer.weight", "other.bias")), "tensor name"),
+    (dict(names=("fc.weight", "fc.bias")), "tensor name"),
+    (dict(shapes=((5, 8), (5,))), "shape"),
+    (dict(shapes=((8, 6), (6,))), "shape"),
+    (dict(dtype=np.float64), "dtype"),
+])
+def test_different_models_fail_naming_the_tensor(other, field):
+    world = grace_dl.LocalWorld(2)
+    methods = [grace_dl.topk(ratio=0.5).bind(t) for t in world.transports]
+    mine, theirs = grads()[0], grads(**other)[1]
+    pendings = [[m.start(v, n) for n, v in g.items()] for m, g in zip(methods, (mine, theirs))]
+    position = 0 if field != "tensor name" or other["names"][0] != "layer.weight" else 1
+    with pytest.raises(HandshakeError, match=f"\\(tensor #{position} of this worker\\): its {field} differs"):
+        for m, ps in zip(methods, pendings):
+            for p in ps:
+                m.advance(p)
+
+
+def test_resumed_step_counters_must_agree():
+    # a worker that resumed from another checkpoint: randomk would draw other indices
+    sim = grace_dl.LocalSimulator(grace_dl.randomk(ratio=0.5), 2)
+    sim.step(grads())
+    saved = sim.workers[0].state_dict()
+    resumed = mixed(grace_dl.randomk(ratio=0.5), grace_dl.randomk(ratio=0.5))
+    resumed.workers[0].load_state_dict(saved)  # rank 1 starts afresh
+    with pytest.raises(HandshakeError, match="its step differs between rank 0 and rank 1; rank 0 has step = 1"):
+        resumed.step(grads())
+    both = mixed(grace_dl.randomk(ratio=0.5), grace_dl.randomk(ratio=0.5))
+    for w in both.workers:
+        w.load_state_dict(saved)
+    both.step(grads())
+
+
+def test_handshake_once_per_name_and_not_counted():
+    sim = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.5), 2)
+    plain = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.5), 2)
+    for w in plain.workers:
+        w.handshake = False
+    for step in range(3):
+        g = grads()
+        out, want = sim.step(g), plain.step(g)
+        assert all(out[r][n].tobytes() == want[r][n].tobytes() for r in range(2) for n in g[0])
+    assert sim.workers[0].stats.as_dict() == plain.workers[0].stats.as_dict()
+    # the handshake ran once per name: later steps post one collective per tensor
+    posted = []
+    transport = sim.workers[0].transport
+    original = transport.allgather_async
+    transport.allgather_async = lambda buf, name, equal_sizes=False: posted.append(name) or original(buf, name,
+                                                                                                     equal_sizes)
+    sim.step(grads())
+    assert posted == ["grace.layer.weight", "grace.layer.bias"]
+
+
+def test_same_configuration_passes_and_fields_are_listed():
+    sim = mixed(grace_dl.randomk(ratio=0.5, seed=3), grace_dl.randomk(ratio=0.5, seed=3))
+    sim.step(grads())
+    assert FIELDS[0] == "grace-dl version" and "seed" in FIELDS and "step" in FIELDS
+    one = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.5), 1)  # one worker: nothing to compare
+    one.step(grads(workers=1))
+
+
+# -- checkpoints that do not fit ------------------------------------------------------------------
+def trained(method: grace_dl.Grace, names=("layer.weight", "layer.bias"), shapes=((8, 5), (5,))) -> dict:
+    sim = grace_dl.LocalSimulator(method, 2)
+    sim.step(grads(names, shapes))
+    return sim.workers[0].state_dict()
+
+
+def test_state_of_another_method_is_refused():
+    with pytest.raises(ValueError, match="has a field 'residual', but the dgc_momentum memory keeps momentum, "
+                                         "velocity: the state was saved by another method"):
+        grace_dl.dgc().load_state_dict(trained(grace_dl.topk(ratio=0.5)))
+    with pytest.raises(ValueError, match="the none memory keeps nothing"):
+        grace_dl.qsgd().load_state_dict(trained(grace_dl.topk(ratio=0.5)))
+    grace_dl.topk(ratio=0.25).load_state_dict(trained(grace_dl.efsignsgd()))  # same memory: fits
+
+
+def test_non_finite_state_is_refused():
+    state = trained(grace_dl.topk(ratio=0.5))
+    state["memory"]["layer.bias"]["residual"][2] = np.nan
+    with pytest.raises(ValueError, match="tensor 'layer.bias', field 'residual', holds NaN or Inf"):
+        grace_dl.topk(ratio=0.5).load_state_dict(state)
+
+
+def test_state_under_other_names_or_shapes_is_refused_at_first_use():
+    state = trained(grace_dl.topk(ratio=0.5))
+    for other, error in (({"names": ("fc.weight", "fc.bias")}, "tensor 'fc.weight' has no state in the checkpoint"),
+                         ({"shapes": ((8, 6), (5,))}, "tensor 'layer.weight' has 48 elements but its residual in "
+                                                      "the loaded checkpoint has 40: the model changed")):
+        sim = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.5), 2)
+        for w in sim.workers:
+            w.load_state_dict(state)
+        with pytest.raises(ValueError, match=error):
+            sim.step(grads(**other))
+    # the same model resumes (and runs the handshake again)
+    sim = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.5), 2)
+    for w in sim.workers:
+        w.load_state_dict(state)
+    sim.step(grads())
+    assert sim.workers[0].steps == {"layer.weight": 2, "layer.bias": 2}
