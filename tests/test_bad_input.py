@@ -130,3 +130,24 @@ def test_compare_errors_and_labels(tmp_path, capsys):
 def test_float_bounds_do_not_overflow():
     one_line_config_error(lambda: grace_dl.make("topk", ratio=10**400))
     assert math.isfinite(grace_dl.make("topk", ratio=1e-9).compressor.ratio)
+
+
+def test_compare_says_which_runs_a_plot_leaves_out(tmp_path, capsys):
+    _fake_run(tmp_path / "digits", "digits-topk")
+    synthetic = tmp_path / "synthetic"
+    _fake_run(synthetic, "synthetic-topk")
+    summary = json.loads((synthetic / "summary.json").read_text())
+    summary.update(task="synthetic", accuracy=None, opt_distance=0.1)
+    (synthetic / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "digits" / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "loss": 0.5, "accuracy": 0.9, "cum_sent_bytes": 10}) + "\n")
+    (synthetic / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "loss": 0.5, "opt_distance": 0.1, "cum_sent_bytes": 10}) + "\n")
+    assert main(["compare", str(tmp_path / "digits"), str(synthetic), "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: accuracy.png leaves out 1 of 2 runs, which have no accuracy (task synthetic): "
+                     "synthetic-topk"], out
+    # runs of one task: no note
+    assert main(["compare", str(tmp_path / "digits"), "--output", str(tmp_path / "out2")]) == 0
+    assert "note:" not in capsys.readouterr().out

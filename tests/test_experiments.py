@@ -400,6 +400,12 @@ def test_launcher_commands(monkeypatch):
     assert launch.horovodrun_command(c, "f")[3] == "--gloo"
     env = launch.worker_env(progress=False)
     assert env["PATH"].split(os.pathsep)[0] == str(BIN) and env[train.PROGRESS_ENV] == "0"
+    # torch runs: TensorFlow, imported by horovodrun's build check only, stays quiet
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    assert launch.worker_env(False, "torch")["TF_ENABLE_ONEDNN_OPTS"] == "0"
+    assert "TF_ENABLE_ONEDNN_OPTS" not in launch.worker_env(False, "tensorflow")
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")  # the user's choice is kept
+    assert launch.worker_env(False, "torch")["TF_ENABLE_ONEDNN_OPTS"] == "1"
     for var in launch.LAUNCHED_ENV:
         monkeypatch.delenv(var, raising=False)
     assert not launch.inside_launch()
@@ -479,3 +485,20 @@ def test_grace_dl_run_tensorflow_horovodrun_gloo(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     _, summary = check_run(tmp_path / "tf", "topk")
     assert summary["framework"] == "tensorflow" and summary["replicas_identical"]
+
+
+def test_progress_bar_off_a_terminal_redraws_about_ten_times():
+    # under horovodrun each redraw reaches the console as a prefixed line of its own
+    import io
+    import itertools
+    import time
+
+    clock = itertools.count(int(time.time()) + 1)  # one second between updates: a slow run
+    stream = io.StringIO()
+    bar = train.progress_bar(200, "run", stream)
+    bar._time = lambda: float(next(clock))
+    for _ in range(200):
+        bar.update(1)
+    bar.close()
+    redraws = stream.getvalue().count("\r")
+    assert 2 <= redraws <= 13, redraws

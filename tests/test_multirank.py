@@ -43,6 +43,7 @@ def horovodrun(controller: str) -> list[str]:
 def test_horovod_torch(controller):
     out = run(horovodrun(controller) + [sys.executable, str(HERE / "hvd_torch_checks.py")], expect_ok_lines=2)
     assert "bit-identical to the simulator" in out and "training ok" in out and "handshake ok" in out
+    assert "bfloat16 ok" in out
 
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
@@ -108,3 +109,64 @@ def test_migration_guide_examples(script):
     # and they learn: the torch example reports its test accuracy (10 classes: chance is 0.1)
     accuracies = [float(a) for a in re.findall(r"test accuracy (\d\.\d+)", out)]
     assert all(a > 0.5 for a in accuracies), accuracies
+
+
+# -- a rank that dies mid-training ----------------------------------------------------------
+DEAD_RANK_LIMIT_S = 60
+
+
+def _dead_rank_launch(cmds: list[list[str]], token: str) -> tuple[list[int], str, float]:
+    """Start ``cmds`` together; (exit statuses, output, seconds from rank 1's exit to the
+    end of the last process). Asserts that they end within DEAD_RANK_LIMIT_S and leave no
+    process whose command line holds ``token``."""
+    import re
+    import time
+
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              cwd=HERE.parent.parent, start_new_session=True) for cmd in cmds]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=DEAD_RANK_LIMIT_S + 60)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:  # only on failure: end what this test started, by its group
+                os.killpg(p.pid, 9)
+    ended = time.time()
+    out = "\n".join(outs)
+    died = re.search(r"rank 1: exiting at step \d+ at (\d+\.\d+)", out)
+    assert died, out[-3000:]
+    after = ended - float(died.group(1))
+    assert after < DEAD_RANK_LIMIT_S, f"the job ended {after:.1f} s after rank 1 died"
+    left = subprocess.run(["pgrep", "-f", token], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left behind: {left}"
+    assert "although rank 1 died" not in out
+    return [p.returncode for p in procs], out, after
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_dead_rank_ends_horovod_job(controller):
+    token = f"deadrank{os.getpid()}{controller}"
+    (code,), out, after = _dead_rank_launch(
+        [horovodrun(controller) + [sys.executable, str(HERE / "dead_rank.py"), "hvd", token]], token)
+    assert code != 0, out[-3000:]
+    launcher = "Horovod detected" if controller == "gloo" else "mpirun detected"
+    assert f"{launcher} that one or more processes exited with non-zero status" in out, out[-3000:]
+    print(f"horovodrun --{controller}: job ended {after:.1f} s after rank 1 exited")
+
+
+def test_dead_rank_ends_ddp_hook_job():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = f"deadrank{os.getpid()}ddp"
+    cmds = [[sys.executable, str(HERE / "dead_rank.py"), "ddp", token, str(rank), str(port)] for rank in (0, 1)]
+    codes, out, after = _dead_rank_launch(cmds, token)
+    assert codes[1] == 3 and codes[0] != 0, (codes, out[-3000:])
+    # the survivor names the cause: Gloo's closed connection (or the group's timeout)
+    assert "Connection closed by peer" in out or "Timed out" in out, out[-3000:]
+    print(f"DDP hook (Gloo): surviving rank ended {after:.1f} s after rank 1 exited")

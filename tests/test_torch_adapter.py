@@ -190,3 +190,101 @@ def test_ddp_hook_errors(gloo_group):
         hook.name_of(torch.nn.Parameter(torch.zeros(2)))
     with pytest.raises(TypeError, match="process group"):
         hook._group(object())
+
+
+# -- one method object, one optimizer ----------------------------------------------------------
+class _FakeOptimizer:
+    pass
+
+
+def test_claim_method_refuses_a_second_live_optimizer():
+    method = grace_dl.topk(ratio=0.3)
+    first, second = _FakeOptimizer(), _FakeOptimizer()
+    adapter.claim_method(method, first)
+    adapter.claim_method(method, first)  # the same optimizer again: its every step
+    with pytest.raises(ValueError, match=r"already serves another optimizer \(_FakeOptimizer\).*fresh_copy"):
+        adapter.claim_method(method, second)
+    with pytest.raises(ValueError, match="already serves"):
+        adapter.claim_method(method, None)
+    adapter.claim_method(method.fresh_copy(), second)  # a copy is another object
+    del first  # a freed optimizer releases its method
+    import gc
+
+    gc.collect()
+    adapter.claim_method(method, second)
+
+
+def _two_step(opt: torch.optim.Optimizer, model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    opt.zero_grad()
+    F.cross_entropy(model(torch.randn(4, 6, generator=gen)), torch.randint(0, 3, (4,), generator=gen)).backward()
+    opt.step()
+
+
+def test_one_compression_two_optimizers_is_refused():
+    hvd = pytest.importorskip("horovod.torch")
+    hvd.init()
+    a, b = mlp(0), mlp(1)  # the same parameter names
+    compression = grace.topk(ratio=0.3)
+    # the explicit form: at construction
+    opt_a = grace.DistributedOptimizer(torch.optim.SGD(a.parameters(), lr=0.1),
+                                       named_parameters=a.named_parameters(), compression=compression)
+    with pytest.raises(ValueError, match="already serves another optimizer.*fresh_copy"):
+        grace.DistributedOptimizer(torch.optim.SGD(b.parameters(), lr=0.1), named_parameters=b.named_parameters(),
+                                   compression=compression)
+    _two_step(opt_a, a, 0)
+    # stock hvd.DistributedOptimizer: at the first step of the second optimizer (Horovod
+    # calls compress only with more than one worker, so its call is imitated here)
+    shared = grace.topk(ratio=0.3)
+    stock_a, stock_b = _HorovodLike(a, shared), _HorovodLike(b, shared)
+    stock_a.step(0)
+    with pytest.raises(ValueError, match="already serves another optimizer.*fresh_copy"):
+        stock_b.step(0)
+    assert set(shared.grace.steps.values()) == {1}, "the refused step must not advance the counters"
+    # the remedy: a fresh copy per optimizer keeps the states apart
+    own = shared.fresh_copy()
+    assert isinstance(own, grace.HorovodCompression) and own.grace is not shared.grace and not own.grace.steps
+    _HorovodLike(b, own).step(0)
+    assert set(own.grace.steps.values()) == {1} and set(shared.grace.steps.values()) == {1}
+
+
+class _HorovodLike:
+    """What stock Horovod's optimizer does with a compression, in the frame shape that
+    grace-dl reads the tensor's name from (``self._parameter_names[p]``)."""
+
+    def __init__(self, model: torch.nn.Module, compression: grace.HorovodCompression):
+        self.model = model
+        self._parameter_names = {p: n for n, p in model.named_parameters()}
+        self._compression = compression
+        self.param_groups = [{"momentum": 0.0}]
+
+    def _allreduce_grad_async(self, p: torch.Tensor):
+        return self._compression.compress(p.grad)
+
+    def step(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.model.zero_grad()
+        F.cross_entropy(self.model(torch.randn(4, 6, generator=gen)),
+                        torch.randint(0, 3, (4,), generator=gen)).backward()
+        for p in self.model.parameters():
+            placeholder, ctx = self._allreduce_grad_async(p)
+            p.grad.set_(self._compression.decompress(placeholder, ctx))
+
+
+def test_bfloat16_placeholder_is_one_horovod_accepts():
+    grad = torch.ones(5, dtype=torch.bfloat16)
+    placeholder = adapter.placeholder_for(grad)
+    assert placeholder.numel() == 0 and placeholder.dtype == torch.float32
+    assert adapter.placeholder_for(torch.ones(3, dtype=torch.float16)).dtype == torch.float16
+    # through the compression: a bfloat16 model gets bfloat16 gradients back
+    hvd = pytest.importorskip("horovod.torch")
+    hvd.init()
+    model = mlp().to(torch.bfloat16)
+    model(torch.ones(2, 6, dtype=torch.bfloat16)).sum().backward()
+    compression = grace.topk(ratio=0.3)
+    like = _HorovodLike(model, compression)
+    for p in model.parameters():
+        placeholder, ctx = like._allreduce_grad_async(p)
+        assert placeholder.dtype == torch.float32
+        out = compression.decompress(placeholder, ctx)
+        assert out.dtype == torch.bfloat16 and out.shape == p.shape

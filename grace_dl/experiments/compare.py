@@ -184,7 +184,7 @@ def plot(runs: list[Run], out_dir: str) -> list[str]:
     written.append(path)
 
     # accuracy, or distance to the optimum where there is no accuracy
-    key = "accuracy" if any(r.get("accuracy") is not None for run in runs for r in run.records) else "opt_distance"
+    key = _evaluation_key(runs)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in runs:
         ev = [r for r in run.records if r.get(key) is not None]
@@ -210,6 +210,25 @@ def plot(runs: list[Run], out_dir: str) -> list[str]:
     return written
 
 
+def _evaluation_key(runs: list[Run]) -> str:
+    """The metric of ``accuracy.png``: accuracy where any run has one, else the distance
+    to the optimum (the synthetic task)."""
+    return "accuracy" if any(r.get("accuracy") is not None for run in runs for r in run.records) else "opt_distance"
+
+
+def left_out_of_plots(runs: list[Run]) -> str | None:
+    """One line naming the runs that ``accuracy.png`` cannot show (runs of another task,
+    without its metric, or never evaluated), or None when it shows every run."""
+    key = _evaluation_key(runs)
+    missing = [run for run in runs if not any(r.get(key) is not None for r in run.records)]
+    if not missing:
+        return None
+    tasks = sorted({str(run.summary.get("task", "?")) for run in missing})
+    metric = "accuracy" if key == "accuracy" else "distance to the optimum"
+    return (f"note: accuracy.png leaves out {len(missing)} of {len(runs)} runs, which have no {metric} "
+            f"(task {', '.join(tasks)}): {', '.join(run.label for run in missing)}")
+
+
 def _bytes_axis(ax, runs: list[Run]) -> None:
     # bytes span orders of magnitude between methods: log scale, unless nothing was sent
     # (one worker)
@@ -219,11 +238,15 @@ def _bytes_axis(ax, runs: list[Run]) -> None:
 
 def compare(paths: list[str], out_dir: str | None = None) -> tuple[str, list[str]]:
     """Table and plots of the runs in ``paths``; written into ``out_dir`` (default: the
-    first path). Returns (the table, the files written)."""
+    first path). Returns (the table, followed by a line naming the runs a plot leaves out
+    if any, and the files written)."""
     runs = find_runs(paths)
     out_dir = out_dir or paths[0]
     os.makedirs(out_dir, exist_ok=True)
     text = table(runs)
+    note = left_out_of_plots(runs)
+    if note:
+        text += "\n\n" + note
     md = os.path.join(out_dir, "comparison.md")
     with open(md, "w", encoding="utf-8") as f:
         f.write(text + "\n")

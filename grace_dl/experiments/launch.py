@@ -51,14 +51,24 @@ def horovodrun_command(config: ExperimentConfig, config_path: str) -> list[str]:
     return cmd + [sys.executable, "-m", "grace_dl.experiments.worker", config_path]
 
 
-def worker_env(progress: bool) -> dict[str, str]:
+def worker_env(progress: bool, framework: str | None = None) -> dict[str, str]:
     """The workers' environment: the venv's bin first on PATH, quiet TensorFlow, and
-    whether rank 0 draws a progress bar."""
+    whether rank 0 draws a progress bar.
+
+    Args:
+        progress: whether rank 0 draws a progress bar.
+        framework: the run's framework (default None: unknown). For ``"torch"``,
+            ``TF_ENABLE_ONEDNN_OPTS=0`` unless set: horovodrun imports TensorFlow only to
+            check how Horovod was built, and TensorFlow's oneDNN notice is logged before
+            ``TF_CPP_MIN_LOG_LEVEL`` takes effect; with oneDNN off it prints nothing.
+    """
     from .train import PROGRESS_ENV
 
     env = dict(os.environ)
     env["PATH"] = venv_bin() + os.pathsep + env.get("PATH", "")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if framework == "torch":
+        env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     env[PROGRESS_ENV] = "1" if progress else "0"
     return env
 
@@ -92,7 +102,7 @@ def run_one(config: ExperimentConfig, progress: bool | None = None) -> dict[str,
                 os.environ[train.PROGRESS_ENV] = previous
     cmd = horovodrun_command(config, config_path)
     print(f"launching: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    result = subprocess.run(cmd, env=worker_env(progress))
+    result = subprocess.run(cmd, env=worker_env(progress, config.framework))
     if result.returncode != 0:
         raise LaunchError(f"horovodrun exited with status {result.returncode} (see its output above)",
                           result.returncode)

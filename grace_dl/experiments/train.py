@@ -74,6 +74,23 @@ def _progress_wanted() -> bool:
     return sys.stderr.isatty()
 
 
+def progress_bar(total: int, desc: str, stream: Any = None) -> Any:
+    """rank 0's tqdm bar over ``total`` steps, written to ``stream`` (default stderr).
+
+    On a terminal it redraws in place. Elsewhere (a worker under ``horovodrun``, whose
+    output the launcher forwards line by line with a rank prefix, or a log file) every
+    redraw would become a line of its own, so it redraws only about 10 times in all, at
+    a fixed width.
+    """
+    from tqdm import tqdm
+
+    stream = sys.stderr if stream is None else stream
+    if stream.isatty():
+        return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=stream)
+    return tqdm(total=total, desc=desc, unit="step", file=stream, ncols=80, mininterval=0,
+                miniters=max(1, total // 10))
+
+
 def run(config: ExperimentConfig) -> dict[str, Any] | None:
     """Train one experiment in this process (a Horovod worker, or the whole simulated
     job). Rank 0 writes ``metrics.jsonl`` and ``summary.json`` into ``output_dir`` and
@@ -99,9 +116,7 @@ def run(config: ExperimentConfig) -> dict[str, Any] | None:
         dump(config, os.path.join(config.output_dir, "config.yaml"))
         writer = metrics.MetricsWriter(os.path.join(config.output_dir, "metrics.jsonl"))
         if _progress_wanted():
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, desc=config.name, unit="step", dynamic_ncols=True, file=sys.stderr)
+            bar = progress_bar(steps, config.name)
     records: list[dict[str, Any]] = []
     prev = metrics.traffic(runner.grace.stats)
     cum_sent = cum_received = 0

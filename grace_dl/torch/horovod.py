@@ -21,6 +21,7 @@ grace-dl method, whose ``state_dict()`` also carries the method's state (see the
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Any, Iterable
 
 import numpy as np
@@ -147,6 +148,49 @@ def refuse_double_momentum(optimizer: Any, grace: Grace) -> None:
                              f"the optimizer ({type(optimizer).__name__})")
 
 
+#: id(method object) -> weak reference to the optimizer it serves (see :func:`claim_method`)
+_SERVED: dict[int, "weakref.ref[Any]"] = {}
+
+
+def claim_method(grace: Grace, optimizer: Any) -> None:
+    """Record that ``grace`` serves ``optimizer``; raise ValueError if it already serves
+    another optimizer that is still alive.
+
+    A method keeps its per-tensor state (residuals, momenta, step counters) under the
+    parameter names, so two optimizers whose parameters share names (two copies of one
+    model, or Horovod's default ``allreduce.noname.<i>``) would silently share it: each
+    step would advance the step counters twice and mix one model's residuals into the
+    other's gradients. An optimizer that has been freed releases its method.
+
+    Args:
+        grace: the method object.
+        optimizer: the (Horovod) optimizer that is about to use it; None only checks that
+            ``grace`` serves no live optimizer yet.
+    """
+    key = id(grace)
+    served = _SERVED.get(key)
+    current = served() if served is not None else None
+    if current is optimizer or (optimizer is None and current is None):
+        return
+    if current is not None:
+        raise ValueError(
+            f"this grace-dl method object ({grace!r}) already serves another optimizer "
+            f"({type(current).__name__}): its state (residuals, momenta, step counters) is kept per "
+            f"parameter name, so two optimizers would share it. Give each optimizer its own method "
+            f"object: compression.fresh_copy() (or a second grace_dl.torch.<method>(...) call)")
+    if served is None:
+        weakref.finalize(grace, _SERVED.pop, key, None)
+    _SERVED[key] = weakref.ref(optimizer)
+
+
+def placeholder_for(tensor: torch.Tensor) -> torch.Tensor:
+    """The empty tensor handed to Horovod in place of ``tensor``'s gradient: of the
+    same dtype and device, except that bfloat16 becomes float32, which Horovod can
+    allreduce (it has no bfloat16 collectives; the result is ignored either way)."""
+    dtype = torch.float32 if tensor.dtype == torch.bfloat16 else tensor.dtype
+    return torch.empty(0, dtype=dtype, device=tensor.device)
+
+
 class HorovodCompression:
     """A grace-dl method in the shape of Horovod's ``Compressor``.
 
@@ -156,6 +200,9 @@ class HorovodCompression:
     before compression and the aggregate by ``f`` after it (Horovod's prescale and
     postscale; the ``1/N`` of the average is the method's mean). Unlike Horovod, the
     factor is also applied with ``groups=``, whose grouped allreduce ignores it.
+
+    One object serves one optimizer: a second optimizer using it raises ValueError at its
+    first step (see :func:`claim_method`); :meth:`fresh_copy` gives each its own.
 
     Args:
         grace: the method (a :class:`~grace_dl.core.Grace`); bound to a
@@ -173,6 +220,7 @@ class HorovodCompression:
 
         op = _check_op(hvd, optimizer)
         if optimizer is not self._checked_optimizer:
+            claim_method(self.grace, optimizer)
             refuse_double_momentum(optimizer, self.grace)
             self._checked_optimizer = optimizer
         absorb_broadcast_state(optimizer, self)
@@ -183,13 +231,19 @@ class HorovodCompression:
             tensor = tensor * (1.0 / factor)
         pending = self.grace.start(tensor, name)
         post = self.grace.transport.size if op == hvd.Sum else factor
-        return tensor.new_zeros(0), (pending, post)
+        return placeholder_for(tensor), (pending, post)
 
     def decompress(self, tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
-        """Finish the exchange started by :meth:`compress`; the aggregated gradient."""
+        """Finish the exchange started by :meth:`compress`; the aggregated gradient (of the
+        gradient's dtype, whatever the placeholder Horovod allreduced)."""
         pending, post = ctx
         out = self.grace.finish(pending)
         return out * post if post != 1.0 else out
+
+    def fresh_copy(self) -> "HorovodCompression":
+        """A compression with the same method and configuration and empty state, for
+        another optimizer (:meth:`grace_dl.core.Grace.fresh_copy`)."""
+        return HorovodCompression(self.grace.fresh_copy())
 
     def state_dict(self) -> dict[str, Any]:
         """The method's state (error feedback, step counters), as NumPy arrays and ints."""
@@ -308,6 +362,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     * A method that keeps its own momentum (DGC, Signum) with an optimizer that has
       ``momentum > 0`` raises: momentum would be applied twice (stock
       ``hvd.DistributedOptimizer`` raises the same at the first step).
+    * A method object already serving another live optimizer raises (see
+      :func:`claim_method`; stock ``hvd.DistributedOptimizer`` raises at the first step).
 
     Args:
         optimizer: the torch optimizer to wrap.
@@ -341,12 +397,15 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     compression = as_compression(compression)
     if isinstance(compression, HorovodCompression):
         refuse_double_momentum(optimizer, compression.grace)
+        claim_method(compression.grace, None)  # before Horovod registers its gradient hooks
     wrapped = hvd.DistributedOptimizer(
         optimizer, named_parameters=named_parameters, compression=compression,
         backward_passes_per_step=backward_passes_per_step, op=op,
         gradient_predivide_factor=gradient_predivide_factor, groups=groups, sparse_as_dense=sparse_as_dense,
         process_set=hvd.global_process_set if process_set is None else process_set)
     if isinstance(compression, HorovodCompression):
+        claim_method(compression.grace, wrapped)
+        compression._checked_optimizer = wrapped
         _attach_state(wrapped, compression)
         # an instance attribute shadows the class's method that Horovod's hook calls
         wrapped._sparse_allreduce_grad_async = _refuse_sparse(wrapped)
