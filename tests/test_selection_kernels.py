@@ -115,6 +115,27 @@ def test_finite_count_choose_and_index_update(backend):
     assert _as_np(Ops.index_update(backend, x, idx, arr([-1.0, -3.0]))).tolist() == [-1.0, 2.0, -3.0, 4.0]
 
 
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nonzero_magnitude_at_least_is_the_reference_selection(backend, dtype):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(5000).astype(dtype)
+    x[rng.random(5000) < 0.2] = 0
+    x[[3, 10, 4000]] = [np.nan, -np.inf, np.inf]
+    x[[20, 21]] = [dtype(0.5), dtype(-0.5)]  # ties at the threshold are selected
+    arr = torch.from_numpy(x) if backend is T else x
+    for threshold in [0.0, 0.5, 1e-30, 2.0, np.inf]:
+        a = np.abs(x)
+        expected = np.flatnonzero(~(a < dtype(threshold)) & ~(a <= 0))  # NaN passes, zeros never
+        for t in (threshold, np.full(1, threshold, dtype)):  # a number or a one-element array
+            t = torch.from_numpy(t) if backend is T and isinstance(t, np.ndarray) else t
+            got = _as_np(backend.nonzero_magnitude_at_least(arr, t))
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, expected, err_msg=f"threshold {threshold}")
+            # the default in terms of other primitives agrees
+            np.testing.assert_array_equal(_as_np(Ops.nonzero_magnitude_at_least(backend, arr, t)), expected)
+
+
 SPARSE = [("topk", {"ratio": 0.1}), ("randomk", {"ratio": 0.1}), ("randomk", {"ratio": 0.1, "rescale": True}),
           ("threshold", {"threshold": 0.5}), ("dgc", {"ratio": 0.1, "sample_ratio": 0.2}), ("sidco", {})]
 

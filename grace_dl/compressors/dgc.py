@@ -108,18 +108,17 @@ class DGC(ThresholdSparsifier):
         n = ctx.numel
         density = self.density(ctx.step)
         k = k_for(density, n)
-        # |x| with NaN kept: "not below" and "not at most" are true for NaN, so the sets
-        # below are those of the NaN-safe magnitudes (NaN as +inf), which are built only
-        # for the sample and the chosen elements
-        a = ops.abs(x)
+        # "not below" and "not at most" are true for NaN, so the selections below are
+        # those of the NaN-safe magnitudes (NaN as +inf), which are built only for the
+        # sample and the chosen elements
         if k >= n:
-            return ops.nonzero(~(a <= 0))
+            return ops.nonzero_magnitude_at_least(x, 0.0)
         s = min(n, max(1, int(self.sample_ratio * n)))
         stride = n // s
         start = ctx.step % stride
         sample = magnitudes(ops, x[start:start + stride * s:stride], ctx.dtype)
         threshold = ops.kth_largest(sample, min(s, max(1, math.ceil(density * s))))
-        chosen = ops.nonzero(~(a < threshold) & ~(a <= 0))
+        chosen = ops.nonzero_magnitude_at_least(x, threshold)
         count = ops.length(chosen)
         if isinstance(count, int):  # the count is known on the host: no padding needed
             if count <= k:

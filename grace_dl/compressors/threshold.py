@@ -114,8 +114,8 @@ class Threshold(ThresholdSparsifier):
     def _select(self, ops: Ops, x: Array, ctx: TensorContext) -> Array:
         level = ops.zeros(1, ctx.dtype, x) + self.threshold  # rounded to the compute dtype
         # "not below" is true for NaN: the set of magnitudes(x) >= level, without
-        # building the NaN-safe magnitudes
-        return ops.nonzero(~(ops.abs(x) < level))
+        # building the NaN-safe magnitudes (level > 0, so no zero is selected)
+        return ops.nonzero_magnitude_at_least(x, level)
 
 
 @register("compressor", "adaptive_threshold", paper="Dryden et al. 2016, Communication Quantization "

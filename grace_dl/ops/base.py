@@ -309,6 +309,14 @@ class Ops(abc.ABC):
         hit = self.scatter(n, idx, self.zeros(self.numel(idx), "int32", x) + 1) > 0
         return self.where(hit, self.scatter(n, idx, values), x)
 
+    def nonzero_magnitude_at_least(self, x: Array, threshold: Any) -> Array:
+        """Ascending int64 indices of the non-zero elements of 1-D float ``x`` whose
+        magnitude is not below ``threshold`` (a Python number or a 0-d / one-element
+        array of ``x``'s dtype): ``nonzero(~(abs(x) < threshold) & ~(abs(x) <= 0))``, so a
+        NaN element is always selected. The selection of the threshold sparsifiers."""
+        a = self.abs(x)
+        return self.nonzero(~(a < threshold) & ~(a <= 0))
+
     #: below this many elements, :meth:`topk_magnitude_indices` selects directly
     SAMPLED_TOPK_MIN_NUMEL: int = 1 << 16
     #: expected number of sampled elements above the sampled threshold (the sample's

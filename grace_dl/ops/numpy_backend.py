@@ -237,11 +237,21 @@ class NumpyOps(Ops):
         return int(np.count_nonzero(mask))
 
     def all_finite(self, x):
-        # min and max propagate NaN and show an Inf: two reductions, no temporary array
         x = np.asarray(x)
-        if x.size == 0:
-            return np.bool_(True)
+        if x.size <= 1 << 16:  # one fused pass; its bool temporary is small
+            return np.bool_(np.isfinite(x).all())
+        # min and max propagate NaN and show an Inf: two reductions, no temporary array
         return np.bool_(np.isfinite(x.min()) and np.isfinite(x.max()))
+
+    def nonzero_magnitude_at_least(self, x, threshold):
+        if not isinstance(threshold, (int, float)):
+            threshold = np.asarray(threshold).reshape(-1)[0]
+        t = x.dtype.type(threshold)
+        keep = np.abs(x)
+        keep = ~(keep < t)  # true for NaN
+        if not t > 0:  # a threshold of 0 (or NaN) passes zeros too: drop them
+            keep &= x != 0
+        return np.flatnonzero(keep)
 
     def choose(self, cond, a, b):
         return a if bool(cond) else b
