@@ -13,7 +13,7 @@ from ..core import Compressor, TensorContext
 from ..ops import DTYPE_ITEMSIZE, Array, Ops
 from ..payload import Payload, from_words, layout_nbytes, to_words, words_for
 from ..registry import register
-from .qsgd import BucketedLevels
+from .qsgd import BucketedLevels, chunk_bounds
 
 # compute dtype -> (integer dtype of its bits, mantissa bits, exponent bits)
 _FORMATS = {"float32": ("int32", 23, 8), "float64": ("int64", 52, 11)}
@@ -105,6 +105,13 @@ class Natural(Compressor):
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         itype, mbits, ebits = _format(ctx.dtype)
+        if ctx.dtype == "float32":  # one 23-bit draw per element decides, as below
+            u = ops.random_uniform(ctx.numel, ctx.worker_key, ctx.step, x)
+            parts = []
+            for start, stop in chunk_bounds(ctx.numel, 32):  # whole words per chunk
+                r = ops.cast(u[start:stop] * float(1 << _UNIFORM_BITS), "int32")
+                parts.append(ops.pack_uint(ops.power_of_two_codes(x[start:stop], r), ebits + 1))
+            return Payload.of(ops, parts[0] if len(parts) == 1 else ops.concat(parts))
         bits = ops.bitcast(x, itype)
         negative = bits < 0
         mag = ops.bitwise_and(bits, (1 << (mbits + ebits)) - 1)
@@ -121,6 +128,12 @@ class Natural(Compressor):
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         itype, mbits, ebits = _format(ctx.dtype)
+        if ctx.dtype == "float32":
+            parts = []
+            for start, stop in chunk_bounds(ctx.numel, 32):
+                words = buffer[start * 9 // 32:start * 9 // 32 + words_for("bool", (stop - start) * 9)]
+                parts.append(ops.power_of_two_values(ops.unpack_uint(words, stop - start, 9)))
+            return parts[0] if len(parts) == 1 else ops.concat(parts)
         code = ops.unpack_uint(buffer, ctx.numel, ebits + 1)
         sign_bit = 1 << ebits
         negative = code >= sign_bit
@@ -201,7 +214,7 @@ class NaturalDithering(BucketedLevels, Compressor):
         return canonical_nan(ops, norms + ops.sum(grid * 0, axis=1))
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
-        itype, mbits, _ = _format(ctx.dtype)
+        _format(ctx.dtype)  # float32 or float64
         n, d, s = ctx.numel, self.bucket_size, self.levels
         buckets = -(-n // d)
         padded = ops.concat([x, ops.zeros(buckets * d - n, ctx.dtype, x)]) if buckets * d != n else x
@@ -209,41 +222,19 @@ class NaturalDithering(BucketedLevels, Compressor):
         mag = ops.abs(grid)
         norms = self._norms(ops, grid, mag, buckets)
         safe = ops.where(norms > 0, norms, norms * 0 + 1)
-        y = ops.flatten(mag / ops.reshape(safe, (buckets, 1)))
-        y = ops.minimum(y, y * 0 + 1)  # <= 1 already; guards the level index
-        lowest = 2.0 ** (1 - s)
-        top = y >= lowest
-        ybits = ops.bitcast(y, itype)
-        exponent_mask = ((1 << (8 * DTYPE_ITEMSIZE[itype] - 1)) - 1) ^ ((1 << mbits) - 1)
-        floor_pow2 = ops.bitcast(ops.bitwise_and(ybits, exponent_mask), ctx.dtype)
-        zero = y * 0
-        lower = ops.where(top, floor_pow2, zero)
-        width = ops.where(top, floor_pow2, zero + lowest)
-        frac = (y - lower) / width  # exact: a power-of-two division of an exact difference
+        y = ops.flatten(grid / ops.reshape(safe, (buckets, 1)))
         u = ops.cast(ops.random_uniform(buckets * d, ctx.worker_key, ctx.step, x), ctx.dtype)
-        up = u < frac
-        bias = (1 << (8 * DTYPE_ITEMSIZE[itype] - mbits - 2)) - 1
-        level = ops.cast(ops.shift_right(ybits, mbits), "int64") - bias + s  # s for y = 1
-        k = ops.where(top, level, level * 0) + ops.cast(up, "int64")
-        negative = ops.flatten(grid) < 0
-        code = ops.where(negative, s - k, s + k)[:n]
+        code = ops.dither_codes(y, u, s)[:n]
         words = ops.pack_uint(code, self.bits)
         return Payload.of(ops, ops.concat([to_words(ops, norms), words]))
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
-        itype, mbits, _ = _format(ctx.dtype)
+        _format(ctx.dtype)  # float32 or float64
         n, d, s = ctx.numel, self.bucket_size, self.levels
         buckets = -(-n // d)
         norm_words = words_for(ctx.dtype, buckets)
         norms = from_words(ops, buffer[:norm_words], ctx.dtype, buckets)
-        signed = ops.unpack_uint(buffer[norm_words:], n, self.bits) - s
-        k = ops.where(signed < 0, -signed, signed)
-        bias = (1 << (8 * DTYPE_ITEMSIZE[itype] - mbits - 2)) - 1
-        # level k >= 1 is 2**(k - s): its exponent field is k - s + bias >= 1
-        exponent = ops.where(k > 0, k - s + bias, k * 0 + bias)
-        level = ops.bitcast(ops.shift_left(ops.cast(exponent, itype), mbits), ctx.dtype)
-        zero = level * 0
-        value = ops.where(k > 0, ops.where(signed < 0, -level, level), zero)
+        value = ops.dither_values(ops.unpack_uint(buffer[norm_words:], n, self.bits), s, ctx.dtype)
         pad = buckets * d - n
         if pad:
             value = ops.concat([value, ops.zeros(pad, ctx.dtype, value)])

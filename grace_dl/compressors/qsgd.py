@@ -10,6 +10,17 @@ from ..payload import Payload, from_words, layout_nbytes, to_words, words_for
 from ..registry import register
 
 
+#: elements per chunk of a large tensor, so that temporaries stay a few MiB whatever its size
+CHUNK_ELEMENTS = 1 << 20
+
+
+def chunk_bounds(n: int, multiple: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the chunks of ``n`` elements: about :data:`CHUNK_ELEMENTS`
+    each, every start a multiple of ``multiple``; one empty chunk for ``n = 0``."""
+    step = max(multiple, CHUNK_ELEMENTS // multiple * multiple)
+    return [(a, min(n, a + step)) for a in range(0, n, step)] or [(0, 0)]
+
+
 class BucketedLevels:
     """Wire layout shared by methods that send one norm per bucket of ``bucket_size``
     elements, then a signed level in ``-levels..levels`` per element as a bit stream of
@@ -63,7 +74,23 @@ class QSGD(BucketedLevels, Compressor):
 
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
-        n, d, s = ctx.numel, self.bucket_size, self.levels
+        n, d = ctx.numel, self.bucket_size
+        buckets = -(-n // d)
+        noise = ops.random_uniform(buckets * d, ctx.worker_key, ctx.step, x)
+        norm_parts, word_parts = [], []
+        # whole buckets per chunk, an even number of them and a multiple of 32 elements, so
+        # the concatenated parts are the words of the whole tensor
+        for start, stop in chunk_bounds(n, math.lcm(2 * d, 32)):
+            size = -(-(stop - start) // d) * d
+            norms, words = self._encode(ops, x[start:stop], noise[start:start + size], ctx)
+            norm_parts.append(to_words(ops, norms))
+            word_parts.append(words)
+        return Payload.of(ops, ops.concat(norm_parts + word_parts))
+
+    def _encode(self, ops: Ops, x: Array, noise: Array, ctx: TensorContext) -> tuple[Array, Array]:
+        """``(norms, code words)`` of whole buckets of ``x`` (the last one may be short),
+        with ``noise`` the draws of the padded buckets."""
+        n, d, s = ops.numel(x), self.bucket_size, self.levels
         buckets = -(-n // d)
         padded = ops.concat([x, ops.zeros(buckets * d - n, ctx.dtype, x)]) if buckets * d != n else x
         grid = ops.reshape(padded, (buckets, d))
@@ -74,18 +101,31 @@ class QSGD(BucketedLevels, Compressor):
         norms = ops.norm(grid / ops.reshape(peak, (buckets, 1)), axis=1) * peak
         safe = ops.where(norms > 0, norms, norms * 0 + 1)
         scaled = ops.abs(grid) / ops.reshape(safe, (buckets, 1)) * s
-        noise = ops.reshape(ops.random_uniform(buckets * d, ctx.worker_key, ctx.step, x), (buckets, d))
-        level = ops.minimum(ops.floor(scaled + ops.cast(noise, ctx.dtype)), scaled * 0 + s)
+        noise = ops.reshape(ops.cast(noise, ctx.dtype), (buckets, d))
+        level = ops.minimum(ops.floor(scaled + noise), ops.full(1, s, ctx.dtype, x))
         code = ops.flatten(ops.sign(grid) * level + s)[:n]
-        words = ops.pack_uint(ops.cast(code, "int64"), self.bits)
-        return Payload.of(ops, ops.concat([to_words(ops, norms), words]))
+        return norms, ops.pack_uint(ops.cast(code, "int32"), self.bits)
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         n, d, s = ctx.numel, self.bucket_size, self.levels
         buckets = -(-n // d)
         norm_words = words_for(ctx.dtype, buckets)
         norms = from_words(ops, buffer[:norm_words], ctx.dtype, buckets)
-        code = ops.cast(ops.unpack_uint(buffer[norm_words:], n, self.bits), ctx.dtype) - s
+        parts = []
+        for start, stop in chunk_bounds(n, math.lcm(2 * d, 32)):
+            first = norm_words + start * self.bits // 32
+            words = buffer[first:first + words_for("bool", (stop - start) * self.bits)]
+            parts.append(self._decode(ops, words, norms[start // d:-(-stop // d)], stop - start, ctx))
+        return parts[0] if len(parts) == 1 else ops.concat(parts)
+
+    def _decode(self, ops: Ops, words: Array, norms: Array, n: int, ctx: TensorContext) -> Array:
+        d, s = self.bucket_size, self.levels
+        buckets = -(-n // d)
+        if self.bits <= 8:  # code c decodes to c - s: a 2**bits-entry table
+            table = ops.cast(ops.arange(1 << self.bits, norms) - s, ctx.dtype)
+            code = ops.take_fields(words, n, self.bits, table)
+        else:
+            code = ops.cast(ops.unpack_uint(words, n, self.bits), ctx.dtype) - s
         pad = buckets * d - n
         if pad:
             code = ops.concat([code, ops.zeros(pad, ctx.dtype, code)])

@@ -5,46 +5,26 @@ int32 word with :meth:`Ops.pack_bits` (bit set where ``x >= 0``), optionally fol
 by a few scales in the compute dtype. They differ in the scales and in the memory they
 are meant for.
 
-Scales are reduced with :func:`pairwise_sum`, a fixed pairwise tree of elementwise
+Scales are reduced with :meth:`Ops.tree_sum`, a fixed pairwise tree of elementwise
 additions, so that the payload is bit-identical on every backend and device (a
-framework's own ``sum`` may add in any order).
+framework's own ``sum`` may add in any order). Signs are packed by :meth:`Ops.pack_signs`
+and expanded by :meth:`Ops.select_bits`, which pick one of two values per bit.
 """
 
 from __future__ import annotations
 
 from ..core import Compressor, TensorContext
 from ..ops import Array, Ops
-from ..payload import Payload, layout_nbytes, pack_words, unpack_words
+from ..payload import Payload, from_words, layout_nbytes, to_words, words_for
 from ..registry import register
 
 
 def pairwise_sum(ops: Ops, x: Array, dtype: str) -> Array:
-    """The sum of 1-D ``x`` as a 1-element array of ``dtype``, added in a fixed order:
-    halves are added elementwise (an odd length is padded with one zero) until one
-    element is left. Every backend rounds each addition the same way, so the result is
-    bit-identical everywhere; ``ceil(log2 n)`` elementwise kernels, no host sync."""
-    n = ops.numel(x)
-    if n == 0:
+    """The sum of 1-D ``x`` as a 1-element array of ``dtype``, added in the fixed order of
+    :meth:`Ops.tree_sum`, so that it is bit-identical on every backend and device."""
+    if ops.numel(x) == 0:
         return ops.zeros(1, dtype, x)
-    while n > 1:
-        if n % 2:
-            x = ops.concat([x, ops.zeros(1, dtype, x)])
-            n += 1
-        half = n // 2
-        x = x[:half] + x[half:]
-        n = half
-    return x
-
-
-def _signs_of(ops: Ops, x: Array) -> Array:
-    """The bool mask sent on the wire: true where ``x >= 0`` (zero counts as +1; NaN as
-    -1)."""
-    return x >= 0
-
-
-def _plus_minus_one(ops: Ops, bits: Array, dtype: str) -> Array:
-    """+1 where ``bits`` is set, -1 elsewhere, in ``dtype``."""
-    return ops.cast(bits, dtype) * 2 - 1
+    return ops.tree_sum(x)
 
 
 class _SignCompressor(Compressor):
@@ -65,22 +45,27 @@ class _SignCompressor(Compressor):
             layout.append((dtype, self.scales))
         return layout
 
-    def _scales(self, ops: Ops, x: Array, mask: Array, ctx: TensorContext) -> Array:
+    def _scales(self, ops: Ops, x: Array, ctx: TensorContext) -> Array:
         raise NotImplementedError
 
-    def _expand(self, ops: Ops, bits: Array, scales: Array | None, ctx: TensorContext) -> Array:
+    def _expand(self, ops: Ops, words: Array, scales: Array | None, ctx: TensorContext) -> Array:
+        """The decompressed tensor from the packed sign ``words``."""
         raise NotImplementedError
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
-        mask = _signs_of(ops, x)
-        parts = [mask]
-        if self.scales:
-            parts.append(self._scales(ops, x, mask, ctx))
-        return Payload.of(ops, pack_words(ops, parts))
+        words = ops.pack_signs(x)
+        if not self.scales:
+            return Payload.of(ops, words)
+        return Payload.of(ops, ops.concat([words, to_words(ops, self._scales(ops, x, ctx))]))
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
-        parts = unpack_words(ops, buffer, self._layout(ctx.numel, ctx.dtype))
-        return self._expand(ops, parts[0], parts[1] if self.scales else None, ctx)
+        n_words = words_for("bool", ctx.numel)
+        expected = layout_nbytes(self._layout(ctx.numel, ctx.dtype)) // 4
+        if ops.numel(buffer) != expected:
+            raise ValueError(f"payload has {ops.numel(buffer)} words, {type(self).__name__} of {ctx.numel} "
+                             f"{ctx.dtype} elements expects {expected}")
+        scales = from_words(ops, buffer[n_words:], ctx.dtype, self.scales) if self.scales else None
+        return self._expand(ops, buffer[:n_words], scales, ctx)
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
         return layout_nbytes(self._layout(numel, dtype))
@@ -110,8 +95,9 @@ class SignSGD(_SignCompressor):
     def __init__(self) -> None:
         pass
 
-    def _expand(self, ops, bits, scales, ctx):
-        return _plus_minus_one(ops, bits, ctx.dtype)
+    def _expand(self, ops, words, scales, ctx):
+        return ops.select_bits(words, ctx.numel, ops.full(1, 1.0, ctx.dtype, words),
+                               ops.full(1, -1.0, ctx.dtype, words))
 
 
 @register("compressor", "signum", paper="Bernstein et al. 2018, signSGD: Compressed Optimisation "
@@ -153,11 +139,11 @@ class EFSignSGD(_SignCompressor):
     def __init__(self) -> None:
         pass
 
-    def _scales(self, ops, x, mask, ctx):
-        return pairwise_sum(ops, ops.abs(x), ctx.dtype) * (1.0 / ctx.numel)
+    def _scales(self, ops, x, ctx):
+        return ops.tree_sum(ops.abs(x), 1.0 / ctx.numel)
 
-    def _expand(self, ops, bits, scales, ctx):
-        return _plus_minus_one(ops, bits, ctx.dtype) * scales
+    def _expand(self, ops, words, scales, ctx):
+        return ops.select_bits(words, ctx.numel, scales, -scales)
 
 
 @register("compressor", "onebit", paper="Seide et al. 2014, 1-Bit Stochastic Gradient Descent and "
@@ -185,17 +171,8 @@ class OneBit(_SignCompressor):
     def __init__(self) -> None:
         pass
 
-    def _scales(self, ops, x, mask, ctx):
-        zeros = ops.zeros(ctx.numel, ctx.dtype, x)
-        pos_sum = pairwise_sum(ops, ops.where(mask, x, zeros), ctx.dtype)
-        neg_sum = pairwise_sum(ops, ops.where(mask, zeros, x), ctx.dtype)
-        pos_count = ops.cast(ops.sum(ops.cast(mask, "int64")), ctx.dtype)
-        neg_count = ops.cast(ops.sum(ops.cast(~mask, "int64")), ctx.dtype)
-        # an empty side has sum 0: dividing it by 1 gives mean 0
-        pos_mean = pos_sum / ops.where(pos_count > 0, pos_count, pos_count * 0 + 1)
-        neg_mean = neg_sum / ops.where(neg_count > 0, neg_count, neg_count * 0 + 1)
-        return ops.concat([pos_mean, neg_mean])
+    def _scales(self, ops, x, ctx):
+        return ops.sign_means(x)
 
-    def _expand(self, ops, bits, scales, ctx):
-        zeros = ops.zeros(ctx.numel, ctx.dtype, bits)
-        return ops.where(bits, zeros + scales[0:1], zeros + scales[1:2])
+    def _expand(self, ops, words, scales, ctx):
+        return ops.select_bits(words, ctx.numel, scales[0:1], scales[1:2])

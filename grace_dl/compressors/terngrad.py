@@ -107,7 +107,10 @@ class TernGrad(Compressor):
         scaled = x / safe
         rms = ops.sqrt(pairwise_sum(ops, scaled * scaled, ctx.dtype) * (1.0 / max(ctx.numel, 1))) * peak
         bound = rms * self.clip_sigma
-        clipped = ops.where(x > bound, bound + x * 0, ops.where(x < -bound, x * 0 - bound, x))
+        # clamp with minimum alone (a NaN bound clamps nothing); x * 0 makes +-inf and NaN
+        # NaN, whatever minimum does with NaN on a backend
+        open_bound = ops.where(bound == bound, bound, bound * 0 + float("inf"))
+        clipped = ops.minimum(-ops.minimum(-x, open_bound), open_bound) + x * 0
         return clipped, ops.where(peak > bound, bound, peak)
 
     def compress_rounds(self, ops: Ops, x: Array, ctx: TensorContext) -> Rounds:
@@ -128,13 +131,11 @@ class TernGrad(Compressor):
         return run_alone(self.compress_rounds(ops, x, ctx))
 
     def _ternarize(self, ops: Ops, x: Array, scale: Array, ctx: TensorContext) -> Array:
-        """Codes ``t + 1`` in {0, 1, 2} (int64): ``t = sign(x)`` with probability
+        """Codes ``t + 1`` in {0, 1, 2} (uint8): ``t = sign(x)`` with probability
         ``|x| / scale``, else 0."""
         safe = ops.where(scale > 0, scale, scale * 0 + 1)
         u = ops.cast(ops.random_uniform(ctx.numel, ctx.worker_key, ctx.step, x), ctx.dtype)
-        keep = u < ops.abs(x) / safe
-        one = ops.zeros(ctx.numel, "int64", x) + 1
-        return ops.where(keep, ops.where(x < 0, one - 1, one + 1), one)
+        return ops.ternary_codes(x, safe, u)
 
     # -- decompress -----------------------------------------------------------------------
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
@@ -143,9 +144,10 @@ class TernGrad(Compressor):
             total, scale = _unpack_shared(ops, buffer, ctx)
             return ops.cast(total, ctx.dtype) * scale
         code_words = words_for("bool", 2 * n)
-        code = ops.unpack_uint(buffer[:code_words], n, 2)
         scale = from_words(ops, buffer[code_words:], ctx.dtype, 1)
-        return (ops.cast(code, ctx.dtype) - 1) * scale
+        # code c decodes to (c - 1) * scale: a 4-entry table
+        values = ops.cast(ops.arange(4, scale) - 1, ctx.dtype) * scale
+        return ops.take_fields(buffer[:code_words], n, 2, values)
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int | None:
         if self.shared_scale:
@@ -168,6 +170,7 @@ def _pack_shared(ops: Ops, code: Array, scale: Array, ctx: TensorContext) -> Arr
     """The summable format: lane words, a count word (1), the scale as 16-bit halves."""
     bits = lane_bits(ctx.world_size)
     per, lane_words, _ = shared_layout(ctx.numel, ctx.dtype, ctx.world_size)
+    code = ops.cast(code, "int64")
     pad = lane_words * per - ctx.numel
     if pad:
         code = ops.concat([code, ops.zeros(pad, "int64", code)])

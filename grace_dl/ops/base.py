@@ -352,3 +352,150 @@ class Ops(abc.ABC):
                 chosen = self.topk_indices(self.abs(self.gather(x, candidates)), k)
                 return self.gather(candidates, chosen)
         return self.topk_indices(self.abs(x), k)
+    # -- quantization kernels
+    # Coarse primitives of the sign and quantization methods. Each has a default in terms
+    # of the primitives above, which fixes its result bit for bit; a backend may override
+    # one with a faster kernel that gives the same bits.
+    def pack_signs(self, x: Array) -> Array:
+        """:meth:`pack_bits` of ``x >= 0`` for 1-D float ``x`` (zero and -0.0 set the
+        bit, NaN clears it): ``ceil(n / 32)`` int32 words."""
+        return self.pack_bits(x >= 0)
+
+    def select_bits(self, words: Array, n: int, on: Array, off: Array) -> Array:
+        """An ``n``-element array holding ``on`` where bit ``i`` of ``words`` (the layout
+        of :meth:`pack_bits`) is set and ``off`` where it is clear; ``on`` and ``off`` are
+        1-element arrays of the output dtype, copied bit for bit (a -0.0 stays -0.0)."""
+        return self.where(self.unpack_bits(words, n), on, off)
+
+    def full(self, n: int, value: float, dtype: str, like: Array) -> Array:
+        """A 1-D array of ``n`` copies of ``value`` in ``dtype`` on ``like``'s device."""
+        return self.zeros(n, dtype, like) + value
+
+    def tree_sum(self, x: Array, scale: float = 1.0) -> Array:
+        """The sum of 1-D float ``x`` as a 1-element array, added in one fixed order so
+        that every backend and device rounds alike: with ``h`` the largest power of two
+        below ``n``, element ``i + h`` is added to element ``i`` (elements ``n - h ..
+        h - 1`` are carried unchanged), then halves of the ``h`` partial sums are added
+        elementwise until one is left. ``ceil(log2 n)`` elementwise additions, no host
+        sync; an empty ``x`` sums to 0. A ``scale`` other than 1 multiplies the sum
+        (one rounding) before it is returned."""
+        n = self.numel(x)
+        if n == 0:
+            return self.zeros(1, self.dtype(x), x)
+        if n > 1:
+            h = 1 << ((n - 1).bit_length() - 1)
+            head = x[:n - h] + x[h:]
+            x = self.concat([head, x[n - h:h]]) if n - h < h else head
+            while h > 1:
+                h //= 2
+                x = x[:h] + x[h:]
+        return x * scale if scale != 1.0 else x
+
+    def sign_means(self, x: Array) -> Array:
+        """The 2-element array ``[mean of x where x >= 0, mean of x elsewhere]`` (NaN
+        counts as negative) for 1-D float ``x``: each side's :meth:`tree_sum`, taken over
+        all ``n`` positions with +0.0 in the other side's places, divided by its element
+        count cast to ``x``'s dtype; an empty side has mean +0.0 (its sum divided by 1)."""
+        mask = x >= 0
+        n = self.numel(x)
+        zeros = self.zeros(n, self.dtype(x), x)
+        sums = self.concat([self.tree_sum(self.where(mask, x, zeros)), self.tree_sum(self.where(mask, zeros, x))])
+        positive = self.reshape(self.sum(self.cast(mask, "int64")), (1,))
+        counts = self.concat([positive, n - positive])
+        counts = self.where(counts > 0, counts, counts * 0 + 1)
+        return sums / self.cast(counts, self.dtype(x))
+
+    def take_fields(self, words: Array, n: int, bits: int, values: Array) -> Array:
+        """``n`` elements: element ``i`` is ``values[f_i]``, with ``f_i`` the ``i``-th
+        ``bits``-wide field of ``words`` in the layout of :meth:`pack_uint`, and
+        ``values`` a 1-D array of ``2**bits`` entries of the output dtype (a decoding
+        table), copied bit for bit."""
+        return self.gather(values, self.unpack_uint(words, n, bits))
+
+    def ternary_codes(self, x: Array, bound: Array, u: Array) -> Array:
+        """uint8 codes ``1 + t_i`` in {0, 1, 2} for 1-D float ``x``: ``t_i`` is -1 where
+        ``x_i < 0`` and +1 elsewhere if ``u_i < |x_i| / bound``, and 0 otherwise (so NaN
+        gives 1). ``bound``: a 1-element array of ``x``'s dtype; ``u``: draws in
+        ``x``'s dtype."""
+        keep = u < self.abs(x) / bound
+        one = self.zeros(self.numel(x), "uint8", x) + 1
+        return self.where(keep, self.where(x < 0, one - 1, one + 1), one)
+
+    def power_of_two_codes(self, x: Array, r: Array) -> Array:
+        """int32 codes of float32 ``x`` rounded to a neighbouring power of two (natural
+        compression), from its bits: with ``e`` the exponent field and ``m`` the 23-bit
+        mantissa of ``|x|``, ``e`` is raised by one where ``r < m`` (``r``: int32 draws
+        in ``[0, 2**23)``) and ``e < 254``; the code is ``e``, plus 256 for a negative
+        ``x`` with ``e > 0``; NaN is code 256. :meth:`power_of_two_values` inverts it."""
+        bits = self.bitcast(x, "int32")
+        mag = self.bitwise_and(bits, 0x7FFFFFFF)
+        e = self.shift_right(mag, 23)
+        up = (r < self.bitwise_and(mag, 0x7FFFFF)) & (e < 254)
+        e = e + self.cast(up, "int32")
+        code = self.where((bits < 0) & (e > 0), e + 256, e)
+        return self.where(mag > 0x7F800000, e * 0 + 256, code)
+
+    def power_of_two_values(self, codes: Array) -> Array:
+        """float32 values of :meth:`power_of_two_codes` (any integer dtype, each below
+        512): ``+-2**(e - 127)`` from the exponent field ``e = code % 256`` (0 gives
+        zero, 255 infinity), negative for codes from 256 on, code 256 the quiet NaN."""
+        codes = self.cast(codes, "int32")
+        mag = self.shift_left(self.bitwise_and(codes, 255), 23)
+        bits = self.where(codes >= 256, mag + (-(1 << 31)), mag)
+        return self.bitcast(self.where(codes == 256, mag * 0 + 0x7FC00000, bits), "float32")
+
+    def bfloat16_words(self, x: Array) -> Array:
+        """The bfloat16 bit patterns of 1-D float32 ``x``, two to a little-endian int32
+        word (element ``2i`` in the low half of word ``i``, a zero half after an odd
+        count): rounded once to nearest even on the 16 dropped bits, subnormals kept,
+        overflow to inf, NaN as the quiet NaN ``0x7FC0`` with ``x``'s sign."""
+        bits = self.cast(self.bitcast(x, "int32"), "int64")
+        mag = self.bitwise_and(bits, 0x7FFFFFFF)
+        rounded = self.shift_right(mag + 0x7FFF + self.bitwise_and(self.shift_right(mag, 16), 1), 16)
+        rounded = self.where(mag > 0x7F800000, rounded * 0 + 0x7FC0, rounded)
+        halves = self.where(bits < 0, rounded + 0x8000, rounded)
+        if self.numel(halves) % 2:
+            halves = self.concat([halves, self.zeros(1, "int64", halves)])
+        pairs = self.reshape(halves, (-1, 2))
+        words = pairs[:, 0] + pairs[:, 1] * 65536
+        return self.cast(self.where(words >= 2**31, words - 2**32, words), "int32")
+
+    def dither_codes(self, y: Array, u: Array, levels: int) -> Array:
+        """int32 codes ``levels + sign(y_i) k_i`` of natural dithering (Horvath et al.
+        2019) for 1-D float32/float64 ratios ``y = v / ||v||`` (magnitudes clamped to 1):
+        with ``s = levels`` and ``a = |y_i|``, an ``a >= 2**(1-s)`` between the levels
+        ``2**e <= a < 2**(e+1)`` gets ``k = e + s``, raised by one where ``u_i`` is below
+        its mantissa fraction ``(a - 2**e) / 2**e``; a smaller ``a`` gets ``k = 1`` where
+        ``u_i < a / 2**(1-s)`` and 0 otherwise; NaN gets ``k = 0``. ``u``: draws in ``y``'s
+        dtype. :meth:`dither_values` inverts the codes to the levels."""
+        dtype = self.dtype(y)
+        itype, mbits = ("int32", 23) if dtype == "float32" else ("int64", 52)
+        width_bits = 8 * DTYPE_ITEMSIZE[itype]
+        mag = self.abs(y)
+        mag = self.minimum(mag, mag * 0 + 1)
+        lowest = 2.0 ** (1 - levels)
+        top = mag >= lowest
+        ybits = self.bitcast(mag, itype)
+        exponent_mask = ((1 << (width_bits - 1)) - 1) ^ ((1 << mbits) - 1)
+        floor_pow2 = self.bitcast(self.bitwise_and(ybits, exponent_mask), dtype)
+        zero = mag * 0
+        lower = self.where(top, floor_pow2, zero)
+        width = self.where(top, floor_pow2, zero + lowest)
+        up = u < (mag - lower) / width  # exact: a power-of-two division of an exact difference
+        bias = (1 << (width_bits - mbits - 2)) - 1
+        level = self.cast(self.shift_right(ybits, mbits), "int32") - bias + levels  # s for a = 1
+        k = self.where(top, level, level * 0) + self.cast(up, "int32")
+        return self.where(y < 0, levels - k, levels + k)
+
+    def dither_values(self, codes: Array, levels: int, dtype: str) -> Array:
+        """The levels of :meth:`dither_codes` in ``dtype`` (float32 or float64): code
+        ``c`` with ``k = |c - levels| > 0`` gives ``+-2**(k - levels)``, signed as
+        ``c - levels``; ``k = 0`` gives +0.0."""
+        itype, mbits = ("int32", 23) if dtype == "float32" else ("int64", 52)
+        signed = self.cast(codes, "int32") - levels
+        k = self.where(signed < 0, -signed, signed)
+        bias = (1 << (8 * DTYPE_ITEMSIZE[itype] - mbits - 2)) - 1
+        # level k >= 1 is 2**(k - s): its exponent field is k - s + bias >= 1
+        exponent = self.where(k > 0, k - levels + bias, k * 0 + bias)
+        level = self.bitcast(self.shift_left(self.cast(exponent, itype), mbits), dtype)
+        return self.where(k > 0, self.where(signed < 0, -level, level), level * 0)

@@ -1,0 +1,260 @@
+"""The quantization kernels of the ops protocol: each backend's fast kernel gives the bits
+of the protocol's default, written in terms of the basic primitives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from grace_dl.ops.base import Ops
+from grace_dl.ops.numpy_backend import NumpyOps
+
+ops = NumpyOps()
+SPECIAL = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-40, -1e-40, 3e38, -3e38]
+
+
+def _floats(draw_n, seed, dtype, specials):
+    x = np.random.default_rng(seed).standard_normal(draw_n).astype(dtype)
+    if specials and draw_n:
+        idx = np.random.default_rng(seed + 1).integers(0, draw_n, size=min(draw_n, 4))
+        x[idx] = np.array(SPECIAL, dtype)[idx % len(SPECIAL)]
+    return x
+
+
+def same_bits(a, b):
+    """Bit-identical, except that any NaN matches any NaN: the sign of a NaN that
+    arithmetic makes (inf - inf) depends on the CPU's kernel, not on grace-dl."""
+    a, b = np.asarray(a), np.asarray(b)
+    nan = np.isnan(a)
+    return a.dtype == b.dtype and np.array_equal(nan, np.isnan(b)) and a[~nan].tobytes() == b[~nan].tobytes()
+
+
+cases = st.tuples(st.integers(0, 2100), st.integers(0, 10**6), st.sampled_from(["float32", "float64"]), st.booleans())
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=cases)
+def test_numpy_kernels_equal_the_protocol_defaults(case):
+    n, seed, dtype, specials = case
+    x = _floats(n, seed, dtype, specials)
+    assert ops.pack_signs(x).tobytes() == Ops.pack_signs(ops, x).tobytes()
+    assert same_bits(ops.tree_sum(x), Ops.tree_sum(ops, x))
+    assert same_bits(ops.tree_sum(np.abs(x), 1 / 3), Ops.tree_sum(ops, np.abs(x), 1 / 3))
+    if n:
+        assert same_bits(ops.sign_means(x), Ops.sign_means(ops, x))
+    words = ops.pack_signs(x)
+    on, off = np.array([2.5], dtype), np.array([-0.0], dtype)
+    got = ops.select_bits(words, n, on, off)
+    assert got.dtype == np.dtype(dtype) and got.tobytes() == Ops.select_bits(ops, words, n, on, off).tobytes()
+    assert got.tobytes() == np.where(x >= 0, on, off).tobytes()
+
+
+def test_tree_sum_order_is_the_stated_tree():
+    # 5 elements: h = 4, so x0 + x4 is added first, x1..x3 carried, then halves
+    x = np.array([1e8, 1.0, -1e8, 1.0, 1.0], np.float32)
+    a = np.float32(1e8) + np.float32(1.0)
+    want = (a + np.float32(-1e8)) + (np.float32(1.0) + np.float32(1.0))
+    assert ops.tree_sum(x)[0] == want == Ops.tree_sum(ops, x)[0]
+
+
+def test_sign_means_of_one_sided_and_empty_sides():
+    x = np.array([1.0, 2.0, 3.0, -0.0], np.float32)
+    assert ops.sign_means(x).tolist() == [1.5, 0.0]
+    assert ops.sign_means(-np.abs(x) - 1).tolist() == [0.0, -2.5]
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 20), n=st.integers(0, 300), seed=st.integers(0, 10**6))
+def test_pack_uint_kernels_equal_the_generic_bit_stream(bits, n, seed):
+    v = np.random.default_rng(seed).integers(0, 1 << bits, n)
+    words = ops.pack_uint(v, bits)
+    assert words.dtype == np.int32 and words.tobytes() == Ops.pack_uint(ops, v, bits).tobytes()
+    back = ops.unpack_uint(words, n, bits)
+    assert back.dtype == np.int64 and np.array_equal(back, v)
+    assert np.array_equal(back, Ops.unpack_uint(ops, words, n, bits))
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 33, 1000, 4097])
+def test_torch_kernels_match_numpy_on_cpu_and_through_the_defaults(n):
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+
+    class Generic(TorchOps):  # the protocol defaults, as a device without a kernel runs them
+        pack_signs = Ops.pack_signs
+        select_bits = Ops.select_bits
+        tree_sum = Ops.tree_sum
+        sign_means = Ops.sign_means
+
+    G = Generic()
+    for dtype in ("float32", "float64"):
+        x = _floats(n, n, dtype, True)
+        t = torch.from_numpy(x.copy())
+        for backend in (T, G):
+            assert backend.pack_signs(t).numpy().tobytes() == ops.pack_signs(x).tobytes()
+            assert same_bits(backend.tree_sum(t).numpy(), ops.tree_sum(x))
+            if n:
+                assert same_bits(backend.sign_means(t).numpy(), ops.sign_means(x))
+            w = torch.from_numpy(ops.pack_signs(x))
+            on, off = torch.tensor([1.5], dtype=t.dtype), torch.tensor([-2.0], dtype=t.dtype)
+            assert backend.select_bits(w, n, on, off).numpy().tobytes() == np.where(x >= 0, 1.5, -2.0).astype(dtype).tobytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([1, 2, 3, 4, 5, 8]), n=st.integers(0, 300), seed=st.integers(0, 10**6))
+def test_take_fields_decodes_each_field_through_the_table(bits, n, seed):
+    rng = np.random.default_rng(seed)
+    v = rng.integers(0, 1 << bits, n)
+    table = rng.standard_normal(1 << bits).astype(np.float32)
+    table[0] = -0.0
+    words = ops.pack_uint(v, bits)
+    got = ops.take_fields(words, n, bits, table)
+    assert got.dtype == np.float32 and got.tobytes() == table[v].tobytes()
+    assert got.tobytes() == Ops.take_fields(ops, words, n, bits, table).tobytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=cases, bound=st.sampled_from([0.5, 1.0, 3.0]))
+def test_ternary_codes_equal_the_default(case, bound):
+    n, seed, dtype, specials = case
+    x = _floats(n, seed, dtype, specials)
+    u = np.random.default_rng(seed + 7).random(n).astype(dtype)
+    b = np.array([bound], dtype)
+    got = ops.ternary_codes(x, b, u)
+    assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1, 2}
+    assert got.tobytes() == Ops.ternary_codes(ops, x, b, u).tobytes()
+    keep = u < np.abs(x) / b
+    assert np.array_equal(got, np.where(keep, np.where(x < 0, 0, 2), 1))
+
+
+def test_torch_field_and_ternary_kernels_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    x = _floats(1001, 3, "float32", True)
+    u = np.random.default_rng(4).random(1001).astype(np.float32)
+    b = np.array([0.7], np.float32)
+    want = ops.ternary_codes(x, b, u)
+    got = T.ternary_codes(torch.from_numpy(x), torch.from_numpy(b), torch.from_numpy(u))
+    assert got.numpy().tobytes() == want.tobytes()
+    generic = Ops.ternary_codes(T, torch.from_numpy(x), torch.from_numpy(b), torch.from_numpy(u))
+    assert generic.numpy().tobytes() == want.tobytes()
+    words = ops.pack_uint(want, 2)
+    table = np.array([-1.5, 0.0, 1.5, 3.0], np.float32)
+    for backend_take in (T.take_fields, lambda *a: Ops.take_fields(T, *a)):
+        out = backend_take(torch.from_numpy(words), 1001, 2, torch.from_numpy(table))
+        assert out.numpy().tobytes() == table[want].tobytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=cases)
+def test_power_of_two_kernels_equal_the_defaults(case):
+    n, seed, _, specials = case
+    x = _floats(n, seed, "float32", specials)
+    r = np.random.default_rng(seed + 3).integers(0, 1 << 23, n).astype(np.int32)
+    codes = ops.power_of_two_codes(x, r)
+    assert codes.dtype == np.int32 and codes.tobytes() == Ops.power_of_two_codes(ops, x, r).tobytes()
+    assert codes.min(initial=0) >= 0 and codes.max(initial=0) < 512
+    values = ops.power_of_two_values(codes)
+    assert values.tobytes() == Ops.power_of_two_values(ops, codes).tobytes()
+    # every finite value lands on one of the two powers of two around it, with its sign
+    finite = np.isfinite(x) & (x != 0) & (np.abs(x) >= np.finfo(np.float32).tiny)
+    low = np.exp2(np.floor(np.log2(np.abs(x[finite].astype(np.float64)))))
+    got = np.abs(values[finite].astype(np.float64))
+    assert np.all((got == low) | (got == 2 * low))
+    assert np.all(np.sign(values[finite]) == np.sign(x[finite]))
+    assert np.isnan(values[np.isnan(x)]).all()
+
+
+def test_torch_power_of_two_kernels_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    x = _floats(2000, 9, "float32", True)
+    r = np.random.default_rng(2).integers(0, 1 << 23, 2000).astype(np.int32)
+    want = ops.power_of_two_codes(x, r)
+    for codes_of in (T.power_of_two_codes, lambda *a: Ops.power_of_two_codes(T, *a)):
+        assert codes_of(torch.from_numpy(x), torch.from_numpy(r)).numpy().tobytes() == want.tobytes()
+    for values_of in (T.power_of_two_values, lambda c: Ops.power_of_two_values(T, c)):
+        got = values_of(torch.from_numpy(want.astype(np.int64)))
+        assert got.numpy().tobytes() == ops.power_of_two_values(want).tobytes()
+
+
+@pytest.mark.parametrize("name,kwargs", [("qsgd", {}), ("qsgd", {"levels": 3, "bucket_size": 7}),
+                                         ("qsgd", {"levels": 300, "bucket_size": 100}), ("natural", {})])
+@pytest.mark.parametrize("n", [1, 31, 1000, 5000])
+def test_chunked_processing_gives_the_payload_of_one_pass(monkeypatch, name, kwargs, n):
+    import grace_dl
+    import grace_dl.compressors.qsgd as qsgd_module
+
+    from helpers import make_ctx
+
+    comp = grace_dl.make(name, **kwargs).compressor
+    x = _floats(n, n, "float32", True)
+    ctx = make_ctx(n)
+    whole = comp.compress(ops, x, ctx).buffer
+    out = comp.decompress(ops, whole, ctx)
+    monkeypatch.setattr(qsgd_module, "CHUNK_ELEMENTS", 64)
+    assert len(qsgd_module.chunk_bounds(n, 32)) == -(-n // 64)
+    assert comp.compress(ops, x, ctx).buffer.tobytes() == whole.tobytes()
+    assert comp.decompress(ops, whole, ctx).tobytes() == out.tobytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=cases)
+def test_bfloat16_words_kernel_equals_the_bit_formulation(case):
+    from grace_dl.compressors.fp16 import bfloat16_bits, bfloat16_words
+
+    n, seed, _, specials = case
+    x = _floats(n, seed, "float32", specials)
+    x[: min(n, 2)] = np.array([np.float32(-np.nan), np.float32(3.3961776e38)])[: min(n, 2)]  # -NaN, rounds to inf
+    want = bfloat16_words(ops, bfloat16_bits(ops, x))
+    assert ops.bfloat16_words(x).tobytes() == want.tobytes()
+    assert Ops.bfloat16_words(ops, x).tobytes() == want.tobytes()
+
+
+def test_torch_bfloat16_words_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    x = _floats(1001, 5, "float32", True)
+    want = ops.bfloat16_words(x)
+    assert T.bfloat16_words(torch.from_numpy(x)).numpy().tobytes() == want.tobytes()
+    assert Ops.bfloat16_words(T, torch.from_numpy(x)).numpy().tobytes() == want.tobytes()
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=cases, levels=st.sampled_from([1, 2, 3, 8, 30, 126]))
+def test_dither_kernels_equal_the_defaults(case, levels):
+    n, seed, dtype, specials = case
+    x = _floats(n, seed, dtype, specials)
+    y = x / np.abs(x[np.isfinite(x)]).max(initial=1.0).astype(dtype)
+    y[: min(n, 1)] = np.array([1.0000001], dtype)[: min(n, 1)]  # above 1 by rounding: clamped
+    u = np.random.default_rng(seed + 5).random(n).astype(dtype)
+    codes = ops.dither_codes(y, u, levels)
+    assert codes.tobytes() == Ops.dither_codes(ops, y, u, levels).astype(codes.dtype).tobytes()
+    assert codes.min(initial=levels) >= 0 and codes.max(initial=levels) <= 2 * levels
+    values = ops.dither_values(codes, levels, dtype)
+    assert values.dtype == np.dtype(dtype)
+    assert values.tobytes() == Ops.dither_values(ops, codes, levels, dtype).tobytes()
+
+
+def test_torch_dither_kernels_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    y = _floats(3000, 2, "float32", True) / np.float32(4)
+    u = np.random.default_rng(3).random(3000).astype(np.float32)
+    want = ops.dither_codes(y, u, 8)
+    for codes_of in (T.dither_codes, lambda *a: Ops.dither_codes(T, *a)):
+        assert codes_of(torch.from_numpy(y), torch.from_numpy(u), 8).numpy().astype(np.int32).tobytes() == want.tobytes()
+    for values_of in (T.dither_values, lambda *a: Ops.dither_values(T, *a)):
+        got = values_of(torch.from_numpy(want.astype(np.int64)), 8, "float32")
+        assert got.numpy().tobytes() == ops.dither_values(want, 8, "float32").tobytes()
