@@ -42,7 +42,7 @@ def _data(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "mostly_zero", "sorted"])
-@pytest.mark.parametrize("n", [1, 7, 1000, 70_000, 200_003])
+@pytest.mark.parametrize("n", [1, 7, 1000, 5000, 10_000, 70_000, 200_003])
 def test_topk_magnitude_indices_is_the_protocols_topk_of_abs(kind, n):
     rng = np.random.default_rng(n)
     x = _data(kind, n, rng)
