@@ -190,3 +190,29 @@ def test_memory_state_matches_the_dense_update(method, params):
         for name, fields in slow.memory.state_dict().items():
             for key, value in fields.items():
                 assert fast.memory.state_dict()[name][key].tobytes() == value.tobytes(), (step, key)
+
+
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("k", [0, 1, 7, 500])
+def test_pack_sparse_is_the_sparse_layout_and_scatter_sparse_reverses_it(backend, dtype, k):
+    from grace_dl.payload import pack_words
+
+    rng = np.random.default_rng(k)
+    n = 1000
+    x_np = rng.standard_normal(n).astype(dtype)
+    x_np[5] = np.nan
+    idx_np = np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+    x, idx = (torch.from_numpy(x_np), torch.from_numpy(idx_np)) if backend is T else (x_np, idx_np)
+    expected = pack_words(N, [idx_np.astype(np.int32), x_np[idx_np]])  # int32 indices, then the values' words
+    for pack in (backend.pack_sparse, lambda a, i: Ops.pack_sparse(backend, a, i)):
+        buffer = pack(x, idx)
+        assert backend.dtype(buffer) == "int32"
+        np.testing.assert_array_equal(_as_np(buffer), expected)
+    dense = np.zeros(n, dtype)
+    dense[idx_np] = x_np[idx_np]
+    for scatter in (backend.scatter_sparse, lambda m, b, d: Ops.scatter_sparse(backend, m, b, d)):
+        out = _as_np(scatter(n, buffer, dtype))
+        assert out.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(out.view(np.int64 if dtype == "float64" else np.int32),
+                                      dense.view(np.int64 if dtype == "float64" else np.int32))

@@ -11,7 +11,7 @@ from ..payload import Payload
 from ..registry import register
 from .sign import pairwise_sum
 from .threshold import ThresholdSparsifier, magnitudes
-from .topk import check_ratio, k_for, sparse_unpack
+from .topk import check_ratio, k_for, sent_elements
 
 #: density of the first warm-up step: the paper's 75% sparsity
 WARMUP_START_DENSITY = 0.25
@@ -221,7 +221,7 @@ class DGCMomentum(Memory):
         u = self._pending.pop(ctx.name, None)
         if u is None:
             raise RuntimeError(f"update of tensor {ctx.name!r} without compensate first")
-        idx, values = sparse_unpack(ops, payload.buffer, ctx.dtype)
+        idx, values = sent_elements(ops, compensated, payload, ctx)
         v = ops.index_update(compensated, idx, ops.gather(compensated, idx) - values)
         # u is cleared where the local decompression is non-zero
         u_sent = ops.gather(u, idx)

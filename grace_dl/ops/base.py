@@ -317,6 +317,19 @@ class Ops(abc.ABC):
         a = self.abs(x)
         return self.nonzero(~(a < threshold) & ~(a <= 0))
 
+    def pack_sparse(self, x: Array, idx: Array) -> Array:
+        """The sparse wire format in one int32 buffer: the int64 ``idx`` (each below
+        2**31) as int32, then the words of ``gather(x, idx)`` (``x`` of a 4- or 8-byte
+        dtype). :meth:`scatter_sparse` reverses it."""
+        return self.concat([self.cast(idx, "int32"), self.bitcast(self.gather(x, idx), "int32")])
+
+    def scatter_sparse(self, n: int, buffer: Array, dtype: str) -> Array:
+        """A length-``n`` zero array of ``dtype`` holding, at the indices of a
+        :meth:`pack_sparse` buffer, its values (the count follows from the buffer's
+        length, which inside ``tf.function`` may be known only at run time)."""
+        k = self.length(buffer) // (1 + DTYPE_ITEMSIZE[dtype] // 4)
+        return self.scatter(n, self.cast(buffer[:k], "int64"), self.bitcast(buffer[k:], dtype))
+
     #: below this many elements, :meth:`topk_magnitude_indices` selects directly
     SAMPLED_TOPK_MIN_NUMEL: int = 1 << 12
     #: expected number of sampled elements above the sampled threshold (the sample's

@@ -374,6 +374,18 @@ class TorchOps(Ops):
             return x.clone().scatter_(0, idx, values)
         return x.index_put((idx,), values)
 
+    def pack_sparse(self, x, idx):
+        if _on_cpu(x, idx) and x.dtype in (torch.float32, torch.float64):
+            # NumPy's gather and int32 conversion on views: torch's single-threaded
+            # index_select, cast and cat take ~4x as long at 2.5e7 elements
+            return torch.from_numpy(_NUMPY.pack_sparse(x.detach().numpy(), idx.detach().numpy()))
+        return super().pack_sparse(x, idx)
+
+    def scatter_sparse(self, n, buffer, dtype):
+        if _on_cpu(buffer) and dtype in ("float32", "float64"):
+            return torch.from_numpy(_NUMPY.scatter_sparse(n, buffer.detach().numpy(), dtype))
+        return super().scatter_sparse(n, buffer, dtype)
+
     def nonzero_magnitude_at_least(self, x, threshold):
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
             # NumPy's comparisons and compaction on a view: ~3x faster than torch's
