@@ -216,3 +216,14 @@ def test_pack_sparse_is_the_sparse_layout_and_scatter_sparse_reverses_it(backend
         assert out.dtype == np.dtype(dtype)
         np.testing.assert_array_equal(out.view(np.int64 if dtype == "float64" else np.int32),
                                       dense.view(np.int64 if dtype == "float64" else np.int32))
+
+
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+def test_index_subtract_touches_only_the_indices_and_leaves_x_alone(backend):
+    x_np = np.array([1.0, 2.0, np.inf, 4.0, 5.0], np.float32)
+    arr = (lambda a: torch.from_numpy(np.asarray(a))) if backend is T else np.asarray
+    x, idx, values = arr(x_np.copy()), arr(np.array([0, 2, 3])), arr(np.array([0.5, 1.0, 4.0], np.float32))
+    for f in (backend.index_subtract, lambda *a: Ops.index_subtract(backend, *a)):
+        out = _as_np(f(x, idx, values))
+        np.testing.assert_array_equal(out, np.array([0.5, 2.0, np.inf, 0.0, 5.0], np.float32))
+        np.testing.assert_array_equal(_as_np(x), x_np)

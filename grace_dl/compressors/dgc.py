@@ -222,7 +222,7 @@ class DGCMomentum(Memory):
         if u is None:
             raise RuntimeError(f"update of tensor {ctx.name!r} without compensate first")
         idx, values = sent_elements(ops, compensated, payload, ctx)
-        v = ops.index_update(compensated, idx, ops.gather(compensated, idx) - values)
+        v = ops.index_subtract(compensated, idx, values)
         # u is cleared where the local decompression is non-zero
         u_sent = ops.gather(u, idx)
         masked_u = ops.index_update(u, idx, ops.where(values != 0, ops.zeros(1, ctx.dtype, u), u_sent))  # +0 broadcast

@@ -79,7 +79,7 @@ def sent_residual(ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> A
     itself minus the sent value. Touches ``k`` elements instead of building the dense
     decompression and subtracting it."""
     idx, values = sent_elements(ops, x, payload, ctx)
-    return ops.index_update(x, idx, ops.gather(x, idx) - values)
+    return ops.index_subtract(x, idx, values)
 
 
 @register("compressor", "topk", paper="Aji & Heafield 2017, Sparse Communication for Distributed "

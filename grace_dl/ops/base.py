@@ -317,6 +317,13 @@ class Ops(abc.ABC):
         a = self.abs(x)
         return self.nonzero(~(a < threshold) & ~(a <= 0))
 
+    def index_subtract(self, x: Array, idx: Array, values: Array) -> Array:
+        """A copy of 1-D ``x`` in which each element at the distinct indices ``idx``
+        becomes itself minus the matching element of ``values``: ``index_update(x, idx,
+        gather(x, idx) - values)`` (``x`` itself is left alone). What error feedback
+        keeps of a sparse payload."""
+        return self.index_update(x, idx, self.gather(x, idx) - values)
+
     def pack_sparse(self, x: Array, idx: Array) -> Array:
         """The sparse wire format in one int32 buffer: the int64 ``idx`` (each below
         2**31) as int32, then the words of ``gather(x, idx)`` (``x`` of a 4- or 8-byte

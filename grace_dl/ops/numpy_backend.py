@@ -265,6 +265,11 @@ class NumpyOps(Ops):
         # min and max propagate NaN and show an Inf: two reductions, no temporary array
         return np.bool_(np.isfinite(x.min()) and np.isfinite(x.max()))
 
+    def index_subtract(self, x, idx, values):
+        out = np.array(x, copy=True)
+        out[idx] = np.take(x, idx) - values
+        return out
+
     def pack_sparse(self, x, idx):
         k = idx.shape[0]
         buffer = np.empty(k * (1 + x.dtype.itemsize // 4), np.int32)
