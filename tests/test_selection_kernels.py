@@ -227,3 +227,21 @@ def test_index_subtract_touches_only_the_indices_and_leaves_x_alone(backend):
         out = _as_np(f(x, idx, values))
         np.testing.assert_array_equal(out, np.array([0.5, 2.0, np.inf, 0.0, 5.0], np.float32))
         np.testing.assert_array_equal(_as_np(x), x_np)
+
+
+@pytest.mark.parametrize("zeros", [0.0, 0.3, 0.99, 1.0])
+def test_kth_largest_with_many_zeros_is_the_partitions_answer(zeros):
+    from grace_dl.ops.numpy_backend import kth_largest_value
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    x = rng.standard_normal(n).astype(np.float32)
+    x[rng.random(n) < zeros] = 0
+    x[[7, 8]] = [np.nan, -np.inf]
+    for k in sorted({1, 2, 5, 40, 1000, 1500, 2000, n - 1, n}):
+        expected = np.partition(x, n - k)[n - k]
+        got = kth_largest_value(x, k)
+        assert (np.isnan(got) and np.isnan(expected)) or got == expected, k
+        assert got.dtype == x.dtype
+        ref = Ops.topk_indices(N, np.where(np.isnan(x), np.inf, x), k)
+        np.testing.assert_array_equal(N.topk_indices(x, k), ref)
