@@ -42,7 +42,7 @@ def _data(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "mostly_zero", "sorted"])
-@pytest.mark.parametrize("n", [1, 7, 1000, 70_000, 200_003])
+@pytest.mark.parametrize("n", [1, 7, 1000, 5000, 10_000, 70_000, 200_003])
 def test_topk_magnitude_indices_is_the_protocols_topk_of_abs(kind, n):
     rng = np.random.default_rng(n)
     x = _data(kind, n, rng)
@@ -115,6 +115,27 @@ def test_finite_count_choose_and_index_update(backend):
     assert _as_np(Ops.index_update(backend, x, idx, arr([-1.0, -3.0]))).tolist() == [-1.0, 2.0, -3.0, 4.0]
 
 
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nonzero_magnitude_at_least_is_the_reference_selection(backend, dtype):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(5000).astype(dtype)
+    x[rng.random(5000) < 0.2] = 0
+    x[[3, 10, 4000]] = [np.nan, -np.inf, np.inf]
+    x[[20, 21]] = [dtype(0.5), dtype(-0.5)]  # ties at the threshold are selected
+    arr = torch.from_numpy(x) if backend is T else x
+    for threshold in [0.0, 0.5, 1e-30, 2.0, np.inf]:
+        a = np.abs(x)
+        expected = np.flatnonzero(~(a < dtype(threshold)) & ~(a <= 0))  # NaN passes, zeros never
+        for t in (threshold, np.full(1, threshold, dtype)):  # a number or a one-element array
+            t = torch.from_numpy(t) if backend is T and isinstance(t, np.ndarray) else t
+            got = _as_np(backend.nonzero_magnitude_at_least(arr, t))
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, expected, err_msg=f"threshold {threshold}")
+            # the default in terms of other primitives agrees
+            np.testing.assert_array_equal(_as_np(Ops.nonzero_magnitude_at_least(backend, arr, t)), expected)
+
+
 SPARSE = [("topk", {"ratio": 0.1}), ("randomk", {"ratio": 0.1}), ("randomk", {"ratio": 0.1, "rescale": True}),
           ("threshold", {"threshold": 0.5}), ("dgc", {"ratio": 0.1, "sample_ratio": 0.2}), ("sidco", {})]
 
@@ -169,3 +190,58 @@ def test_memory_state_matches_the_dense_update(method, params):
         for name, fields in slow.memory.state_dict().items():
             for key, value in fields.items():
                 assert fast.memory.state_dict()[name][key].tobytes() == value.tobytes(), (step, key)
+
+
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("k", [0, 1, 7, 500])
+def test_pack_sparse_is_the_sparse_layout_and_scatter_sparse_reverses_it(backend, dtype, k):
+    from grace_dl.payload import pack_words
+
+    rng = np.random.default_rng(k)
+    n = 1000
+    x_np = rng.standard_normal(n).astype(dtype)
+    x_np[5] = np.nan
+    idx_np = np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+    x, idx = (torch.from_numpy(x_np), torch.from_numpy(idx_np)) if backend is T else (x_np, idx_np)
+    expected = pack_words(N, [idx_np.astype(np.int32), x_np[idx_np]])  # int32 indices, then the values' words
+    for pack in (backend.pack_sparse, lambda a, i: Ops.pack_sparse(backend, a, i)):
+        buffer = pack(x, idx)
+        assert backend.dtype(buffer) == "int32"
+        np.testing.assert_array_equal(_as_np(buffer), expected)
+    dense = np.zeros(n, dtype)
+    dense[idx_np] = x_np[idx_np]
+    for scatter in (backend.scatter_sparse, lambda m, b, d: Ops.scatter_sparse(backend, m, b, d)):
+        out = _as_np(scatter(n, buffer, dtype))
+        assert out.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(out.view(np.int64 if dtype == "float64" else np.int32),
+                                      dense.view(np.int64 if dtype == "float64" else np.int32))
+
+
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+def test_index_subtract_touches_only_the_indices_and_leaves_x_alone(backend):
+    x_np = np.array([1.0, 2.0, np.inf, 4.0, 5.0], np.float32)
+    arr = (lambda a: torch.from_numpy(np.asarray(a))) if backend is T else np.asarray
+    x, idx, values = arr(x_np.copy()), arr(np.array([0, 2, 3])), arr(np.array([0.5, 1.0, 4.0], np.float32))
+    for f in (backend.index_subtract, lambda *a: Ops.index_subtract(backend, *a)):
+        out = _as_np(f(x, idx, values))
+        np.testing.assert_array_equal(out, np.array([0.5, 2.0, np.inf, 0.0, 5.0], np.float32))
+        np.testing.assert_array_equal(_as_np(x), x_np)
+
+
+@pytest.mark.parametrize("zeros", [0.0, 0.3, 0.99, 1.0])
+def test_kth_largest_with_many_zeros_is_the_partitions_answer(zeros):
+    from grace_dl.ops.numpy_backend import kth_largest_value
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    x = rng.standard_normal(n).astype(np.float32)
+    x[rng.random(n) < zeros] = 0
+    x[[7, 8]] = [np.nan, -np.inf]
+    for k in sorted({1, 2, 5, 40, 1000, 1500, 2000, n - 1, n}):
+        expected = np.partition(x, n - k)[n - k]
+        got = kth_largest_value(x, k)
+        assert (np.isnan(got) and np.isnan(expected)) or got == expected, k
+        assert got.dtype == x.dtype
+        ref = Ops.topk_indices(N, np.where(np.isnan(x), np.inf, x), k)
+        np.testing.assert_array_equal(N.topk_indices(x, k), ref)

@@ -178,3 +178,63 @@ def test_simulator_checks_its_input():
         sim.step([{"a": normal(3)}, {"b": normal(3)}])
     with pytest.raises(TypeError, match="dtype int64"):
         sim.step([{"a": np.arange(3)}, {"a": np.arange(3)}])
+
+
+class _RecordingCompressor(grace_dl.core.Compressor):
+    """No compression; keeps every context it was given."""
+
+    def __init__(self):
+        self.contexts = []
+
+    def compress(self, ops, x, ctx):
+        assert "mine" not in ctx.scratch  # scratch never carries over from a previous step
+        ctx.scratch["mine"] = True
+        self.contexts.append(ctx)
+        return grace_dl.payload.Payload.of(ops, x)
+
+    def decompress(self, ops, buffer, ctx):
+        return buffer
+
+    def payload_nbytes(self, numel, dtype="float32", in_dtype=None):
+        return numel * 4
+
+
+def test_context_of_a_name_follows_its_shape_dtype_seed_and_transport():
+    """Grace keeps each name's context pieces between steps; a tensor that comes back
+    under the same name with another shape or dtype, or a changed seed or transport,
+    gets a context of its own."""
+    recorder = _RecordingCompressor()
+    g = grace_dl.Grace(recorder).bind(grace_dl.LocalWorld(1).transports[0])
+    out = g.step(np.ones((2, 5), np.float32), "w")
+    assert out.shape == (2, 5)
+    assert g.step(np.ones(10, np.float32), "w").shape == (10,)  # same name, new shape: its own
+    assert g.step(np.ones(3, np.float64), "w").dtype == np.float64
+    g.seed = 7
+    g.step(np.ones(3, np.float64), "w")
+    g.bind(grace_dl.LocalWorld(2).transports[1])  # rank 1 of 2; only this worker posts: expect the hang error
+    with pytest.raises(RuntimeError, match="only workers"):
+        g.step(np.ones(3, np.float64), "w")
+    c = recorder.contexts
+    assert [x.step for x in c] == [0, 1, 2, 3, 4]
+    assert [x.shape for x in c] == [(2, 5), (10,), (3,), (3,), (3,)]
+    assert [x.numel for x in c] == [10, 10, 3, 3, 3]
+    assert [x.dtype for x in c] == ["float32", "float32", "float64", "float64", "float64"]
+    assert c[0].shared_key == c[2].shared_key == grace_dl.core.derive_key(0, "w")
+    assert c[3].shared_key == grace_dl.core.derive_key(7, "w") != c[2].shared_key
+    assert (c[4].rank, c[4].world_size, c[4].worker_key) == (1, 2, grace_dl.core.derive_key(7, "w", 1))
+    assert (c[3].rank, c[3].world_size) == (0, 1)
+    assert len({id(x.scratch) for x in c}) == len(c)
+    # the contexts are ordinary frozen TensorContexts
+    assert c[1] == grace_dl.core.TensorContext(name="w", shape=(10,), numel=10, dtype="float32", in_dtype="float32",
+                                               step=1, shared_key=c[0].shared_key, worker_key=c[0].worker_key,
+                                               rank=0, world_size=1)
+    with pytest.raises(Exception):
+        c[1].step = 9
+
+
+def test_a_name_reused_with_another_size_is_an_error_for_residual_memory():
+    g = grace_dl.make("topk", ratio=0.5).bind(grace_dl.LocalWorld(1).transports[0])
+    g.step(np.arange(8, dtype=np.float32), "w")
+    g.step(np.arange(8, dtype=np.float32).reshape(2, 4), "w")  # same size, new shape: fine
+    with pytest.raises(ValueError, match="two tensors share one name"):
+        g.step(np.arange(6, dtype=np.float32), "w")

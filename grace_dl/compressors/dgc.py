@@ -11,7 +11,7 @@ from ..payload import Payload
 from ..registry import register
 from .sign import pairwise_sum
 from .threshold import ThresholdSparsifier, magnitudes
-from .topk import check_ratio, k_for, sparse_unpack
+from .topk import check_ratio, k_for, sent_elements
 
 #: density of the first warm-up step: the paper's 75% sparsity
 WARMUP_START_DENSITY = 0.25
@@ -108,18 +108,17 @@ class DGC(ThresholdSparsifier):
         n = ctx.numel
         density = self.density(ctx.step)
         k = k_for(density, n)
-        # |x| with NaN kept: "not below" and "not at most" are true for NaN, so the sets
-        # below are those of the NaN-safe magnitudes (NaN as +inf), which are built only
-        # for the sample and the chosen elements
-        a = ops.abs(x)
+        # "not below" and "not at most" are true for NaN, so the selections below are
+        # those of the NaN-safe magnitudes (NaN as +inf), which are built only for the
+        # sample and the chosen elements
         if k >= n:
-            return ops.nonzero(~(a <= 0))
+            return ops.nonzero_magnitude_at_least(x, 0.0)
         s = min(n, max(1, int(self.sample_ratio * n)))
         stride = n // s
         start = ctx.step % stride
         sample = magnitudes(ops, x[start:start + stride * s:stride], ctx.dtype)
         threshold = ops.kth_largest(sample, min(s, max(1, math.ceil(density * s))))
-        chosen = ops.nonzero(~(a < threshold) & ~(a <= 0))
+        chosen = ops.nonzero_magnitude_at_least(x, threshold)
         count = ops.length(chosen)
         if isinstance(count, int):  # the count is known on the host: no padding needed
             if count <= k:
@@ -226,8 +225,8 @@ class DGCMomentum(Memory):
         u = self._pending.pop(ctx.name, None)
         if u is None:
             raise RuntimeError(f"update of tensor {ctx.name!r} without compensate first")
-        idx, values = sparse_unpack(ops, payload.buffer, ctx.dtype)
-        v = ops.index_update(compensated, idx, ops.gather(compensated, idx) - values)
+        idx, values = sent_elements(ops, compensated, payload, ctx)
+        v = ops.index_subtract(compensated, idx, values)
         # u is cleared where the local decompression is non-zero
         u_sent = ops.gather(u, idx)
         masked_u = ops.index_update(u, idx, ops.where(values != 0, ops.zeros(1, ctx.dtype, u), u_sent))  # +0 broadcast

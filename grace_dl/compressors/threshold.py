@@ -30,7 +30,7 @@ from ..ops import DTYPE_ITEMSIZE, Array, Ops
 from ..payload import Payload, layout_nbytes, pack_words
 from ..registry import register
 from .sign import pairwise_sum
-from .topk import MAX_INT32_INDEX, check_ratio, remember_sent, sent_residual, sparse_payload, sparse_unpack
+from .topk import MAX_INT32_INDEX, check_ratio, sent_residual, sparse_compress
 
 
 def magnitudes(ops: Ops, x: Array, dtype: str) -> Array:
@@ -63,14 +63,10 @@ class ThresholdSparsifier(Compressor):
         raise NotImplementedError
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
-        idx = self._select(ops, x, ctx)
-        values = ops.gather(x, idx)
-        remember_sent(ctx, x, idx, values)
-        return sparse_payload(ops, idx, values, ctx.numel)
+        return sparse_compress(ops, x, self._select(ops, x, ctx), ctx)
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
-        idx, values = sparse_unpack(ops, buffer, ctx.dtype)
-        return ops.scatter(ctx.numel, idx, values)
+        return ops.scatter_sparse(ctx.numel, buffer, ctx.dtype)
 
     def residual(self, ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> Array:
         return sent_residual(ops, x, payload, ctx)
@@ -114,8 +110,8 @@ class Threshold(ThresholdSparsifier):
     def _select(self, ops: Ops, x: Array, ctx: TensorContext) -> Array:
         level = ops.zeros(1, ctx.dtype, x) + self.threshold  # rounded to the compute dtype
         # "not below" is true for NaN: the set of magnitudes(x) >= level, without
-        # building the NaN-safe magnitudes
-        return ops.nonzero(~(ops.abs(x) < level))
+        # building the NaN-safe magnitudes (level > 0, so no zero is selected)
+        return ops.nonzero_magnitude_at_least(x, level)
 
 
 @register("compressor", "adaptive_threshold", paper="Dryden et al. 2016, Communication Quantization "

@@ -26,7 +26,11 @@ def sparse_payload(ops: Ops, idx: Array, values: Array, numel: int) -> Payload:
     """Pack int32 indices followed by values into one buffer."""
     if numel > MAX_INT32_INDEX:
         raise ValueError(f"tensor of {numel} elements: indices do not fit int32")
-    return Payload.of(ops, pack_words(ops, [ops.cast(idx, "int32"), values]))
+    if DTYPE_ITEMSIZE[ops.dtype(values)] == 2:  # padded to whole words by pack_words
+        return Payload.of(ops, pack_words(ops, [ops.cast(idx, "int32"), values]))
+    # pack_words' layout for 4- and 8-byte values (whole words), without its per-part dispatch
+    buffer = ops.concat([ops.cast(idx, "int32"), ops.bitcast(values, "int32")])
+    return Payload(buffer, ops.length(buffer) * 4)
 
 
 def sparse_unpack(ops: Ops, buffer: Array, dtype: str) -> tuple[Array, Array]:
@@ -36,6 +40,30 @@ def sparse_unpack(ops: Ops, buffer: Array, dtype: str) -> tuple[Array, Array]:
     words_per_pair = 1 + DTYPE_ITEMSIZE[dtype] // 4
     k = ops.length(buffer) // words_per_pair
     return ops.cast(buffer[:k], "int64"), ops.bitcast(buffer[k:], dtype)
+
+
+def sparse_compress(ops: Ops, x: Array, idx: Array, ctx: TensorContext) -> Payload:
+    """The payload sending the elements ``idx`` (ascending int64) of ``x``: the layout of
+    :func:`sparse_payload`, packed by :meth:`~grace_dl.ops.Ops.pack_sparse` in one pass
+    (no separate gather, cast and concatenation); the sent elements are noted with
+    :func:`remember_sent`."""
+    if ctx.numel > MAX_INT32_INDEX:
+        raise ValueError(f"tensor of {ctx.numel} elements: indices do not fit int32")
+    buffer = ops.pack_sparse(x, idx)
+    k = ops.length(idx)
+    # the values: a view of the buffer (torch cannot view an empty slice as a wider dtype)
+    values = ops.zeros(0, ctx.dtype, x) if isinstance(k, int) and k == 0 else ops.bitcast(buffer[k:], ctx.dtype)
+    remember_sent(ctx, x, idx, values)
+    return Payload(buffer, ops.length(buffer) * 4)
+
+
+def sent_elements(ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> tuple[Array, Array]:
+    """(int64 indices, values) that ``payload``, compressed from ``x`` in this step,
+    sends: what :func:`remember_sent` noted, else unpacked from the buffer."""
+    noted = ctx.scratch.get("sparse_sent")
+    if noted is not None and noted[0] is x:
+        return noted[1], noted[2]
+    return sparse_unpack(ops, payload.buffer, ctx.dtype)
 
 
 def remember_sent(ctx: TensorContext, x: Array, idx: Array, values: Array) -> None:
@@ -50,12 +78,8 @@ def sent_residual(ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> A
     :func:`remember_sent` noted): a copy of ``x`` in which each sent element becomes
     itself minus the sent value. Touches ``k`` elements instead of building the dense
     decompression and subtracting it."""
-    noted = ctx.scratch.get("sparse_sent")
-    if noted is not None and noted[0] is x:
-        idx, values = noted[1], noted[2]
-    else:
-        idx, values = sparse_unpack(ops, payload.buffer, ctx.dtype)
-    return ops.index_update(x, idx, ops.gather(x, idx) - values)
+    idx, values = sent_elements(ops, x, payload, ctx)
+    return ops.index_subtract(x, idx, values)
 
 
 @register("compressor", "topk", paper="Aji & Heafield 2017, Sparse Communication for Distributed "
@@ -82,14 +106,10 @@ class TopK(Compressor):
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         k = k_for(self.ratio, ctx.numel)
-        idx = ops.topk_magnitude_indices(x, k)
-        values = ops.gather(x, idx)
-        remember_sent(ctx, x, idx, values)
-        return sparse_payload(ops, idx, values, ctx.numel)
+        return sparse_compress(ops, x, ops.topk_magnitude_indices(x, k), ctx)
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
-        idx, values = sparse_unpack(ops, buffer, ctx.dtype)
-        return ops.scatter(ctx.numel, idx, values)
+        return ops.scatter_sparse(ctx.numel, buffer, ctx.dtype)
 
     def residual(self, ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> Array:
         return sent_residual(ops, x, payload, ctx)

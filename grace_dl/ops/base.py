@@ -309,10 +309,41 @@ class Ops(abc.ABC):
         hit = self.scatter(n, idx, self.zeros(self.numel(idx), "int32", x) + 1) > 0
         return self.where(hit, self.scatter(n, idx, values), x)
 
+    def nonzero_magnitude_at_least(self, x: Array, threshold: Any) -> Array:
+        """Ascending int64 indices of the non-zero elements of 1-D float ``x`` whose
+        magnitude is not below ``threshold`` (a Python number or a 0-d / one-element
+        array of ``x``'s dtype): ``nonzero(~(abs(x) < threshold) & ~(abs(x) <= 0))``, so a
+        NaN element is always selected. The selection of the threshold sparsifiers."""
+        a = self.abs(x)
+        return self.nonzero(~(a < threshold) & ~(a <= 0))
+
+    def index_subtract(self, x: Array, idx: Array, values: Array) -> Array:
+        """A copy of 1-D ``x`` in which each element at the distinct indices ``idx``
+        becomes itself minus the matching element of ``values``: ``index_update(x, idx,
+        gather(x, idx) - values)`` (``x`` itself is left alone). What error feedback
+        keeps of a sparse payload."""
+        return self.index_update(x, idx, self.gather(x, idx) - values)
+
+    def pack_sparse(self, x: Array, idx: Array) -> Array:
+        """The sparse wire format in one int32 buffer: the int64 ``idx`` (each below
+        2**31) as int32, then the words of ``gather(x, idx)`` (``x`` of a 4- or 8-byte
+        dtype). :meth:`scatter_sparse` reverses it."""
+        return self.concat([self.cast(idx, "int32"), self.bitcast(self.gather(x, idx), "int32")])
+
+    def scatter_sparse(self, n: int, buffer: Array, dtype: str) -> Array:
+        """A length-``n`` zero array of ``dtype`` holding, at the indices of a
+        :meth:`pack_sparse` buffer, its values (the count follows from the buffer's
+        length, which inside ``tf.function`` may be known only at run time)."""
+        k = self.length(buffer) // (1 + DTYPE_ITEMSIZE[dtype] // 4)
+        return self.scatter(n, self.cast(buffer[:k], "int64"), self.bitcast(buffer[k:], dtype))
+
     #: below this many elements, :meth:`topk_magnitude_indices` selects directly
-    SAMPLED_TOPK_MIN_NUMEL: int = 1 << 16
+    SAMPLED_TOPK_MIN_NUMEL: int = 1 << 12
     #: expected number of sampled elements above the sampled threshold (the sample's
-    #: size follows from it: larger is a tighter candidate set and a longer sample)
+    #: size follows from it: larger is a tighter candidate set and a longer sample);
+    #: tensors below 2**22 elements aim at fewer, ``max(8, n >> 14)``: the sample's
+    #: partition dominates a small tensor's selection (at 1e4 elements and k = 100, a
+    #: sample of 800 takes 18 us in all where 256 hits sample the whole tensor, 70 us)
     SAMPLED_TOPK_HITS: int = 256
 
     def topk_magnitude_indices(self, x: Array, k: int) -> Array:
@@ -332,7 +363,8 @@ class Ops(abc.ABC):
         n = self.numel(x)
         if k <= 0 or k >= n or n < self.SAMPLED_TOPK_MIN_NUMEL or 8 * k > n or not self.item(self.all_finite(x)):
             return self.topk_indices(self.abs(x), k)
-        stride = max(1, n // min(n, -(-self.SAMPLED_TOPK_HITS * n // k)))
+        aim = min(self.SAMPLED_TOPK_HITS, max(8, n >> 14))
+        stride = max(1, n // min(n, -(-aim * n // k)))
         sample = self.abs(x[::stride])
         s = self.numel(sample)
         hits = k * s / n  # expected sampled elements at or above the k-th largest

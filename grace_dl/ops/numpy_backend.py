@@ -31,6 +31,27 @@ def _np_dtype(name: str) -> Any:
         raise ValueError(f"unknown dtype {name!r}; valid: {sorted(_NP_DTYPES) + ['bfloat16']}") from None
 
 
+def kth_largest_value(x: np.ndarray, k: int) -> Any:
+    """The ``k``-th largest element of 1-D ``x`` (NaN as the largest), ``1 <= k <= n``:
+    ``np.partition(x, n - k)[n - k]``, except that a float array of which a quarter or
+    more is zero is partitioned without its zeros (NumPy's introselect slows down ~40x
+    on many equal values: 1.8 ms for 1e4 elements with 99% zeros, sorting takes 46 us);
+    a zero answer comes back as +0."""
+    n = x.shape[0]
+    if n >= 64 and x.dtype.kind == "f":
+        zeros = n - np.count_nonzero(x)
+        if 4 * zeros >= n:
+            upper = x[~(x <= 0)]  # the positives and NaN
+            if k <= upper.shape[0]:
+                return np.partition(upper, upper.shape[0] - k)[upper.shape[0] - k]
+            if k <= upper.shape[0] + zeros:
+                return x.dtype.type(0)
+            lower = x[x < 0]
+            j = k - upper.shape[0] - zeros
+            return np.partition(lower, lower.shape[0] - j)[lower.shape[0] - j]
+    return np.partition(x, n - k)[n - k]
+
+
 def draws_for_distinct(n: int, k: int, have: int = 0) -> int:
     """How many uniform draws from ``range(n)`` to make so that, with ``have`` distinct
     values already drawn, about ``k`` distinct ones are reached (the expectation plus a
@@ -135,8 +156,7 @@ class NumpyOps(Ops):
         return np.asarray(x).item()
 
     def kth_largest(self, x, k):
-        n = x.shape[0]
-        return np.partition(x, n - k)[n - k]
+        return kth_largest_value(x, k)
 
     def nonzero(self, mask):
         return np.flatnonzero(mask).astype(np.int64, copy=False)
@@ -259,11 +279,43 @@ class NumpyOps(Ops):
         return int(np.count_nonzero(mask))
 
     def all_finite(self, x):
-        # min and max propagate NaN and show an Inf: two reductions, no temporary array
         x = np.asarray(x)
-        if x.size == 0:
-            return np.bool_(True)
+        if x.size <= 1 << 16:  # one fused pass; its bool temporary is small
+            return np.bool_(np.isfinite(x).all())
+        # min and max propagate NaN and show an Inf: two reductions, no temporary array
         return np.bool_(np.isfinite(x.min()) and np.isfinite(x.max()))
+
+    def index_subtract(self, x, idx, values):
+        out = np.array(x, copy=True)
+        out[idx] = np.take(x, idx) - values
+        return out
+
+    def pack_sparse(self, x, idx):
+        k = idx.shape[0]
+        buffer = np.empty(k * (1 + x.dtype.itemsize // 4), np.int32)
+        buffer[:k] = idx  # one converting pass instead of a cast and a concatenation
+        # the values gathered straight into the buffer (mode "clip" writes unbuffered;
+        # the indices come from a selection, so none is out of range)
+        np.take(x, idx, out=buffer[k:].view(x.dtype), mode="clip")
+        return buffer
+
+    def scatter_sparse(self, n, buffer, dtype):
+        np_dtype = _np_dtype(dtype)
+        k = buffer.shape[0] // (1 + np.dtype(np_dtype).itemsize // 4)
+        out = np.zeros(int(n), np_dtype)
+        # int64 indices: NumPy's fancy assignment is ~3x slower with int32 ones
+        out[buffer[:k].astype(np.int64)] = buffer[k:].view(np_dtype)
+        return out
+
+    def nonzero_magnitude_at_least(self, x, threshold):
+        if not isinstance(threshold, (int, float)):
+            threshold = np.asarray(threshold).reshape(-1)[0]
+        t = x.dtype.type(threshold)
+        keep = np.abs(x)
+        keep = ~(keep < t)  # true for NaN
+        if not t > 0:  # a threshold of 0 (or NaN) passes zeros too: drop them
+            keep &= x != 0
+        return np.flatnonzero(keep)
 
     def choose(self, cond, a, b):
         return a if bool(cond) else b
@@ -278,7 +330,7 @@ class NumpyOps(Ops):
         if 0 < k < n:
             # the k-th largest (NaN sorts last, as the largest); when exactly k elements
             # are not below it they are the answer, already ascending (no tie to break)
-            kth = np.partition(x, n - k)[n - k]
+            kth = kth_largest_value(x, k)
             idx = np.flatnonzero(~(x < kth))
             if idx.shape[0] == k:
                 return idx.astype(np.int64, copy=False)

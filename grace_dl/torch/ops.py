@@ -34,6 +34,8 @@ _NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
 # shifts and ``where`` run 15-30x slower than NumPy's (1.5 ns per element for ``x >= 0``,
 # 13 ns for ``where``, against 0.05 ns and 1 ns).
 _NUMPY = NumpyOps()
+# what all_finite answers for a CPU tensor it checked on the host (read only, never written)
+_TRUE, _FALSE = torch.tensor(True), torch.tensor(False)
 _SHARES_WITH_NUMPY = {torch.float32, torch.float64, torch.float16, torch.int32, torch.int64, torch.uint8, torch.bool}
 
 
@@ -94,7 +96,12 @@ def _topk_indices_cpu(ops: Ops, x: torch.Tensor, k: int) -> torch.Tensor:
     if 2 * k <= n:
         values, idx = torch.topk(x, k, sorted=False)
         kth = values.min()  # NaN if a NaN was selected: the check below then fails
-        if n - int(torch.count_nonzero(x < kth)) == k:
+        if n >= 2048 and x.dtype in (torch.float32, torch.float64):  # NumPy's comparison on a view: ~5x faster
+            view = x.detach().numpy()
+            below = int(np.count_nonzero(view < view.dtype.type(kth.item())))
+        else:
+            below = int(torch.count_nonzero(x < kth))
+        if n - below == k:
             return torch.sort(idx).values
     else:
         kth = torch.kthvalue(x, n - k + 1).values
@@ -348,8 +355,11 @@ class TorchOps(Ops):
     def all_finite(self, x):
         if x.numel() == 0:
             return torch.ones((), dtype=torch.bool, device=x.device)
-        if x.numel() <= 1 << 16:  # fewer kernel launches for a small tensor
-            return torch.isfinite(x).all()
+        if x.numel() <= 1 << 16:
+            if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+                # NumPy's fused pass on a view: ~10x faster than torch's single thread
+                return _TRUE if np.isfinite(x.detach().numpy()).all() else _FALSE
+            return torch.isfinite(x).all()  # fewer kernel launches for a small tensor
         # min and max propagate NaN and show an Inf: one pass, no temporary array
         low, high = torch.aminmax(x)
         return torch.isfinite(low) & torch.isfinite(high)
@@ -363,6 +373,33 @@ class TorchOps(Ops):
         if x.dim() == 1 and idx.dim() == 1 and idx.dtype == torch.int64 and values.shape == idx.shape:
             return x.clone().scatter_(0, idx, values)
         return x.index_put((idx,), values)
+
+    def index_subtract(self, x, idx, values):
+        if _on_cpu(x, idx, values) and x.dtype in (torch.float32, torch.float64) and values.dtype == x.dtype:
+            # NumPy on views: torch's single-threaded index_select is ~3x slower
+            return torch.from_numpy(_NUMPY.index_subtract(x.detach().numpy(), idx.detach().numpy(),
+                                                          values.detach().numpy()))
+        return super().index_subtract(x, idx, values)
+
+    def pack_sparse(self, x, idx):
+        if _on_cpu(x, idx) and x.dtype in (torch.float32, torch.float64):
+            # NumPy's gather and int32 conversion on views: torch's single-threaded
+            # index_select, cast and cat take ~4x as long at 2.5e7 elements
+            return torch.from_numpy(_NUMPY.pack_sparse(x.detach().numpy(), idx.detach().numpy()))
+        return super().pack_sparse(x, idx)
+
+    def scatter_sparse(self, n, buffer, dtype):
+        if _on_cpu(buffer) and dtype in ("float32", "float64"):
+            return torch.from_numpy(_NUMPY.scatter_sparse(n, buffer.detach().numpy(), dtype))
+        return super().scatter_sparse(n, buffer, dtype)
+
+    def nonzero_magnitude_at_least(self, x, threshold):
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            # NumPy's comparisons and compaction on a view: ~3x faster than torch's
+            if isinstance(threshold, torch.Tensor):
+                threshold = threshold.reshape(-1)[0].item()
+            return torch.from_numpy(_NUMPY.nonzero_magnitude_at_least(x.detach().numpy(), float(threshold)))
+        return super().nonzero_magnitude_at_least(x, threshold)
 
     def topk_magnitude_indices(self, x, k):
         if x.is_cuda:  # the sampled path decides on the host: sort on the device instead
