@@ -217,6 +217,9 @@ class HorovodCompression:
     def decompress(self, tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Finish the exchange started by :meth:`compress`; the aggregated gradient."""
         pending, post = ctx
+        # post every round that became ready first, so that the rounds of all tensors go
+        # to Horovod together rather than one tensor's round per wait
+        self.progress()
         if not pending.done:
             self._in_flight = [p for p in self._in_flight if p is not pending]
         out = self.grace.finish(pending)
