@@ -119,6 +119,14 @@ class GraceCommHook:
         """Complete every exchange posted since the last flush and fulfil its future
         (called by the hook of the step's last bucket)."""
         queue, self._queue = self._queue, []
+        # round by round over all tensors (every worker in the same order, which
+        # torch.distributed's order matching needs): each wait posts that tensor's next
+        # round (PowerSGD's second allreduce) before the next tensor's wait, so the later
+        # rounds of all tensors are in flight together instead of one after another
+        pendings = [pending for _, _, started in queue for _, pending in started]
+        while not all(pending.done for pending in pendings):
+            for pending in pendings:
+                self.grace.advance(pending)
         for future, buffer, started in queue:
             out = torch.empty_like(buffer)
             position = 0

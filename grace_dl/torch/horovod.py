@@ -76,6 +76,16 @@ class HorovodTorchTransport(Transport):
             return ("bits", self.hvd.broadcast_async(buf.view(torch.int16), root_rank=root, name=name, **self._ps))
         return ("reduce", self.hvd.broadcast_async(buf, root_rank=root, name=name, **self._ps))
 
+    def ready(self, handle) -> bool:
+        """Whether the collective of ``handle`` has completed (never blocks)."""
+        kind = handle[0]
+        if kind in ("reduce", "bits"):
+            return self.hvd.poll(handle[1])
+        if kind == "sum":
+            return self.ready(handle[1])
+        _, data, sizes, _, _ = handle
+        return self.hvd.poll(data) and (sizes is None or self.hvd.poll(sizes))
+
     def wait(self, handle):
         if handle[0] == "reduce":
             return self.hvd.synchronize(handle[1])
@@ -212,6 +222,7 @@ class HorovodCompression:
     def __init__(self, grace: Grace):
         self.grace = grace
         self._checked_optimizer: Any = None
+        self._in_flight: list[Any] = []  # pipelines started and not finished, oldest first
 
     def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Start the grace pipeline for ``tensor``; Horovod allreduces the returned empty tensor."""
@@ -229,14 +240,37 @@ class HorovodCompression:
         factor = float(getattr(optimizer, "gradient_predivide_factor", 1.0)) if op == hvd.Average else 1.0
         if factor != 1.0:
             tensor = tensor * (1.0 / factor)
+        self.progress()
         pending = self.grace.start(tensor, name)
+        if not pending.done:
+            self._in_flight.append(pending)
         post = self.grace.transport.size if op == hvd.Sum else factor
         return placeholder_for(tensor), (pending, post)
+
+    def progress(self) -> None:
+        """Move on every started pipeline whose collectives have completed: its next
+        round (PowerSGD's second allreduce, the exchange after a handshake or a norm
+        round) is posted now, while backward goes on, instead of when the optimizer
+        waits for it. Never blocks; called from the gradient hook. Horovod matches
+        collectives by name, so ranks may post these rounds at different moments."""
+        transport = self.grace.transport
+        still = []
+        for pending in self._in_flight:
+            while not pending.done and all(transport.ready(h) for h in pending.handles):
+                self.grace.advance(pending)
+            if not pending.done:
+                still.append(pending)
+        self._in_flight = still
 
     def decompress(self, tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Finish the exchange started by :meth:`compress`; the aggregated gradient (of the
         gradient's dtype, whatever the placeholder Horovod allreduced)."""
         pending, post = ctx
+        # post every round that became ready first, so that the rounds of all tensors go
+        # to Horovod together rather than one tensor's round per wait
+        self.progress()
+        if not pending.done:
+            self._in_flight = [p for p in self._in_flight if p is not pending]
         out = self.grace.finish(pending)
         return out * post if post != 1.0 else out
 
