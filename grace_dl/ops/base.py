@@ -491,3 +491,30 @@ class Ops(abc.ABC):
         exponent = self.where(k > 0, k - levels + bias, k * 0 + bias)
         level = self.bitcast(self.shift_left(self.cast(exponent, itype), mbits), dtype)
         return self.where(k > 0, self.where(signed < 0, -level, level), level * 0)
+
+    def clip_magnitude(self, x: Array, bound: Array) -> Array:
+        """1-D float ``x`` clamped to ``[-bound, bound]`` (TernGrad's gradient clipping,
+        Wen et al. 2017), with NaN wherever ``x`` is NaN or +-inf (NaN bits unspecified);
+        signed zeros are kept. ``bound``: a 1-element array of ``x``'s dtype, > 0 or
+        +inf; a NaN bound (that of a tensor holding NaN or Inf) gives NaN throughout."""
+        open_bound = self.where(bound == bound, bound, bound * 0 + float("inf"))
+        # x * 0 makes +-inf and NaN NaN, whatever minimum does with NaN on a backend
+        return self.minimum(-self.minimum(-x, open_bound), open_bound) + x * 0
+
+    def bucket_levels(self, grid: Array, noise: Array, levels: int) -> tuple[Array, Array]:
+        """QSGD's stochastic levels (Alistarh et al. 2017) of the rows (buckets) of a 2-D
+        float ``grid``: ``(norms, codes)``. ``norms``: each row's L2 norm, taken on the
+        row divided by its largest magnitude (1 where that is not above 0) and multiplied
+        back, so that squares cannot overflow. ``codes``: int32, row-major,
+        ``s + sign(g) * min(floor(|g| / norm * s + u), s)`` with ``s = levels``, ``u`` the
+        matching element of ``noise`` (draws of ``grid``'s dtype and shape) and a norm
+        not above 0 taken as 1."""
+        buckets = self.shape(grid)[0]
+        dtype = self.dtype(grid)
+        peak = self.max(self.abs(grid), axis=1)
+        peak = self.where(peak > 0, peak, peak * 0 + 1)
+        norms = self.norm(grid / self.reshape(peak, (buckets, 1)), axis=1) * peak
+        safe = self.where(norms > 0, norms, norms * 0 + 1)
+        scaled = self.abs(grid) / self.reshape(safe, (buckets, 1)) * levels
+        level = self.minimum(self.floor(scaled + noise), self.full(1, levels, dtype, grid))
+        return norms, self.cast(self.flatten(self.sign(grid) * level + levels), "int32")

@@ -407,6 +407,38 @@ class NumpyOps(Ops):
         return bits.view(np.float32)
 
 
+    def clip_magnitude(self, x, bound):
+        b = np.asarray(bound).reshape(-1)[0]
+        if b != b:
+            return np.full(x.shape, np.nan, x.dtype)
+        out = np.minimum(x, b)  # NaN stays NaN
+        np.maximum(out, -b, out=out)
+        # +-inf must come out NaN: two reductions (no temporary) find whether any is there
+        if x.shape[0] and not (np.isfinite(x.min()) and np.isfinite(x.max())):
+            out += x * x.dtype.type(0)
+        return out
+
+    def bucket_levels(self, grid, noise, levels):
+        # the protocol's arithmetic, in place: two temporaries of the grid's size, not six
+        dtype = grid.dtype.type
+        mag = np.abs(grid)
+        peak = mag.max(axis=1)
+        peak = np.where(peak > 0, peak, peak * dtype(0) + dtype(1))  # NaN stays NaN
+        unit = grid / peak[:, None]
+        np.multiply(unit, unit, out=unit)
+        norms = np.sqrt(np.sum(unit, axis=1, dtype=grid.dtype)) * peak
+        safe = np.where(norms > 0, norms, norms * dtype(0) + dtype(1))
+        np.divide(mag, safe[:, None], out=mag)
+        np.multiply(mag, levels, out=mag)
+        np.add(mag, noise, out=mag)
+        np.floor(mag, out=mag)
+        np.minimum(mag, np.full(1, levels, grid.dtype), out=mag)
+        # sign(g) * level as level with g's sign: level is 0 where g is +-0, NaN where g is
+        np.copysign(mag, grid, out=mag)
+        np.add(mag, levels, out=mag)
+        return norms, mag.reshape(-1).astype(np.int32)
+
+
 #: field j of byte value b for fields of 1, 2 and 4 bits, as (256, 8 / bits) index tables
 _BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits)) & ((1 << bits) - 1)
                 for bits in (1, 2, 4)}

@@ -432,3 +432,14 @@ class TorchOps(Ops):
         if _on_cpu(codes):
             return torch.from_numpy(_NUMPY.dither_values(_np(codes), levels, dtype))
         return super().dither_values(codes, levels, dtype)
+
+    def clip_magnitude(self, x, bound):
+        if _on_cpu(x, bound):
+            return torch.from_numpy(_NUMPY.clip_magnitude(_np(x), _np(bound)))
+        return super().clip_magnitude(x, bound)
+
+    def bucket_levels(self, grid, noise, levels):
+        if _on_cpu(grid, noise):
+            norms, codes = _NUMPY.bucket_levels(_np(grid), _np(noise), levels)
+            return torch.from_numpy(norms), torch.from_numpy(codes)
+        return super().bucket_levels(grid, noise, levels)
