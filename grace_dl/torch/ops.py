@@ -3,6 +3,10 @@
 Everything stays on the tensor's device. Host synchronisation happens only where the
 protocol returns a Python value (``item``) or a data-dependent length (``nonzero``,
 hence threshold selection), never in fixed-size paths such as casts, packing or top-k.
+
+Uniform draws of CPU tensors are NumPy's (``NumpyOps.random_uniform``, wrapped without a
+copy), so random methods give the same payloads on NumPy and torch CPU; CUDA tensors draw
+with torch's own generator, seeded from the same key.
 """
 
 from __future__ import annotations
@@ -325,6 +329,10 @@ class TorchOps(Ops):
         return g
 
     def random_uniform(self, n, key, counter, like):
+        if like.device.type == "cpu":
+            # NumPy's draws, wrapped without a copy: torch CPU and NumPy then draw the same
+            # values bit for bit (and faster than torch.rand with a freshly seeded generator)
+            return torch.from_numpy(_NUMPY.random_uniform(n, key, counter, None))
         g = self._generator(key, counter, like.device)
         return torch.rand(int(n), generator=g, device=like.device, dtype=torch.float32)
 
