@@ -306,8 +306,7 @@ class NumpyOps(Ops):
     def select_bits(self, words, n, on, off):
         # one row of 8 output values per byte of the bit stream, looked up in a 256-row table
         raw = np.ascontiguousarray(words, dtype="<i4").view(np.uint8)[: -(-int(n) // 8)]
-        table = np.where(_BYTE_BITS, np.reshape(on, (1, 1)), np.reshape(off, (1, 1)))
-        return np.take(table, raw, axis=0).reshape(-1)[: int(n)]
+        return np.take(_bit_table(np.asarray(on), np.asarray(off)), raw, axis=0).reshape(-1)[: int(n)]
 
     def full(self, n, value, dtype, like):
         return np.full(int(n), value, dtype=_np_dtype(dtype))
@@ -353,7 +352,9 @@ class NumpyOps(Ops):
         return np.take(np.take(values, _BYTE_FIELDS[bits]), raw, axis=0).reshape(-1)[: int(n)]
 
     def ternary_codes(self, x, bound, u):
-        keep = (u < np.abs(x) / bound).view(np.uint8)
+        ratio = np.abs(x)
+        np.divide(ratio, bound, out=ratio)
+        keep = np.less(u, ratio).view(np.uint8)
         # 1 + keep - 2 (keep and x < 0), in bytes: no branch per element
         codes = np.add(keep, 1, dtype=np.uint8)
         codes -= np.left_shift(keep & (x < 0).view(np.uint8), 1)
@@ -452,6 +453,23 @@ _BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits))
 
 #: bit j of byte value b, as a (256, 8) bool table
 _BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(np.bool_)
+
+#: recent (256, 8) tables of select_bits, by dtype and the bits of ``on`` and ``off``: the
+#: sign methods' +-1 tables repeat every call
+_BIT_TABLES: dict = {}
+
+
+def _bit_table(on: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """Row ``b``: ``on`` where bit ``j`` of byte value ``b`` is set, else ``off``."""
+    key = (on.dtype.str, on.tobytes(), off.tobytes())
+    table = _BIT_TABLES.get(key)
+    if table is None:
+        table = np.where(_BYTE_BITS, np.reshape(on, (1, 1)), np.reshape(off, (1, 1)))
+        table.flags.writeable = False
+        if len(_BIT_TABLES) >= 8:
+            _BIT_TABLES.clear()
+        _BIT_TABLES[key] = table
+    return table
 
 
 def _pack_groups_of_eight(v: np.ndarray, bits: int) -> np.ndarray:
