@@ -314,3 +314,26 @@ def test_torch_clip_and_bucket_kernels_match_numpy():
     norms, codes = Ops.bucket_levels(T, torch.from_numpy(grid), torch.from_numpy(noise), 127)
     np.testing.assert_allclose(norms.numpy(), want[0], rtol=1e-6)
     assert np.max(np.abs(codes.numpy().astype(np.int64) - want[1])) <= 1
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 1000, 4097])
+@pytest.mark.parametrize("specials", [False, True])
+def test_peak_rms_on_numpy_and_torch(n, specials):
+    x = _floats(n, n + 3, "float32", specials)
+    with np.errstate(all="ignore"):
+        got = ops.peak_rms(x)
+    if n and not specials:
+        peak = np.max(np.abs(x))
+        assert got[0] == peak
+        np.testing.assert_allclose(got[1], np.sqrt(np.mean(x.astype(np.float64) ** 2)), rtol=1e-5)
+    if specials and n and not np.all(np.isfinite(x)):
+        assert np.isnan(got[0])
+    if n == 0:
+        assert got.tolist() == [0.0, 0.0]
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    t = torch.from_numpy(x.copy())
+    assert same_bits(T.peak_rms(t).numpy(), got)  # NumPy's steps on CPU
+    assert same_bits(Ops.peak_rms(T, t).numpy(), got)  # torch's own: a fixed order, a correctly rounded sqrt

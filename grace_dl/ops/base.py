@@ -518,3 +518,20 @@ class Ops(abc.ABC):
         scaled = self.abs(grid) / self.reshape(safe, (buckets, 1)) * levels
         level = self.minimum(self.floor(scaled + noise), self.full(1, levels, dtype, grid))
         return norms, self.cast(self.flatten(self.sign(grid) * level + levels), "int32")
+
+    def peak_rms(self, x: Array) -> Array:
+        """``[p, r]``, a 2-element array of 1-D float ``x``'s dtype: the largest magnitude
+        ``p = max |x|`` (NaN if ``x`` holds NaN or Inf) and the root mean square
+        ``r = sqrt(s * (1 / n)) * q``, where ``s`` is the :meth:`tree_sum` of ``(x / q)**2``
+        and ``q = p`` if ``p > 0``, else 1 (scaled so that squares cannot overflow). An
+        empty ``x`` gives ``[0, 0]``."""
+        n = self.numel(x)
+        if n == 0:
+            return self.zeros(2, self.dtype(x), x)
+        peak = self.reshape(self.max(self.abs(x)), (1,))
+        # the peak of a tensor holding NaN or Inf is NaN (two reductions, no temporary)
+        peak = self.where(self.all_finite(x), peak, peak * 0 + float("nan"))
+        safe = self.where(peak > 0, peak, peak * 0 + 1)
+        scaled = x / safe
+        rms = self.sqrt(self.tree_sum(scaled * scaled) * (1.0 / n)) * peak
+        return self.concat([peak, rms])
