@@ -337,3 +337,20 @@ def test_peak_rms_on_numpy_and_torch(n, specials):
     t = torch.from_numpy(x.copy())
     assert same_bits(T.peak_rms(t).numpy(), got)  # NumPy's steps on CPU
     assert same_bits(Ops.peak_rms(T, t).numpy(), got)  # torch's own: a fixed order, a correctly rounded sqrt
+
+
+@pytest.mark.parametrize("n,bucket", [(0, 4), (1, 4), (12, 4), (13, 4), (1000, 512), (1025, 512)])
+def test_scale_buckets_kernels_equal_the_default(n, bucket):
+    x = _floats(n, n, "float32", True)
+    scales = _floats(-(-n // bucket), n + 1, "float32", False)
+    with np.errstate(all="ignore"):
+        got = ops.scale_buckets(x, scales, bucket)
+        want = Ops.scale_buckets(ops, x, scales, bucket)
+    assert same_bits(got, want) and same_bits(got, x * np.repeat(scales, bucket)[:n])
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    for backend_got in (T.scale_buckets(torch.from_numpy(x), torch.from_numpy(scales), bucket),
+                        Ops.scale_buckets(T, torch.from_numpy(x), torch.from_numpy(scales), bucket)):
+        assert same_bits(backend_got.numpy(), got)

@@ -111,17 +111,12 @@ class QSGD(BucketedLevels, Compressor):
 
     def _decode(self, ops: Ops, words: Array, norms: Array, n: int, ctx: TensorContext) -> Array:
         d, s = self.bucket_size, self.levels
-        buckets = -(-n // d)
         if self.bits <= 8:  # code c decodes to c - s: a 2**bits-entry table
             table = ops.cast(ops.arange(1 << self.bits, norms) - s, ctx.dtype)
             code = ops.take_fields(words, n, self.bits, table)
         else:
             code = ops.cast(ops.unpack_uint(words, n, self.bits), ctx.dtype) - s
-        pad = buckets * d - n
-        if pad:
-            code = ops.concat([code, ops.zeros(pad, ctx.dtype, code)])
-        grid = ops.reshape(code, (buckets, d)) * ops.reshape(norms / s, (buckets, 1))
-        return ops.flatten(grid)[:n]
+        return ops.scale_buckets(code, norms / s, d)
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
         return layout_nbytes(self._layout(numel, dtype))

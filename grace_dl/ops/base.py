@@ -535,3 +535,15 @@ class Ops(abc.ABC):
         scaled = x / safe
         rms = self.sqrt(self.tree_sum(scaled * scaled) * (1.0 / n)) * peak
         return self.concat([peak, rms])
+
+    def scale_buckets(self, x: Array, scales: Array, bucket_size: int) -> Array:
+        """``x[i] * scales[i // bucket_size]`` for 1-D float ``x`` and its
+        ``ceil(n / bucket_size)`` per-bucket ``scales`` (same dtype): one rounding per
+        element, the last bucket may be short."""
+        n = self.numel(x)
+        buckets = -(-n // bucket_size)
+        pad = buckets * bucket_size - n
+        if pad:
+            x = self.concat([x, self.zeros(pad, self.dtype(x), x)])
+        grid = self.reshape(x, (buckets, bucket_size)) * self.reshape(scales, (buckets, 1))
+        return self.flatten(grid)[:n] if pad else self.flatten(grid)

@@ -447,6 +447,18 @@ class NumpyOps(Ops):
         return norms, mag.reshape(-1).astype(np.int32)
 
 
+    def scale_buckets(self, x, scales, bucket_size):
+        # whole buckets as one broadcast product, the short one apart: no padded copy
+        n = x.shape[0]
+        full = n // bucket_size
+        out = np.empty(n, np.result_type(x, scales))
+        body = full * bucket_size
+        np.multiply(x[:body].reshape(full, bucket_size), scales[:full, None], out=out[:body].reshape(full, bucket_size))
+        if body < n:
+            np.multiply(x[body:], scales[full], out=out[body:])
+        return out
+
+
 #: field j of byte value b for fields of 1, 2 and 4 bits, as (256, 8 / bits) index tables
 _BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits)) & ((1 << bits) - 1)
                 for bits in (1, 2, 4)}

@@ -456,3 +456,8 @@ class TorchOps(Ops):
         if _on_cpu(x):  # the protocol's ~20 small steps as NumPy calls, a fraction of torch's cost each
             return torch.from_numpy(Ops.peak_rms(_NUMPY, _np(x)))
         return super().peak_rms(x)
+
+    def scale_buckets(self, x, scales, bucket_size):
+        if _on_cpu(x, scales):
+            return torch.from_numpy(_NUMPY.scale_buckets(_np(x), _np(scales), bucket_size))
+        return super().scale_buckets(x, scales, bucket_size)
