@@ -42,6 +42,8 @@ def test_numpy_kernels_equal_the_protocol_defaults(case):
     assert ops.pack_signs(x).tobytes() == Ops.pack_signs(ops, x).tobytes()
     assert same_bits(ops.tree_sum(x), Ops.tree_sum(ops, x))
     assert same_bits(ops.tree_sum(np.abs(x), 1 / 3), Ops.tree_sum(ops, np.abs(x), 1 / 3))
+    assert same_bits(ops.abs_tree_sum(x, 1 / 3), Ops.tree_sum(ops, np.abs(x), 1 / 3))
+    assert same_bits(ops.abs_tree_sum(x), Ops.tree_sum(ops, np.abs(x)))
     if n:
         assert same_bits(ops.sign_means(x), Ops.sign_means(ops, x))
     words = ops.pack_signs(x)
@@ -87,6 +89,7 @@ def test_torch_kernels_match_numpy_on_cpu_and_through_the_defaults(n):
         pack_signs = Ops.pack_signs
         select_bits = Ops.select_bits
         tree_sum = Ops.tree_sum
+        abs_tree_sum = Ops.abs_tree_sum
         sign_means = Ops.sign_means
 
     G = Generic()
@@ -96,6 +99,7 @@ def test_torch_kernels_match_numpy_on_cpu_and_through_the_defaults(n):
         for backend in (T, G):
             assert backend.pack_signs(t).numpy().tobytes() == ops.pack_signs(x).tobytes()
             assert same_bits(backend.tree_sum(t).numpy(), ops.tree_sum(x))
+            assert same_bits(backend.abs_tree_sum(t, 0.25).numpy(), ops.tree_sum(np.abs(x), 0.25))
             if n:
                 assert same_bits(backend.sign_means(t).numpy(), ops.sign_means(x))
             w = torch.from_numpy(ops.pack_signs(x))

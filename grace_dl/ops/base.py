@@ -547,3 +547,8 @@ class Ops(abc.ABC):
             x = self.concat([x, self.zeros(pad, self.dtype(x), x)])
         grid = self.reshape(x, (buckets, bucket_size)) * self.reshape(scales, (buckets, 1))
         return self.flatten(grid)[:n] if pad else self.flatten(grid)
+
+    def abs_tree_sum(self, x: Array, scale: float = 1.0) -> Array:
+        """:meth:`tree_sum` of ``abs(x)`` (with its ``scale``): the L1 norm of 1-D float
+        ``x`` in the fixed order, without a backend having to store ``abs(x)``."""
+        return self.tree_sum(self.abs(x), scale)

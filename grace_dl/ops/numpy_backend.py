@@ -320,12 +320,17 @@ class NumpyOps(Ops):
         acc = np.empty(h, x.dtype)
         np.add(x[:n - h], x[h:], out=acc[:n - h])
         acc[n - h:] = x[n - h:h]  # carried unchanged
-        while h > 1:
-            h //= 2
-            np.add(acc[:h], acc[h:2 * h], out=acc[:h])
-        if scale != 1.0:
-            np.multiply(acc[:1], x.dtype.type(scale), out=acc[:1])
-        return acc[:1]
+        return _halve(acc, h, scale)
+
+    def abs_tree_sum(self, x, scale=1.0):
+        n = x.shape[0]
+        if n <= 1:
+            return self.tree_sum(np.abs(x), scale)
+        # the first level straight from x: |x_i| (carried ones included), then + |x_{i+h}|
+        h = 1 << ((n - 1).bit_length() - 1)
+        acc = np.abs(x[:h])
+        acc[:n - h] += np.abs(x[h:])
+        return _halve(acc, h, scale)
 
     def sign_means(self, x):
         mask = x >= 0
@@ -482,6 +487,17 @@ def _bit_table(on: np.ndarray, off: np.ndarray) -> np.ndarray:
             _BIT_TABLES.clear()
         _BIT_TABLES[key] = table
     return table
+
+
+def _halve(acc: np.ndarray, h: int, scale: float) -> np.ndarray:
+    """The rest of :meth:`Ops.tree_sum` on its ``h`` (a power of two) first-level sums,
+    in place: halves added until one is left, times ``scale``."""
+    while h > 1:
+        h //= 2
+        np.add(acc[:h], acc[h:2 * h], out=acc[:h])
+    if scale != 1.0:
+        np.multiply(acc[:1], acc.dtype.type(scale), out=acc[:1])
+    return acc[:1]
 
 
 def _pack_groups_of_eight(v: np.ndarray, bits: int) -> np.ndarray:

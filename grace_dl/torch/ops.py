@@ -461,3 +461,8 @@ class TorchOps(Ops):
         if _on_cpu(x, scales):
             return torch.from_numpy(_NUMPY.scale_buckets(_np(x), _np(scales), bucket_size))
         return super().scale_buckets(x, scales, bucket_size)
+
+    def abs_tree_sum(self, x, scale=1.0):
+        if _on_cpu(x):
+            return torch.from_numpy(_NUMPY.abs_tree_sum(_np(x), scale))
+        return super().abs_tree_sum(x, scale)
