@@ -68,6 +68,14 @@ def test_topk_indices_are_a_largest_set(x, k):
         assert x[idx].min() >= x[rest].max()
 
 
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 1000, 4097])
+def test_random_uniform_gives_the_generators_float32_draws(n):
+    # built from the raw 64-bit Philox stream, the draws are the documented Generator's
+    want = np.random.Generator(np.random.Philox(key=2**63 + 5, counter=11)).random(n, dtype=np.float32)
+    got = ops.random_uniform(n, key=2**63 + 5, counter=11, like=None)
+    assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
+
+
 def test_random_draws_are_determined_by_key_and_counter():
     a = ops.random_uniform(1000, key=7, counter=3, like=None)
     assert np.array_equal(a, ops.random_uniform(1000, key=7, counter=3, like=None))

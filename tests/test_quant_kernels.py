@@ -42,6 +42,8 @@ def test_numpy_kernels_equal_the_protocol_defaults(case):
     assert ops.pack_signs(x).tobytes() == Ops.pack_signs(ops, x).tobytes()
     assert same_bits(ops.tree_sum(x), Ops.tree_sum(ops, x))
     assert same_bits(ops.tree_sum(np.abs(x), 1 / 3), Ops.tree_sum(ops, np.abs(x), 1 / 3))
+    assert same_bits(ops.abs_tree_sum(x, 1 / 3), Ops.tree_sum(ops, np.abs(x), 1 / 3))
+    assert same_bits(ops.abs_tree_sum(x), Ops.tree_sum(ops, np.abs(x)))
     if n:
         assert same_bits(ops.sign_means(x), Ops.sign_means(ops, x))
     words = ops.pack_signs(x)
@@ -87,6 +89,7 @@ def test_torch_kernels_match_numpy_on_cpu_and_through_the_defaults(n):
         pack_signs = Ops.pack_signs
         select_bits = Ops.select_bits
         tree_sum = Ops.tree_sum
+        abs_tree_sum = Ops.abs_tree_sum
         sign_means = Ops.sign_means
 
     G = Generic()
@@ -96,6 +99,7 @@ def test_torch_kernels_match_numpy_on_cpu_and_through_the_defaults(n):
         for backend in (T, G):
             assert backend.pack_signs(t).numpy().tobytes() == ops.pack_signs(x).tobytes()
             assert same_bits(backend.tree_sum(t).numpy(), ops.tree_sum(x))
+            assert same_bits(backend.abs_tree_sum(t, 0.25).numpy(), ops.tree_sum(np.abs(x), 0.25))
             if n:
                 assert same_bits(backend.sign_means(t).numpy(), ops.sign_means(x))
             w = torch.from_numpy(ops.pack_signs(x))
@@ -258,3 +262,99 @@ def test_torch_dither_kernels_match_numpy():
     for values_of in (T.dither_values, lambda *a: Ops.dither_values(T, *a)):
         got = values_of(torch.from_numpy(want.astype(np.int64)), 8, "float32")
         assert got.numpy().tobytes() == ops.dither_values(want, 8, "float32").tobytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=cases, bound=st.sampled_from([0.5, 1e-3, np.inf, np.nan]))
+def test_clip_magnitude_equals_the_default(case, bound):
+    n, seed, dtype, specials = case
+    x = _floats(n, seed, dtype, specials)
+    b = np.array([bound], dtype)
+    got = ops.clip_magnitude(x, b)
+    assert same_bits(got, Ops.clip_magnitude(ops, x, b))
+    finite = np.isfinite(x)
+    assert np.all(np.isnan(got[~finite]))  # NaN and +-inf come out NaN
+    if bound == bound:
+        assert np.all(np.abs(got[finite]) <= b[0])
+    else:
+        assert np.all(np.isnan(got))
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=cases, levels=st.sampled_from([1, 7, 127]), width=st.sampled_from([1, 5, 64]))
+def test_bucket_levels_equal_the_default(case, levels, width):
+    n, seed, dtype, specials = case
+    rows = -(-n // width)
+    x = np.zeros(rows * width, dtype)
+    x[:n] = _floats(n, seed, dtype, specials)
+    grid = x.reshape(rows, width)
+    noise = np.random.default_rng(seed).random(rows * width, dtype=np.float32).astype(dtype).reshape(rows, width)
+    with np.errstate(all="ignore"):
+        norms, codes = ops.bucket_levels(grid, noise, levels)
+        want_norms, want_codes = Ops.bucket_levels(ops, grid, noise, levels)
+    assert same_bits(norms, want_norms)
+    assert codes.dtype == np.int32 and np.array_equal(codes, want_codes)
+    finite = np.isfinite(grid).all(axis=1).repeat(width)
+    assert np.all((codes[finite] >= 0) & (codes[finite] <= 2 * levels))
+
+
+def test_torch_clip_and_bucket_kernels_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    x = _floats(3000, 5, "float32", True)
+    b = np.array([0.7], np.float32)
+    assert same_bits(T.clip_magnitude(torch.from_numpy(x), torch.from_numpy(b)).numpy(), ops.clip_magnitude(x, b))
+    assert same_bits(Ops.clip_magnitude(T, torch.from_numpy(x), torch.from_numpy(b)).numpy(),
+                     ops.clip_magnitude(x, b))
+    grid = _floats(3072, 6, "float32", False).reshape(6, 512)
+    noise = np.random.default_rng(7).random(3072, dtype=np.float32).reshape(6, 512)
+    want = ops.bucket_levels(grid, noise, 127)
+    got = T.bucket_levels(torch.from_numpy(grid), torch.from_numpy(noise), 127)  # NumPy's kernel on CPU
+    assert same_bits(got[0].numpy(), want[0]) and np.array_equal(got[1].numpy(), want[1])
+    # the default through torch's own row sums (another order of addition): same norms but
+    # for rounding, and codes that differ by at most one level where a norm's last bit does
+    norms, codes = Ops.bucket_levels(T, torch.from_numpy(grid), torch.from_numpy(noise), 127)
+    np.testing.assert_allclose(norms.numpy(), want[0], rtol=1e-6)
+    assert np.max(np.abs(codes.numpy().astype(np.int64) - want[1])) <= 1
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 1000, 4097])
+@pytest.mark.parametrize("specials", [False, True])
+def test_peak_rms_on_numpy_and_torch(n, specials):
+    x = _floats(n, n + 3, "float32", specials)
+    with np.errstate(all="ignore"):
+        got = ops.peak_rms(x)
+    if n and not specials:
+        peak = np.max(np.abs(x))
+        assert got[0] == peak
+        np.testing.assert_allclose(got[1], np.sqrt(np.mean(x.astype(np.float64) ** 2)), rtol=1e-5)
+    if specials and n and not np.all(np.isfinite(x)):
+        assert np.isnan(got[0])
+    if n == 0:
+        assert got.tolist() == [0.0, 0.0]
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    t = torch.from_numpy(x.copy())
+    assert same_bits(T.peak_rms(t).numpy(), got)  # NumPy's steps on CPU
+    assert same_bits(Ops.peak_rms(T, t).numpy(), got)  # torch's own: a fixed order, a correctly rounded sqrt
+
+
+@pytest.mark.parametrize("n,bucket", [(0, 4), (1, 4), (12, 4), (13, 4), (1000, 512), (1025, 512)])
+def test_scale_buckets_kernels_equal_the_default(n, bucket):
+    x = _floats(n, n, "float32", True)
+    scales = _floats(-(-n // bucket), n + 1, "float32", False)
+    with np.errstate(all="ignore"):
+        got = ops.scale_buckets(x, scales, bucket)
+        want = Ops.scale_buckets(ops, x, scales, bucket)
+    assert same_bits(got, want) and same_bits(got, x * np.repeat(scales, bucket)[:n])
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    for backend_got in (T.scale_buckets(torch.from_numpy(x), torch.from_numpy(scales), bucket),
+                        Ops.scale_buckets(T, torch.from_numpy(x), torch.from_numpy(scales), bucket)):
+        assert same_bits(backend_got.numpy(), got)

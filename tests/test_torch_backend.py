@@ -91,6 +91,16 @@ def test_topk_indices_with_nan_still_returns_k():
         assert list(np.asarray(t_ops.to_numpy(idx) if backend is t_ops else idx)) == [1, 3, 4]
 
 
+def test_cpu_random_uniform_draws_numpys_values():
+    # CPU tensors take NumPy's draws (zero copy): random methods agree bit for bit across
+    # NumPy and torch CPU; CUDA tensors keep torch's own generator
+    from grace_dl.ops.numpy_backend import NumpyOps
+
+    got = t_ops.random_uniform(1001, 2**64 - 3, 9, torch.zeros(1))
+    assert got.dtype == torch.float32
+    assert got.numpy().tobytes() == NumpyOps().random_uniform(1001, 2**64 - 3, 9, None).tobytes()
+
+
 def test_random_draws_never_touch_the_global_torch_rng():
     torch.manual_seed(0)
     expected = torch.rand(3)

@@ -39,7 +39,8 @@ class _CastCompressor(Compressor):
         return ops.cast(buffer, dtype)
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
-        return Payload.of(ops, ops.cast(x, self.wire_dtype))
+        # the size is known from the context: a cast and nothing else on the tensor
+        return Payload(ops.cast(x, self.wire_dtype), DTYPE_ITEMSIZE[self.wire_dtype] * ctx.numel)
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         return self._widen(ops, buffer, ctx.dtype)

@@ -93,18 +93,9 @@ class QSGD(BucketedLevels, Compressor):
         n, d, s = ops.numel(x), self.bucket_size, self.levels
         buckets = -(-n // d)
         padded = ops.concat([x, ops.zeros(buckets * d - n, ctx.dtype, x)]) if buckets * d != n else x
-        grid = ops.reshape(padded, (buckets, d))
-        # the norm of the bucket scaled by its largest magnitude, so that squares of
-        # magnitudes beyond 1.8e19 do not overflow float32
-        peak = ops.max(ops.abs(grid), axis=1)
-        peak = ops.where(peak > 0, peak, peak * 0 + 1)
-        norms = ops.norm(grid / ops.reshape(peak, (buckets, 1)), axis=1) * peak
-        safe = ops.where(norms > 0, norms, norms * 0 + 1)
-        scaled = ops.abs(grid) / ops.reshape(safe, (buckets, 1)) * s
         noise = ops.reshape(ops.cast(noise, ctx.dtype), (buckets, d))
-        level = ops.minimum(ops.floor(scaled + noise), ops.full(1, s, ctx.dtype, x))
-        code = ops.flatten(ops.sign(grid) * level + s)[:n]
-        return norms, ops.pack_uint(ops.cast(code, "int32"), self.bits)
+        norms, code = ops.bucket_levels(ops.reshape(padded, (buckets, d)), noise, s)
+        return norms, ops.pack_uint(code[:n] if buckets * d != n else code, self.bits)
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         n, d, s = ctx.numel, self.bucket_size, self.levels
@@ -120,17 +111,12 @@ class QSGD(BucketedLevels, Compressor):
 
     def _decode(self, ops: Ops, words: Array, norms: Array, n: int, ctx: TensorContext) -> Array:
         d, s = self.bucket_size, self.levels
-        buckets = -(-n // d)
         if self.bits <= 8:  # code c decodes to c - s: a 2**bits-entry table
             table = ops.cast(ops.arange(1 << self.bits, norms) - s, ctx.dtype)
             code = ops.take_fields(words, n, self.bits, table)
         else:
             code = ops.cast(ops.unpack_uint(words, n, self.bits), ctx.dtype) - s
-        pad = buckets * d - n
-        if pad:
-            code = ops.concat([code, ops.zeros(pad, ctx.dtype, code)])
-        grid = ops.reshape(code, (buckets, d)) * ops.reshape(norms / s, (buckets, 1))
-        return ops.flatten(grid)[:n]
+        return ops.scale_buckets(code, norms / s, d)
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
         return layout_nbytes(self._layout(numel, dtype))

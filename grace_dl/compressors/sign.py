@@ -140,7 +140,7 @@ class EFSignSGD(_SignCompressor):
         pass
 
     def _scales(self, ops, x, ctx):
-        return ops.tree_sum(ops.abs(x), 1.0 / ctx.numel)
+        return ops.abs_tree_sum(x, 1.0 / ctx.numel)
 
     def _expand(self, ops, words, scales, ctx):
         return ops.select_bits(words, ctx.numel, scales, -scales)

@@ -97,20 +97,14 @@ class TernGrad(Compressor):
     def clip(self, ops: Ops, x: Array, ctx: TensorContext) -> tuple[Array, Array]:
         """``(clipped x, scaler)``: the tensor the ternary values are unbiased for, and its
         largest magnitude (a 1-element array; NaN if ``x`` holds NaN or Inf)."""
-        mag = ops.abs(x)
-        peak = ops.reshape(ops.max(mag), (1,)) if ctx.numel else ops.zeros(1, ctx.dtype, x)
-        # 0 * (NaN or inf) is NaN: the scaler of a non-finite tensor is NaN
-        peak = peak + ops.sum(x * 0)
         if self.clip_sigma is None:
-            return x, peak
-        safe = ops.where(peak > 0, peak, peak * 0 + 1)
-        scaled = x / safe
-        rms = ops.sqrt(pairwise_sum(ops, scaled * scaled, ctx.dtype) * (1.0 / max(ctx.numel, 1))) * peak
-        bound = rms * self.clip_sigma
-        # clamp with minimum alone (a NaN bound clamps nothing); x * 0 makes +-inf and NaN
-        # NaN, whatever minimum does with NaN on a backend
-        open_bound = ops.where(bound == bound, bound, bound * 0 + float("inf"))
-        clipped = ops.minimum(-ops.minimum(-x, open_bound), open_bound) + x * 0
+            peak = ops.reshape(ops.max(ops.abs(x)), (1,)) if ctx.numel else ops.zeros(1, ctx.dtype, x)
+            # the scaler of a tensor holding NaN or Inf is NaN (two reductions, no temporary)
+            return x, ops.where(ops.all_finite(x), peak, peak * 0 + float("nan"))
+        stats = ops.peak_rms(x)
+        peak = stats[0:1]
+        bound = stats[1:2] * self.clip_sigma
+        clipped = ops.clip_magnitude(x, bound)
         return clipped, ops.where(peak > bound, bound, peak)
 
     def compress_rounds(self, ops: Ops, x: Array, ctx: TensorContext) -> Rounds:

@@ -523,3 +523,64 @@ class Ops(abc.ABC):
         exponent = self.where(k > 0, k - levels + bias, k * 0 + bias)
         level = self.bitcast(self.shift_left(self.cast(exponent, itype), mbits), dtype)
         return self.where(k > 0, self.where(signed < 0, -level, level), level * 0)
+
+    def clip_magnitude(self, x: Array, bound: Array) -> Array:
+        """1-D float ``x`` clamped to ``[-bound, bound]`` (TernGrad's gradient clipping,
+        Wen et al. 2017), with NaN wherever ``x`` is NaN or +-inf (NaN bits unspecified);
+        signed zeros are kept. ``bound``: a 1-element array of ``x``'s dtype, > 0 or
+        +inf; a NaN bound (that of a tensor holding NaN or Inf) gives NaN throughout."""
+        open_bound = self.where(bound == bound, bound, bound * 0 + float("inf"))
+        # x * 0 makes +-inf and NaN NaN, whatever minimum does with NaN on a backend
+        return self.minimum(-self.minimum(-x, open_bound), open_bound) + x * 0
+
+    def bucket_levels(self, grid: Array, noise: Array, levels: int) -> tuple[Array, Array]:
+        """QSGD's stochastic levels (Alistarh et al. 2017) of the rows (buckets) of a 2-D
+        float ``grid``: ``(norms, codes)``. ``norms``: each row's L2 norm, taken on the
+        row divided by its largest magnitude (1 where that is not above 0) and multiplied
+        back, so that squares cannot overflow. ``codes``: int32, row-major,
+        ``s + sign(g) * min(floor(|g| / norm * s + u), s)`` with ``s = levels``, ``u`` the
+        matching element of ``noise`` (draws of ``grid``'s dtype and shape) and a norm
+        not above 0 taken as 1."""
+        buckets = self.shape(grid)[0]
+        dtype = self.dtype(grid)
+        peak = self.max(self.abs(grid), axis=1)
+        peak = self.where(peak > 0, peak, peak * 0 + 1)
+        norms = self.norm(grid / self.reshape(peak, (buckets, 1)), axis=1) * peak
+        safe = self.where(norms > 0, norms, norms * 0 + 1)
+        scaled = self.abs(grid) / self.reshape(safe, (buckets, 1)) * levels
+        level = self.minimum(self.floor(scaled + noise), self.full(1, levels, dtype, grid))
+        return norms, self.cast(self.flatten(self.sign(grid) * level + levels), "int32")
+
+    def peak_rms(self, x: Array) -> Array:
+        """``[p, r]``, a 2-element array of 1-D float ``x``'s dtype: the largest magnitude
+        ``p = max |x|`` (NaN if ``x`` holds NaN or Inf) and the root mean square
+        ``r = sqrt(s * (1 / n)) * q``, where ``s`` is the :meth:`tree_sum` of ``(x / q)**2``
+        and ``q = p`` if ``p > 0``, else 1 (scaled so that squares cannot overflow). An
+        empty ``x`` gives ``[0, 0]``."""
+        n = self.numel(x)
+        if n == 0:
+            return self.zeros(2, self.dtype(x), x)
+        peak = self.reshape(self.max(self.abs(x)), (1,))
+        # the peak of a tensor holding NaN or Inf is NaN (two reductions, no temporary)
+        peak = self.where(self.all_finite(x), peak, peak * 0 + float("nan"))
+        safe = self.where(peak > 0, peak, peak * 0 + 1)
+        scaled = x / safe
+        rms = self.sqrt(self.tree_sum(scaled * scaled) * (1.0 / n)) * peak
+        return self.concat([peak, rms])
+
+    def scale_buckets(self, x: Array, scales: Array, bucket_size: int) -> Array:
+        """``x[i] * scales[i // bucket_size]`` for 1-D float ``x`` and its
+        ``ceil(n / bucket_size)`` per-bucket ``scales`` (same dtype): one rounding per
+        element, the last bucket may be short."""
+        n = self.numel(x)
+        buckets = -(-n // bucket_size)
+        pad = buckets * bucket_size - n
+        if pad:
+            x = self.concat([x, self.zeros(pad, self.dtype(x), x)])
+        grid = self.reshape(x, (buckets, bucket_size)) * self.reshape(scales, (buckets, 1))
+        return self.flatten(grid)[:n] if pad else self.flatten(grid)
+
+    def abs_tree_sum(self, x: Array, scale: float = 1.0) -> Array:
+        """:meth:`tree_sum` of ``abs(x)`` (with its ``scale``): the L1 norm of 1-D float
+        ``x`` in the fixed order, without a backend having to store ``abs(x)``."""
+        return self.tree_sum(self.abs(x), scale)

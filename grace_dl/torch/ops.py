@@ -3,6 +3,10 @@
 Everything stays on the tensor's device. Host synchronisation happens only where the
 protocol returns a Python value (``item``) or a data-dependent length (``nonzero``,
 hence threshold selection), never in fixed-size paths such as casts, packing or top-k.
+
+Uniform draws of CPU tensors are NumPy's (``NumpyOps.random_uniform``, wrapped without a
+copy), so random methods give the same payloads on NumPy and torch CPU; CUDA tensors draw
+with torch's own generator, seeded from the same key.
 """
 
 from __future__ import annotations
@@ -332,6 +336,10 @@ class TorchOps(Ops):
         return g
 
     def random_uniform(self, n, key, counter, like):
+        if like.device.type == "cpu":
+            # NumPy's draws, wrapped without a copy: torch CPU and NumPy then draw the same
+            # values bit for bit (and faster than torch.rand with a freshly seeded generator)
+            return torch.from_numpy(_NUMPY.random_uniform(n, key, counter, None))
         g = self._generator(key, counter, like.device)
         return torch.rand(int(n), generator=g, device=like.device, dtype=torch.float32)
 
@@ -469,3 +477,29 @@ class TorchOps(Ops):
         if _on_cpu(codes):
             return torch.from_numpy(_NUMPY.dither_values(_np(codes), levels, dtype))
         return super().dither_values(codes, levels, dtype)
+
+    def clip_magnitude(self, x, bound):
+        if _on_cpu(x, bound):
+            return torch.from_numpy(_NUMPY.clip_magnitude(_np(x), _np(bound)))
+        return super().clip_magnitude(x, bound)
+
+    def bucket_levels(self, grid, noise, levels):
+        if _on_cpu(grid, noise):
+            norms, codes = _NUMPY.bucket_levels(_np(grid), _np(noise), levels)
+            return torch.from_numpy(norms), torch.from_numpy(codes)
+        return super().bucket_levels(grid, noise, levels)
+
+    def peak_rms(self, x):
+        if _on_cpu(x):  # the protocol's ~20 small steps as NumPy calls, a fraction of torch's cost each
+            return torch.from_numpy(Ops.peak_rms(_NUMPY, _np(x)))
+        return super().peak_rms(x)
+
+    def scale_buckets(self, x, scales, bucket_size):
+        if _on_cpu(x, scales):
+            return torch.from_numpy(_NUMPY.scale_buckets(_np(x), _np(scales), bucket_size))
+        return super().scale_buckets(x, scales, bucket_size)
+
+    def abs_tree_sum(self, x, scale=1.0):
+        if _on_cpu(x):
+            return torch.from_numpy(_NUMPY.abs_tree_sum(_np(x), scale))
+        return super().abs_tree_sum(x, scale)
