@@ -223,6 +223,7 @@ class HorovodCompression:
         self.grace = grace
         self._checked_optimizer: Any = None
         self._in_flight: list[Any] = []  # pipelines started and not finished, oldest first
+        self._failed: dict[int, Exception] = {}  # id(pending) -> what its pipeline raised in progress()
 
     def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Start the grace pipeline for ``tensor``; Horovod allreduces the returned empty tensor."""
@@ -256,8 +257,15 @@ class HorovodCompression:
         transport = self.grace.transport
         still = []
         for pending in self._in_flight:
-            while not pending.done and all(transport.ready(h) for h in pending.handles):
-                self.grace.advance(pending)
+            try:
+                while not pending.done and all(transport.ready(h) for h in pending.handles):
+                    self.grace.advance(pending)
+            except Exception as err:  # noqa: BLE001  (re-raised by decompress)
+                # raised where it always is, in the optimizer's step: from a gradient hook
+                # it would stop backward at a different tensor on each rank and leave
+                # Horovod's collectives of the others half posted
+                self._failed[id(pending)] = err
+                continue
             if not pending.done:
                 still.append(pending)
         self._in_flight = still
@@ -269,6 +277,10 @@ class HorovodCompression:
         # post every round that became ready first, so that the rounds of all tensors go
         # to Horovod together rather than one tensor's round per wait
         self.progress()
+        failed = self._failed.pop(id(pending), None)
+        if failed is not None:
+            self._in_flight, self._failed = [], {}
+            raise failed
         if not pending.done:
             self._in_flight = [p for p in self._in_flight if p is not pending]
         out = self.grace.finish(pending)
