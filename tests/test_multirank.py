@@ -168,5 +168,6 @@ def test_dead_rank_ends_ddp_hook_job():
     codes, out, after = _dead_rank_launch(cmds, token)
     assert codes[1] == 3 and codes[0] != 0, (codes, out[-3000:])
     # the survivor names the cause: Gloo's closed connection (or the group's timeout)
-    assert "Connection closed by peer" in out or "Timed out" in out, out[-3000:]
+    # (closed or reset: Gloo's wording depends on where the survivor was when the peer left)
+    assert any(m in out for m in ("Connection closed by peer", "Connection reset by peer", "Timed out")), out[-3000:]
     print(f"DDP hook (Gloo): surviving rank ended {after:.1f} s after rank 1 exited")
