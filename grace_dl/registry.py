@@ -21,7 +21,16 @@ KINDS = ("compressor", "memory", "communicator")
 
 
 class ConfigError(ValueError):
-    """A configuration names something unknown or gives a bad value."""
+    """A configuration names something unknown or gives a bad value.
+
+    The message is always one line: control characters that came from the input (a YAML
+    key holding a newline) are shown escaped, so a CLI error stays one line."""
+
+    def __init__(self, message: Any = "", *args: Any):
+        text = str(message)
+        if not text.isprintable():
+            text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        super().__init__(text, *args)
 
 
 @dataclass(frozen=True)

@@ -151,3 +151,11 @@ def test_compare_says_which_runs_a_plot_leaves_out(tmp_path, capsys):
     # runs of one task: no note
     assert main(["compare", str(tmp_path / "digits"), "--output", str(tmp_path / "out2")]) == 0
     assert "note:" not in capsys.readouterr().out
+
+
+def test_keys_with_control_characters_still_give_one_line():
+    # found by the fuzz test above: a YAML key holding a newline was echoed into the message
+    with pytest.raises(ConfigError) as err:
+        cfg.validate({"task": {"\n": None}})
+    assert str(err.value) == "task.\\n: unknown key; valid: name, test_fraction"
+    assert str(ConfigError("bad\tkey\r\nhere")) == "bad\\tkey\\r\\nhere"
