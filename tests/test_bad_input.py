@@ -16,7 +16,10 @@ from grace_dl import ConfigError
 from grace_dl.cli import main
 from grace_dl.experiments import config as cfg
 
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: CI gates on the same 300 cases every run (explore new ones locally by
+# removing derandomize); the regression tests below hold what earlier runs found
+SETTINGS = settings(max_examples=300, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=True),
                     st.text(max_size=12), st.sampled_from(["1e-9", "-1", "0", "nan", "inf", "1e400", "topk"]))
@@ -53,7 +56,7 @@ def test_fuzzed_factory_arguments_give_one_line_config_errors(method, kwargs):
     one_line_config_error(lambda: grace_dl.make(method, **kwargs))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(experiments)
 def test_fuzzed_yaml_files_exit_2_from_the_cli(tmp_path_factory, raw):
     import yaml
