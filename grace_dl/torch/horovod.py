@@ -223,7 +223,9 @@ class HorovodCompression:
         self.grace = grace
         self._checked_optimizer: Any = None
         self._in_flight: list[Any] = []  # pipelines started and not finished, oldest first
-        self._failed: dict[int, Exception] = {}  # id(pending) -> what its pipeline raised in progress()
+        # id(pending) -> (pending, what its pipeline raised in progress()); holding the
+        # pending keeps its id from being reused by a later one
+        self._failed: dict[int, tuple[Any, Exception]] = {}
 
     def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Start the grace pipeline for ``tensor``; Horovod allreduces the returned empty tensor."""
@@ -264,7 +266,7 @@ class HorovodCompression:
                 # raised where it always is, in the optimizer's step: from a gradient hook
                 # it would stop backward at a different tensor on each rank and leave
                 # Horovod's collectives of the others half posted
-                self._failed[id(pending)] = err
+                self._failed[id(pending)] = (pending, err)
                 continue
             if not pending.done:
                 still.append(pending)
@@ -280,7 +282,7 @@ class HorovodCompression:
         failed = self._failed.pop(id(pending), None)
         if failed is not None:
             self._in_flight, self._failed = [], {}
-            raise failed
+            raise failed[1]
         if not pending.done:
             self._in_flight = [p for p in self._in_flight if p is not pending]
         out = self.grace.finish(pending)
