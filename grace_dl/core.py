@@ -203,6 +203,13 @@ class Compressor(abc.ABC):
         ``x`` rather than decompressing and subtracting the whole tensor."""
         return x - self.decompress(ops, payload.buffer, ctx)
 
+    def fusable(self, shape: tuple[int, ...]) -> bool:
+        """Whether a tensor of ``shape`` may be fused with others into one flat bucket
+        (see :mod:`grace_dl.fusion`): true where compression never looks at the shape.
+        Methods that do (PowerSGD's matrix view) answer true only for the shapes they
+        treat as flat vectors at every step."""
+        return True
+
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int | None:
         """The exact payload size for ``numel`` elements of compute dtype ``dtype``
         (input dtype ``in_dtype``, default the same), or None where it depends on the

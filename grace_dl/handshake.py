@@ -83,11 +83,13 @@ def describe(component: Any) -> str:
 
 
 def _describe_policies(policies: Any) -> str:
+    fusion = f"fusion_bytes={policies.fusion_bytes}"
     if not policies.active:
-        return "none"
+        return fusion if policies.fusion_bytes else "none"
     overrides = "; ".join(f"{pattern}: {describe(r.compressor)} {describe(r.memory)} {describe(r.communicator)}"
                           for pattern, r in policies.overrides)
-    return f"min_numel={policies.min_numel}, warmup_steps={policies.warmup_steps}, overrides=[{overrides}]"
+    return (f"min_numel={policies.min_numel}, warmup_steps={policies.warmup_steps}, overrides=[{overrides}], "
+            f"{fusion}")
 
 
 def fingerprint_fields(grace: Grace, ctx: TensorContext, in_dtype: str) -> dict[str, str]:

@@ -6,7 +6,10 @@
   (compressing a randomly initialised model's first gradients hurts most);
 * ``overrides``: per-tensor method changes by name pattern (``fnmatch`` syntax, first
   match wins), either a few parameters of the base method (``{"ratio": 0.1}``) or a whole
-  other method (``{"compressor": "fp16"}``).
+  other method (``{"compressor": "fp16"}``);
+* ``fusion_bytes``: the bucket size of tensor fusion (:mod:`grace_dl.fusion`): small
+  tensors are merged into buckets of up to this many bytes and exchanged as one (0: every
+  tensor on its own).
 
 "Dense" means: the input sent uncompressed with an allreduce and averaged, no memory.
 """
@@ -18,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .core import Communicator, Compressor, Memory
+from .fusion import DEFAULT_FUSION_BYTES
 
-POLICY_KEYS = ("min_numel", "warmup_steps", "overrides")
+POLICY_KEYS = ("min_numel", "warmup_steps", "overrides", "fusion_bytes")
 
 
 @dataclass
@@ -40,21 +44,25 @@ class Policies:
         min_numel: tensors with fewer elements are sent dense (default 0: none).
         warmup_steps: each tensor is sent dense for its first this many steps (default 0).
         overrides: ``[(pattern, Route)]``, first matching pattern wins (default none).
+        fusion_bytes: largest fusion bucket in bytes, where the simulator and the
+            adapters exchange whole models (default
+            :data:`~grace_dl.fusion.DEFAULT_FUSION_BYTES`, 0: per tensor).
     """
 
     min_numel: int = 0
     warmup_steps: int = 0
     overrides: list[tuple[str, Route]] = field(default_factory=list)
+    fusion_bytes: int = DEFAULT_FUSION_BYTES
 
     def __post_init__(self) -> None:
-        for key in ("min_numel", "warmup_steps"):
+        for key in ("min_numel", "warmup_steps", "fusion_bytes"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"policies.{key} must be an int >= 0, got {value!r}")
 
     @property
     def active(self) -> bool:
-        """Whether any policy changes anything."""
+        """Whether any policy changes the route of a tensor (fusion does not)."""
         return bool(self.min_numel or self.warmup_steps or self.overrides)
 
     def override_for(self, name: str) -> Route | None:
@@ -82,7 +90,8 @@ def parse_policies(config: Any, base: dict[str, Any], build_method: Any) -> Poli
     """:class:`Policies` from a config mapping.
 
     Args:
-        config: ``{"min_numel": int, "warmup_steps": int, "overrides": {pattern: mapping}}``
+        config: ``{"min_numel": int, "warmup_steps": int, "overrides": {pattern: mapping},
+            "fusion_bytes": int}``
             (all optional); ``None`` gives no policies.
         base: the base method's config (``compressor`` and its parameters), onto which
             partial overrides are merged.
@@ -115,6 +124,7 @@ def parse_policies(config: Any, base: dict[str, Any], build_method: Any) -> Poli
             raise ConfigError(f"policies.overrides[{pattern!r}]: {err}") from None
         overrides.append((pattern, Route(method.compressor, method.memory, method.communicator, pattern)))
     try:
-        return Policies(config.get("min_numel", 0), config.get("warmup_steps", 0), overrides)
+        return Policies(config.get("min_numel", 0), config.get("warmup_steps", 0), overrides,
+                        config.get("fusion_bytes", DEFAULT_FUSION_BYTES))
     except ValueError as err:
         raise ConfigError(str(err)) from None

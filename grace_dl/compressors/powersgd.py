@@ -170,6 +170,11 @@ class PowerSGD(Compressor):
             return None
         return n, m, r
 
+    def fusable(self, shape: tuple[int, ...]) -> bool:
+        """Only tensors sent dense at every step (fewer than two dimensions, or too small
+        to factor) may share a fusion bucket: the others need their own matrix view."""
+        return self.plan(tuple(shape)) is None
+
     def payload_nbytes_for_shape(self, shape: tuple[int, ...], dtype: str = "float32", step: int | None = None) -> int:
         """Exact bytes this worker sends for a tensor of ``shape`` at ``step``:
         ``(n + m) * r * itemsize`` low rank, ``numel * itemsize`` dense."""

@@ -15,6 +15,12 @@ pipeline **per parameter** inside the bucket, not on the flat bucket, because:
 * the results are then those of the Horovod adapter and of the simulator for the same
   named tensors.
 
+With ``named_parameters`` given, the method's fusion policy (``policies.fusion_bytes``,
+see :mod:`grace_dl.fusion`) merges small gradients into fusion buckets planned once from
+the parameters (reversed, DDP's own ready order), independently of DDP's buckets, which
+DDP may rebuild; a fusion bucket starts when its last member is handed over, whichever
+DDP bucket that comes in. Without ``named_parameters`` every tensor goes on its own.
+
 The exchange of a bucket is posted when DDP calls the hook (during the backward pass);
 the hook of the last bucket completes every exchange of the step in bucket order (all
 workers do the same, so multi-round methods post their later rounds in the same order
@@ -27,9 +33,11 @@ from typing import Any, Iterable
 
 import torch
 
-from ..core import Grace, Pending
+from ..core import Grace
+from ..fusion import Fuser, Ticket
 from .distributed import TorchDistributedTransport
 from .horovod import HorovodCompression
+from .ops import TorchOps
 
 
 class GraceCommHook:
@@ -64,10 +72,15 @@ class GraceCommHook:
         self._named = named_parameters is not None
         self._params: list[torch.Tensor] = []  # keeps the named tensors alive, so ids stay unique
         self._names: dict[int, str] = {}
+        self._fuser = Fuser(method)
         if named_parameters is not None:
+            order = []
             for name, p in named_parameters:
                 self._remember(p, name)
-        self._queue: list[tuple[torch.futures.Future, torch.Tensor, list[tuple[int | None, Pending]]]] = []
+                if p.requires_grad:
+                    order.append((name, tuple(p.shape), TorchOps().dtype(p)))
+            self._fuser.plan(order[::-1])
+        self._queue: list[tuple[torch.futures.Future, torch.Tensor, list[tuple[int | None, Ticket]]]] = []
         # DDP reads the hook's __name__ (for its logs and its bf16 hook check)
         self.__name__ = self.__qualname__ = "grace_ddp_hook"
 
@@ -93,7 +106,7 @@ class GraceCommHook:
         buffer = bucket.buffer()
         started = []
         for p, g in zip(bucket.parameters(), bucket.gradients()):
-            started.append((_offset_in(g, buffer), self.grace.start(g, self.name_of(p))))
+            started.append((_offset_in(g, buffer), self._fuser.start(g, self.name_of(p))))
         if buffer.device.type == "cuda":
             future = torch.futures.Future(devices=[buffer.device])
         else:
@@ -123,15 +136,17 @@ class GraceCommHook:
         # torch.distributed's order matching needs): each wait posts that tensor's next
         # round (PowerSGD's second allreduce) before the next tensor's wait, so the later
         # rounds of all tensors are in flight together instead of one after another
-        pendings = [pending for _, _, started in queue for _, pending in started]
+        pendings = [ticket.started for _, _, started in queue for _, ticket in started if ticket.opened]
+        if self._fuser.open_buckets():
+            self._fuser.abandon()  # Fuser.finish below names the members that never came
         while not all(pending.done for pending in pendings):
             for pending in pendings:
                 self.grace.advance(pending)
         for future, buffer, started in queue:
             out = torch.empty_like(buffer)
             position = 0
-            for offset, pending in started:
-                result = self.grace.finish(pending).reshape(-1)
+            for offset, ticket in started:
+                result = self._fuser.finish(ticket).reshape(-1)
                 start = position if offset is None else offset
                 out[start:start + result.numel()] = result
                 position = start + result.numel()

@@ -29,6 +29,7 @@ import torch
 
 from ..checks import check_optimizer_momentum
 from ..core import Grace
+from ..fusion import Fuser
 from ..transport.base import Transport, horovod_membership
 from .ops import TorchOps
 
@@ -201,6 +202,19 @@ def placeholder_for(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=dtype, device=tensor.device)
 
 
+def ready_order(optimizer: Any) -> list[tuple[str, tuple[int, ...], str]]:
+    """``(name, shape, dtype)`` of the parameters a Horovod optimizer exchanges, in the
+    order their gradients are expected (the parameters' order reversed, as DDP assumes):
+    the input of the fusion plan (:mod:`grace_dl.fusion`), the same on every worker."""
+    names = getattr(optimizer, "_parameter_names", {})
+    order = []
+    for group in getattr(optimizer, "param_groups", ()):
+        for p in group["params"]:
+            if p.requires_grad and p in names:
+                order.append((names[p], tuple(p.shape), _OPS.dtype(p)))
+    return order[::-1]
+
+
 class HorovodCompression:
     """A grace-dl method in the shape of Horovod's ``Compressor``.
 
@@ -226,6 +240,8 @@ class HorovodCompression:
         # id(pending) -> (pending, what its pipeline raised in progress()); holding the
         # pending keeps its id from being reused by a later one
         self._failed: dict[int, tuple[Any, Exception]] = {}
+        self._fuser = Fuser(grace)
+        self._planned_for: Any = None  # the optimizer whose parameters the buckets were planned from
 
     def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Start the grace pipeline for ``tensor``; Horovod allreduces the returned empty tensor."""
@@ -243,12 +259,16 @@ class HorovodCompression:
         factor = float(getattr(optimizer, "gradient_predivide_factor", 1.0)) if op == hvd.Average else 1.0
         if factor != 1.0:
             tensor = tensor * (1.0 / factor)
+        if optimizer is not self._planned_for:
+            self._fuser.plan(ready_order(optimizer))
+            self._planned_for = optimizer
         self.progress()
-        pending = self.grace.start(tensor, name)
-        if not pending.done:
+        ticket = self._fuser.start(tensor, name)
+        pending = ticket.started
+        if ticket.opened and not pending.done:
             self._in_flight.append(pending)
         post = self.grace.transport.size if op == hvd.Sum else factor
-        return placeholder_for(tensor), (pending, post)
+        return placeholder_for(tensor), (ticket, post)
 
     def progress(self) -> None:
         """Move on every started pipeline whose collectives have completed: its next
@@ -275,17 +295,21 @@ class HorovodCompression:
     def decompress(self, tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Finish the exchange started by :meth:`compress`; the aggregated gradient (of the
         gradient's dtype, whatever the placeholder Horovod allreduced)."""
-        pending, post = ctx
+        ticket, post = ctx
         # post every round that became ready first, so that the rounds of all tensors go
         # to Horovod together rather than one tensor's round per wait
         self.progress()
-        failed = self._failed.pop(id(pending), None)
+        pending = ticket.started
+        failed = self._failed.get(id(pending)) if pending is not None else None
         if failed is not None:
             self._in_flight, self._failed = [], {}
+            self._fuser.abandon()
             raise failed[1]
-        if not pending.done:
+        if pending is None:  # a bucket some of whose members never came: Fuser.finish says which
+            self._fuser.abandon()
+        elif not pending.done:
             self._in_flight = [p for p in self._in_flight if p is not pending]
-        out = self.grace.finish(pending)
+        out = self._fuser.finish(ticket)
         return out * post if post != 1.0 else out
 
     def fresh_copy(self) -> "HorovodCompression":
