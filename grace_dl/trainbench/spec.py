@@ -30,7 +30,8 @@ class MethodSpec:
     ``ddp:fp16_hook`` and ``ddp:powersgd_hook,rank=4`` torch's own DDP paths; any other
     name is a grace-dl method (``hvd:topk,ratio=0.01``, ``ddp:powersgd,rank=4``), and a
     ``grace.`` prefix picks grace-dl's method where a name is also a built-in
-    (``hvd:grace.fp16``).
+    (``hvd:grace.fp16``). A grace-dl method also takes ``fusion=BYTES``, its fusion
+    bucket size (``policies.fusion_bytes``, :mod:`grace_dl.fusion`; default the method's).
     """
 
     launcher: str
@@ -84,10 +85,13 @@ def parse_method(text: str) -> MethodSpec:
         raise ConfigError(f"method {text!r}: unknown method {name!r}; {launcher}: takes "
                           f"{', '.join(builtins)} or a grace-dl method ({', '.join(sorted(compressors))})")
     known = compressors[name].params
-    bad = [k for k, _ in params if k not in known]
+    bad = [k for k, _ in params if k not in known and k != "fusion"]
     if bad:
         raise ConfigError(f"method {text!r}: {name} has no parameter {bad[0]!r} "
-                          f"(it takes {', '.join(known) or 'none'})")
+                          f"(it takes {', '.join(known) or 'none'}); every grace-dl method also takes fusion=BYTES")
+    fusion = dict(params).get("fusion")
+    if fusion is not None and (isinstance(fusion, bool) or not isinstance(fusion, int) or fusion < 0):
+        raise ConfigError(f"method {text!r}: fusion is the bucket size in bytes, an int >= 0, got {fusion!r}")
     return MethodSpec(launcher, name, tuple(params), grace=True)
 
 

@@ -55,7 +55,11 @@ class AllreduceCounter:
 def _grace_method(spec: dict[str, Any]):
     import grace_dl.torch as grace
 
-    return getattr(grace, spec["name"])(**spec["params"])
+    params = dict(spec["params"])
+    fusion = params.pop("fusion", None)
+    if fusion is not None:
+        params["policies"] = {"fusion_bytes": int(fusion)}
+    return getattr(grace, spec["name"])(**params)
 
 
 def setup(config: dict[str, Any]) -> tuple[Callable[[], None], Callable[[], dict[str, int]], int, int, Callable[[], None]]:
