@@ -182,6 +182,50 @@ def test_ddp_hook_one_worker_matches_simulator(gloo_group, method):
     assert set(hook.grace.steps.values()) == {3}
 
 
+def _fused_reference_run(train_step, method, fusion: int, steps: int = 3):
+    """Train mlp() with ``train_step(model, x, y)`` and, alongside, a reference
+    whose gradients go through the simulator (one worker, the same fusion, gradients in
+    reversed parameter order: the ready order the adapters plan from); returns both."""
+    local, reference = mlp(), mlp()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    sim = grace_dl.LocalSimulator(method(fusion).grace, 1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x, y = torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen)
+        train_step(local, x, y)
+        ref_opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        named = list(reference.named_parameters())[::-1]
+        out = sim.step([{n: p.grad for n, p in named}])[0]
+        for n, p in named:
+            p.grad = out[n]
+        ref_opt.step()
+    return local, reference, sim
+
+
+@pytest.mark.parametrize("fusion", [0, 1 << 20])
+def test_ddp_hook_fused_matches_the_fused_simulator(gloo_group, fusion):
+    method = lambda f: grace.topk(ratio=0.3, policies={"fusion_bytes": f})  # noqa: E731
+    state = {}
+
+    def train_step(local, x, y):
+        if "model" not in state:
+            model = torch.nn.parallel.DistributedDataParallel(local)
+            state["hook"] = grace.ddp_hook(method(fusion), named_parameters=local.named_parameters())
+            model.register_comm_hook(None, state["hook"])
+            state["model"], state["opt"] = model, torch.optim.SGD(model.parameters(), lr=0.1)
+        state["opt"].zero_grad()
+        F.cross_entropy(state["model"](x), y).backward()
+        state["opt"].step()
+
+    local, reference, sim = _fused_reference_run(train_step, method, fusion)
+    for a, b in zip(local.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+    steps = state["hook"].grace.steps
+    assert steps == sim.workers[0].steps
+    assert len(steps) == (1 if fusion else 4) and set(steps.values()) == {3}
+
+
 def test_ddp_hook_errors(gloo_group):
     with pytest.raises(TypeError, match="grace-dl method"):
         grace.ddp_hook("topk")

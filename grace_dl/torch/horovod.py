@@ -209,7 +209,7 @@ def ready_order(optimizer: Any) -> list[tuple[str, tuple[int, ...], str]]:
     names = getattr(optimizer, "_parameter_names", {})
     order = []
     for group in getattr(optimizer, "param_groups", ()):
-        for p in group["params"]:
+        for p in group.get("params", ()):
             if p.requires_grad and p in names:
                 order.append((names[p], tuple(p.shape), _OPS.dtype(p)))
     return order[::-1]
