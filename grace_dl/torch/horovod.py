@@ -14,6 +14,11 @@ Stock Horovod's ``Compressor.compress`` receives no tensor name, but per-tensor 
 ``p`` in ``_allreduce_grad_async`` / ``_grouped_allreduce_grad_async`` of Horovod
 0.28), where the name Horovod itself uses is ``self._parameter_names[p]``.
 
+With the method's ``policies.fusion_bytes`` set, small gradients are fused
+(:mod:`grace_dl.fusion`): the buckets are planned once from the optimizer's parameters
+(reversed: the order Horovod's hooks fire in), each member's ``compress`` hands Horovod
+its empty placeholder, and the last member to arrive starts the bucket's one pipeline.
+
 :func:`DistributedOptimizer` is the explicit form: Horovod's own optimizer with a
 grace-dl method, whose ``state_dict()`` also carries the method's state (see there).
 """
