@@ -162,12 +162,14 @@ class Ticket:
         arrival: its bucket's state in this step when it is fused, else None.
         opened: whether handing this tensor over started a pipeline (its own, or its
             bucket's as the last member).
+        index: its position among its bucket's members.
     """
 
     name: str
     pending: Any = None
     arrival: Any = None
     opened: bool = False
+    index: int = 0
 
     @property
     def started(self) -> Any:
@@ -192,7 +194,7 @@ class Fuser:
         self.grace = grace
         self.buckets: list[Bucket] = []
         self._plan_key: Any = None
-        self._member_of: dict[str, Bucket] = {}
+        self._member_of: dict[str, tuple[Bucket, int]] = {}  # name -> (its bucket, its index there)
         self._open: dict[str, _Arrival] = {}
 
     @property
@@ -217,22 +219,23 @@ class Fuser:
             if self._open:
                 raise RuntimeError("cannot plan new buckets while buckets of this step are open")
             self.buckets = plan_buckets(key[0], self.fusion_bytes, self.fusable)
-            self._member_of = {m: b for b in self.buckets for m in b.members}
+            self._member_of = {m: (b, i) for b in self.buckets for i, m in enumerate(b.members)}
             self._plan_key = key
         return self.buckets
 
     def bucket_of(self, name: str) -> Bucket | None:
         """The bucket of tensor ``name`` (None: it travels alone)."""
-        return self._member_of.get(name)
+        found = self._member_of.get(name)
+        return None if found is None else found[0]
 
     def start(self, tensor: Array, name: str) -> Ticket:
         """Hand over ``tensor``: started at once when it travels alone, else kept until
         the last member of its bucket arrives, which starts the bucket's pipeline."""
-        bucket = self._member_of.get(name)
-        if bucket is None:
+        found = self._member_of.get(name)
+        if found is None:
             return Ticket(name, pending=self.grace.start(tensor, name), opened=True)
+        bucket, index = found
         ops = get_ops(tensor)
-        index = bucket.members.index(name)
         if tuple(ops.shape(tensor)) != bucket.shapes[index] or ops.dtype(tensor) != bucket.dtype:
             raise ValueError(f"tensor {name!r} has shape {tuple(ops.shape(tensor))} and dtype {ops.dtype(tensor)}, "
                              f"but its bucket {bucket.name!r} was planned for {bucket.shapes[index]} "
@@ -248,8 +251,8 @@ class Fuser:
             arrival.parts = {}
             del self._open[bucket.name]
             arrival.pending = self.grace.start(flat, bucket.name)
-            return Ticket(name, arrival=arrival, opened=True)
-        return Ticket(name, arrival=arrival)
+            return Ticket(name, arrival=arrival, opened=True, index=index)
+        return Ticket(name, arrival=arrival, index=index)
 
     def open_buckets(self) -> list[str]:
         """Names of the buckets still waiting for members in this step."""
@@ -269,7 +272,7 @@ class Fuser:
                                f"be exchanged every step (or plan without them)")
         if arrival.result is None:
             arrival.result = self.grace.finish(arrival.pending)
-        index = bucket.members.index(ticket.name)
+        index = ticket.index
         start = bucket.offsets[index]
         shape = bucket.shapes[index]
         out = arrival.result[start:start + _numel(shape)]
