@@ -60,7 +60,8 @@ def test_horovod_torch_optimizer(controller):
 
 def test_ddp_hook():
     out = run([sys.executable, str(HERE / "ddp_checks.py")], expect_ok_lines=2)
-    for check in ("collectives ok", "methods ok", "ddp hook ok", "ddp hook options ok", "ddp resume ok"):
+    for check in ("collectives ok", "methods ok", "ddp hook ok", "ddp hook options ok", "ddp fusion ok",
+                  "ddp resume ok"):
         assert check in out, check
 
 
