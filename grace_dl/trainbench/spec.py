@@ -141,15 +141,19 @@ class Preset:
     timeout: float = 600.0  # seconds, per launch
 
 
-FULL_METHODS = ["hvd:none", "hvd:fp16", "hvd:topk,ratio=0.01", "hvd:dgc,ratio=0.001", "hvd:powersgd,rank=4",
-                "hvd:efsignsgd", "hvd:qsgd", "hvd:randomk,ratio=0.01", "ddp:allreduce", "ddp:fp16_hook",
-                "ddp:powersgd_hook,rank=4", "ddp:powersgd,rank=4"]
+#: the fusion bucket size the presets give grace-dl's methods (fastest in docs/bench.md's sweep)
+PRESET_FUSION = 1 << 20
+_F = f"fusion={PRESET_FUSION}"
+
+FULL_METHODS = ["hvd:none", "hvd:fp16", f"hvd:topk,ratio=0.01,{_F}", f"hvd:dgc,ratio=0.001,{_F}",
+                f"hvd:powersgd,rank=4,{_F}", f"hvd:efsignsgd,{_F}", f"hvd:qsgd,{_F}", f"hvd:randomk,ratio=0.01,{_F}",
+                "ddp:allreduce", "ddp:fp16_hook", "ddp:powersgd_hook,rank=4", f"ddp:powersgd,rank=4,{_F}"]
 
 PRESETS: dict[str, Preset] = {
     # a few minutes on a 2-core CPU: 62 tensors as in ResNet-18, 1/16 of its weights
     "small": Preset(width=16, num_classes=100, batch_size=8, image_size=64, warmup=2, steps=5, repeats=3,
-                    methods=["hvd:none", "hvd:fp16", "hvd:topk,ratio=0.01", "hvd:powersgd,rank=4",
-                             "ddp:allreduce", "ddp:fp16_hook", "ddp:powersgd_hook,rank=4", "ddp:powersgd,rank=4"],
+                    methods=["hvd:none", "hvd:fp16", f"hvd:topk,ratio=0.01,{_F}", f"hvd:powersgd,rank=4,{_F}",
+                             "ddp:allreduce", "ddp:fp16_hook", "ddp:powersgd_hook,rank=4", f"ddp:powersgd,rank=4,{_F}"],
                     links=["unshaped", "100mbit"], timeout=180.0),
     # the setting of issue 11: ResNet-18 size, batch 16 per rank at 128x128
     "full": Preset(width=64, num_classes=1000, batch_size=16, image_size=128, warmup=3, steps=5, repeats=3,
