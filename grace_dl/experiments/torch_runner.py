@@ -153,7 +153,8 @@ class TorchRunner:
             loss = loss_fn(self.data, self.model, self.model(x), y)
             loss.backward()
             losses.append(loss.item())
-            grads.append({n: p.grad.detach().clone() for n, p in params})
+            # in ready order (reversed), from which the Horovod adapter plans fusion buckets
+            grads.append({n: p.grad.detach().clone() for n, p in reversed(params)})
         out = self.sim.step(grads)
         self.check_replicas(out)
         for n, p in params:
