@@ -105,6 +105,21 @@ def test_variance_is_frozen_and_errors_start_after_warmup():
             assert np.array_equal(state["server_error"], sim.workers[1].memory.state["w"]["server_error"])
 
 
+def test_elements_whose_gradient_was_always_zero_do_not_move():
+    # an always-zero input feature: its weights get a zero gradient on every worker. Their
+    # 1-bit momentum is +-scale (a sign cannot send zero), which over v = 0 would be
+    # scale / eps; such elements stay put, the others move
+    sim = grace_dl.LocalSimulator(grace_dl.onebit_adam(freeze_step=2), 2)
+    for step in range(5):
+        gs = grads(step, 2)
+        for g in gs:
+            g["w"][:, :3] = 0.0
+        out = sim.step(gs)
+        assert np.all(out[0]["w"][:, :3] == 0) and np.all(out[0]["w"][:, 3:] != 0), step
+        assert np.abs(out[0]["w"]).max() < 100
+    assert np.any(sim.workers[0].memory.state["w"]["m"].reshape(10, 30)[:, :3] != 0)  # the momentum is not zero
+
+
 def test_worker_and_server_errors_are_what_error_feedback_says():
     workers, freeze = 3, 2
     sim = grace_dl.LocalSimulator(grace_dl.onebit_adam(freeze_step=freeze), workers)

@@ -95,7 +95,11 @@ class OnebitAdam(Compressor):
     The direction uses Adam's bias correction when ``bias_correction`` is true (the
     default, so that the warm-up is exactly ``torch.optim.Adam``'s and Keras' Adam):
     ``m_hat = m / (1 - beta1^t)``, ``v_hat = v / (1 - beta2^min(t, freeze_step))`` with
-    ``t`` the 1-based step; false gives DeepSpeed's ``m / (sqrt(v) + eps)``.
+    ``t`` the 1-based step; false gives DeepSpeed's ``m / (sqrt(v) + eps)``. Elements
+    whose ``v`` is exactly zero (their gradient was zero at every step so far: an input
+    feature that is always zero, an unused embedding row) get direction 0: one bit cannot
+    send zero, and the 1-bit momentum's ``+-scale`` divided by ``eps`` would throw such a
+    weight away (DeepSpeed asks the user for a mask, ``exp_avg_mask``, instead).
 
     Wire size per worker and step: warm-up ``numel * itemsize`` (the gradient in its own
     dtype, allreduced); compression stage ``4 * ceil(n / 32) + itemsize`` bytes (compute
@@ -168,7 +172,13 @@ class OnebitAdam(Compressor):
             t = step + 1
             m = m * (1.0 / (1.0 - self.beta1 ** t))
             v = v * (1.0 / (1.0 - self.beta2 ** min(t, self.freeze_step)))
-        return m / (ops.sqrt(v) + self.eps)
+        direction = m / (ops.sqrt(v) + self.eps)
+        # v == 0: the gradient was exactly zero in every step so far (an input feature that
+        # is always zero, an unused embedding row). A sign cannot send zero, so the 1-bit
+        # momentum is +-scale there, and +-scale / eps would throw the weight away; such
+        # elements do not move (DeepSpeed leaves this to a user-given exp_avg_mask). NaN in
+        # v is not zero: it still reaches the direction.
+        return ops.where(v == 0, ops.zeros(ops.numel(v), ops.dtype(direction), direction), direction)
 
     # -- the worker's message --------------------------------------------------------------------
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
