@@ -11,7 +11,11 @@ combination instead, with a message saying what to change.
 
 A memory declares that it keeps a momentum with the class attribute
 ``carries_momentum = True`` and its coefficient in the attribute ``momentum`` (a
-memory built with ``momentum=0`` keeps none).
+memory built with ``momentum=0`` keeps none). A compressor may declare the same (1-bit
+Adam keeps Adam's momentum; its parameter is named in ``momentum_param``). A method
+whose compressor declares ``returns_update = True`` hands back an optimizer's update
+direction (1-bit Adam's ``m_hat / (sqrt(v_hat) + eps)``): an adaptive optimizer (Adam)
+on top of it is refused too (see :func:`adaptive_optimizer_message`).
 """
 
 from __future__ import annotations
@@ -29,14 +33,34 @@ def memory_momentum(memory: Any) -> float:
 
 def own_momenta(grace: Any) -> list[tuple[str, float]]:
     """``(memory name, momentum)`` of every memory of ``grace`` (the main one and those of
-    per-name policy overrides) that applies a momentum > 0."""
-    memories = [grace.memory] + [route.memory for _, route in getattr(grace.policies, "overrides", ())]
+    per-name policy overrides) that applies a momentum > 0; a compressor that keeps a
+    momentum itself (1-bit Adam) counts under its memory's name."""
+    routes = [(grace.memory, grace.compressor)]
+    routes += [(route.memory, route.compressor) for _, route in getattr(grace.policies, "overrides", ())]
     found = []
-    for memory in memories:
-        momentum = memory_momentum(memory)
+    for memory, compressor in routes:
+        momentum = memory_momentum(memory) or memory_momentum(compressor)
         if momentum > 0:
             found.append((getattr(type(memory), "registry_name", type(memory).__name__), momentum))
     return found
+
+
+def momentum_param(grace: Any) -> str:
+    """The name of the method parameter that sets its own momentum (``momentum``, or
+    what the compressor names in ``momentum_param``: 1-bit Adam's ``beta1``)."""
+    return getattr(type(grace.compressor), "momentum_param", "momentum")
+
+
+def adaptive_optimizer_message(grace: Any, optimizer: str = "the optimizer") -> str | None:
+    """The error message when ``grace`` hands back an update direction (its compressor
+    declares ``returns_update``) and ``optimizer`` (a description) is adaptive (Adam,
+    RMSprop ...); None when ``grace`` hands back gradients."""
+    if not getattr(type(grace.compressor), "returns_update", False):
+        return None
+    method = getattr(type(grace.compressor), "registry_name", type(grace.compressor).__name__)
+    return (f"{method} hands back Adam's update direction, and {optimizer} is adaptive: it would apply Adam to "
+            f"Adam's direction. Use plain SGD without momentum (torch.optim.SGD(params, lr), "
+            f"tf.keras.optimizers.SGD(lr)); {method} takes Adam's betas and eps itself")
 
 
 def double_momentum_message(grace: Any, optimizer_momentum: float, optimizer: str = "the optimizer") -> str | None:
@@ -53,7 +77,7 @@ def double_momentum_message(grace: Any, optimizer_momentum: float, optimizer: st
     return (f"{method} keeps its own momentum ({memory} memory, momentum={momentum:g}) and {optimizer} has "
             f"momentum={optimizer_momentum:g}: momentum would be applied twice and training diverges. "
             f"Set momentum=0 in {optimizer}; the method's momentum then takes its place (set it with "
-            f"grace.{method}(..., momentum={momentum:g}))")
+            f"grace.{method}(..., {momentum_param(grace)}={momentum:g}))")
 
 
 def check_optimizer_momentum(grace: Any, optimizer_momentum: float, optimizer: str = "the optimizer") -> None:

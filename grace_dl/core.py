@@ -427,6 +427,12 @@ class Grace:
         self.seed = seed
         self.transport = transport
         self.policies = policies if policies is not None else Policies()
+        if self.policies.active and any(getattr(type(c), "returns_update", False)
+                                        for c in [compressor] + [r.compressor for _, r in self.policies.overrides]):
+            # a dense or other route hands back a gradient where the optimizer expects an update
+            raise ValueError("a method that hands back an optimizer update (onebit_adam) takes no policies: "
+                             "min_numel, warmup_steps and overrides would hand some tensors their averaged "
+                             "gradient instead; onebit_adam has its own warm-up (freeze_step)")
         self._main = Route(self.compressor, self.memory, self.communicator, "main")
         self._dense = dense_route()
         self.steps: dict[str, int] = {}

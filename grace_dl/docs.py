@@ -12,6 +12,8 @@ def _bits(cls_entry) -> str:
     nbytes = comp.payload_nbytes(_SAMPLE, "float32", "float32")
     if hasattr(comp, "payload_nbytes_for_shape"):  # low rank: a 1000 x 1000 matrix
         nbytes = comp.payload_nbytes_for_shape((1000, 1000), "float32", 0)
+    if hasattr(comp, "payload_nbytes_after_warmup"):  # dense warm-up, then compressed (1-bit Adam)
+        nbytes = comp.payload_nbytes_after_warmup(_SAMPLE, "float32")
     if nbytes is None:
         return "data-dependent"
     if hasattr(comp, "rounds_nbytes"):  # collectives made while compressing count too

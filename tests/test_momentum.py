@@ -20,7 +20,7 @@ def test_own_momenta_of_every_memory():
     assert own_momenta(grace_dl.dgc(momentum=0.0)) == []  # no momentum kept: nothing applied twice
     assert own_momenta(grace_dl.dgc(memory="residual")) == []
     for name in grace_dl.list_methods():
-        carries = type(grace_dl.make(name).memory).__name__ in ("DGCMomentum", "SignumMomentum")
+        carries = type(grace_dl.make(name).memory).__name__ in ("DGCMomentum", "SignumMomentum", "OnebitAdamMemory")
         assert bool(own_momenta(grace_dl.make(name))) == carries, name
     # a per-name override that uses a momentum memory counts too
     mixed = grace_dl.make("topk", policies={"overrides": {"fc.*": {"compressor": "dgc"}}})

@@ -26,6 +26,8 @@ SETTINGS: dict[str, tuple[dict, float]] = {
     "adaptive_threshold": ({"ratio": 0.05}, 0.5), "sidco": ({"ratio": 0.05}, 0.5), "stc": ({"ratio": 0.05}, 0.5),
     "chunk": ({"ratio": 0.2, "chunk_size": 16}, 0.5), "sketch": ({"ratio": 0.1}, 0.5),
     "powersgd": ({"rank": 2}, 0.5),
+    # returns Adam's update direction (about 1 per element): an Adam-sized lr
+    "onebit_adam": ({"freeze_step": 50}, 0.01),
 }
 DEFAULT = ({}, 0.5)
 # methods whose papers pair them with error feedback: (method, memory that turns it off)

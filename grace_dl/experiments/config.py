@@ -284,20 +284,26 @@ def build_compression(mapping: dict[str, Any], path: str = "compression"):
 
 def check_momentum(compression: dict[str, Any], optimizer: dict[str, Any], compression_path: str = "compression",
                    optimizer_path: str = "optimizer") -> None:
-    """Refuse an optimizer momentum on top of a method that keeps its own (DGC, Signum):
-    momentum would be applied twice and training diverges (see :mod:`grace_dl.checks`)."""
-    from ..checks import own_momenta
+    """Refuse an optimizer momentum on top of a method that keeps its own (DGC, Signum,
+    1-bit Adam): momentum would be applied twice and training diverges; and Adam on top of
+    a method that hands back Adam's direction (1-bit Adam) (see :mod:`grace_dl.checks`)."""
+    from ..checks import adaptive_optimizer_message, momentum_param, own_momenta
 
     momentum = optimizer.get("momentum", 0.0)
+    if optimizer.get("name") == "adam":
+        message = adaptive_optimizer_message(build_compression(compression, compression_path), "optimizer adam")
+        if message is not None:
+            raise ConfigError(f"{optimizer_path}.name: {message}")
     if not momentum > 0:
         return
-    momenta = own_momenta(build_compression(compression, compression_path))
+    method = build_compression(compression, compression_path)
+    momenta = own_momenta(method)
     if momenta:
         memory, own = momenta[0]
         raise ConfigError(f"{optimizer_path}.momentum: {compression['compressor']} keeps its own momentum "
                           f"({memory} memory, momentum={own:g}), so momentum={momentum:g} in the optimizer would "
                           f"apply momentum twice and training diverges; set {optimizer_path}.momentum: 0 (the "
-                          f"method's momentum takes its place: {compression_path}.momentum)")
+                          f"method's momentum takes its place: {compression_path}.{momentum_param(method)})")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from ..checks import check_optimizer_momentum
+from ..checks import adaptive_optimizer_message, check_optimizer_momentum
 from ..core import Grace, derive_key
 from ..transport.base import Transport, horovod_membership
 
@@ -159,6 +159,10 @@ def _horovod_op(hvd: Any) -> Any:
     return hvd.Average
 
 
+#: Keras optimizers that scale steps by gradient statistics (refused under 1-bit Adam)
+_ADAPTIVE_KERAS = ("Adam", "AdamW", "Adamax", "Nadam", "Adagrad", "Adadelta", "RMSprop", "Adafactor", "Lion", "Ftrl")
+
+
 def _keras_optimizer_momentum() -> tuple[str, float] | None:
     """(class name, momentum) of the Keras optimizer whose Horovod ``_allreduce`` is
     compressing (Horovod's Keras ``DistributedOptimizer``), or None under
@@ -217,6 +221,10 @@ class HorovodTFGrace(Grace):
             found = _keras_optimizer_momentum()
             if found is not None:
                 check_optimizer_momentum(self, found[1], f"the optimizer ({found[0]})")
+                if found[0] in _ADAPTIVE_KERAS:
+                    message = adaptive_optimizer_message(self, f"the optimizer ({found[0]})")
+                    if message is not None:
+                        raise ValueError(message)
             self._momentum_checked = True
         scale = self.transport.size if op == hvd.Sum else 1
 

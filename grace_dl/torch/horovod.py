@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from ..checks import check_optimizer_momentum
+from ..checks import adaptive_optimizer_message, check_optimizer_momentum
 from ..core import Grace
 from ..fusion import Fuser
 from ..transport.base import Transport, horovod_membership
@@ -162,6 +162,18 @@ def refuse_double_momentum(optimizer: Any, grace: Grace) -> None:
     :mod:`grace_dl.checks`)."""
     check_optimizer_momentum(grace, optimizer_momentum(optimizer),
                              f"the optimizer ({type(optimizer).__name__})")
+    if optimizer_is_adaptive(optimizer):
+        message = adaptive_optimizer_message(grace, f"the optimizer ({type(optimizer).__name__})")
+        if message is not None:
+            raise ValueError(message)
+
+
+def optimizer_is_adaptive(optimizer: Any) -> bool:
+    """Whether a torch optimizer scales its steps by gradient statistics (Adam and its
+    variants, which have ``betas``; Adagrad, Adadelta, RMSprop)."""
+    if type(optimizer).__name__ in ("Adagrad", "Adadelta", "RMSprop"):
+        return True
+    return any("betas" in group for group in getattr(optimizer, "param_groups", ()))
 
 
 #: id(method object) -> weak reference to the optimizer it serves (see :func:`claim_method`)

@@ -13,12 +13,22 @@ import numpy as np
 
 import grace_dl
 
+def stage_params(name: str) -> dict[str, Any]:
+    """Parameters that make a method leave its warm-up at once (1-bit Adam's
+    ``freeze_step=1``), so that a few steps run its compressed stage; {} for the others."""
+    return {"freeze_step": 1} if "freeze_step" in grace_dl.entries("compressor")[name].params else {}
+
+
 # (label, factory kwargs): every registered method with its default memory and
 # communicator, plus the other communicators where the method allows them
 def method_cases() -> list[tuple[str, dict[str, Any]]]:
     cases = []
     for name in grace_dl.list_methods():
         cases.append((name, {"compressor": name}))
+        if getattr(grace_dl.entries("compressor")[name].cls, "returns_update", False):
+            # 1-bit Adam: its own communicator only; a short warm-up, so the 1-bit stage runs too
+            cases.append((f"{name}/frozen", {"compressor": name, **stage_params(name)}))
+            continue
         summable = grace_dl.make(name).compressor.summable
         for comm in ("allgather", "broadcast") + (("allreduce",) if summable else ()):
             if comm != grace_dl.make(name).communicator.registry_name:

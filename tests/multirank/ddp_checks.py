@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import grace_dl  # noqa: E402
 import grace_dl.torch as grace  # noqa: E402
-from common import check_methods_against_simulator  # noqa: E402
+from common import check_methods_against_simulator, stage_params  # noqa: E402
 from grace_dl.torch import TorchDistributedTransport  # noqa: E402
 
 WORLD = 2
@@ -45,7 +45,7 @@ def say(msg: str) -> None:
 
 def small_kwargs(method: str) -> dict[str, Any]:
     params = grace_dl.entries("compressor")[method].params
-    return {"ratio": 0.3} if "ratio" in params else {}
+    return {"ratio": 0.3} if "ratio" in params else stage_params(method)
 
 
 def check_collectives() -> None:

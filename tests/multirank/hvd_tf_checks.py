@@ -14,7 +14,7 @@ tf.get_logger().setLevel("ERROR")  # the checks build many small functions on pu
 
 sys.path.insert(0, os.path.dirname(__file__))
 import grace_dl.tensorflow as grace  # noqa: E402
-from common import check_methods_against_simulator  # noqa: E402
+from common import check_methods_against_simulator, stage_params  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -113,10 +113,10 @@ def check_gradient_tape(steps: int = 3) -> int:
         for name in grace.list_methods():
             real_vars = _model_vars()
             names = _variable_names(real_vars)
-            method = getattr(grace, name)()
+            method = getattr(grace, name)(**stage_params(name))
             fed = _recording(method)
             step_fn = tf.function(_tape_step) if mode == "function" else _tape_step
-            sim = grace.LocalSimulator(getattr(grace, name)(), size)
+            sim = grace.LocalSimulator(getattr(grace, name)(**stage_params(name)), size)
             for step in range(steps):
                 x, y = _batch(rank, step)
                 with tf.GradientTape() as tape:

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import grace_dl.torch as grace  # noqa: E402
-from common import check_methods_against_simulator  # noqa: E402
+from common import check_methods_against_simulator, stage_params  # noqa: E402
 from grace_dl.torch import HorovodTorchTransport  # noqa: E402
 
 
@@ -58,6 +58,9 @@ def train(compression, steps: int = 4) -> list[torch.Tensor]:
 def check_training() -> None:
     cases = {"hvd.Compression.none": hvd.Compression.none, "hvd.Compression.fp16": hvd.Compression.fp16}
     cases.update({name: getattr(grace, name)() for name in grace.list_methods()})
+    # 1-bit Adam's compressed stage (the lr suits Adam's update as well as the gradients)
+    cases.update({f"{name}/frozen": getattr(grace, name)(**stage_params(name))
+                  for name in grace.list_methods() if stage_params(name)})
     start = train(hvd.Compression.none, steps=0)
     for label, compression in cases.items():
         params = train(compression)
