@@ -445,6 +445,15 @@ class Ops(abc.ABC):
         one = self.zeros(self.numel(x), "uint8", x) + 1
         return self.where(keep, self.where(x < 0, one - 1, one + 1), one)
 
+    def clipped_ternary_codes(self, x: Array, clip: Array, bound: Array, u: Array) -> Array:
+        """:meth:`ternary_codes` of ``clip_magnitude(x, clip)`` (TernGrad's clipping and
+        ternarization, Wen et al. 2017) in one step: ``x`` is clipped to ``[-clip, clip]``
+        (NaN where ``x`` is NaN or +-inf, throughout if ``clip`` is NaN) before
+        ``u_i < |x_i| / bound`` is decided. ``clip``, ``bound``: 1-element arrays of
+        ``x``'s dtype; ``u``: draws in ``x``'s dtype. A backend can do it without storing
+        the clipped tensor."""
+        return self.ternary_codes(self.clip_magnitude(x, clip), bound, u)
+
     def power_of_two_codes(self, x: Array, r: Array) -> Array:
         """int32 codes of float32 ``x`` rounded to a neighbouring power of two (natural
         compression), from its bits: with ``e`` the exponent field and ``m`` the 23-bit

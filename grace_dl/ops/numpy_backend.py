@@ -515,6 +515,57 @@ class NumpyOps(Ops):
             np.multiply(x[body:], scales[full], out=out[body:])
         return out
 
+    def peak_rms(self, x):
+        # the protocol's arithmetic without a full-size temporary but the tree's first
+        # level: max and min give the peak (and propagate NaN), squares are made a chunk
+        # at a time straight into the first level of the fixed-order sum
+        n = x.shape[0]
+        if n == 0:
+            return np.zeros(2, x.dtype)
+        dtype = x.dtype.type
+        high, low = x.max(), x.min()
+        if not (np.isfinite(high) and np.isfinite(low)):
+            return np.full(2, np.nan, x.dtype)  # the protocol's peak and rms are then NaN
+        peak = max(abs(high), abs(low))
+        safe = peak if peak > 0 else dtype(1)
+        if n == 1:
+            acc = x / safe
+            np.multiply(acc, acc, out=acc)
+        else:
+            h = 1 << ((n - 1).bit_length() - 1)
+            acc = np.empty(h, x.dtype)
+            step = _SQUARES_CHUNK
+            tmp = np.empty(min(step, n - h), x.dtype)
+            for a in range(0, n - h, step):  # pairs (i, i + h): v_i + v_{i+h}
+                b = min(n - h, a + step)
+                first, second = acc[a:b], tmp[:b - a]
+                np.divide(x[a:b], safe, out=first)
+                np.multiply(first, first, out=first)
+                np.divide(x[a + h:b + h], safe, out=second)
+                np.multiply(second, second, out=second)
+                first += second
+            for a in range(n - h, h, step):  # carried unchanged to the next level
+                b = min(h, a + step)
+                first = acc[a:b]
+                np.divide(x[a:b], safe, out=first)
+                np.multiply(first, first, out=first)
+            acc = _halve(acc, h, 1.0)
+        rms = np.sqrt(acc[:1] * dtype(1.0 / n)) * peak
+        return np.array([peak, rms[0]], x.dtype)
+
+    def clipped_ternary_codes(self, x, clip, bound, u):
+        c = np.asarray(clip).reshape(-1)[0]
+        if c != c or (x.shape[0] and not (np.isfinite(x.min()) and np.isfinite(x.max()))):
+            return self.ternary_codes(self.clip_magnitude(x, clip), bound, u)  # rare: NaN or Inf
+        # |clip(x)| is min(|x|, clip) for finite x, and the clipped sign is x's
+        ratio = np.abs(x)
+        np.minimum(ratio, c, out=ratio)
+        np.divide(ratio, bound, out=ratio)
+        keep = np.less(u, ratio).view(np.uint8)
+        codes = np.add(keep, 1, dtype=np.uint8)
+        codes -= np.left_shift(keep & (x < 0).view(np.uint8), 1)
+        return codes
+
 
 #: field j of byte value b for fields of 1, 2 and 4 bits, as (256, 8 / bits) index tables
 _BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits)) & ((1 << bits) - 1)
@@ -539,6 +590,10 @@ def _bit_table(on: np.ndarray, off: np.ndarray) -> np.ndarray:
             _BIT_TABLES.clear()
         _BIT_TABLES[key] = table
     return table
+
+
+#: elements squared at a time by :meth:`NumpyOps.peak_rms` (256 KiB of float32)
+_SQUARES_CHUNK = 1 << 16
 
 
 def _halve(acc: np.ndarray, h: int, scale: float) -> np.ndarray:

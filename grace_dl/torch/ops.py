@@ -453,6 +453,11 @@ class TorchOps(Ops):
             return torch.from_numpy(_NUMPY.ternary_codes(_np(x), _np(bound), _np(u)))
         return super().ternary_codes(x, bound, u)
 
+    def clipped_ternary_codes(self, x, clip, bound, u):
+        if _on_cpu(x, clip, bound, u):
+            return torch.from_numpy(_NUMPY.clipped_ternary_codes(_np(x), _np(clip), _np(bound), _np(u)))
+        return super().clipped_ternary_codes(x, clip, bound, u)
+
     def power_of_two_codes(self, x, r):
         if _on_cpu(x, r):
             return torch.from_numpy(_NUMPY.power_of_two_codes(_np(x), _np(r)))
@@ -490,8 +495,8 @@ class TorchOps(Ops):
         return super().bucket_levels(grid, noise, levels)
 
     def peak_rms(self, x):
-        if _on_cpu(x):  # the protocol's ~20 small steps as NumPy calls, a fraction of torch's cost each
-            return torch.from_numpy(Ops.peak_rms(_NUMPY, _np(x)))
+        if _on_cpu(x):  # NumPy's kernel: the protocol's steps without full-size temporaries
+            return torch.from_numpy(_NUMPY.peak_rms(_np(x)))
         return super().peak_rms(x)
 
     def scale_buckets(self, x, scales, bucket_size):
