@@ -599,9 +599,11 @@ _SQUARES_CHUNK = 1 << 16
 def _halve(acc: np.ndarray, h: int, scale: float) -> np.ndarray:
     """The rest of :meth:`Ops.tree_sum` on its ``h`` (a power of two) first-level sums,
     in place: halves added until one is left, times ``scale``."""
-    while h > 1:
-        h //= 2
-        np.add(acc[:h], acc[h:2 * h], out=acc[:h])
+    add = np.add
+    while h > 1:  # one slice fewer per level: at 1e4 elements the 13 levels are most of the cost
+        h >>= 1
+        low = acc[:h]
+        add(low, acc[h:h + h], out=low)
     if scale != 1.0:
         np.multiply(acc[:1], acc.dtype.type(scale), out=acc[:1])
     return acc[:1]

@@ -141,10 +141,12 @@ class TorchOps(Ops):
         return x.reshape(tuple(shape))
 
     def cast(self, x, dtype):
-        target = _td(dtype)
+        target = _TORCH_DTYPES.get(dtype) or _td(dtype)
+        if x.dtype == target:
+            return x
         if x.dtype == torch.float64 and target in (torch.float16, torch.bfloat16):
             return _narrow_float64(x, target)
-        return x.to(target)
+        return x.type(target)  # the same cast as .to(), with ~0.7 us less argument parsing
 
     def bitcast(self, x, dtype):
         target = _td(dtype)
@@ -355,6 +357,13 @@ class TorchOps(Ops):
             keep[_first_distinct(g, n, n - k, device)] = False
             return torch.nonzero(keep).reshape(-1)
         return _first_distinct(g, n, k, device)
+
+    def orthonormalize_rows(self, rows, epsilon):
+        if _on_cpu(rows) and rows.dtype in (torch.float32, torch.float64):
+            # the protocol's steps as NumPy calls on a view: PowerSGD's factors are small,
+            # and each torch call on them costs several times NumPy's
+            return torch.from_numpy(Ops.orthonormalize_rows(_NUMPY, _np(rows), epsilon))
+        return super().orthonormalize_rows(rows, epsilon)
 
     # -- selection kernels
     def count_true(self, mask):
