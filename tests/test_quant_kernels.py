@@ -388,3 +388,15 @@ def test_peak_rms_kernel_equals_the_default_across_its_chunks(n, dtype):
     got = ops.peak_rms(x)
     assert got.dtype == np.dtype(dtype) and got.tobytes() == Ops.peak_rms(ops, x).tobytes()
     assert np.all(np.isnan(ops.peak_rms(np.concatenate([x, np.array([np.inf], dtype)]))))
+
+
+@pytest.mark.parametrize("key, counter", [(0, 0), (12345, 7), (2**64 + 5, 2**64 + 3), (2**128 - 1, 2**256 - 1), (3, 2**70)])
+def test_random_uniform_reuses_one_philox_with_a_fresh_generators_draws(key, counter):
+    # the backend sets the state of one Philox per thread instead of constructing one
+    raw = np.random.Philox(key=key, counter=counter).random_raw(5)
+    want = (raw.view("<u4") >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
+    for _ in range(2):
+        assert ops.random_uniform(10, key, counter, None).tobytes() == want.tobytes()
+    assert ops.random_uniform(9, key, counter, None).tobytes() == want[:9].tobytes()
+    with pytest.raises((ValueError, OverflowError)):
+        ops.random_uniform(4, -1, 0, None)
