@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .core import TensorContext, derive_key, run_alone
+from .core import Compressor, TensorContext, derive_key, run_alone
 from .ops import DTYPE_ITEMSIZE, get_ops
 from .registry import ConfigError, make
 
@@ -92,6 +92,9 @@ class _Case:
         """The payload, and the bytes of the collectives made while compressing."""
         # compress_rounds, so that the bytes of collectives made while compressing
         # (PowerSGD's P, chunk norms) count, as the pipeline counts them
+        if type(self.comp).compress_rounds is Compressor.compress_rounds:
+            # no collectives: the pipeline calls compress directly too (no generator to run)
+            return self.comp.compress(self.ops, self.x, self.ctx), 0
         sent: list[int] = []
         rounds = self.comp.compress_rounds(self.ops, self.x, self.ctx)
         payload = run_alone(rounds, lambda c: sent.append(self.ops.numel(c.buf) * DTYPE_ITEMSIZE[self.ops.dtype(c.buf)]))

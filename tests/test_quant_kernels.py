@@ -358,3 +358,45 @@ def test_scale_buckets_kernels_equal_the_default(n, bucket):
     for backend_got in (T.scale_buckets(torch.from_numpy(x), torch.from_numpy(scales), bucket),
                         Ops.scale_buckets(T, torch.from_numpy(x), torch.from_numpy(scales), bucket)):
         assert same_bits(backend_got.numpy(), got)
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=cases, clip=st.sampled_from([0.5, 1e-3, np.inf, np.nan]), bound=st.sampled_from([0.4, 1.0]))
+def test_clipped_ternary_codes_equal_the_default(case, clip, bound):
+    n, seed, dtype, specials = case
+    x = _floats(n, seed, dtype, specials)
+    u = np.random.default_rng(seed + 7).random(n).astype(dtype)
+    c, b = np.array([clip], dtype), np.array([bound], dtype)
+    got = ops.clipped_ternary_codes(x, c, b, u)
+    assert got.dtype == np.uint8
+    assert got.tobytes() == Ops.clipped_ternary_codes(ops, x, c, b, u).tobytes()
+    assert got.tobytes() == ops.ternary_codes(ops.clip_magnitude(x, c), b, u).tobytes()
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    t = [torch.from_numpy(a) for a in (x, c, b, u)]
+    assert T.clipped_ternary_codes(*t).numpy().tobytes() == got.tobytes()
+    assert Ops.clipped_ternary_codes(T, *t).numpy().tobytes() == got.tobytes()
+
+
+@pytest.mark.parametrize("n", [2, 3, 64, (1 << 16) + 3, 3 * (1 << 16) + 7])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_peak_rms_kernel_equals_the_default_across_its_chunks(n, dtype):
+    # NumPy's kernel squares a chunk at a time into the first level of the tree
+    x = _floats(n, n, dtype, False) * np.asarray(1e3, dtype)
+    got = ops.peak_rms(x)
+    assert got.dtype == np.dtype(dtype) and got.tobytes() == Ops.peak_rms(ops, x).tobytes()
+    assert np.all(np.isnan(ops.peak_rms(np.concatenate([x, np.array([np.inf], dtype)]))))
+
+
+@pytest.mark.parametrize("key, counter", [(0, 0), (12345, 7), (2**64 + 5, 2**64 + 3), (2**128 - 1, 2**256 - 1), (3, 2**70)])
+def test_random_uniform_reuses_one_philox_with_a_fresh_generators_draws(key, counter):
+    # the backend sets the state of one Philox per thread instead of constructing one
+    raw = np.random.Philox(key=key, counter=counter).random_raw(5)
+    want = (raw.view("<u4") >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
+    for _ in range(2):
+        assert ops.random_uniform(10, key, counter, None).tobytes() == want.tobytes()
+    assert ops.random_uniform(9, key, counter, None).tobytes() == want[:9].tobytes()
+    with pytest.raises((ValueError, OverflowError)):
+        ops.random_uniform(4, -1, 0, None)

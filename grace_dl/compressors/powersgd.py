@@ -44,22 +44,8 @@ def pipeline_scratch(ctx: TensorContext) -> dict[str, Any]:
 def orthonormalize_rows(ops: Ops, rows: Array, epsilon: float) -> Array:
     """Modified Gram-Schmidt on the rows of 2-D ``rows`` (r, n): each row in turn has
     its component along every earlier row removed, and is divided by ``norm +
-    epsilon``. ``epsilon`` keeps a zero row zero (a zero gradient) and shortens a row
-    of norm comparable to it; the components are removed along the exact unit
-    directions, so a short row does not leave a trace of ``epsilon`` in the rows after
-    it (which, for a nearly dependent row, would spoil its orthogonality)."""
-    r, n = ops.shape(rows)
-    out = [rows[i] for i in range(r)]
-    for i in range(r):
-        norm = ops.norm(out[i])
-        if i + 1 < r:
-            direction = out[i] / ops.where(norm > 0, norm, norm * 0 + 1)  # a zero row stays zero
-            for j in range(i + 1, r):
-                out[j] = out[j] - ops.sum(direction * out[j]) * direction
-        out[i] = out[i] / (norm + epsilon)
-    return ops.reshape(ops.concat(out), (r, n))
-
-
+    epsilon`` (:meth:`Ops.orthonormalize_rows`, where the details are stated)."""
+    return ops.orthonormalize_rows(rows, epsilon)
 
 
 @register("compressor", "powersgd", paper=PAPER,
@@ -192,8 +178,11 @@ class PowerSGD(Compressor):
     # -- compression ----------------------------------------------------------------------------
     def _initial_q(self, ops: Ops, like: Array, ctx: TensorContext, m: int, r: int) -> Array:
         # drawn by the reference backend so that every backend starts from the same Q
-        u = NumpyOps().random_uniform(r * m, ctx.shared_key, ctx.step, None)
-        return ops.cast(ops.from_numpy(u, like), ctx.dtype) * 2.0 - 1.0
+        reference = NumpyOps()
+        u = reference.cast(reference.random_uniform(r * m, ctx.shared_key, ctx.step, None), ctx.dtype)
+        # scaled to [-1, 1) before the copy to the device: exact (* 2) and one rounding
+        # (- 1), the same in every backend's float arithmetic, in one array
+        return ops.from_numpy(u * 2.0 - 1.0, like)
 
     def compress_rounds(self, ops: Ops, x: Array, ctx: TensorContext):
         scratch = pipeline_scratch(ctx)

@@ -82,7 +82,9 @@ class QSGD(BucketedLevels, Compressor):
         # the concatenated parts are the words of the whole tensor
         for start, stop in chunk_bounds(n, math.lcm(2 * d, 32)):
             size = -(-(stop - start) // d) * d
-            norms, words = self._encode(ops, x[start:stop], noise[start:start + size], ctx)
+            whole = stop - start == n  # one chunk: no slices to make
+            norms, words = self._encode(ops, x if whole else x[start:stop],
+                                        noise if whole else noise[start:start + size], ctx)
             norm_parts.append(to_words(ops, norms))
             word_parts.append(words)
         return Payload.of(ops, ops.concat(norm_parts + word_parts))

@@ -14,8 +14,8 @@ and expanded by :meth:`Ops.select_bits`, which pick one of two values per bit.
 from __future__ import annotations
 
 from ..core import Compressor, TensorContext
-from ..ops import Array, Ops
-from ..payload import Payload, from_words, layout_nbytes, to_words, words_for
+from ..ops import DTYPE_ITEMSIZE, Array, Ops
+from ..payload import Payload, from_words, layout_nbytes, to_words
 from ..registry import register
 
 
@@ -52,15 +52,20 @@ class _SignCompressor(Compressor):
         """The decompressed tensor from the packed sign ``words``."""
         raise NotImplementedError
 
+    def _words(self, numel: int, dtype: str) -> int:
+        """Words of the payload: the sign bits', then the scales' (the size of :meth:`_layout`)."""
+        return -(-numel // 32) + (self.scales * DTYPE_ITEMSIZE[dtype] + 3) // 4
+
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         words = ops.pack_signs(x)
-        if not self.scales:
-            return Payload.of(ops, words)
-        return Payload.of(ops, ops.concat([words, to_words(ops, self._scales(ops, x, ctx))]))
+        if self.scales:
+            words = ops.concat([words, to_words(ops, self._scales(ops, x, ctx))])
+        # the size follows from the context: no length or dtype query per call
+        return Payload(words, 4 * self._words(ctx.numel, ctx.dtype))
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
-        n_words = words_for("bool", ctx.numel)
-        expected = layout_nbytes(self._layout(ctx.numel, ctx.dtype)) // 4
+        n_words = -(-ctx.numel // 32)
+        expected = self._words(ctx.numel, ctx.dtype)
         if ops.numel(buffer) != expected:
             raise ValueError(f"payload has {ops.numel(buffer)} words, {type(self).__name__} of {ctx.numel} "
                              f"{ctx.dtype} elements expects {expected}")

@@ -7,7 +7,7 @@ from ..ops import Array, Ops
 from ..payload import Payload, from_words, layout_nbytes, to_words, words_for
 from ..registry import register
 from .natural import canonical_nan
-from .sign import pairwise_sum
+from .qsgd import chunk_bounds
 
 #: most workers the summable (shared-scale) format supports: 16-bit halves of the scale
 #: summed over N workers stay below 2**31
@@ -97,18 +97,24 @@ class TernGrad(Compressor):
     def clip(self, ops: Ops, x: Array, ctx: TensorContext) -> tuple[Array, Array]:
         """``(clipped x, scaler)``: the tensor the ternary values are unbiased for, and its
         largest magnitude (a 1-element array; NaN if ``x`` holds NaN or Inf)."""
+        bound, scale = self._bound_and_scale(ops, x, ctx)
+        return (x if bound is None else ops.clip_magnitude(x, bound)), scale
+
+    def _bound_and_scale(self, ops: Ops, x: Array, ctx: TensorContext) -> tuple[Array | None, Array]:
+        """``(clipping bound, scaler)``: ``clip_sigma`` times the root mean square (None
+        without clipping) and the largest magnitude of the clipped tensor, 1-element
+        arrays; compression clips a chunk at a time, never storing the clipped tensor."""
         if self.clip_sigma is None:
             peak = ops.reshape(ops.max(ops.abs(x)), (1,)) if ctx.numel else ops.zeros(1, ctx.dtype, x)
             # the scaler of a tensor holding NaN or Inf is NaN (two reductions, no temporary)
-            return x, ops.where(ops.all_finite(x), peak, peak * 0 + float("nan"))
+            return None, ops.where(ops.all_finite(x), peak, peak * 0 + float("nan"))
         stats = ops.peak_rms(x)
         peak = stats[0:1]
         bound = stats[1:2] * self.clip_sigma
-        clipped = ops.clip_magnitude(x, bound)
-        return clipped, ops.where(peak > bound, bound, peak)
+        return bound, ops.minimum(peak, bound)  # both NaN if either is
 
     def compress_rounds(self, ops: Ops, x: Array, ctx: TensorContext) -> Rounds:
-        clipped, scale = self.clip(ops, x, ctx)
+        bound, scale = self._bound_and_scale(ops, x, ctx)
         if self.shared_scale:
             if ctx.world_size > MAX_SHARED_WORKERS:
                 raise ValueError(f"terngrad with shared_scale supports at most {MAX_SHARED_WORKERS} workers, "
@@ -116,20 +122,27 @@ class TernGrad(Compressor):
             (scales,) = yield [Collective("allgather", scale, tag="scale")]
             scale = _largest(ops, scales)
         scale = canonical_nan(ops, scale)
-        code = self._ternarize(ops, clipped, scale, ctx)
+        safe = ops.where(scale > 0, scale, scale * 0 + 1)
+        u = ops.random_uniform(ctx.numel, ctx.worker_key, ctx.step, x)
+        if ctx.dtype != "float32":
+            u = ops.cast(u, ctx.dtype)
+        # a chunk at a time (16 codes to a word, so the chunks' words are the tensor's):
+        # the temporaries of clipping and ternarizing stay a few MiB at any size
+        parts = []
+        for start, stop in chunk_bounds(ctx.numel, 16):
+            xs, us = (x, u) if stop - start == ctx.numel else (x[start:stop], u[start:stop])
+            if bound is None:
+                code = ops.ternary_codes(xs, safe, us)
+            else:
+                code = ops.clipped_ternary_codes(xs, bound, safe, us)
+            parts.append(code if self.shared_scale else ops.pack_uint(code, 2))
         if self.shared_scale:
+            code = parts[0] if len(parts) == 1 else ops.concat(parts)
             return Payload.of(ops, _pack_shared(ops, code, scale, ctx))
-        return Payload.of(ops, ops.concat([ops.pack_uint(code, 2), to_words(ops, scale)]))
+        return Payload.of(ops, ops.concat(parts + [to_words(ops, scale)]))
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         return run_alone(self.compress_rounds(ops, x, ctx))
-
-    def _ternarize(self, ops: Ops, x: Array, scale: Array, ctx: TensorContext) -> Array:
-        """Codes ``t + 1`` in {0, 1, 2} (uint8): ``t = sign(x)`` with probability
-        ``|x| / scale``, else 0."""
-        safe = ops.where(scale > 0, scale, scale * 0 + 1)
-        u = ops.cast(ops.random_uniform(ctx.numel, ctx.worker_key, ctx.step, x), ctx.dtype)
-        return ops.ternary_codes(x, safe, u)
 
     # -- decompress -----------------------------------------------------------------------
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:

@@ -220,6 +220,26 @@ class Ops(abc.ABC):
     def transpose(self, x: Array) -> Array:
         """The transpose of 2-D ``x`` (a view where the backend allows)."""
 
+    def orthonormalize_rows(self, rows: Array, epsilon: float) -> Array:
+        """Modified Gram-Schmidt on the rows of 2-D float ``rows`` (r, n), PowerSGD's
+        orthonormalisation (Vogels et al. 2019): each row in turn has its component along
+        every earlier row removed, and is divided by ``norm + epsilon``. ``epsilon`` keeps
+        a zero row zero (a zero gradient) and shortens a row of norm comparable to it; the
+        components are removed along the exact unit directions, so a short row does not
+        leave a trace of ``epsilon`` in the rows after it (which, for a nearly dependent
+        row, would spoil its orthogonality). Sums are the backend's own (PowerSGD is not
+        bit-identical across backends)."""
+        r, n = self.shape(rows)
+        out = [rows[i] for i in range(r)]
+        for i in range(r):
+            norm = self.norm(out[i])
+            if i + 1 < r:
+                direction = out[i] / self.where(norm > 0, norm, norm * 0 + 1)  # a zero row stays zero
+                for j in range(i + 1, r):
+                    out[j] = out[j] - self.sum(direction * out[j]) * direction
+            out[i] = out[i] / (norm + epsilon)
+        return self.reshape(self.concat(out), (r, n))
+
     # -- bits ---------------------------------------------------------------------------
     # Integer bit operations, for methods that work on the bits of floats (bitcast to
     # int32/int64): they give the same bits on every backend, where float arithmetic may
@@ -444,6 +464,15 @@ class Ops(abc.ABC):
         keep = u < self.abs(x) / bound
         one = self.zeros(self.numel(x), "uint8", x) + 1
         return self.where(keep, self.where(x < 0, one - 1, one + 1), one)
+
+    def clipped_ternary_codes(self, x: Array, clip: Array, bound: Array, u: Array) -> Array:
+        """:meth:`ternary_codes` of ``clip_magnitude(x, clip)`` (TernGrad's clipping and
+        ternarization, Wen et al. 2017) in one step: ``x`` is clipped to ``[-clip, clip]``
+        (NaN where ``x`` is NaN or +-inf, throughout if ``clip`` is NaN) before
+        ``u_i < |x_i| / bound`` is decided. ``clip``, ``bound``: 1-element arrays of
+        ``x``'s dtype; ``u``: draws in ``x``'s dtype. A backend can do it without storing
+        the clipped tensor."""
+        return self.ternary_codes(self.clip_magnitude(x, clip), bound, u)
 
     def power_of_two_codes(self, x: Array, r: Array) -> Array:
         """int32 codes of float32 ``x`` rounded to a neighbouring power of two (natural

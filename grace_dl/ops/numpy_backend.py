@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -50,6 +51,28 @@ def kth_largest_value(x: np.ndarray, k: int) -> Any:
             j = k - upper.shape[0] - zeros
             return np.partition(lower, lower.shape[0] - j)[lower.shape[0] - j]
     return np.partition(x, n - k)[n - k]
+
+
+_PHILOX = threading.local()
+_WORD = (1 << 64) - 1
+
+
+def _philox(key: int, counter: int) -> np.random.Philox:
+    """``np.random.Philox(key=key, counter=counter)``, as this thread's one instance with
+    its state set: constructing a Philox takes ~9 us, setting the state of one ~1 us
+    (random methods draw once per tensor and step)."""
+    if not (0 <= key < 1 << 128 and 0 <= counter < 1 << 256):
+        return np.random.Philox(key=key, counter=counter)  # its own error for a bad value
+    generator = getattr(_PHILOX, "generator", None)
+    if generator is None:
+        generator = _PHILOX.generator = np.random.Philox(key=0)
+    generator.state = {
+        "bit_generator": "Philox",
+        "state": {"counter": np.array([(counter >> s) & _WORD for s in (0, 64, 128, 192)], np.uint64),
+                  "key": np.array([key & _WORD, key >> 64], np.uint64)},
+        "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0,
+    }
+    return generator
 
 
 def draws_for_distinct(n: int, k: int, have: int = 0) -> int:
@@ -263,8 +286,10 @@ class NumpyOps(Ops):
         # the raw 64-bit stream: each word gives two 32-bit draws, low half first, and a
         # draw u becomes (u >> 8) / 2**24, as the Generator does; ~25% faster than it
         n = int(n)
-        raw = np.random.Philox(key=int(key), counter=int(counter)).random_raw(-(-n // 2))
-        out = np.right_shift(raw.view("<u4")[:n], np.uint32(8)).astype(np.float32)
+        raw = _philox(int(key), int(counter)).random_raw(-(-n // 2))
+        draws = raw.view("<u4")[:n]
+        np.right_shift(draws, np.uint32(8), out=draws)  # in place: the raw words are ours
+        out = draws.astype(np.float32)
         out *= np.float32(2.0**-24)
         return out
 
@@ -515,6 +540,57 @@ class NumpyOps(Ops):
             np.multiply(x[body:], scales[full], out=out[body:])
         return out
 
+    def peak_rms(self, x):
+        # the protocol's arithmetic without a full-size temporary but the tree's first
+        # level: max and min give the peak (and propagate NaN), squares are made a chunk
+        # at a time straight into the first level of the fixed-order sum
+        n = x.shape[0]
+        if n == 0:
+            return np.zeros(2, x.dtype)
+        dtype = x.dtype.type
+        high, low = x.max(), x.min()
+        if not (np.isfinite(high) and np.isfinite(low)):
+            return np.full(2, np.nan, x.dtype)  # the protocol's peak and rms are then NaN
+        peak = max(abs(high), abs(low))
+        safe = peak if peak > 0 else dtype(1)
+        if n == 1:
+            acc = x / safe
+            np.multiply(acc, acc, out=acc)
+        else:
+            h = 1 << ((n - 1).bit_length() - 1)
+            acc = np.empty(h, x.dtype)
+            step = _SQUARES_CHUNK
+            tmp = np.empty(min(step, n - h), x.dtype)
+            for a in range(0, n - h, step):  # pairs (i, i + h): v_i + v_{i+h}
+                b = min(n - h, a + step)
+                first, second = acc[a:b], tmp[:b - a]
+                np.divide(x[a:b], safe, out=first)
+                np.multiply(first, first, out=first)
+                np.divide(x[a + h:b + h], safe, out=second)
+                np.multiply(second, second, out=second)
+                first += second
+            for a in range(n - h, h, step):  # carried unchanged to the next level
+                b = min(h, a + step)
+                first = acc[a:b]
+                np.divide(x[a:b], safe, out=first)
+                np.multiply(first, first, out=first)
+            acc = _halve(acc, h, 1.0)
+        rms = np.sqrt(acc[:1] * dtype(1.0 / n)) * peak
+        return np.array([peak, rms[0]], x.dtype)
+
+    def clipped_ternary_codes(self, x, clip, bound, u):
+        c = np.asarray(clip).reshape(-1)[0]
+        if c != c or (x.shape[0] and not (np.isfinite(x.min()) and np.isfinite(x.max()))):
+            return self.ternary_codes(self.clip_magnitude(x, clip), bound, u)  # rare: NaN or Inf
+        # |clip(x)| is min(|x|, clip) for finite x, and the clipped sign is x's
+        ratio = np.abs(x)
+        np.minimum(ratio, c, out=ratio)
+        np.divide(ratio, bound, out=ratio)
+        keep = np.less(u, ratio).view(np.uint8)
+        codes = np.add(keep, 1, dtype=np.uint8)
+        codes -= np.left_shift(keep & (x < 0).view(np.uint8), 1)
+        return codes
+
 
 #: field j of byte value b for fields of 1, 2 and 4 bits, as (256, 8 / bits) index tables
 _BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits)) & ((1 << bits) - 1)
@@ -541,12 +617,18 @@ def _bit_table(on: np.ndarray, off: np.ndarray) -> np.ndarray:
     return table
 
 
+#: elements squared at a time by :meth:`NumpyOps.peak_rms` (256 KiB of float32)
+_SQUARES_CHUNK = 1 << 16
+
+
 def _halve(acc: np.ndarray, h: int, scale: float) -> np.ndarray:
     """The rest of :meth:`Ops.tree_sum` on its ``h`` (a power of two) first-level sums,
     in place: halves added until one is left, times ``scale``."""
-    while h > 1:
-        h //= 2
-        np.add(acc[:h], acc[h:2 * h], out=acc[:h])
+    add = np.add
+    while h > 1:  # one slice fewer per level: at 1e4 elements the 13 levels are most of the cost
+        h >>= 1
+        low = acc[:h]
+        add(low, acc[h:h + h], out=low)
     if scale != 1.0:
         np.multiply(acc[:1], acc.dtype.type(scale), out=acc[:1])
     return acc[:1]
