@@ -358,3 +358,27 @@ def test_scale_buckets_kernels_equal_the_default(n, bucket):
     for backend_got in (T.scale_buckets(torch.from_numpy(x), torch.from_numpy(scales), bucket),
                         Ops.scale_buckets(T, torch.from_numpy(x), torch.from_numpy(scales), bucket)):
         assert same_bits(backend_got.numpy(), got)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, (1 << 20) + 3])
+@pytest.mark.parametrize("bits", [1, 9, 23])
+def test_uniform_ints_are_the_truncated_scaled_uniforms(n, bits):
+    # NumPy makes them from the raw words (in blocks of 2**20 draws); the default from the
+    # float32 draws: the same integers
+    got = ops.uniform_ints(n, bits, 2**63 + 5, 11, None)
+    assert got.dtype == np.int32 and got.tobytes() == Ops.uniform_ints(ops, n, bits, 2**63 + 5, 11, None).tobytes()
+    assert got.min(initial=0) >= 0 and got.max(initial=0) < 1 << bits
+    want = np.random.Generator(np.random.Philox(key=2**63 + 5, counter=11)).random(n, dtype=np.float32)
+    assert ops.random_uniform(n, 2**63 + 5, 11, None).tobytes() == want.tobytes()
+
+
+def test_torch_uniform_ints_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    like = torch.zeros(1)
+    want = ops.uniform_ints(3001, 23, 7, 2, None)
+    for draw in (T.uniform_ints, lambda *a: Ops.uniform_ints(T, *a)):
+        got = draw(3001, 23, 7, 2, like)
+        assert got.dtype == torch.int32 and got.numpy().tobytes() == want.tobytes()

@@ -106,11 +106,11 @@ class Natural(Compressor):
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         itype, mbits, ebits = _format(ctx.dtype)
         if ctx.dtype == "float32":  # one 23-bit draw per element decides, as below
-            u = ops.random_uniform(ctx.numel, ctx.worker_key, ctx.step, x)
+            # floor(u * 2**23) of the float32 uniforms u, made without a float pass
+            r = ops.uniform_ints(ctx.numel, _UNIFORM_BITS, ctx.worker_key, ctx.step, x)
             parts = []
             for start, stop in chunk_bounds(ctx.numel, 32):  # whole words per chunk
-                r = ops.cast(u[start:stop] * float(1 << _UNIFORM_BITS), "int32")
-                parts.append(ops.pack_uint(ops.power_of_two_codes(x[start:stop], r), ebits + 1))
+                parts.append(ops.pack_uint(ops.power_of_two_codes(x[start:stop], r[start:stop]), ebits + 1))
             return Payload.of(ops, parts[0] if len(parts) == 1 else ops.concat(parts))
         bits = ops.bitcast(x, itype)
         negative = bits < 0

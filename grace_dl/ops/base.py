@@ -584,3 +584,11 @@ class Ops(abc.ABC):
         """:meth:`tree_sum` of ``abs(x)`` (with its ``scale``): the L1 norm of 1-D float
         ``x`` in the fixed order, without a backend having to store ``abs(x)``."""
         return self.tree_sum(self.abs(x), scale)
+
+    def uniform_ints(self, n: int, bits: int, key: int, counter: int, like: Array) -> Array:
+        """int32 draws uniform on ``[0, 2**bits)``, ``1 <= bits <= 23``: ``u * 2**bits``
+        truncated, for the ``n`` draws ``u`` of :meth:`random_uniform` with the same
+        ``key`` and ``counter`` (so a backend's values are those of its uniforms; a
+        backend may make them from its raw random bits when that gives the same
+        integers)."""
+        return self.cast(self.random_uniform(n, key, counter, like) * float(1 << bits), "int32")

@@ -275,6 +275,20 @@ class NumpyOps(Ops):
             np.multiply(draws, np.float32(2.0**-24), out=out[start:stop], dtype=np.float32)  # exact: < 2**24
         return out
 
+    def uniform_ints(self, n, bits, key, counter, like):
+        # a draw u is (w >> 8) / 2**24 for a 32-bit word w (random_uniform), so
+        # u * 2**bits truncated is w >> (32 - bits), with no float pass
+        if not 1 <= bits <= 23:
+            raise ValueError(f"bits must be in [1, 23], got {bits}")
+        n = int(n)
+        generator = np.random.Philox(key=int(key), counter=int(counter))
+        out = np.empty(n, np.int32)
+        for start in range(0, n, _RANDOM_BLOCK):
+            stop = min(n, start + _RANDOM_BLOCK)
+            draws = generator.random_raw(-(-(stop - start) // 2)).view("<u4")[:stop - start]
+            np.right_shift(draws, np.uint32(32 - bits), out=out[start:stop].view(np.uint32))
+        return out
+
     def random_choice(self, n, k, key, counter, like):
         n, k = int(n), int(k)
         if k <= 0:
@@ -427,6 +441,24 @@ class NumpyOps(Ops):
     def power_of_two_codes(self, x, r):
         bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
         mag = bits & np.int32(0x7FFFFFFF)
+        peak = int(mag.max()) if mag.shape[0] else 0
+        if peak >= 254 << 23:  # an exponent field of 254 or more (or NaN): the general rule
+            return self._power_of_two_codes_general(bits, mag, r)
+        # every exponent field below 254: e + (r < m) is (|x|'s bits + 2**23 - 1 - r) >> 23
+        # (the mantissa m carries into the exponent exactly when m > r), no cap needed
+        e = np.subtract(np.int32(0x7FFFFF), r, dtype=np.int32)
+        e += mag
+        e >>= 23
+        # the sign as bit 8 (bit 31 of x's bits, shifted down with its sign extension),
+        # kept where e > 0: (e + 255) has bit 8 set exactly when 1 <= e <= 255
+        np.right_shift(bits, 23, out=mag)
+        mag &= e + np.int32(255)
+        mag &= np.int32(256)
+        e |= mag
+        return e
+
+    @staticmethod
+    def _power_of_two_codes_general(bits, mag, r):
         e = mag >> 23
         up = (r < (mag & np.int32(0x7FFFFF))) & (e < 254)
         e += up
@@ -436,10 +468,12 @@ class NumpyOps(Ops):
         return e
 
     def power_of_two_values(self, codes):
-        codes = np.asarray(codes).astype(np.int32, copy=False)
-        bits = (codes & 255) << 23
-        bits |= (codes >> 8) << 31  # codes < 512: bit 8 is the sign
-        np.copyto(bits, np.int32(0x7FC00000), where=codes == 256)
+        # code << 23 places the exponent field and, from bit 8, the sign (codes < 512);
+        # only the NaN code 256 then needs a fix (it would read as -0.0)
+        bits = np.asarray(codes).astype(np.uint32)
+        bits <<= np.uint32(23)
+        if bits.shape[0] and np.any(bits == np.uint32(0x80000000)):
+            np.copyto(bits, np.uint32(0x7FC00000), where=bits == np.uint32(0x80000000))
         return bits.view(np.float32)
 
     def bfloat16_words(self, x):

@@ -503,3 +503,8 @@ class TorchOps(Ops):
         if _on_cpu(x):
             return torch.from_numpy(_NUMPY.abs_tree_sum(_np(x), scale))
         return super().abs_tree_sum(x, scale)
+
+    def uniform_ints(self, n, bits, key, counter, like):
+        if like.device.type == "cpu":  # NumPy's integers, as random_uniform takes NumPy's draws
+            return torch.from_numpy(_NUMPY.uniform_ints(n, bits, key, counter, None))
+        return super().uniform_ints(n, bits, key, counter, like)
