@@ -355,6 +355,10 @@ class NumpyOps(Ops):
 
     def topk_indices(self, x, k):
         n = x.shape[0]
+        if 0 < k < n and n >= self.SAMPLED_TOPK_MIN_NUMEL and 8 * k <= n and x.dtype.kind in "fiu":
+            idx = self._sampled_topk_indices(x, k)
+            if idx is not None:
+                return idx
         if 0 < k < n:
             # the k-th largest (NaN sorts last, as the largest); when exactly k elements
             # are not below it they are the answer, already ascending (no tie to break)
@@ -363,6 +367,29 @@ class NumpyOps(Ops):
             if idx.shape[0] == k:
                 return idx.astype(np.int64, copy=False)
         return super().topk_indices(x, k)
+
+    def _sampled_topk_indices(self, x: np.ndarray, k: int) -> np.ndarray | None:
+        """:meth:`topk_indices` from candidates: the elements not below the ``j``-th
+        largest of a strided sample (``j`` a few standard deviations above the sample's
+        expected share of the top ``k``). When at least ``k`` elements are not below it,
+        they hold every element ranking at or above the k-th largest (NaN, the largest,
+        included), ties in index order, so the top k among them is the answer; else
+        None (the caller selects on the whole array)."""
+        n = x.shape[0]
+        aim = min(self.SAMPLED_TOPK_HITS, max(8, n >> 14))
+        stride = max(1, n // min(n, -(-aim * n // k)))
+        sample = x[::stride]
+        s = sample.shape[0]
+        hits = k * s / n  # expected sampled elements at or above the k-th largest
+        j = min(s, math.ceil(hits + 4.0 * math.sqrt(hits) + 8.0))
+        threshold = kth_largest_value(np.ascontiguousarray(sample), j)
+        if threshold != threshold:  # NaN: too many NaN to gain anything
+            return None
+        candidates = np.flatnonzero(~(x < threshold))
+        if not k <= candidates.shape[0] <= n // 4:
+            return None
+        chosen = self.topk_indices(x[candidates], k)
+        return candidates[chosen]
 
     # -- quantization kernels
     @staticmethod
