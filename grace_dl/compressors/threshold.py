@@ -166,28 +166,29 @@ class AdaptiveThreshold(Compressor):
 
     def _side_masks(self, ops: Ops, x: Array, ctx: TensorContext) -> tuple[Array, Array]:
         n = ctx.numel
-        key = ops.where(x != x, ops.zeros(n, ctx.dtype, x) + math.inf, x)
-        positive, negative = key > 0, key < 0
-        ordered = ops.sort(key)  # negatives first, then zeros, then positives
-        k_pos = self._keep(ops, ops.sum(ops.cast(positive, "int64")))
-        k_neg = self._keep(ops, ops.sum(ops.cast(negative, "int64")))
-        # the k+-th largest value and the k--th smallest one (an empty side reads a
-        # valid position and is masked off below)
-        top = ops.gather(ordered, ops.reshape(n - at_least_one(ops, k_pos), (1,)))
-        bottom = ops.gather(ordered, ops.reshape(at_least_one(ops, k_neg) - 1, (1,)))
-        send_pos = positive & (key >= top) & (k_pos > 0)
-        send_neg = negative & (key <= bottom) & (k_neg > 0)
-        return send_pos, send_neg
+        key = ops.where(x != x, ops.zeros(1, ctx.dtype, x) + math.inf, x)  # +inf broadcast
+        k_pos = self._keep(ops, ops.count_true_array(key > 0))
+        k_neg = self._keep(ops, ops.count_true_array(key < 0))
+        # the k+-th largest value and the k--th smallest one of the sorted keys (negatives
+        # first, then zeros, then positives; an empty side reads a valid position)
+        bounds = ops.sorted_values_at(key, ops.concat([ops.reshape(n - at_least_one(ops, k_pos), (1,)),
+                                                        ops.reshape(at_least_one(ops, k_neg) - 1, (1,))]))
+        # a non-empty side's bound has its sign, so "at or past the bound" implies the side;
+        # an empty side gets a bound no key passes (it has no +-inf key, being empty)
+        inf = ops.zeros(1, ctx.dtype, x) + math.inf
+        top = ops.where(k_pos > 0, bounds[0:1], inf)
+        bottom = ops.where(k_neg > 0, bounds[1:2], -inf)
+        return key >= top, key <= bottom
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         if ctx.numel > MAX_INT32_INDEX:
             raise ValueError(f"tensor of {ctx.numel} elements: indices do not fit int32")
         send_pos, send_neg = self._side_masks(ops, x, ctx)
-        zeros = ops.zeros(ctx.numel, ctx.dtype, x)
+        zero = ops.zeros(1, ctx.dtype, x)  # broadcast
         means = []
         for mask in (send_pos, send_neg):
-            total = pairwise_sum(ops, ops.where(mask, x, zeros), ctx.dtype)
-            count = ops.cast(ops.sum(ops.cast(mask, "int64")), ctx.dtype)
+            total = pairwise_sum(ops, ops.where(mask, x, zero), ctx.dtype)
+            count = ops.cast(ops.count_true_array(mask), ctx.dtype)
             means.append(total / at_least_one(ops, count))
         idx = ops.nonzero(send_pos | send_neg)
         codes = ops.where(ops.gather(send_pos, idx), idx, -idx - 1)

@@ -592,3 +592,14 @@ class Ops(abc.ABC):
         backend may make them from its raw random bits when that gives the same
         integers)."""
         return self.cast(self.random_uniform(n, key, counter, like) * float(1 << bits), "int32")
+
+    def count_true_array(self, mask: Array) -> Array:
+        """Number of true elements of the bool ``mask`` as a 0-d int64 array on the
+        device (no host sync, unlike :meth:`count_true`)."""
+        return self.sum(self.cast(mask, "int64"))
+
+    def sorted_values_at(self, x: Array, positions: Array) -> Array:
+        """``sort(x)[positions]``: the values at the int64 ``positions`` (a 1-D array on
+        the device, each in ``[0, n)``) of 1-D ``x`` sorted ascending, NaN last. A
+        backend may select them without sorting the whole array."""
+        return self.gather(self.sort(x), positions)

@@ -52,6 +52,41 @@ def kth_largest_value(x: np.ndarray, k: int) -> Any:
     return np.partition(x, n - k)[n - k]
 
 
+def _sampled_order_statistic(x: np.ndarray, p: int, hits: int) -> Any:
+    """``sort(x)[p]`` (NaN last) for ``p`` within ``n / 8`` of either end, from the
+    elements past the ``j``-th most extreme of a strided sample (``j`` a few standard
+    deviations beyond the sample's expected share): when at least the needed count of
+    elements lies past it, the answer is among them. None otherwise (and for other
+    ``p``)."""
+    n = x.shape[0]
+    top = n - p  # the answer is the top-th largest
+    k = min(top, p + 1)
+    if 8 * k > n:
+        return None
+    aim = min(hits, max(8, n >> 14))
+    stride = max(1, n // min(n, -(-aim * n // k)))
+    sample = np.ascontiguousarray(x[::stride])
+    s = sample.shape[0]
+    share = k * s / n
+    j = min(s, math.ceil(share + 4.0 * math.sqrt(share) + 8.0))
+    if top <= p + 1:  # near the top: the elements not below the threshold (NaN included)
+        threshold = np.partition(sample, s - j)[s - j]
+        if threshold != threshold:
+            return None
+        candidates = x[~(x < threshold)]
+        c = candidates.shape[0]
+        if not top <= c <= n // 4:
+            return None
+        return np.partition(candidates, c - top)[c - top]
+    threshold = np.partition(sample, j - 1)[j - 1]  # near the bottom: those not above it
+    if threshold != threshold:
+        return None
+    candidates = x[x <= threshold]
+    if not p + 1 <= candidates.shape[0] <= n // 4:
+        return None
+    return np.partition(candidates, p)[p]
+
+
 def draws_for_distinct(n: int, k: int, have: int = 0) -> int:
     """How many uniform draws from ``range(n)`` to make so that, with ``have`` distinct
     values already drawn, about ``k`` distinct ones are reached (the expectation plus a
@@ -390,6 +425,27 @@ class NumpyOps(Ops):
             return None
         chosen = self.topk_indices(x[candidates], k)
         return candidates[chosen]
+
+    def count_true_array(self, mask):
+        return np.array(np.count_nonzero(mask), np.int64)
+
+    def sorted_values_at(self, x, positions):
+        x = np.asarray(x)
+        positions = np.asarray(positions).reshape(-1)
+        n = x.shape[0]
+        out = np.empty(positions.shape[0], x.dtype)
+        full = []
+        for i, p in enumerate(positions.tolist()):
+            # near either end, among the candidates past a sampled threshold
+            value = _sampled_order_statistic(x, int(p), self.SAMPLED_TOPK_HITS) if n >= 1 << 12 else None
+            if value is None:
+                full.append(i)
+            else:
+                out[i] = value
+        if full:
+            wanted = positions[full]
+            out[full] = np.partition(x, np.unique(wanted))[wanted]
+        return out
 
     # -- quantization kernels
     @staticmethod

@@ -504,6 +504,14 @@ class TorchOps(Ops):
             return torch.from_numpy(_NUMPY.abs_tree_sum(_np(x), scale))
         return super().abs_tree_sum(x, scale)
 
+    def count_true_array(self, mask):
+        return torch.count_nonzero(mask)
+
+    def sorted_values_at(self, x, positions):
+        if _on_cpu(x, positions):  # NumPy selects instead of sorting
+            return torch.from_numpy(_NUMPY.sorted_values_at(_np(x), _np(positions)))
+        return super().sorted_values_at(x, positions)
+
     def uniform_ints(self, n, bits, key, counter, like):
         if like.device.type == "cpu":  # NumPy's integers, as random_uniform takes NumPy's draws
             return torch.from_numpy(_NUMPY.uniform_ints(n, bits, key, counter, None))
