@@ -384,3 +384,19 @@ def test_torch_uniform_ints_match_numpy():
     for draw in (T.uniform_ints, lambda *a: Ops.uniform_ints(T, *a)):
         got = draw(3001, 23, 7, 2, like)
         assert got.dtype == torch.int32 and got.numpy().tobytes() == want.tobytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=cases)
+def test_tree_sum_in_a_wider_dtype_is_the_tree_sum_of_the_cast(case):
+    n, seed, _, specials = case
+    x = _floats(n, seed, "float32", specials)
+    want = Ops.tree_sum_in(ops, x, "float64") if n else None
+    if n:
+        assert same_bits(ops.tree_sum_in(x, "float64"), want)
+        assert same_bits(ops.tree_sum_in(x, "float64"), ops.tree_sum(x.astype(np.float64)))
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    if n:
+        assert same_bits(TorchOps().tree_sum_in(torch.from_numpy(x), "float64").numpy(), want)

@@ -603,3 +603,9 @@ class Ops(abc.ABC):
         the device, each in ``[0, n)``) of 1-D ``x`` sorted ascending, NaN last. A
         backend may select them without sorting the whole array."""
         return self.gather(self.sort(x), positions)
+
+    def tree_sum_in(self, x: Array, dtype: str) -> Array:
+        """:meth:`tree_sum` of ``cast(x, dtype)`` (1-D float ``x``, a float ``dtype`` at
+        least as wide): a float32 tensor's sum in float64 without a backend having to
+        store its float64 copy."""
+        return self.tree_sum(self.cast(x, dtype))

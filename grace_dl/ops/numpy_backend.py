@@ -478,6 +478,19 @@ class NumpyOps(Ops):
         acc[n - h:] = x[n - h:h]  # carried unchanged
         return _halve(acc, h, scale)
 
+    def tree_sum_in(self, x, dtype):
+        wide = _np_dtype(dtype)
+        n = x.shape[0]
+        if x.dtype == wide or n <= 1:
+            return self.tree_sum(x.astype(wide, copy=False))
+        # the first level with the cast fused (the ufunc casts in small buffers), so the
+        # only wide array is the h first-level sums
+        h = 1 << ((n - 1).bit_length() - 1)
+        acc = np.empty(h, wide)
+        np.add(x[:n - h], x[h:], out=acc[:n - h], dtype=wide)
+        acc[n - h:] = x[n - h:h]  # carried unchanged (an exact widening)
+        return _halve(acc, h, 1.0)
+
     def abs_tree_sum(self, x, scale=1.0):
         n = x.shape[0]
         if n <= 1:
