@@ -366,8 +366,12 @@ class NumpyOps(Ops):
         np_dtype = _np_dtype(dtype)
         k = buffer.shape[0] // (1 + np.dtype(np_dtype).itemsize // 4)
         out = np.zeros(int(n), np_dtype)
-        # int64 indices: NumPy's fancy assignment is ~3x slower with int32 ones
-        out[buffer[:k].astype(np.int64)] = buffer[k:].view(np_dtype)
+        values = buffer[k:].view(np_dtype)
+        # int64 indices (NumPy's fancy assignment is ~3x slower with int32 ones), widened
+        # a block at a time: a dense payload's int64 copy would be as large as the tensor
+        for start in range(0, k, _RANDOM_BLOCK):
+            stop = min(k, start + _RANDOM_BLOCK)
+            out[buffer[start:stop].astype(np.int64)] = values[start:stop]
         return out
 
     def nonzero_magnitude_at_least(self, x, threshold):
