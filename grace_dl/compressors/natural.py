@@ -251,11 +251,14 @@ class NaturalDithering(BucketedLevels, Compressor):
         buckets = -(-n // d)
         norm_words = words_for(ctx.dtype, buckets)
         norms = from_words(ops, buffer[:norm_words], ctx.dtype, buckets)
+        # every code's level, looked up: dither_values of all 2**bits codes, so the table
+        # holds the bits of dither_values (a code past 2 s, from a corrupt buffer, too)
+        table = ops.dither_values(ops.arange(1 << self.bits, norms), s, ctx.dtype)
         parts = []
         for start, stop in chunk_bounds(n, math.lcm(d, 32)):
             first = norm_words + start * self.bits // 32
             words = buffer[first:first + words_for("bool", (stop - start) * self.bits)]
-            value = ops.dither_values(ops.unpack_uint(words, stop - start, self.bits), s, ctx.dtype)
+            value = ops.take_fields(words, stop - start, self.bits, table)
             # one rounding per element, as the product of the padded grid with the norms
             parts.append(ops.scale_buckets(value, norms[start // d:-(-stop // d)], d))
         return parts[0] if len(parts) == 1 else ops.concat(parts)

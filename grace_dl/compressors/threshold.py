@@ -165,20 +165,22 @@ class AdaptiveThreshold(Compressor):
         return ops.cast(ops.where((k < 1) & (c >= 1), k * 0 + 1, k), "int64")
 
     def _side_masks(self, ops: Ops, x: Array, ctx: TensorContext) -> tuple[Array, Array]:
+        # a NaN ranks as +inf: it is positive ("not at most 0") and, sorted last, reads
+        # as NaN where +inf would; "not below" a bound is true for it
         n = ctx.numel
-        key = ops.where(x != x, ops.zeros(1, ctx.dtype, x) + math.inf, x)  # +inf broadcast
-        k_pos = self._keep(ops, ops.count_true_array(key > 0))
-        k_neg = self._keep(ops, ops.count_true_array(key < 0))
-        # the k+-th largest value and the k--th smallest one of the sorted keys (negatives
-        # first, then zeros, then positives; an empty side reads a valid position)
-        bounds = ops.sorted_values_at(key, ops.concat([ops.reshape(n - at_least_one(ops, k_pos), (1,)),
-                                                        ops.reshape(at_least_one(ops, k_neg) - 1, (1,))]))
-        # a non-empty side's bound has its sign, so "at or past the bound" implies the side;
-        # an empty side gets a bound no key passes (it has no +-inf key, being empty)
+        k_pos = self._keep(ops, ops.count_true_array(~(x <= 0)))
+        k_neg = self._keep(ops, ops.count_true_array(x < 0))
+        # the k+-th largest value and the k--th smallest one of the sorted tensor
+        # (negatives first, then zeros, then positives; an empty side reads a valid position)
+        bounds = ops.sorted_values_at(x, ops.concat([ops.reshape(n - at_least_one(ops, k_pos), (1,)),
+                                                      ops.reshape(at_least_one(ops, k_neg) - 1, (1,))]))
         inf = ops.zeros(1, ctx.dtype, x) + math.inf
+        bounds = ops.where(bounds != bounds, inf, bounds)  # a NaN read is the rank of +inf
+        # a non-empty side's bound has its sign, so "at or past the bound" implies the side;
+        # an empty side gets a bound no element passes (it has no +-inf or NaN, being empty)
         top = ops.where(k_pos > 0, bounds[0:1], inf)
         bottom = ops.where(k_neg > 0, bounds[1:2], -inf)
-        return key >= top, key <= bottom
+        return ~(x < top), x <= bottom
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         if ctx.numel > MAX_INT32_INDEX:

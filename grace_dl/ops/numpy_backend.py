@@ -687,8 +687,12 @@ def _dither_codes_block(y: np.ndarray, u: np.ndarray, levels: int, out: np.ndarr
     """:meth:`NumpyOps.dither_codes` of float32 ``y`` and draws ``u`` into int32 ``out``,
     branch-free on the bits (np.where on data-dependent masks is 15x slower)."""
     a = y.view(np.int32) & np.int32(0x7FFFFFFF)  # |y|'s bits
-    special = np.negative((a >= np.int32(0x7F800000)).view(np.uint8), dtype=np.int32)  # -1: NaN, +-inf
-    np.minimum(a, np.int32(0x3F800000), out=a)  # |y| clamped to 1 (NaN and inf masked off below)
+    peak = int(a.max()) if a.shape[0] else 0  # one reduction spares the passes below
+    special = None
+    if peak >= 0x7F800000:  # -1 at NaN and +-inf
+        special = np.negative((a >= np.int32(0x7F800000)).view(np.uint8), dtype=np.int32)
+    if peak > 0x3F800000:
+        np.minimum(a, np.int32(0x3F800000), out=a)  # |y| clamped to 1 (NaN and inf masked off below)
     keep = np.negative((a >= np.int32((128 - levels) << 23)).view(np.uint8), dtype=np.int32)  # -1: |y| >= 2**(1-s)
     # the probability of rounding up: the mantissa fraction at or above the lowest level,
     # |y| / 2**(1-s) below it (both exact), chosen by bits
@@ -704,7 +708,8 @@ def _dither_codes_block(y: np.ndarray, u: np.ndarray, levels: int, out: np.ndarr
     k -= np.int32(127 - levels)
     k &= keep
     k += np.less(u, fraction).view(np.uint8)
-    k &= ~special  # NaN and +-inf: level 0
+    if special is not None:
+        k &= ~special  # NaN and +-inf: level 0
     # levels + k, or levels - k where y's sign bit is set (then k = 0 for -0.0 and NaN)
     negative = np.right_shift(y.view(np.int32), 31, out=keep)  # -1 where the sign bit is set
     negative &= k << 1
