@@ -143,3 +143,20 @@ def test_bitwise_ops_follow_python_integers(dtype, width, data):
     assert ops.shift_left(np.array(small, dtype=dtype), k).tolist() == [x << s for x, s in zip(small, shifts)]
     assert ops.bitwise_and(a, 0xFF).tolist() == [x & 0xFF for x in values]
     assert ops.dtype(ops.shift_right(a, 3)) == dtype
+
+
+@pytest.mark.parametrize("data", ["normal", "ties", "nan", "ints", "sparse"])
+@pytest.mark.parametrize("n,k", [(5000, 1), (10000, 37), (70000, 8000), (300000, 3000)])
+def test_sampled_topk_indices_equal_a_full_ranking(data, n, k):
+    # large arrays take the sampled path (candidates not below a sampled threshold);
+    # the answer is the k largest, NaN as the largest, ties to the lowest index
+    rng = np.random.default_rng(n + k)
+    x = {"normal": lambda: rng.standard_normal(n).astype(np.float32),
+         "ties": lambda: rng.integers(-3, 3, n).astype(np.float32),
+         "nan": lambda: np.where(rng.random(n) < 0.01, np.nan, rng.standard_normal(n)),
+         "ints": lambda: rng.integers(0, 4, n),
+         "sparse": lambda: np.where(rng.random(n) < 0.001, 1.0, 0.0).astype(np.float32)}[data]()
+    key = np.where(np.isnan(x), np.inf, x) if x.dtype.kind == "f" else x
+    want = np.sort(np.lexsort((np.arange(n), -key.astype(np.float64)))[:k])
+    got = ops.topk_indices(x, k)
+    assert got.dtype == np.int64 and np.array_equal(got, want)

@@ -400,3 +400,43 @@ def test_random_uniform_reuses_one_philox_with_a_fresh_generators_draws(key, cou
     assert ops.random_uniform(9, key, counter, None).tobytes() == want[:9].tobytes()
     with pytest.raises((ValueError, OverflowError)):
         ops.random_uniform(4, -1, 0, None)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, (1 << 20) + 3])
+@pytest.mark.parametrize("bits", [1, 9, 23])
+def test_uniform_ints_are_the_truncated_scaled_uniforms(n, bits):
+    # NumPy makes them from the raw words (in blocks of 2**20 draws); the default from the
+    # float32 draws: the same integers
+    got = ops.uniform_ints(n, bits, 2**63 + 5, 11, None)
+    assert got.dtype == np.int32 and got.tobytes() == Ops.uniform_ints(ops, n, bits, 2**63 + 5, 11, None).tobytes()
+    assert got.min(initial=0) >= 0 and got.max(initial=0) < 1 << bits
+    want = np.random.Generator(np.random.Philox(key=2**63 + 5, counter=11)).random(n, dtype=np.float32)
+    assert ops.random_uniform(n, 2**63 + 5, 11, None).tobytes() == want.tobytes()
+
+
+def test_torch_uniform_ints_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    like = torch.zeros(1)
+    want = ops.uniform_ints(3001, 23, 7, 2, None)
+    for draw in (T.uniform_ints, lambda *a: Ops.uniform_ints(T, *a)):
+        got = draw(3001, 23, 7, 2, like)
+        assert got.dtype == torch.int32 and got.numpy().tobytes() == want.tobytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=cases)
+def test_tree_sum_in_a_wider_dtype_is_the_tree_sum_of_the_cast(case):
+    n, seed, _, specials = case
+    x = _floats(n, seed, "float32", specials)
+    want = Ops.tree_sum_in(ops, x, "float64") if n else None
+    if n:
+        assert same_bits(ops.tree_sum_in(x, "float64"), want)
+        assert same_bits(ops.tree_sum_in(x, "float64"), ops.tree_sum(x.astype(np.float64)))
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    if n:
+        assert same_bits(TorchOps().tree_sum_in(torch.from_numpy(x), "float64").numpy(), want)

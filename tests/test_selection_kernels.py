@@ -245,3 +245,25 @@ def test_kth_largest_with_many_zeros_is_the_partitions_answer(zeros):
         assert got.dtype == x.dtype
         ref = Ops.topk_indices(N, np.where(np.isnan(x), np.inf, x), k)
         np.testing.assert_array_equal(N.topk_indices(x, k), ref)
+
+
+@pytest.mark.parametrize("backend", [N, T])
+@pytest.mark.parametrize("kind", ["normal", "ties", "nan", "zeros"])
+@pytest.mark.parametrize("n", [1, 100, 5000, 300000])
+def test_sorted_values_at_reads_the_sorted_array(backend, kind, n):
+    # near either end NumPy (and torch on the CPU) selects among sampled candidates;
+    # the values must be those of the full sort, NaN last
+    rng = np.random.default_rng(n)
+    x = {"normal": lambda: rng.standard_normal(n).astype(np.float32),
+         "ties": lambda: rng.integers(-2, 3, n).astype(np.float32),
+         "nan": lambda: np.where(rng.random(n) < 0.2, np.nan, rng.standard_normal(n)),
+         "zeros": lambda: np.where(rng.random(n) < 0.9, 0.0, rng.standard_normal(n)).astype(np.float32)}[kind]()
+    positions = np.unique(np.array([0, 1, n // 100, n // 9, n // 2, n - 1 - n // 100, n - 2, n - 1]).clip(0, n - 1))
+    positions = np.concatenate([positions, positions[::-1]])
+    like = torch.from_numpy(x) if backend is T else x
+    got = _as_np(backend.sorted_values_at(like, torch.from_numpy(positions) if backend is T else positions))
+    want = np.sort(x)[positions]
+    assert got.dtype == x.dtype and np.array_equal(got, want, equal_nan=True)
+    mask = x > 0
+    count = backend.count_true_array(torch.from_numpy(mask) if backend is T else mask)
+    assert int(count) == int(np.count_nonzero(mask)) and _as_np(count).dtype == np.int64

@@ -9,6 +9,8 @@ probability exactly ``f`` is unbiased.
 
 from __future__ import annotations
 
+import math
+
 from ..core import Compressor, TensorContext
 from ..ops import DTYPE_ITEMSIZE, Array, Ops
 from ..payload import Payload, from_words, layout_nbytes, to_words, words_for
@@ -106,11 +108,11 @@ class Natural(Compressor):
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         itype, mbits, ebits = _format(ctx.dtype)
         if ctx.dtype == "float32":  # one 23-bit draw per element decides, as below
-            u = ops.random_uniform(ctx.numel, ctx.worker_key, ctx.step, x)
+            # floor(u * 2**23) of the float32 uniforms u, made without a float pass
+            r = ops.uniform_ints(ctx.numel, _UNIFORM_BITS, ctx.worker_key, ctx.step, x)
             parts = []
             for start, stop in chunk_bounds(ctx.numel, 32):  # whole words per chunk
-                r = ops.cast(u[start:stop] * float(1 << _UNIFORM_BITS), "int32")
-                parts.append(ops.pack_uint(ops.power_of_two_codes(x[start:stop], r), ebits + 1))
+                parts.append(ops.pack_uint(ops.power_of_two_codes(x[start:stop], r[start:stop]), ebits + 1))
             return Payload.of(ops, parts[0] if len(parts) == 1 else ops.concat(parts))
         bits = ops.bitcast(x, itype)
         negative = bits < 0
@@ -215,7 +217,24 @@ class NaturalDithering(BucketedLevels, Compressor):
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         _format(ctx.dtype)  # float32 or float64
-        n, d, s = ctx.numel, self.bucket_size, self.levels
+        n, d = ctx.numel, self.bucket_size
+        buckets = -(-n // d)
+        u = ops.random_uniform(buckets * d, ctx.worker_key, ctx.step, x)
+        norm_parts, word_parts = [], []
+        # whole buckets and a multiple of 32 elements per chunk, so that the parts are the
+        # norms and the code words of the whole tensor; temporaries stay chunk-sized
+        for start, stop in chunk_bounds(n, math.lcm(d, 32)):
+            size = -(-(stop - start) // d) * d
+            norms, words = self._encode(ops, x[start:stop], u[start:start + size], ctx)
+            norm_parts.append(norms)
+            word_parts.append(words)
+        norms = norm_parts[0] if len(norm_parts) == 1 else ops.concat(norm_parts)
+        return Payload.of(ops, ops.concat([to_words(ops, norms)] + word_parts))
+
+    def _encode(self, ops: Ops, x: Array, u: Array, ctx: TensorContext) -> tuple[Array, Array]:
+        """``(norms, code words)`` of whole buckets of ``x`` (the last one may be short),
+        with ``u`` the draws of the padded buckets."""
+        n, d, s = ops.numel(x), self.bucket_size, self.levels
         buckets = -(-n // d)
         padded = ops.concat([x, ops.zeros(buckets * d - n, ctx.dtype, x)]) if buckets * d != n else x
         grid = ops.reshape(padded, (buckets, d))
@@ -223,10 +242,8 @@ class NaturalDithering(BucketedLevels, Compressor):
         norms = self._norms(ops, grid, mag, buckets)
         safe = ops.where(norms > 0, norms, norms * 0 + 1)
         y = ops.flatten(grid / ops.reshape(safe, (buckets, 1)))
-        u = ops.cast(ops.random_uniform(buckets * d, ctx.worker_key, ctx.step, x), ctx.dtype)
-        code = ops.dither_codes(y, u, s)[:n]
-        words = ops.pack_uint(code, self.bits)
-        return Payload.of(ops, ops.concat([to_words(ops, norms), words]))
+        code = ops.dither_codes(y, ops.cast(u, ctx.dtype), s)
+        return norms, ops.pack_uint(code[:n] if buckets * d != n else code, self.bits)
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         _format(ctx.dtype)  # float32 or float64
@@ -234,12 +251,17 @@ class NaturalDithering(BucketedLevels, Compressor):
         buckets = -(-n // d)
         norm_words = words_for(ctx.dtype, buckets)
         norms = from_words(ops, buffer[:norm_words], ctx.dtype, buckets)
-        value = ops.dither_values(ops.unpack_uint(buffer[norm_words:], n, self.bits), s, ctx.dtype)
-        pad = buckets * d - n
-        if pad:
-            value = ops.concat([value, ops.zeros(pad, ctx.dtype, value)])
-        grid = ops.reshape(value, (buckets, d)) * ops.reshape(norms, (buckets, 1))
-        return ops.flatten(grid)[:n]
+        # every code's level, looked up: dither_values of all 2**bits codes, so the table
+        # holds the bits of dither_values (a code past 2 s, from a corrupt buffer, too)
+        table = ops.dither_values(ops.arange(1 << self.bits, norms), s, ctx.dtype)
+        parts = []
+        for start, stop in chunk_bounds(n, math.lcm(d, 32)):
+            first = norm_words + start * self.bits // 32
+            words = buffer[first:first + words_for("bool", (stop - start) * self.bits)]
+            value = ops.take_fields(words, stop - start, self.bits, table)
+            # one rounding per element, as the product of the padded grid with the norms
+            parts.append(ops.scale_buckets(value, norms[start // d:-(-stop // d)], d))
+        return parts[0] if len(parts) == 1 else ops.concat(parts)
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
         return layout_nbytes(self._layout(numel, dtype))

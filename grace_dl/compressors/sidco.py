@@ -9,7 +9,7 @@ from ..core import TensorContext
 from ..ops import Array, Ops
 from ..registry import register
 from .sign import pairwise_sum
-from .threshold import ThresholdSparsifier, at_least_one, magnitudes
+from .threshold import ThresholdSparsifier, at_least_one
 from .topk import check_ratio
 
 DISTRIBUTIONS = ("exponential", "gamma", "gpareto")
@@ -118,33 +118,44 @@ class SIDCo(ThresholdSparsifier):
 
     @staticmethod
     def _magnitudes(ops: Ops, x: Array, ctx: TensorContext) -> tuple[Array, Array]:
-        """(float64 magnitudes with non-finite elements as 0, the finite mask)."""
-        mag = magnitudes(ops, x, ctx.dtype)
-        finite = ops.isfinite(mag)
-        return ops.cast(ops.where(finite, mag, ops.zeros(ctx.numel, ctx.dtype, x)), "float64"), finite
+        """(magnitudes in the compute dtype with non-finite elements as 0, the finite
+        mask); the fits read them widened to float64, which is exact."""
+        finite = ops.isfinite(x)
+        return ops.where(finite, ops.abs(x), ops.zeros(1, ctx.dtype, x)), finite  # +0 broadcast
 
-    def _fit(self, ops: Ops, a: Array, ctx: TensorContext) -> tuple[Array, list[Array]]:
+    def _fit(self, ops: Ops, mag: Array, ctx: TensorContext) -> tuple[Array, list[Array]]:
         log_delta = math.log(self.ratio) / self.stages  # ln of each stage's tail probability
-        zeros = ops.zeros(ctx.numel, "float64", a)
-        threshold = ops.zeros(1, "float64", a)
+        threshold = ops.zeros(1, "float64", mag)
         history = []
+        a = zeros = None  # the float64 magnitudes, made only for the fits that need them
         for stage in range(self.stages):
             if stage == 0:
-                excess, inside, count = a, None, float(ctx.numel)
+                excess, inside, count = None, None, float(ctx.numel)
+                # summed widened, without a float64 copy of the tensor
+                total = ops.tree_sum_in(mag, "float64") if ctx.numel else ops.zeros(1, "float64", mag)
+                mean = total / count
             else:
                 inside = a > threshold
                 excess = ops.where(inside, a - threshold, zeros)
-                count = at_least_one(ops, ops.cast(ops.sum(ops.cast(inside, "int64")), "float64"))
-            mean = pairwise_sum(ops, excess, "float64") / count
+                count = at_least_one(ops, ops.cast(ops.count_true_array(inside), "float64"))
+                mean = pairwise_sum(ops, excess, "float64") / count
             if self.distribution == "exponential":
                 step = mean * -log_delta
-            elif self.distribution == "gamma" and stage == 0:
-                step = self._gamma_quantile(ops, a, mean, log_delta)
             else:
-                step = self._gpareto_quantile(ops, excess, inside, mean, count, log_delta, zeros)
+                if a is None:
+                    a = ops.cast(mag, "float64")
+                    zeros = ops.zeros(ctx.numel, "float64", a)
+                if self.distribution == "gamma" and stage == 0:
+                    step = self._gamma_quantile(ops, a, mean, log_delta)
+                else:
+                    step = self._gpareto_quantile(ops, a if excess is None else excess, inside, mean, count,
+                                                  log_delta, zeros)
             step = ops.where(step < 0, step * 0, step)  # a quantile below the location: send all above it
             threshold = _round_to_float32(ops, threshold + step)
             history.append(threshold)
+            if a is None and stage + 1 < self.stages:
+                a = ops.cast(mag, "float64")
+                zeros = ops.zeros(ctx.numel, "float64", a)
         return threshold, history
 
     @staticmethod
@@ -175,6 +186,8 @@ class SIDCo(ThresholdSparsifier):
         return ops.where(near_zero, sigma * -log_delta, sigma * (1.0 - ops.exp(safe_k * log_delta)) / safe_k)
 
     def _select(self, ops: Ops, x: Array, ctx: TensorContext) -> Array:
-        a, finite = self._magnitudes(ops, x, ctx)
-        threshold, _ = self._fit(ops, a, ctx)
-        return ops.nonzero((a > threshold) | ~finite)
+        mag, finite = self._magnitudes(ops, x, ctx)
+        threshold, _ = self._fit(ops, mag, ctx)
+        # the threshold has float32 precision (and float32's range, or is inf), so the
+        # comparison in the compute dtype is that of the widened magnitudes
+        return ops.nonzero((mag > ops.cast(threshold, ctx.dtype)) | ~finite)

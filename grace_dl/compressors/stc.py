@@ -78,7 +78,7 @@ class STC(Compressor):
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         _check_numel(ctx.numel)
         k = k_for(self.ratio, ctx.numel)
-        idx = ops.topk_indices(ops.abs(x), k)
+        idx = ops.topk_magnitude_indices(x, k)  # the set of topk_indices(abs(x), k)
         kept = ops.gather(x, idx)
         mu = pairwise_sum(ops, ops.abs(kept), ctx.dtype) * (1.0 / k)
         positions = ops.pack_uint(idx, position_bits(ctx.numel))

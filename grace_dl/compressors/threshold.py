@@ -165,29 +165,32 @@ class AdaptiveThreshold(Compressor):
         return ops.cast(ops.where((k < 1) & (c >= 1), k * 0 + 1, k), "int64")
 
     def _side_masks(self, ops: Ops, x: Array, ctx: TensorContext) -> tuple[Array, Array]:
+        # a NaN ranks as +inf: it is positive ("not at most 0") and, sorted last, reads
+        # as NaN where +inf would; "not below" a bound is true for it
         n = ctx.numel
-        key = ops.where(x != x, ops.zeros(n, ctx.dtype, x) + math.inf, x)
-        positive, negative = key > 0, key < 0
-        ordered = ops.sort(key)  # negatives first, then zeros, then positives
-        k_pos = self._keep(ops, ops.sum(ops.cast(positive, "int64")))
-        k_neg = self._keep(ops, ops.sum(ops.cast(negative, "int64")))
-        # the k+-th largest value and the k--th smallest one (an empty side reads a
-        # valid position and is masked off below)
-        top = ops.gather(ordered, ops.reshape(n - at_least_one(ops, k_pos), (1,)))
-        bottom = ops.gather(ordered, ops.reshape(at_least_one(ops, k_neg) - 1, (1,)))
-        send_pos = positive & (key >= top) & (k_pos > 0)
-        send_neg = negative & (key <= bottom) & (k_neg > 0)
-        return send_pos, send_neg
+        k_pos = self._keep(ops, ops.count_true_array(~(x <= 0)))
+        k_neg = self._keep(ops, ops.count_true_array(x < 0))
+        # the k+-th largest value and the k--th smallest one of the sorted tensor
+        # (negatives first, then zeros, then positives; an empty side reads a valid position)
+        bounds = ops.sorted_values_at(x, ops.concat([ops.reshape(n - at_least_one(ops, k_pos), (1,)),
+                                                      ops.reshape(at_least_one(ops, k_neg) - 1, (1,))]))
+        inf = ops.zeros(1, ctx.dtype, x) + math.inf
+        bounds = ops.where(bounds != bounds, inf, bounds)  # a NaN read is the rank of +inf
+        # a non-empty side's bound has its sign, so "at or past the bound" implies the side;
+        # an empty side gets a bound no element passes (it has no +-inf or NaN, being empty)
+        top = ops.where(k_pos > 0, bounds[0:1], inf)
+        bottom = ops.where(k_neg > 0, bounds[1:2], -inf)
+        return ~(x < top), x <= bottom
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         if ctx.numel > MAX_INT32_INDEX:
             raise ValueError(f"tensor of {ctx.numel} elements: indices do not fit int32")
         send_pos, send_neg = self._side_masks(ops, x, ctx)
-        zeros = ops.zeros(ctx.numel, ctx.dtype, x)
+        zero = ops.zeros(1, ctx.dtype, x)  # broadcast
         means = []
         for mask in (send_pos, send_neg):
-            total = pairwise_sum(ops, ops.where(mask, x, zeros), ctx.dtype)
-            count = ops.cast(ops.sum(ops.cast(mask, "int64")), ctx.dtype)
+            total = pairwise_sum(ops, ops.where(mask, x, zero), ctx.dtype)
+            count = ops.cast(ops.count_true_array(mask), ctx.dtype)
             means.append(total / at_least_one(ops, count))
         idx = ops.nonzero(send_pos | send_neg)
         codes = ops.where(ops.gather(send_pos, idx), idx, -idx - 1)

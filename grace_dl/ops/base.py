@@ -613,3 +613,28 @@ class Ops(abc.ABC):
         """:meth:`tree_sum` of ``abs(x)`` (with its ``scale``): the L1 norm of 1-D float
         ``x`` in the fixed order, without a backend having to store ``abs(x)``."""
         return self.tree_sum(self.abs(x), scale)
+
+    def uniform_ints(self, n: int, bits: int, key: int, counter: int, like: Array) -> Array:
+        """int32 draws uniform on ``[0, 2**bits)``, ``1 <= bits <= 23``: ``u * 2**bits``
+        truncated, for the ``n`` draws ``u`` of :meth:`random_uniform` with the same
+        ``key`` and ``counter`` (so a backend's values are those of its uniforms; a
+        backend may make them from its raw random bits when that gives the same
+        integers)."""
+        return self.cast(self.random_uniform(n, key, counter, like) * float(1 << bits), "int32")
+
+    def count_true_array(self, mask: Array) -> Array:
+        """Number of true elements of the bool ``mask`` as a 0-d int64 array on the
+        device (no host sync, unlike :meth:`count_true`)."""
+        return self.sum(self.cast(mask, "int64"))
+
+    def sorted_values_at(self, x: Array, positions: Array) -> Array:
+        """``sort(x)[positions]``: the values at the int64 ``positions`` (a 1-D array on
+        the device, each in ``[0, n)``) of 1-D ``x`` sorted ascending, NaN last. A
+        backend may select them without sorting the whole array."""
+        return self.gather(self.sort(x), positions)
+
+    def tree_sum_in(self, x: Array, dtype: str) -> Array:
+        """:meth:`tree_sum` of ``cast(x, dtype)`` (1-D float ``x``, a float ``dtype`` at
+        least as wide): a float32 tensor's sum in float64 without a backend having to
+        store its float64 copy."""
+        return self.tree_sum(self.cast(x, dtype))

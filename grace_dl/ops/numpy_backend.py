@@ -75,6 +75,41 @@ def _philox(key: int, counter: int) -> np.random.Philox:
     return generator
 
 
+def _sampled_order_statistic(x: np.ndarray, p: int, hits: int) -> Any:
+    """``sort(x)[p]`` (NaN last) for ``p`` within ``n / 8`` of either end, from the
+    elements past the ``j``-th most extreme of a strided sample (``j`` a few standard
+    deviations beyond the sample's expected share): when at least the needed count of
+    elements lies past it, the answer is among them. None otherwise (and for other
+    ``p``)."""
+    n = x.shape[0]
+    top = n - p  # the answer is the top-th largest
+    k = min(top, p + 1)
+    if 8 * k > n:
+        return None
+    aim = min(hits, max(8, n >> 14))
+    stride = max(1, n // min(n, -(-aim * n // k)))
+    sample = np.ascontiguousarray(x[::stride])
+    s = sample.shape[0]
+    share = k * s / n
+    j = min(s, math.ceil(share + 4.0 * math.sqrt(share) + 8.0))
+    if top <= p + 1:  # near the top: the elements not below the threshold (NaN included)
+        threshold = np.partition(sample, s - j)[s - j]
+        if threshold != threshold:
+            return None
+        candidates = x[~(x < threshold)]
+        c = candidates.shape[0]
+        if not top <= c <= n // 4:
+            return None
+        return np.partition(candidates, c - top)[c - top]
+    threshold = np.partition(sample, j - 1)[j - 1]  # near the bottom: those not above it
+    if threshold != threshold:
+        return None
+    candidates = x[x <= threshold]
+    if not p + 1 <= candidates.shape[0] <= n // 4:
+        return None
+    return np.partition(candidates, p)[p]
+
+
 def draws_for_distinct(n: int, k: int, have: int = 0) -> int:
     """How many uniform draws from ``range(n)`` to make so that, with ``have`` distinct
     values already drawn, about ``k`` distinct ones are reached (the expectation plus a
@@ -252,7 +287,7 @@ class NumpyOps(Ops):
                 u = packed
             return u.view("<i4").astype(np.int32, copy=False)
         if bits <= 16:
-            return self._bytes_to_words(_pack_groups_of_eight(v, bits))
+            return _pack_groups_of_eight(v, bits).view("<i4").astype(np.int32, copy=False)
         # any other width: the little-endian bits of each value, cut to `bits`, as one stream
         width = 4 if bits <= 32 else 8
         u = v.astype(f"<u{width}")
@@ -284,13 +319,32 @@ class NumpyOps(Ops):
     def random_uniform(self, n, key, counter, like):
         # the values of Generator(Philox(key, counter)).random(n, dtype=float32), made from
         # the raw 64-bit stream: each word gives two 32-bit draws, low half first, and a
-        # draw u becomes (u >> 8) / 2**24, as the Generator does; ~25% faster than it
+        # draw u becomes (u >> 8) / 2**24, as the Generator does; ~25% faster than it.
+        # Drawn in blocks (successive random_raw calls continue one stream), so that the
+        # raw words and the shifted draws are block-sized: the output is the only
+        # full-size array
         n = int(n)
-        raw = _philox(int(key), int(counter)).random_raw(-(-n // 2))
-        draws = raw.view("<u4")[:n]
-        np.right_shift(draws, np.uint32(8), out=draws)  # in place: the raw words are ours
-        out = draws.astype(np.float32)
-        out *= np.float32(2.0**-24)
+        generator = _philox(int(key), int(counter))
+        out = np.empty(n, np.float32)
+        for start in range(0, n, _RANDOM_BLOCK):
+            stop = min(n, start + _RANDOM_BLOCK)  # _RANDOM_BLOCK is even: whole words
+            draws = generator.random_raw(-(-(stop - start) // 2)).view("<u4")[:stop - start]
+            np.right_shift(draws, np.uint32(8), out=draws)
+            np.multiply(draws, np.float32(2.0**-24), out=out[start:stop], dtype=np.float32)  # exact: < 2**24
+        return out
+
+    def uniform_ints(self, n, bits, key, counter, like):
+        # a draw u is (w >> 8) / 2**24 for a 32-bit word w (random_uniform), so
+        # u * 2**bits truncated is w >> (32 - bits), with no float pass
+        if not 1 <= bits <= 23:
+            raise ValueError(f"bits must be in [1, 23], got {bits}")
+        n = int(n)
+        generator = _philox(int(key), int(counter))
+        out = np.empty(n, np.int32)
+        for start in range(0, n, _RANDOM_BLOCK):
+            stop = min(n, start + _RANDOM_BLOCK)
+            draws = generator.random_raw(-(-(stop - start) // 2)).view("<u4")[:stop - start]
+            np.right_shift(draws, np.uint32(32 - bits), out=out[start:stop].view(np.uint32))
         return out
 
     def random_choice(self, n, k, key, counter, like):
@@ -335,8 +389,12 @@ class NumpyOps(Ops):
         np_dtype = _np_dtype(dtype)
         k = buffer.shape[0] // (1 + np.dtype(np_dtype).itemsize // 4)
         out = np.zeros(int(n), np_dtype)
-        # int64 indices: NumPy's fancy assignment is ~3x slower with int32 ones
-        out[buffer[:k].astype(np.int64)] = buffer[k:].view(np_dtype)
+        values = buffer[k:].view(np_dtype)
+        # int64 indices (NumPy's fancy assignment is ~3x slower with int32 ones), widened
+        # a block at a time: a dense payload's int64 copy would be as large as the tensor
+        for start in range(0, k, _RANDOM_BLOCK):
+            stop = min(k, start + _RANDOM_BLOCK)
+            out[buffer[start:stop].astype(np.int64)] = values[start:stop]
         return out
 
     def nonzero_magnitude_at_least(self, x, threshold):
@@ -359,6 +417,10 @@ class NumpyOps(Ops):
 
     def topk_indices(self, x, k):
         n = x.shape[0]
+        if 0 < k < n and n >= self.SAMPLED_TOPK_MIN_NUMEL and 8 * k <= n and x.dtype.kind in "fiu":
+            idx = self._sampled_topk_indices(x, k)
+            if idx is not None:
+                return idx
         if 0 < k < n:
             # the k-th largest (NaN sorts last, as the largest); when exactly k elements
             # are not below it they are the answer, already ascending (no tie to break)
@@ -367,6 +429,50 @@ class NumpyOps(Ops):
             if idx.shape[0] == k:
                 return idx.astype(np.int64, copy=False)
         return super().topk_indices(x, k)
+
+    def _sampled_topk_indices(self, x: np.ndarray, k: int) -> np.ndarray | None:
+        """:meth:`topk_indices` from candidates: the elements not below the ``j``-th
+        largest of a strided sample (``j`` a few standard deviations above the sample's
+        expected share of the top ``k``). When at least ``k`` elements are not below it,
+        they hold every element ranking at or above the k-th largest (NaN, the largest,
+        included), ties in index order, so the top k among them is the answer; else
+        None (the caller selects on the whole array)."""
+        n = x.shape[0]
+        aim = min(self.SAMPLED_TOPK_HITS, max(8, n >> 14))
+        stride = max(1, n // min(n, -(-aim * n // k)))
+        sample = x[::stride]
+        s = sample.shape[0]
+        hits = k * s / n  # expected sampled elements at or above the k-th largest
+        j = min(s, math.ceil(hits + 4.0 * math.sqrt(hits) + 8.0))
+        threshold = kth_largest_value(np.ascontiguousarray(sample), j)
+        if threshold != threshold:  # NaN: too many NaN to gain anything
+            return None
+        candidates = np.flatnonzero(~(x < threshold))
+        if not k <= candidates.shape[0] <= n // 4:
+            return None
+        chosen = self.topk_indices(x[candidates], k)
+        return candidates[chosen]
+
+    def count_true_array(self, mask):
+        return np.array(np.count_nonzero(mask), np.int64)
+
+    def sorted_values_at(self, x, positions):
+        x = np.asarray(x)
+        positions = np.asarray(positions).reshape(-1)
+        n = x.shape[0]
+        out = np.empty(positions.shape[0], x.dtype)
+        full = []
+        for i, p in enumerate(positions.tolist()):
+            # near either end, among the candidates past a sampled threshold
+            value = _sampled_order_statistic(x, int(p), self.SAMPLED_TOPK_HITS) if n >= 1 << 12 else None
+            if value is None:
+                full.append(i)
+            else:
+                out[i] = value
+        if full:
+            wanted = positions[full]
+            out[full] = np.partition(x, np.unique(wanted))[wanted]
+        return out
 
     # -- quantization kernels
     @staticmethod
@@ -398,6 +504,19 @@ class NumpyOps(Ops):
         np.add(x[:n - h], x[h:], out=acc[:n - h])
         acc[n - h:] = x[n - h:h]  # carried unchanged
         return _halve(acc, h, scale)
+
+    def tree_sum_in(self, x, dtype):
+        wide = _np_dtype(dtype)
+        n = x.shape[0]
+        if x.dtype == wide or n <= 1:
+            return self.tree_sum(x.astype(wide, copy=False))
+        # the first level with the cast fused (the ufunc casts in small buffers), so the
+        # only wide array is the h first-level sums
+        h = 1 << ((n - 1).bit_length() - 1)
+        acc = np.empty(h, wide)
+        np.add(x[:n - h], x[h:], out=acc[:n - h], dtype=wide)
+        acc[n - h:] = x[n - h:h]  # carried unchanged (an exact widening)
+        return _halve(acc, h, 1.0)
 
     def abs_tree_sum(self, x, scale=1.0):
         n = x.shape[0]
@@ -445,6 +564,24 @@ class NumpyOps(Ops):
     def power_of_two_codes(self, x, r):
         bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
         mag = bits & np.int32(0x7FFFFFFF)
+        peak = int(mag.max()) if mag.shape[0] else 0
+        if peak >= 254 << 23:  # an exponent field of 254 or more (or NaN): the general rule
+            return self._power_of_two_codes_general(bits, mag, r)
+        # every exponent field below 254: e + (r < m) is (|x|'s bits + 2**23 - 1 - r) >> 23
+        # (the mantissa m carries into the exponent exactly when m > r), no cap needed
+        e = np.subtract(np.int32(0x7FFFFF), r, dtype=np.int32)
+        e += mag
+        e >>= 23
+        # the sign as bit 8 (bit 31 of x's bits, shifted down with its sign extension),
+        # kept where e > 0: (e + 255) has bit 8 set exactly when 1 <= e <= 255
+        np.right_shift(bits, 23, out=mag)
+        mag &= e + np.int32(255)
+        mag &= np.int32(256)
+        e |= mag
+        return e
+
+    @staticmethod
+    def _power_of_two_codes_general(bits, mag, r):
         e = mag >> 23
         up = (r < (mag & np.int32(0x7FFFFF))) & (e < 254)
         e += up
@@ -454,10 +591,12 @@ class NumpyOps(Ops):
         return e
 
     def power_of_two_values(self, codes):
-        codes = np.asarray(codes).astype(np.int32, copy=False)
-        bits = (codes & 255) << 23
-        bits |= (codes >> 8) << 31  # codes < 512: bit 8 is the sign
-        np.copyto(bits, np.int32(0x7FC00000), where=codes == 256)
+        # code << 23 places the exponent field and, from bit 8, the sign (codes < 512);
+        # only the NaN code 256 then needs a fix (it would read as -0.0)
+        bits = np.asarray(codes).astype(np.uint32)
+        bits <<= np.uint32(23)
+        if bits.shape[0] and np.any(bits == np.uint32(0x80000000)):
+            np.copyto(bits, np.uint32(0x7FC00000), where=bits == np.uint32(0x80000000))
         return bits.view(np.float32)
 
     def bfloat16_words(self, x):
@@ -471,31 +610,25 @@ class NumpyOps(Ops):
         return halves.astype("<u2", copy=False).view("<i4").astype(np.int32, copy=False)
 
     def dither_codes(self, y, u, levels):
-        if y.dtype != np.float32:
+        u = np.asarray(u)
+        if y.dtype != np.float32 or u.dtype != np.float32:
             return super().dither_codes(y, u, levels)
-        # branch-free on the bits: np.where on data-dependent masks is 15x slower
-        mag = np.abs(y)
-        mag = np.minimum(mag, mag * np.float32(0) + np.float32(1))  # +-inf becomes NaN, as NaN
-        a = mag.view(np.int32)
-        top = (a >= (128 - levels) << 23) & (a <= 0x7F800000)  # |y| >= 2**(1-s); NaN is not
-        keep = np.negative(top.view(np.uint8), dtype=np.int32)  # -1 where top
-        fraction_top = ((a & 0x7FFFFF).astype(np.float32) * np.float32(2.0 ** -23)).view(np.int32)
-        fraction_low = (mag * np.float32(2.0 ** (levels - 1))).view(np.int32)
-        fraction = ((fraction_top & keep) | (fraction_low & ~keep)).view(np.float32)
-        k = (((a >> 23) - (127 - levels)) & keep) + (u < fraction)
-        negative = np.negative((y < 0).view(np.uint8), dtype=np.int32)
-        return levels + k - ((k << 1) & negative)
+        # in blocks that stay in the cache: the kernel makes about 25 passes
+        out = np.empty(y.shape[0], np.int32)
+        for start in range(0, y.shape[0], _CACHE_BLOCK):
+            stop = start + _CACHE_BLOCK
+            _dither_codes_block(y[start:stop], u[start:stop], levels, out[start:stop])
+        return out
 
     def dither_values(self, codes, levels, dtype):
         if dtype != "float32":
             return super().dither_values(codes, levels, dtype)
-        signed = np.asarray(codes).astype(np.int32) - np.int32(levels)
-        k = np.abs(signed)
-        present = np.negative((k > 0).view(np.uint8), dtype=np.int32)
-        bits = ((k + (127 - levels)) << 23) & present
-        bits |= (signed >> 31) << 31  # the sign; a negative code always has k > 0
-        return bits.view(np.float32)
-
+        codes = np.asarray(codes)
+        out = np.empty(codes.shape[0], np.int32)
+        for start in range(0, codes.shape[0], _CACHE_BLOCK):
+            stop = start + _CACHE_BLOCK
+            _dither_values_block(codes[start:stop], levels, out[start:stop])
+        return out.view(np.float32)
 
     def clip_magnitude(self, x, bound):
         b = np.asarray(bound).reshape(-1)[0]
@@ -592,6 +725,13 @@ class NumpyOps(Ops):
         return codes
 
 
+#: draws per block of :meth:`NumpyOps.random_uniform` (even: whole 64-bit words)
+_RANDOM_BLOCK = 1 << 20
+
+#: elements per block of the kernels that make many passes, so that their temporaries
+#: stay in the cache (2**15 float32: 128 KiB per temporary)
+_CACHE_BLOCK = 1 << 15
+
 #: field j of byte value b for fields of 1, 2 and 4 bits, as (256, 8 / bits) index tables
 _BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits)) & ((1 << bits) - 1)
                 for bits in (1, 2, 4)}
@@ -621,6 +761,53 @@ def _bit_table(on: np.ndarray, off: np.ndarray) -> np.ndarray:
 _SQUARES_CHUNK = 1 << 16
 
 
+def _dither_codes_block(y: np.ndarray, u: np.ndarray, levels: int, out: np.ndarray) -> None:
+    """:meth:`NumpyOps.dither_codes` of float32 ``y`` and draws ``u`` into int32 ``out``,
+    branch-free on the bits (np.where on data-dependent masks is 15x slower)."""
+    a = y.view(np.int32) & np.int32(0x7FFFFFFF)  # |y|'s bits
+    peak = int(a.max()) if a.shape[0] else 0  # one reduction spares the passes below
+    special = None
+    if peak >= 0x7F800000:  # -1 at NaN and +-inf
+        special = np.negative((a >= np.int32(0x7F800000)).view(np.uint8), dtype=np.int32)
+    if peak > 0x3F800000:
+        np.minimum(a, np.int32(0x3F800000), out=a)  # |y| clamped to 1 (NaN and inf masked off below)
+    keep = np.negative((a >= np.int32((128 - levels) << 23)).view(np.uint8), dtype=np.int32)  # -1: |y| >= 2**(1-s)
+    # the probability of rounding up: the mantissa fraction at or above the lowest level,
+    # |y| / 2**(1-s) below it (both exact), chosen by bits
+    fraction = (a & np.int32(0x7FFFFF)).astype(np.float32)
+    fraction *= np.float32(2.0 ** -23)
+    low = a.view(np.float32) * np.float32(2.0 ** (levels - 1))
+    bits = fraction.view(np.int32)
+    bits &= keep
+    low_bits = low.view(np.int32)
+    low_bits &= ~keep
+    bits |= low_bits
+    k = np.right_shift(a, 23, out=a)
+    k -= np.int32(127 - levels)
+    k &= keep
+    k += np.less(u, fraction).view(np.uint8)
+    if special is not None:
+        k &= ~special  # NaN and +-inf: level 0
+    # levels + k, or levels - k where y's sign bit is set (then k = 0 for -0.0 and NaN)
+    negative = np.right_shift(y.view(np.int32), 31, out=keep)  # -1 where the sign bit is set
+    negative &= k << 1
+    np.add(k, np.int32(levels), out=out)
+    out -= negative
+
+
+def _dither_values_block(codes: np.ndarray, levels: int, out: np.ndarray) -> None:
+    """:meth:`NumpyOps.dither_values` (float32) of ``codes`` as int32 bits into ``out``."""
+    signed = np.subtract(codes, levels, dtype=np.int32, casting="unsafe")
+    k = np.abs(signed)
+    present = np.negative((k > 0).view(np.uint8), dtype=np.int32)
+    k += np.int32(127 - levels)
+    k <<= 23
+    k &= present
+    signed >>= 31  # the sign; a negative code always has k > 0
+    signed <<= 31
+    np.bitwise_or(k, signed, out=out)
+
+
 def _halve(acc: np.ndarray, h: int, scale: float) -> np.ndarray:
     """The rest of :meth:`Ops.tree_sum` on its ``h`` (a power of two) first-level sums,
     in place: halves added until one is left, times ``scale``."""
@@ -635,45 +822,65 @@ def _halve(acc: np.ndarray, h: int, scale: float) -> np.ndarray:
 
 
 def _pack_groups_of_eight(v: np.ndarray, bits: int) -> np.ndarray:
-    """The bit stream of ``bits``-wide fields (``bits <= 16``) as bytes: eight fields make
-    ``bits`` bytes, built as two little-endian 64-bit accumulators per group of eight."""
+    """The bit stream of ``bits``-wide fields (``bits <= 16``) as the bytes of
+    ``ceil(n * bits / 32)`` int32 words (the tail zero): eight
+    fields make ``bits`` bytes, and byte ``b`` of a group is the or of the (at most three)
+    fields that overlap it, each shifted into place, in a type two bytes wider than a
+    field. One pass over ``v``, then column operations on an eighth of the elements."""
     n = v.shape[0]
     groups = -(-n // 8)
-    padded = np.zeros(groups * 8, np.uint64)
-    padded[:n] = v
-    fields = np.ascontiguousarray(padded.reshape(groups, 8).T)  # field j of each group: row j
-    lo = np.zeros(groups, "<u8")
-    hi = np.zeros(groups, "<u8")
+    wide = np.uint16 if bits <= 9 else np.uint32  # a field shifted left by up to 7 bits fits
+    if n == groups * 8:
+        cols = v.astype(wide).reshape(groups, 8)
+    else:
+        cols = np.zeros((groups, 8), wide)
+        np.copyto(cols.reshape(-1)[:n], v, casting="unsafe")
+    words = -(-n * bits // 32)
+    out = np.zeros(-(-max(groups * bits, 4 * words) // 4) * 4, np.uint8)
+    grid = out[:groups * bits].reshape(groups, bits)
+    for byte in range(bits):
+        low = 8 * byte  # the stream bit at this byte's bit 0
+        acc = None
+        for j in range(low // bits, min(8, (low + 8 - 1) // bits + 1)):
+            shift = bits * j - low  # where field j's bit 0 falls relative to the byte
+            term = cols[:, j] << wide(shift) if shift >= 0 else cols[:, j] >> wide(-shift)
+            acc = term if acc is None else np.bitwise_or(acc, term, out=acc)
+        np.copyto(grid[:, byte], acc, casting="unsafe")  # the low 8 bits
+    return out[:4 * words]  # the bytes past the stream are zero (zero fields)
+
+
+def _fields_of_groups(grid: np.ndarray, bits: int, out: np.ndarray) -> None:
+    """Fields of ``(groups, bits)`` stream bytes into the ``(groups, 8)`` int64 ``out``:
+    field ``j`` of every group as one contiguous row (the or of the bytes it spans,
+    shifted into place), the rows transposed into ``out`` in one pass."""
+    wide = np.uint16 if bits <= 9 else np.uint32
+    mask = wide((1 << bits) - 1)
+    columns = np.ascontiguousarray(grid.T).astype(wide)  # byte b of every group: row b
+    rows = np.empty((8, grid.shape[0]), wide)
     for j in range(8):
-        shift = bits * j
-        if shift < 64:
-            lo |= fields[j] << np.uint64(shift)  # bits past 63 fall off, into hi below
-            if shift + bits > 64:
-                hi |= fields[j] >> np.uint64(64 - shift)
-        else:
-            hi |= fields[j] << np.uint64(shift - 64)
-    out = np.concatenate([lo.view(np.uint8).reshape(groups, 8), hi.view(np.uint8).reshape(groups, 8)], axis=1)
-    return out[:, :bits].reshape(-1)[: -(-n * bits // 8)]
+        first = bits * j  # the field's bit 0 in the group's stream
+        acc = rows[j]
+        for i, byte in enumerate(range(first // 8, (first + bits - 1) // 8 + 1)):
+            shift = 8 * byte - first  # where the byte's bit 0 falls relative to the field
+            shifter = np.left_shift if shift >= 0 else np.right_shift
+            if i == 0:
+                shifter(columns[byte], wide(abs(shift)), out=acc)
+            else:
+                np.bitwise_or(acc, shifter(columns[byte], wide(abs(shift))), out=acc)
+        np.bitwise_and(acc, mask, out=acc)
+    out[...] = rows.T
 
 
 def _unpack_groups_of_eight(raw: np.ndarray, n: int, bits: int) -> np.ndarray:
     """Inverse of :func:`_pack_groups_of_eight`: ``n`` int64 fields from the bytes ``raw``."""
     groups = -(-n // 8)
-    take = min(raw.shape[0], groups * bits)
-    stream = np.zeros(groups * bits, np.uint8)
-    stream[:take] = raw[:take]
-    buf = np.zeros((groups, 16), np.uint8)
-    buf[:, :bits] = stream.reshape(groups, bits)
-    halves = np.ascontiguousarray(buf.view("<u8").T)  # rows: low and high 64 bits of each group
-    lo, hi = halves[0], halves[1]
-    mask = np.uint64((1 << bits) - 1)
-    out = np.empty((8, groups), np.uint64)  # field j of each group: row j
-    for j in range(8):
-        shift = bits * j
-        if shift + bits <= 64:
-            np.bitwise_and(lo >> np.uint64(shift), mask, out=out[j])
-        elif shift < 64:
-            np.bitwise_and((lo >> np.uint64(shift)) | (hi << np.uint64(64 - shift)), mask, out=out[j])
-        else:
-            np.bitwise_and(hi >> np.uint64(shift - 64), mask, out=out[j])
-    return out.T.reshape(-1)[:n].astype(np.int64)
+    out = np.empty((groups, 8), np.int64)
+    whole = min(groups, raw.shape[0] // bits)  # groups whose bytes are all in raw
+    if whole:
+        _fields_of_groups(raw[:whole * bits].reshape(whole, bits), bits, out[:whole])
+    if whole < groups:  # the last groups, their missing bytes zero
+        tail = np.zeros((groups - whole) * bits, np.uint8)
+        rest = raw[whole * bits:groups * bits]
+        tail[:rest.shape[0]] = rest
+        _fields_of_groups(tail.reshape(groups - whole, bits), bits, out[whole:])
+    return out.reshape(-1)[:n]

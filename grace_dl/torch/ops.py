@@ -529,3 +529,21 @@ class TorchOps(Ops):
         if _on_cpu(x):
             return torch.from_numpy(_NUMPY.abs_tree_sum(_np(x), scale))
         return super().abs_tree_sum(x, scale)
+
+    def count_true_array(self, mask):
+        return torch.count_nonzero(mask)
+
+    def sorted_values_at(self, x, positions):
+        if _on_cpu(x, positions):  # NumPy selects instead of sorting
+            return torch.from_numpy(_NUMPY.sorted_values_at(_np(x), _np(positions)))
+        return super().sorted_values_at(x, positions)
+
+    def tree_sum_in(self, x, dtype):
+        if _on_cpu(x):
+            return torch.from_numpy(_NUMPY.tree_sum_in(_np(x), dtype))
+        return super().tree_sum_in(x, dtype)
+
+    def uniform_ints(self, n, bits, key, counter, like):
+        if like.device.type == "cpu":  # NumPy's integers, as random_uniform takes NumPy's draws
+            return torch.from_numpy(_NUMPY.uniform_ints(n, bits, key, counter, None))
+        return super().uniform_ints(n, bits, key, counter, like)
