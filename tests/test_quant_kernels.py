@@ -190,7 +190,9 @@ def test_torch_power_of_two_kernels_match_numpy():
 
 
 @pytest.mark.parametrize("name,kwargs", [("qsgd", {}), ("qsgd", {"levels": 3, "bucket_size": 7}),
-                                         ("qsgd", {"levels": 300, "bucket_size": 100}), ("natural", {})])
+                                         ("qsgd", {"levels": 300, "bucket_size": 100}), ("natural", {}),
+                                         ("natural_dithering", {}),
+                                         ("natural_dithering", {"levels": 3, "bucket_size": 2, "p": "2"})])
 @pytest.mark.parametrize("n", [1, 31, 1000, 5000])
 def test_chunked_processing_gives_the_payload_of_one_pass(monkeypatch, name, kwargs, n):
     import grace_dl
