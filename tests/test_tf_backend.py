@@ -383,6 +383,28 @@ def test_variables_go_through_the_pipeline(rng):
     assert_same(out_tf[1]["w"], out_np[1]["w"])
 
 
+def test_skipped_state_update_is_said_once():
+    """A NaN gradient leaves the residual of TF tensors as it was, and the skip is
+    announced once (a NonFiniteWarning naming the tensor and step)."""
+    import warnings
+
+    from grace_dl.checks import NonFiniteWarning
+
+    good = np.linspace(-1, 1, 40, dtype=np.float32)
+    bad = good.copy()
+    bad[5] = np.nan
+    method = grace_tf.topk(ratio=0.1).bind(grace_dl.LocalWorld(1).transports[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        method.step(tf.constant(good), "w")
+        before = method.memory.state["w"]["residual"].numpy()
+        method.step(tf.constant(bad), "w")
+        method.step(tf.constant(bad), "w")
+    said = [str(w.message) for w in caught if issubclass(w.category, NonFiniteWarning)]
+    assert len(said) == 1 and "tensor 'w' held NaN or Inf at step 1" in said[0], said
+    assert method.memory.state["w"]["residual"].numpy().tobytes() == before.tobytes()
+
+
 # -- tf.function -------------------------------------------------------------------------------
 def test_ops_trace_in_tf_function(rng):
     n = 77
