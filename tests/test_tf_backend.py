@@ -405,6 +405,26 @@ def test_skipped_state_update_is_said_once():
     assert method.memory.state["w"]["residual"].numpy().tobytes() == before.tobytes()
 
 
+def test_gradient_mismatch_message_names_the_variables():
+    from grace_dl.tensorflow.checks import _describe, _labels, _name_hash
+
+    def hashes(names):
+        return np.array([_name_hash(n) for n in names], np.int64)
+
+    # rank 1 has no gradient for b: each rank names it, from its own side
+    on_rank0 = _describe(0, ["w", "b"], [], [hashes(["w", "b"]), hashes(["w"])])
+    assert "rank 1 has no gradient (None) for 'b', which rank 0 has" in on_rank0, on_rank0
+    on_rank1 = _describe(1, ["w"], ["b"], [hashes(["w", "b"]), hashes(["w"])])
+    assert "rank 1 has no gradient (None) for 'b', which rank 0 has" in on_rank1, on_rank1
+    # (Keras drops a None gradient from the list: the variable is unknown to rank 1)
+    keras = _describe(1, ["w"], [], [hashes(["w", "b"]), hashes(["w"])])
+    assert "rank 1 has no gradient for 1 variable(s) that rank 0 has (see rank 0's message" in keras, keras
+    assert "another order" in _describe(0, ["w", "b"], [], [hashes(["w", "b"]), hashes(["b", "w"])])
+    # names as the adapter names tensors: duplicates get their position
+    v = [tf.Variable(1.0, name="x"), tf.Variable(2.0, name="x"), tf.Variable(3.0, name="y")]
+    assert _labels([1, 2, 3], v) == ["x:0#0", "x:0#1", "y:0"]
+
+
 # -- tf.function -------------------------------------------------------------------------------
 def test_ops_trace_in_tf_function(rng):
     n = 77
