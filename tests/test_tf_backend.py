@@ -478,6 +478,20 @@ def test_log_exp_and_run_time_lengths(rng):
     assert int(count) == 0 and T.to_numpy(top).tolist() == [0, 1, 2]
 
 
+@pytest.mark.skipif(os.environ.get("GRACE_DL_ONEDNN_FLIPPED") == "1", reason="already the flipped run")
+def test_bit_identity_holds_with_onednn_switched_the_other_way():
+    """TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at import: the bit-identity tests run
+    again in a process with oneDNN switched the other way from this one (CI covers both
+    settings on every CPU; oneDNN's kernels differ from TF's own in the last bits)."""
+    flipped = "1" if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "") == "0" else "0"
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=flipped, GRACE_DL_ONEDNN_FLIPPED="1", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "bit_identical or simulator_matches_numpy or ops_trace"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+
+
 # -- package surface -------------------------------------------------------------------------------
 def test_package_exports():
     import inspect
