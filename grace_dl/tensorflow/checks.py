@@ -13,6 +13,11 @@ variables it has gradients for; ranks that differ exchange the names' hashes and
 :class:`GradientMismatchError` on every rank, naming the variables. Cost: one allgather of
 16 bytes per worker and step (not counted in ``grace.stats``).
 
+A method's first such allgather waits at most :data:`FIRST_STEP_TIMEOUT_S` seconds: a rank
+that runs Horovod's own compression (or none) never posts grace-dl's collectives, and
+Horovod's TF collectives have no time-out, so the job would hang; instead this rank raises
+:class:`CompressionMismatchError` and its exit ends the job.
+
 One method object keeps state per tensor name; two live models trained with one object
 (two tapes, or two Keras optimizers) would share it whenever their variables share names.
 The first time a method sees a name it remembers that variable (weakly); the same name
