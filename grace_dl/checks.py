@@ -20,7 +20,26 @@ on top of it is refused too (see :func:`adaptive_optimizer_message`).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """A NaN or Inf gradient made a memory skip its state update for a step (said once
+    per memory object; see :func:`announce_skipped_update`)."""
+
+
+def announce_skipped_update(memory: Any, ctx: Any, fields: str) -> None:
+    """Warn (:class:`NonFiniteWarning`) that ``memory`` kept its ``fields`` of tensor
+    ``ctx.name`` from the step before, because this step's gradient held NaN or Inf.
+    Called once per memory object: later skipped updates are silent, as AMP's
+    ``GradScaler`` skips steps without a word (the non-finite aggregate is the signal)."""
+    kind = getattr(type(memory), "registry_name", type(memory).__name__)
+    warnings.warn(
+        f"grace-dl: tensor {ctx.name!r} held NaN or Inf at step {ctx.step} on rank {ctx.rank}: the {kind} memory "
+        f"kept its {fields} of the step before (the non-finite values still reach the aggregate, so that a loss "
+        f"scaler skips the step). Said once per method object; later skipped updates are not announced",
+        NonFiniteWarning, stacklevel=2)
 
 
 def memory_momentum(memory: Any) -> float:

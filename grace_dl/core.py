@@ -15,11 +15,13 @@ from __future__ import annotations
 import abc
 import copy
 import hashlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generator
 
 import numpy as np
 
+from .checks import announce_skipped_update
 from .ops import DTYPE_ITEMSIZE, Array, Ops, get_ops
 from .payload import Payload
 from .transport.base import Transport, allgather_traffic, allreduce_traffic
@@ -221,6 +223,11 @@ class Compressor(abc.ABC):
         return f"{type(self).__name__}({params})"
 
 
+# memories that have announced a skipped update (see Memory._finite_update); a weak set,
+# so that copies (fresh_copy) announce again and the memory itself carries no flag
+_ANNOUNCED: "weakref.WeakSet[Memory]" = weakref.WeakSet()
+
+
 class Memory(abc.ABC):
     """Per-tensor state that feeds back what compression dropped (error feedback).
 
@@ -266,6 +273,28 @@ class Memory(abc.ABC):
             value = ops.cast(ops.from_numpy(np.asarray(value), like), ops.dtype(like))
             self.state[name][key] = value
         return value
+
+    def _finite_update(self, ops: Ops, finite: Array, ctx: TensorContext, fields: str) -> bool | None:
+        """Whether this step's new state of ``ctx.name`` is kept, as a Python bool where
+        the on-device flag ``finite`` reads without a device sync (None elsewhere: the
+        caller then picks on the device with :meth:`Ops.choose`). The first update that
+        a NaN or Inf makes this memory skip is announced, once per memory object, with
+        a :class:`~grace_dl.checks.NonFiniteWarning` naming the tensor and ``fields``."""
+        if self in _ANNOUNCED:
+            return None  # said once: leave the decision to the device
+        keep = ops.read_flag(finite)
+        if keep is False:
+            _ANNOUNCED.add(self)
+            announce_skipped_update(self, ctx, fields)
+        return keep
+
+    @staticmethod
+    def _pick(ops: Ops, finite: Array, keep: bool | None, new: Array, previous: Array) -> Array:
+        """``new`` where the update is kept, else ``previous`` (``keep`` as given by
+        :meth:`_finite_update`; None decides on the device from ``finite``)."""
+        if keep is None:
+            return ops.choose(finite, new, previous)
+        return new if keep else previous
 
     def state_dict(self) -> dict[str, dict[str, np.ndarray]]:
         """All per-tensor state as NumPy arrays."""

@@ -82,7 +82,9 @@ class ResidualMemory(Memory):
         previous = self._field(ops, ctx.name, "residual", residual)
         if previous is None:
             previous = ops.zeros(ctx.numel, ctx.dtype, residual)
-        self.state.setdefault(ctx.name, {})["residual"] = ops.choose(ops.all_finite(residual), residual, previous)
+        finite = ops.all_finite(residual)
+        keep = self._finite_update(ops, finite, ctx, "residual")
+        self.state.setdefault(ctx.name, {})["residual"] = self._pick(ops, finite, keep, residual, previous)
 
 
 @register("memory", "signum_momentum",
@@ -128,5 +130,6 @@ class SignumMomentum(Memory):
         previous = self._field(ops, ctx.name, "momentum", compensated)
         if previous is None:
             previous = ops.zeros(ctx.numel, ctx.dtype, compensated)
-        non_finite = ops.sum(ops.cast(~ops.isfinite(compensated), ctx.dtype)) > 0
-        self.state.setdefault(ctx.name, {})["momentum"] = ops.where(non_finite, previous, compensated)
+        finite = ops.all_finite(compensated)
+        keep = self._finite_update(ops, finite, ctx, "momentum")
+        self.state.setdefault(ctx.name, {})["momentum"] = self._pick(ops, finite, keep, compensated, previous)

@@ -172,3 +172,24 @@ def test_dead_rank_ends_ddp_hook_job():
     # (closed or reset: Gloo's wording depends on where the survivor was when the peer left)
     assert any(m in out for m in ("Connection closed by peer", "Connection reset by peer", "Timed out")), out[-3000:]
     print(f"DDP hook (Gloo): surviving rank ended {after:.1f} s after rank 1 exited")
+
+
+# -- grace-dl on one rank, Horovod's own compression on the other ------------------------------
+@pytest.mark.parametrize("framework", ["torch", "tf"])
+def test_mixed_compression_ends_with_a_clear_error(framework):
+    import re
+
+    cmd = horovodrun("gloo") + [sys.executable, str(HERE / "mixed_compression.py"), framework]
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2",
+               OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE.parent.parent)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "trained although" not in out, out[-3000:]
+    said = re.search(r"rank 0: .*?CompressionMismatchError: (.*) after (\d+\.\d) s", out)
+    assert said, out[-3000:]
+    assert "compression=" in said.group(1) and "Horovod's own" in said.group(1), said.group(1)
+    after = float(said.group(2))
+    assert after < 60, f"the error came {after} s after the first step"
+    if framework == "torch":  # rank 1 runs no grace-dl: Horovod's own message
+        assert re.search(r"rank 1: HorovodInternalError: Mismatched ALLREDUCE tensor shapes", out), out[-3000:]
+    print(f"{framework}: rank 0 refused {after:.1f} s after the first step")

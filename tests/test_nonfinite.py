@@ -5,12 +5,14 @@ stays finite; and the next finite step updates the state again (training recover
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 import pytest
 
 import grace_dl
+from grace_dl.checks import NonFiniteWarning
 
 # NumPy warns about the NaN arithmetic these steps are made of
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -90,7 +92,13 @@ def test_a_non_finite_gradient_leaves_memory_state_as_it_was(label, extra, bad, 
     assert any(a.size for a in (arr for _, arr in arrays(before[0]))), f"{label}: no state after two steps"
     poisoned = grads(2)
     poisoned[0]["layer.weight"][3, 4] = bad  # one element of one worker's gradient
-    sim.step(as_backend(backend, poisoned))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sim.step(as_backend(backend, poisoned))
+    # the skipped update is said once, naming the tensor, on the worker whose state kept it
+    said = [str(w.message) for w in caught if issubclass(w.category, NonFiniteWarning)]
+    on_rank0 = [m for m in said if "on rank 0" in m]
+    assert len(on_rank0) == 1 and "tensor 'layer.weight'" in on_rank0[0], f"{label}: {said}"
     after = [memory_state(w) for w in sim.workers]
     for rank, state in enumerate(after):
         for path, array in arrays(state):
@@ -102,7 +110,13 @@ def test_a_non_finite_gradient_leaves_memory_state_as_it_was(label, extra, bad, 
         if path[1] == "layer.weight":
             assert old[path].tobytes() == new[path].tobytes(), f"{label}: {path} changed on the poisoned step"
     # and recovers: the next finite step updates the state and gives a finite aggregate
-    out = sim.step(as_backend(backend, grads(3)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = sim.step(as_backend(backend, grads(3)))
+        again = grads(4)
+        again[0]["layer.bias"][1] = bad
+        sim.step(as_backend(backend, again))  # a second skip by the same method
+    assert not [w for w in caught if issubclass(w.category, NonFiniteWarning)], f"{label}: said more than once"
     assert all(np.all(np.isfinite(to_numpy(o["layer.weight"]))) for o in out), f"{label}: aggregate not finite after recovery"
     later = dict(arrays(memory_state(sim.workers[0])))
     assert all(np.all(np.isfinite(a.astype(np.float64))) for a in later.values())

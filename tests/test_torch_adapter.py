@@ -236,6 +236,52 @@ def test_ddp_hook_errors(gloo_group):
         hook._group(object())
 
 
+def test_ddp_hook_refuses_a_method_object_of_another_live_hook(gloo_group):
+    import gc
+
+    method = grace.topk(ratio=0.3)
+    first = grace.ddp_hook(method)
+    with pytest.raises(ValueError, match="already serves another DDP comm hook.*fresh_copy"):
+        grace.ddp_hook(method)
+    grace.ddp_hook(method.fresh_copy())  # a copy is another object
+    del first  # a freed hook releases its method
+    gc.collect()
+    grace.ddp_hook(method)
+
+
+def test_ddp_hook_checks_the_optimizer_momentum(gloo_group):
+    model = mlp()
+    hook = grace.ddp_hook(grace.dgc(ratio=0.1))
+    with pytest.raises(ValueError, match="momentum would be applied twice"):
+        hook.check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    hook.check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))  # no momentum: fine
+    grace.ddp_hook(grace.topk(ratio=0.1)).check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+
+
+def test_horovod_shape_mismatch_against_the_placeholder_is_explained():
+    from grace_dl.torch.checks import CompressionMismatchError, explain_mixed_compression
+
+    class Optimizer:
+        def __init__(self, message):
+            self.message = message
+
+        def synchronize(self):
+            raise RuntimeError(self.message)
+
+    mixed = Optimizer("Mismatched ALLREDUCE tensor shapes: One rank sent a tensor of shape [0], but another "
+                      "rank sent a tensor of shape [3].")
+    explain_mixed_compression(mixed)
+    explain_mixed_compression(mixed)  # idempotent: wrapped once
+    with pytest.raises(CompressionMismatchError, match=r"shape \[0\] is grace-dl's placeholder.*same compression="):
+        mixed.synchronize()
+    other = Optimizer("Mismatched ALLREDUCE tensor shapes: One rank sent a tensor of shape [2], but another "
+                      "rank sent a tensor of shape [3].")
+    explain_mixed_compression(other)
+    with pytest.raises(RuntimeError) as caught:  # not about the placeholder: Horovod's own error
+        other.synchronize()
+    assert type(caught.value) is RuntimeError
+
+
 # -- one method object, one optimizer ----------------------------------------------------------
 class _FakeOptimizer:
     pass

@@ -248,5 +248,6 @@ class DGCMomentum(Memory):
         state = self.state.setdefault(ctx.name, {})
         previous_u = self._previous(ops, "momentum", u, ctx)
         previous_v = self._previous(ops, "velocity", v, ctx)
-        state["momentum"] = ops.choose(finite, masked_u, previous_u)
-        state["velocity"] = ops.choose(finite, v, previous_v)
+        keep = self._finite_update(ops, finite, ctx, "momentum and velocity")
+        state["momentum"] = self._pick(ops, finite, keep, masked_u, previous_u)
+        state["velocity"] = self._pick(ops, finite, keep, v, previous_v)

@@ -135,4 +135,6 @@ class GlobalTopKMemory(ResidualMemory):
         previous = self._field(ops, ctx.name, "residual", compensated)
         if previous is None:
             previous = zeros
-        self.state.setdefault(ctx.name, {})["residual"] = ops.choose(ops.all_finite(residual), residual, previous)
+        finite = ops.all_finite(residual)
+        keep = self._finite_update(ops, finite, ctx, "residual")
+        self.state.setdefault(ctx.name, {})["residual"] = self._pick(ops, finite, keep, residual, previous)

@@ -323,7 +323,9 @@ class PowerSGDMemory(Memory):
                 previous = self._field(ops, ctx.name, "error", error)
                 if previous is None:
                     previous = ops.zeros(ctx.numel, ctx.dtype, error)
-                fields["error"] = ops.choose(ops.all_finite(error), error, previous)
+                finite = ops.all_finite(error)
+                keep = self._finite_update(ops, finite, ctx, "error")
+                fields["error"] = self._pick(ops, finite, keep, error, previous)
             if scratch.get("warm_start"):
                 fields["q"] = self._next_q(ops, aggregated, scratch, ctx)
         if not fields:
@@ -342,4 +344,5 @@ class PowerSGDMemory(Memory):
         # (P = M 0): restart it from the Q this step started from
         dead = ops.reshape(ops.max(ops.abs(q_next), axis=1) == 0, (r, 1))
         q_next = ops.flatten(ops.where(dead, used, q_next))
-        return ops.choose(ops.all_finite(q_next), q_next, ops.flatten(used))
+        finite = ops.all_finite(q_next)
+        return self._pick(ops, finite, self._finite_update(ops, finite, ctx, "Q"), q_next, ops.flatten(used))

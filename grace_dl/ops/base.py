@@ -316,6 +316,13 @@ class Ops(abc.ABC):
         no host sync)."""
         return self.sum(self.cast(~self.isfinite(x), "int64")) == 0
 
+    def read_flag(self, cond: Array) -> bool | None:
+        """The 0-d bool ``cond`` as a Python bool where reading it costs no device sync
+        (NumPy, tensors in host memory, eager execution); None where it would (a GPU
+        tensor) or cannot be read (a symbolic tensor inside ``tf.function``). Default:
+        None."""
+        return None
+
     def choose(self, cond: Array, a: Array, b: Array) -> Array:
         """``a`` if the 0-d bool ``cond`` holds, else ``b`` (whole arrays of one shape
         and dtype). Unlike :meth:`where`, a backend that may branch on the host returns

@@ -407,6 +407,9 @@ class NumpyOps(Ops):
             keep &= x != 0
         return np.flatnonzero(keep)
 
+    def read_flag(self, cond):
+        return bool(cond)
+
     def choose(self, cond, a, b):
         return a if bool(cond) else b
 

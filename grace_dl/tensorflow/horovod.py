@@ -19,6 +19,7 @@ import tensorflow as tf
 from ..checks import adaptive_optimizer_message, check_optimizer_momentum
 from ..core import Grace, derive_key
 from ..transport.base import Transport, horovod_membership
+from .checks import with_step_checks
 
 
 def _op_name(name: str) -> str:
@@ -232,6 +233,7 @@ class HorovodTFGrace(Grace):
             out = self.step(t, name)
             return out * scale if scale != 1 else out
 
+        run = with_step_checks(self, tensor, run)  # the same variables on every rank; one model per method
         empty = tf.zeros([0], tensor.dtype)
         if tf.executing_eagerly():
             return empty, run(tensor)

@@ -353,6 +353,12 @@ class TFOps(Ops):
     def all_finite(self, x: Any) -> tf.Tensor:
         return tf.reduce_all(tf.math.is_finite(x))
 
+    def read_flag(self, cond: Any) -> bool | None:
+        # a symbolic tensor (inside tf.function) has no value; a GPU one would sync
+        if not tf.executing_eagerly() or not hasattr(cond, "numpy") or "GPU" in (cond.device or "").upper():
+            return None
+        return bool(cond.numpy())
+
     def index_update(self, x: Any, idx: Any, values: Any) -> tf.Tensor:
         return tf.tensor_scatter_nd_update(x, tf.reshape(idx, [-1, 1]), values)
 

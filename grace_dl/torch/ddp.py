@@ -35,6 +35,7 @@ import torch
 
 from ..core import Grace
 from ..fusion import Fuser, Ticket
+from .checks import claim_for_hook
 from .distributed import TorchDistributedTransport
 from .horovod import HorovodCompression
 from .ops import TorchOps
@@ -67,6 +68,7 @@ class GraceCommHook:
         if not isinstance(method, Grace):
             raise TypeError(f"ddp_hook takes a grace-dl method (grace_dl.torch.topk(...) or a Grace), "
                             f"got {method!r}")
+        claim_for_hook(method, self)  # one method object per hook (model): its state is kept per name
         self.grace = method
         self.process_group = process_group
         self._named = named_parameters is not None
@@ -151,6 +153,14 @@ class GraceCommHook:
                 out[start:start + result.numel()] = result
                 position = start + result.numel()
             future.set_result(out)
+
+    def check_optimizer(self, optimizer: Any) -> None:
+        """Raise ValueError when the method keeps its own momentum (DGC, Signum) and the
+        torch ``optimizer`` applies one too (momentum twice: training diverges). The hook
+        never sees the optimizer, so call this once after building it."""
+        from .horovod import refuse_double_momentum
+
+        refuse_double_momentum(optimizer, self.grace)
 
     def state_dict(self) -> dict[str, Any]:
         """The method's state (residuals, step counters), as NumPy arrays and ints."""

@@ -36,6 +36,7 @@ from ..checks import adaptive_optimizer_message, check_optimizer_momentum
 from ..core import Grace
 from ..fusion import Fuser
 from ..transport.base import Transport, horovod_membership
+from .checks import explain_mixed_compression
 from .ops import TorchOps
 
 _OPS = TorchOps()
@@ -269,6 +270,7 @@ class HorovodCompression:
         if optimizer is not self._checked_optimizer:
             claim_method(self.grace, optimizer)
             refuse_double_momentum(optimizer, self.grace)
+            explain_mixed_compression(optimizer)  # Horovod's shape error vs our placeholder, explained
             self._checked_optimizer = optimizer
         absorb_broadcast_state(optimizer, self)
         if self.grace.transport is None:

@@ -393,6 +393,9 @@ class TorchOps(Ops):
         low, high = torch.aminmax(x)
         return torch.isfinite(low) & torch.isfinite(high)
 
+    def read_flag(self, cond):
+        return None if cond.is_cuda else bool(cond)
+
     def choose(self, cond, a, b):
         if cond.is_cuda:  # branching would sync with the host
             return torch.where(cond, a, b)

@@ -73,6 +73,32 @@ def check_double_momentum_refused() -> None:
     print(f"rank {hvd.rank()}: keras dgc with SGD(momentum=0.9) refused", flush=True)
 
 
+def check_none_gradient_refused() -> None:
+    """A variable whose gradient is None on rank 1 only (its loss does not use it there):
+    refused on every rank, naming the variable, within seconds (not a hang)."""
+    rank = hvd.rank()
+    w = tf.Variable(tf.ones([4, 3]), name="keras_none_w")
+    b = tf.Variable(tf.zeros([3]), name="keras_none_b")
+    x = tf.constant(np.ones((2, 4), np.float32))
+    opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.1), compression=grace.topk(ratio=0.5))
+
+    def loss():
+        out = tf.matmul(x, w)
+        return tf.reduce_sum((out + b if rank == 0 else out) ** 2)
+
+    start = time.perf_counter()
+    try:
+        opt.minimize(loss, [w, b])
+    except Exception as err:  # noqa: BLE001  (an UnknownError quoting grace-dl's GradientMismatchError)
+        assert "GradientMismatchError" in str(err), err
+        assert "rank 1 has no gradient (None) for 'keras_none_b:0', which rank 0 has" in str(err), err
+    else:
+        raise AssertionError("a None gradient on rank 1 was accepted")
+    took = time.perf_counter() - start
+    assert took < 60, took
+    print(f"rank {rank}: keras None gradient on rank 1 refused, naming the variable ({took:.1f} s)", flush=True)
+
+
 def main() -> None:
     hvd.init()
     check_double_momentum_refused()
@@ -87,6 +113,7 @@ def main() -> None:
         if hvd.rank() == 0:
             print(f"keras {name:10s} accuracy {accuracy:.3f} compression {ratio:6.1f}x "
                   f"{time.perf_counter() - start:5.1f} s", flush=True)
+    check_none_gradient_refused()  # last: the refused step leaves Horovod's own allreduces half posted
     print(f"rank {hvd.rank()}: ALL OK", flush=True)
 
 

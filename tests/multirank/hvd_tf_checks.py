@@ -191,6 +191,68 @@ def check_checkpoint_resume(k: int = 3) -> None:
     say("checkpoint at k, restore, step 2k: identical to an uninterrupted run (topk, efsignsgd, qsgd)")
 
 
+def check_none_gradients() -> None:
+    """A variable whose gradient is None on one rank only (its loss does not use it there)
+    ends, on every rank, in an error naming the variable, within seconds: at the first
+    step, inside tf.function, and at a later step (eagerly, the None appears at step 2)."""
+    import time
+
+    rank = hvd.rank()
+    slowest = 0.0
+    cases = [("eager", 0, "b"), ("function", 0, "b"), ("eager", 2, "b"), ("eager", 0, "w")]
+    for i, (mode, from_step, missing) in enumerate(cases):
+        # names of their own per case: a refused step leaves Horovod's own empty allreduces
+        # of the other variables posted on one rank only
+        w = tf.Variable(tf.ones([4, 3]), name=f"none{i}_w")
+        b = tf.Variable(tf.zeros([3]), name=f"none{i}_b")
+        x = tf.constant(np.ones((2, 4), np.float32))
+        method = grace.topk(ratio=0.5)
+
+        def step(drop):
+            with tf.GradientTape() as tape:
+                out = tf.matmul(x, w) if not (drop and missing == "w") else tf.zeros([2, 3])
+                if not (drop and missing == "b"):
+                    out = out + b
+                loss = tf.reduce_sum(out ** 2)
+            return hvd.DistributedGradientTape(tape, compression=method).gradient(loss, [w, b])
+
+        run = tf.function(step) if mode == "function" else step
+        start = time.perf_counter()
+        try:
+            for s in range(from_step + 1):
+                start = time.perf_counter()
+                run(rank == 1 and s >= from_step)
+        except Exception as err:  # noqa: BLE001  (TF's UnknownError quotes the py_function's GradientMismatchError)
+            text = str(err)
+            name = (b if missing == "b" else w).name
+            assert "GradientMismatchError" in text and f"rank 1 has no gradient (None) for '{name}'" in text, text
+        else:
+            raise AssertionError(f"a None gradient on rank 1 ({mode}, step {from_step}) was accepted")
+        slowest = max(slowest, time.perf_counter() - start)
+        assert slowest < 60, (mode, from_step, slowest)
+    say(f"None gradients ok: {len(cases)} cases of a None gradient on rank 1 only refused on every rank, "
+        f"naming the variable (slowest {slowest:.1f} s)")
+
+
+def check_one_model_per_method() -> None:
+    """One method object used for two live models whose variables share names is refused
+    (when the second model's shapes differ: Horovod reuses its traced allreduce for
+    variables of the same shapes, and grace-dl's adapter never sees them)."""
+    method = grace.topk(ratio=0.5)
+    x = tf.constant(np.ones((2, 4), np.float32))
+    models = [tf.Variable(tf.ones([4, 3 + k]), name="shared_w") for k in range(2)]
+    for k, w in enumerate(models):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.matmul(x, w) ** 2)
+        try:
+            hvd.DistributedGradientTape(tape, compression=method).gradient(loss, [w])
+        except ValueError as err:
+            assert k == 1 and "already serves another variable named 'shared_w:0'" in str(err), err
+        else:
+            assert k == 0, "a second model with the same method object was accepted"
+    say("one model per method ok: a second live model with the same method object refused")
+
+
 def main() -> None:
     hvd.init()
     check_collectives()
@@ -203,6 +265,8 @@ def main() -> None:
         f"to the simulator, weights identical on all ranks")
     check_checkpoint_resume()
     check_sum_op_and_adasum()
+    check_none_gradients()
+    check_one_model_per_method()
     say("ALL OK")
 
 
