@@ -39,6 +39,11 @@ from .transport.base import Transport, allreduce_traffic
 
 #: name of the collective (and of its row in the byte counts) that averages the loss
 LOSS_NAME = "local_sgd.loss"
+#: name of the collective that compares the workers' settings at their first averaging step
+CHECK_NAME = "local_sgd.check"
+#: what that check compares, in order (the first difference is reported)
+CHECKED_FIELDS = ("period", "switch_step", "adaptive", "min_period", "overlap", "pull", "compression",
+                  "averaging step", "current period", "parameter names")
 
 
 def _check_int(name: str, value: Any, lo: int) -> int:
@@ -148,6 +153,7 @@ class LocalSGD:
         self._loss_sum = 0.0
         self._loss_count = 0
         self.anchor: dict[str, Array] = {}
+        self._checked = False  # the settings check runs at the first averaging step (after a resume too)
         # overlap: the averaging in flight, {name: Pending}, and (after a checkpoint
         # completed it) its results
         self._in_flight: dict[str, Pending] = {}
@@ -226,6 +232,8 @@ class LocalSGD:
             return None
         names = list(self.anchor)
         sync = SyncRound(step=step, names=names, params=dict(params))
+        if not self._checked and self.transport.size > 1:
+            sync.check = self._post_check(step, names, params[names[0]])
         if self.adaptive:
             sync.loss = self._post_loss(params[names[0]])
         if not self.overlap:
@@ -243,6 +251,8 @@ class LocalSGD:
         name (write them into the model; they may be the anchor's own arrays, so copy
         rather than alias them where arrays are mutable)."""
         out: dict[str, Array] = {}
+        if sync.check is not None:
+            self._verify_check(sync.check)
         if self.overlap:
             self._land()
             for name in sync.names:
@@ -280,6 +290,35 @@ class LocalSGD:
                 mean_change = get_ops(z).from_numpy(np.asarray(mean_change), z)
             self.anchor[name] = z + mean_change
         self._landed = {}
+
+    def _fingerprint(self, step: int, names: list[str]) -> list[Any]:
+        from .handshake import describe
+
+        compression = " ".join(describe(c) for c in (self.grace.compressor, self.grace.memory, self.grace.communicator))
+        return [*self.config().values(), f"{compression} seed={self.grace.seed}", step, self.current_period, names]
+
+    def _post_check(self, step: int, names: list[str], like: Array) -> Any:
+        """Post an allgather of hashes of this worker's settings, schedule position and
+        parameter names (workers that disagree would otherwise average at different
+        steps: a hang or silently different models). Not counted in the byte counts,
+        like the compression's own first-use handshake."""
+        from .core import derive_key
+
+        keys = np.array([derive_key(v) for v in self._fingerprint(step, names)], dtype=np.uint64).view(np.int64)
+        return self.transport.allgather_async(get_ops(like).from_numpy(keys, like), CHECK_NAME, equal_sizes=True)
+
+    def _verify_check(self, handle: Any) -> None:
+        rows = [np.asarray(get_ops(r).to_numpy(r)) for r in self.transport.wait(handle)]
+        mine = rows[self.transport.rank]
+        for rank, row in enumerate(rows):
+            differ = np.nonzero(row != mine)[0]
+            if differ.size:
+                i = int(differ[0])
+                value = self._fingerprint(self.step_count, list(self.anchor))[i]
+                raise RuntimeError(f"local SGD differs between workers {self.transport.rank} and {rank} in its "
+                                   f"{CHECKED_FIELDS[i]} (this worker: {value!r}); every worker must run the "
+                                   f"same settings from the same step")
+        self._checked = True
 
     def _post_loss(self, like: Array) -> Any:
         ops = get_ops(like)
@@ -347,6 +386,7 @@ class LocalSGD:
         self.anchor = {n: restore(a) for n, a in state["anchor"].items()}
         self._landed = {n: restore(a) for n, a in state["landed"].items()}
         self._in_flight = {}
+        self._checked = False
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -362,6 +402,7 @@ class SyncRound:
     params: dict[str, Array]
     pending: dict[str, Pending] = field(default_factory=dict)
     loss: Any = None
+    check: Any = None
 
 
 def _copy(x: Array) -> Array:

@@ -258,6 +258,17 @@ def test_misuse_is_refused_clearly():
         grace_dl.localsgd.from_config({"periode": 3})
 
 
+def test_workers_with_different_settings_are_stopped_at_the_first_averaging():
+    world = grace_dl.LocalWorld(2)
+    workers = [local_sgd(period=2, overlap=True, pull=p).bind(t) for p, t in zip((0.5, 0.25), world.transports)]
+    for w in workers:
+        w.set_anchor(initial())
+    assert [w.begin(initial()) for w in workers] == [None, None]
+    syncs = [w.begin(initial()) for w in workers]
+    with pytest.raises(RuntimeError, match="differs between workers 0 and 1 in its pull \\(this worker: 0.5\\)"):
+        workers[0].complete(syncs[0])
+
+
 def test_registered_and_listed_with_its_papers(capsys):
     from grace_dl.cli import main
 
