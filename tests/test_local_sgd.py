@@ -385,3 +385,43 @@ def test_yaml_simulator_run_sends_a_period_th_of_synchronous_bytes(tmp_path):
                                      "output_dir": str(tmp_path / "l")}))
     assert local["sent_bytes_per_worker"] * 4 == dense["sent_bytes_per_worker"] > 0
     assert local["replicas_identical"] and local["local_sgd"]["period"] == 4
+
+
+def test_tensorflow_callable_averages_and_resumes():
+    tf = pytest.importorskip("tensorflow")
+    import grace_dl.tensorflow as gtf
+
+    def make():
+        variables = [tf.Variable(v) for v in initial().values()]
+        local = gtf.LocalSGD(variables, gtf.local_sgd(period=2, compression=gtf.topk(ratio=0.3)),
+                             transport=grace_dl.LocalWorld(1).transports[0], names=list(SHAPES))
+        return variables, local
+
+    def train(variables, local, steps, start=0):
+        deltas, averaged = updates(start + steps, 1), []
+        for t in range(start, start + steps):
+            for n, v in zip(SHAPES, variables):
+                v.assign_sub(deltas[t][0][n])
+            averaged.append(local(1.0))
+        return averaged
+
+    variables, local = make()
+    assert train(variables, local, 6) == [False, True] * 3
+    resumed_vars, resumed = make()
+    first_vars, first = make()
+    train(first_vars, first, 3)
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    for v, w in zip(resumed_vars, first_vars):
+        v.assign(w)
+    resumed.load_state_dict(state)
+    train(resumed_vars, resumed, 3, start=3)
+    for v, w in zip(variables, resumed_vars):
+        np.testing.assert_array_equal(v.numpy(), w.numpy())
+    assert isinstance(resumed.method.anchor["w"], tf.Tensor)
+
+    @tf.function
+    def inside():
+        return local(1.0)
+
+    with pytest.raises(RuntimeError, match="runs eagerly"):
+        inside()
