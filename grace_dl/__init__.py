@@ -19,6 +19,8 @@ from . import communicators, compressors, memories  # noqa: F401  (registers com
 from .core import Communicator, Compressor, Grace, Memory, TensorContext, TrafficStats
 from .payload import Payload
 from .registry import ConfigError, entries, from_config, grace_from_params, list_methods, make, register
+from .localsgd import LocalSGD, LocalSGDSimulator, local_sgd
+from .registry import algorithms
 from .simulator import LocalSimulator
 from .transport.base import Transport
 from .transport.local import LocalWorld
@@ -66,4 +68,5 @@ __all__ = [
     "Grace", "Compressor", "Memory", "Communicator", "TensorContext", "TrafficStats", "Payload",
     "Transport", "LocalWorld", "LocalSimulator", "ConfigError", "register", "make", "from_config",
     "grace_from_params", "list_methods", "entries",
+    "LocalSGD", "LocalSGDSimulator", "local_sgd", "algorithms",
 ] + list_methods()

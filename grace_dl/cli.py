@@ -11,7 +11,7 @@ from typing import Sequence
 
 import yaml
 
-from .registry import ConfigError, entries, list_methods
+from .registry import ConfigError, algorithms, entries, list_methods
 
 
 def _parse_value(text: str):
@@ -29,6 +29,12 @@ def cmd_list(args: argparse.Namespace) -> int:
                 extra = f"  [memory={entry.cls.memory}, communicator={entry.cls.communicator}]"
             print(f"  {name}({params}){extra}")
             print(f"      {entry.summary}")
+    print("algorithms (around the optimizer; any compressor inside):")
+    for name, algo in sorted(algorithms().items()):
+        params = ", ".join(f"{p.name}={p.default!r}" for p in algo.params.values())
+        print(f"  {name}({params})")
+        print(f"      {algo.summary}")
+        print(f"      papers: {algo.paper}")
     return 0
 
 

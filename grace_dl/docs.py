@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .registry import entries
+from .registry import algorithms, entries
 
 _SAMPLE = 1_000_000
 
@@ -59,6 +59,13 @@ def methods_markdown() -> str:
               "", "```yaml", "compressor: topk", "ratio: 0.01", "policies:", "  min_numel: 1024",
               "  warmup_steps: 100", "  overrides:", "    \"*.bias\": {compressor: none}",
               "    \"embedding.*\": {ratio: 0.001}", "```"]
+    lines += ["", "## Training algorithms", "",
+              "Schedules around the user's optimizer rather than gradient compressors; each runs any method",
+              "above inside (see docs/local-sgd.md).", "",
+              "| algorithm | paper | parameters (defaults) | what it does |", "|---|---|---|---|"]
+    for name, algo in sorted(algorithms().items()):
+        params = ", ".join(f"`{p.name}={p.default!r}`" for p in algo.params.values()) or "-"
+        lines.append(f"| `{name}` | {algo.paper} | {params} | {algo.summary} |")
     lines += ["", "## Details", ""]
     for name, e in sorted(entries("compressor").items()):
         lines += [f"### `{name}`", "", (e.cls.__doc__ or "").strip().replace("\n    ", "\n"), ""]

@@ -114,6 +114,44 @@ def list_methods() -> list[str]:
 def _ensure_loaded() -> None:
     # registration happens on import of the modules that define the components
     from . import communicators, compressors, memories  # noqa: F401
+    from . import localsgd  # noqa: F401  (registers training algorithms)
+
+
+# -- training algorithms ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Algorithm:
+    """A registered training algorithm: a schedule around the user's optimizer (local SGD)
+    rather than a gradient compressor; it may run any registered compressor inside."""
+
+    name: str
+    cls: type
+    paper: str
+    summary: str
+    params: dict[str, Param]
+
+
+_ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def register_algorithm(name: str, *, paper: str, summary: str = "") -> Callable[[type], type]:
+    """Class decorator: register a training algorithm under ``name``, with its ``paper``
+    (the citations) and a one-line ``summary`` (default: the docstring's first line)."""
+
+    def decorate(cls: type) -> type:
+        if name in _ALGORITHMS:
+            raise ValueError(f"algorithm {name!r} is registered twice")
+        doc = (cls.__doc__ or "").strip().splitlines()
+        _ALGORITHMS[name] = Algorithm(name, cls, paper, summary or (doc[0] if doc else ""), _params_of(cls))
+        cls.registry_name = name
+        return cls
+
+    return decorate
+
+
+def algorithms() -> dict[str, Algorithm]:
+    """All registered training algorithms, by name."""
+    _ensure_loaded()
+    return dict(_ALGORITHMS)
 
 
 def _check_value(where: str, param: Param, value: Any) -> Any:

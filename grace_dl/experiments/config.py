@@ -10,6 +10,8 @@ An experiment file is a mapping; every key is optional and has a default (see
     optimizer: {name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 0.0}
     schedule: {name: constant}  # constant | cosine | step
     compression: {compressor: topk, ratio: 0.05}
+    local_sgd: {period: 4}      # optional: average models every 4 steps (compression then
+                                # compresses the model differences; default none)
     workers: 2
     launcher: horovodrun-gloo   # horovodrun-gloo | horovodrun-mpi | simulator
     seed: 0
@@ -201,8 +203,50 @@ SCHEDULE_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
     },
 }
 
-TOP_KEYS = ("name", "framework", "task", "model", "optimizer", "schedule", "compression", "workers",
+TOP_KEYS = ("name", "framework", "task", "model", "optimizer", "schedule", "compression", "local_sgd", "workers",
             "launcher", "seed", "steps", "epochs", "batch_size", "eval_every", "output_dir", "sweep")
+
+
+def _bool(path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(path, "must be true or false", value)
+    return value
+
+
+#: options of the ``local_sgd`` section (see :class:`grace_dl.LocalSGD`)
+LOCAL_SGD_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "period": (4, lambda p, v: _int(p, v, 1)),
+    "switch_step": (0, lambda p, v: _int(p, v, 0)),
+    "adaptive": (False, _bool),
+    "min_period": (1, lambda p, v: _int(p, v, 1)),
+    "overlap": (False, _bool),
+    "pull": (0.5, lambda p, v: _float(p, v, gt=0.0, le=1.0)),
+}
+
+
+def validate_local_sgd(value: Any, path: str = "local_sgd") -> dict[str, Any] | None:
+    """Check a ``local_sgd`` section (None or false: off; true: the defaults; or a mapping
+    of :data:`LOCAL_SGD_OPTIONS`); returns it with defaults filled in, or None."""
+    if value is None or value is False:
+        return None
+    raw = {} if value is True else _mapping(path, value)
+    checked = _options(path, raw, LOCAL_SGD_OPTIONS)
+    if checked["min_period"] > checked["period"]:
+        raise _fail(f"{path}.min_period", f"must be <= period ({checked['period']})", checked["min_period"])
+    return checked
+
+
+def build_local_sgd(local_sgd: dict[str, Any], compression: dict[str, Any], path: str = "local_sgd",
+                    compression_path: str = "compression"):
+    """A :class:`grace_dl.LocalSGD` from validated ``local_sgd`` and ``compression``
+    sections (the compression then compresses the model differences); a compression
+    that does not average (a majority vote) raises ConfigError."""
+    from ..localsgd import LocalSGD
+
+    try:
+        return LocalSGD(**local_sgd, compression=build_compression(compression, compression_path))
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def _options(path: str, raw: dict[str, Any], options: dict[str, tuple[Any, Any]],
@@ -317,6 +361,7 @@ class ExperimentConfig:
     optimizer: dict[str, Any] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
     compression: dict[str, Any] | None = None
+    local_sgd: dict[str, Any] | None = None
     workers: int = 2
     launcher: str = "horovodrun-gloo"
     seed: int = 0
@@ -330,6 +375,8 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain data (what ``config.yaml`` of a run holds)."""
         out = asdict(self)
+        if out["local_sgd"] is None:
+            del out["local_sgd"]
         if out["sweep"] is None:
             del out["sweep"]
         else:
@@ -346,8 +393,9 @@ class ExperimentConfig:
             method = dict(entry)
             label = method.pop("name")
             optimizer = method.pop("optimizer", self.optimizer)
+            local_sgd = method.pop("local_sgd", self.local_sgd)
             runs.append(ExperimentConfig(**{**asdict(self), "sweep": None, "compression": method,
-                                            "name": label, "optimizer": optimizer,
+                                            "name": label, "optimizer": optimizer, "local_sgd": local_sgd,
                                             "output_dir": os.path.join(self.output_dir, label)}))
         return runs
 
@@ -401,6 +449,7 @@ def validate(raw: Any, *, default_name: str = "experiment") -> ExperimentConfig:
         eval_every = _int("eval_every", eval_every, 1)
     output_dir = _str("output_dir", raw.get("output_dir", os.path.join("results", name)), what="a path")
 
+    local_sgd = validate_local_sgd(raw.get("local_sgd"))
     compression, sweep = None, None
     if "sweep" in raw:
         if "compression" in raw:
@@ -415,14 +464,21 @@ def validate(raw: Any, *, default_name: str = "experiment") -> ExperimentConfig:
             m = _mapping(f"sweep.methods[{i}]", m, "compressor")
             label = m.pop("name", None)
             own_optimizer = m.pop("optimizer", None)
+            own_local = m.pop("local_sgd", _UNSET)
             checked = validate_compression(m, f"sweep.methods[{i}]", seed)
+            if own_local is not _UNSET:
+                checked["local_sgd"] = validate_local_sgd(own_local, f"sweep.methods[{i}].local_sgd")
+            chosen_local = checked.get("local_sgd", local_sgd)
+            if chosen_local is not None:
+                build_local_sgd(chosen_local, {k: v for k, v in checked.items() if k not in ("optimizer", "local_sgd")},
+                                f"sweep.methods[{i}].local_sgd", f"sweep.methods[{i}]")
             if own_optimizer is not None:
                 # merged over the base optimizer (replaced when it names another optimizer)
                 own = _mapping(f"sweep.methods[{i}].optimizer", own_optimizer, "name")
                 merged = own if own.get("name", optimizer["name"]) != optimizer["name"] else {**optimizer, **own}
                 checked["optimizer"] = _named_section(f"sweep.methods[{i}].optimizer", merged, "name",
                                                       OPTIMIZER_OPTIONS, "sgd")
-            method = {k: v for k, v in checked.items() if k != "optimizer"}
+            method = {k: v for k, v in checked.items() if k not in ("optimizer", "local_sgd")}
             check_momentum(method, checked.get("optimizer", optimizer), f"sweep.methods[{i}]",
                            f"sweep.methods[{i}].optimizer" if own_optimizer is not None else "optimizer")
             if label is not None:
@@ -434,9 +490,12 @@ def validate(raw: Any, *, default_name: str = "experiment") -> ExperimentConfig:
     else:
         compression = validate_compression(raw.get("compression", "none"), "compression", seed)
         check_momentum(compression, optimizer)
+        if local_sgd is not None:
+            build_local_sgd(local_sgd, compression)
 
     return ExperimentConfig(name=name, framework=framework, task=task, model=model, optimizer=optimizer,
-                            schedule=schedule, compression=compression, workers=workers, launcher=launcher,
+                            schedule=schedule, compression=compression, local_sgd=local_sgd, workers=workers,
+                            launcher=launcher,
                             seed=seed, steps=steps, epochs=epochs, batch_size=batch_size, eval_every=eval_every,
                             output_dir=output_dir, sweep=sweep)
 

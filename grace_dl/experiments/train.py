@@ -47,6 +47,12 @@ def total_steps(config: ExperimentConfig, data: TaskData, size: int) -> int:
 def make_runner(config: ExperimentConfig, data: TaskData):
     """The framework's runner: one Horovod worker, or the whole simulated job."""
     horovod = config.launcher != "simulator"
+    if config.local_sgd is not None:
+        from . import localsgd_runner
+
+        if config.framework == "torch":
+            return localsgd_runner.LocalSGDTorchRunner(config, data, horovod)
+        return localsgd_runner.make_tf_runner(config, data, horovod)
     if config.framework == "torch":
         from .torch_runner import TorchRunner
 
@@ -172,6 +178,7 @@ def run(config: ExperimentConfig) -> dict[str, Any] | None:
     summary = metrics.summarize(
         records, per_worker, name=config.name, framework=config.framework, task=config.task["name"],
         model=config.model.get("arch"), method=method, compression=config.compression,
+        **({"local_sgd": config.local_sgd} if config.local_sgd is not None else {}),
         grace=repr(runner.grace), workers=size, launcher=config.launcher, seed=config.seed,
         replicas_identical=identical, tensors=sorted(runner.grace.stats.per_tensor),
         output_dir=os.path.abspath(config.output_dir),

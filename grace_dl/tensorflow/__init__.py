@@ -88,6 +88,9 @@ def __getattr__(name: str) -> Any:
 
 from .horovod import HorovodTFTransport  # noqa: E402  (imports Horovod only when instantiated)
 from .hvd import DistributedGradientTape, DistributedOptimizer  # noqa: E402  (GRACE's grace=; Horovod on use)
+from .localsgd import LocalSGD  # noqa: E402  (Horovod only when it makes its transport)
+
+local_sgd = _core.local_sgd
 
 __all__ = ["TFOps", "HorovodTFTransport", "HorovodTFGrace", "Grace", "LocalSimulator", "as_horovod", "from_config",
-           "grace_from_params", "list_methods", "DistributedGradientTape", "DistributedOptimizer"] + _METHODS
+           "grace_from_params", "list_methods", "DistributedGradientTape", "DistributedOptimizer", "LocalSGD", "local_sgd"] + _METHODS

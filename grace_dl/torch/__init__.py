@@ -27,6 +27,7 @@ from grace_dl.ops import register_backend as _register_backend
 from .ddp import GraceCommHook, ddp_hook
 from .distributed import TorchDistributedTransport
 from .horovod import DistributedOptimizer, HorovodCompression, HorovodTorchTransport
+from .localsgd import LocalSGD, PostLocalSGDHook, PostLocalSGDOptimizer, post_local_sgd_hook
 from .ops import TorchOps
 
 _register_backend(TorchOps())
@@ -66,7 +67,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 list_methods = _core.list_methods
+local_sgd = _core.local_sgd
 
 __all__ = ["DistributedOptimizer", "GraceCommHook", "HorovodCompression", "HorovodTorchTransport",
            "TorchDistributedTransport", "TorchOps", "ddp_hook", "from_config", "grace_from_params",
-           "list_methods"] + _core.list_methods()
+           "list_methods", "LocalSGD", "PostLocalSGDOptimizer", "PostLocalSGDHook", "post_local_sgd_hook",
+           "local_sgd"] + _core.list_methods()
