@@ -14,13 +14,12 @@ uses worker 0's model.
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 
 from .config import ExperimentConfig, build_local_sgd
 from .tasks import TaskData
-from .torch_runner import TorchRunner, build_model, loss_fn, make_optimizer
+from .torch_runner import TorchRunner, loss_fn, make_optimizer
 
 
 def _method(config: ExperimentConfig):
@@ -31,25 +30,13 @@ class LocalSGDTorchRunner(TorchRunner):
     """:class:`~grace_dl.experiments.torch_runner.TorchRunner` for local SGD."""
 
     def __init__(self, config: ExperimentConfig, data: TaskData, horovod: bool):
-        import torch
-
         import grace_dl
         import grace_dl.torch as gt
 
-        self.config, self.data, self.horovod = config, data, horovod
-        torch.manual_seed(config.seed)
-        self.model = build_model(config, data)
-        self._x_dtype = torch.int64 if data.kind == "sequence" else torch.float32
-        self._y_dtype = torch.int64 if data.kind in ("classification", "sequence") else torch.float32
+        self._build_model(config, data, horovod)
         self.method = _method(config)
         if horovod:
-            import horovod.torch as hvd
-
-            hvd.init()
-            self.hvd = hvd
-            self.rank, self.size = hvd.rank(), hvd.size()
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, hvd.local_size())))
-            hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+            self._init_horovod()
             self.optimizer = gt.LocalSGD(make_optimizer(config, self.model.parameters()),
                                          self.model.named_parameters(), method=self.method)
             self.grace = self.method.grace

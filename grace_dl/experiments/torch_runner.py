@@ -13,6 +13,8 @@ optimizer applies the aggregate.
 from __future__ import annotations
 
 import os
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -86,25 +88,14 @@ class TorchRunner:
     """
 
     def __init__(self, config: ExperimentConfig, data: TaskData, horovod: bool):
-        self.config, self.data, self.horovod = config, data, horovod
-        torch.manual_seed(config.seed)
-        self.model = build_model(config, data)
-        self._x_dtype = torch.int64 if data.kind == "sequence" else torch.float32
-        self._y_dtype = torch.int64 if data.kind in ("classification", "sequence") else torch.float32
+        self._build_model(config, data, horovod)
         if horovod:
-            import horovod.torch as hvd
-
             import grace_dl.torch
 
-            hvd.init()
-            self.hvd = hvd
-            self.rank, self.size = hvd.rank(), hvd.size()
-            local = max(1, hvd.local_size())
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+            hvd = self._init_horovod()
             compression = grace_dl.torch.from_config(config.compression)
             self.grace = compression.grace
             self.graces = [self.grace]
-            hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
             self.optimizer = hvd.DistributedOptimizer(
                 make_optimizer(config, self.model.parameters()),
                 named_parameters=self.model.named_parameters(), compression=compression)
@@ -121,6 +112,26 @@ class TorchRunner:
             self.grace = self.sim.workers[0]
             self.optimizer = make_optimizer(config, self.model.parameters())
             self.local_ranks = list(range(config.workers))
+
+    def _build_model(self, config: ExperimentConfig, data: TaskData, horovod: bool) -> None:
+        """The model (seeded by the config) and the input and target dtypes of the task."""
+        self.config, self.data, self.horovod = config, data, horovod
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, data)
+        self._x_dtype = torch.int64 if data.kind == "sequence" else torch.float32
+        self._y_dtype = torch.int64 if data.kind in ("classification", "sequence") else torch.float32
+
+    def _init_horovod(self) -> Any:
+        """Initialise Horovod, share the CPU cores among the local ranks and start every
+        rank from rank 0's parameters; returns ``horovod.torch``."""
+        import horovod.torch as hvd
+
+        hvd.init()
+        self.hvd = hvd
+        self.rank, self.size = hvd.rank(), hvd.size()
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, hvd.local_size())))
+        hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+        return hvd
 
     @staticmethod
     def timing_active() -> bool:

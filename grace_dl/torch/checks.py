@@ -57,6 +57,28 @@ def explain_mixed_compression(optimizer: Any) -> None:
     optimizer.synchronize = synchronize
 
 
+def claim_owner(table: dict[int, "weakref.ref[Any]"], grace: Any, owner: Any, what: str, fix: str) -> None:
+    """Record in ``table`` that ``grace`` serves ``owner`` (an optimizer, a DDP comm hook);
+    raise ValueError when it already serves another ``what`` that is still alive. A method
+    keeps its per-tensor state (residuals, momenta, step counters) under tensor names, so
+    two owners whose tensors share names would silently share it. A freed owner releases
+    the method. ``owner=None`` only checks that ``grace`` serves no live owner yet."""
+    key = id(grace)
+    held = table.get(key)
+    current = held() if held is not None else None
+    if current is owner or (owner is None and current is None):
+        return
+    if current is not None:
+        raise ValueError(
+            f"this grace-dl method object ({grace!r}) already serves another {what} "
+            f"({type(current).__name__}): its state (residuals, momenta, step counters) is kept per "
+            f"parameter name, so the two would share it. Give each its own method object: "
+            f"{fix}.fresh_copy() (or a second grace_dl.torch.<method>(...) call)")
+    if held is None:
+        weakref.finalize(grace, table.pop, key, None)
+    table[key] = weakref.ref(owner)
+
+
 # id(method object) -> weak reference to the DDP comm hook it serves
 _HOOKED: dict[int, "weakref.ref[Any]"] = {}
 
@@ -66,17 +88,4 @@ def claim_for_hook(grace: Any, hook: Any) -> None:
     already serves another hook that is still alive: each hook names its parameters
     (``param<k>`` in the order DDP hands them over, or the model's names), so two hooks
     (two models) would share the method's per-name state. A freed hook releases it."""
-    key = id(grace)
-    held = _HOOKED.get(key)
-    current = held() if held is not None else None
-    if current is hook:
-        return
-    if current is not None:
-        raise ValueError(
-            f"this grace-dl method object ({grace!r}) already serves another DDP comm hook (another "
-            f"DistributedDataParallel model): its state (residuals, momenta, step counters) is kept per "
-            f"parameter name, so two models would share it. Give each model its own method object: method.fresh_copy() "
-            f"(or a second grace_dl.torch.<method>(...) call)")
-    if held is None:
-        weakref.finalize(grace, _HOOKED.pop, key, None)
-    _HOOKED[key] = weakref.ref(hook)
+    claim_owner(_HOOKED, grace, hook, "DDP comm hook (another model)", "method")

@@ -36,7 +36,7 @@ from ..checks import adaptive_optimizer_message, check_optimizer_momentum
 from ..core import Grace
 from ..fusion import Fuser
 from ..transport.base import Transport, horovod_membership
-from .checks import explain_mixed_compression
+from .checks import claim_owner, explain_mixed_compression
 from .ops import TorchOps
 
 _OPS = TorchOps()
@@ -196,20 +196,7 @@ def claim_method(grace: Grace, optimizer: Any) -> None:
         optimizer: the (Horovod) optimizer that is about to use it; None only checks that
             ``grace`` serves no live optimizer yet.
     """
-    key = id(grace)
-    served = _SERVED.get(key)
-    current = served() if served is not None else None
-    if current is optimizer or (optimizer is None and current is None):
-        return
-    if current is not None:
-        raise ValueError(
-            f"this grace-dl method object ({grace!r}) already serves another optimizer "
-            f"({type(current).__name__}): its state (residuals, momenta, step counters) is kept per "
-            f"parameter name, so two optimizers would share it. Give each optimizer its own method "
-            f"object: compression.fresh_copy() (or a second grace_dl.torch.<method>(...) call)")
-    if served is None:
-        weakref.finalize(grace, _SERVED.pop, key, None)
-    _SERVED[key] = weakref.ref(optimizer)
+    claim_owner(_SERVED, grace, optimizer, "optimizer", "compression")
 
 
 def placeholder_for(tensor: torch.Tensor) -> torch.Tensor:
