@@ -492,6 +492,10 @@ _RETRACE_SCRIPT = textwrap.dedent("""
     _, stock = train(lambda: hvd.Compression.none)
     assert traces >= 3, traces  # retraced for each new shape (plus once for the first call's variables)
     assert ours.tobytes() == stock.tobytes(), (ours, stock)
+    # a method with state (variables for its residuals and step counters) built per trace
+    # traces too (one rank: Horovod hands back the gradient itself)
+    traces, topk = train(lambda: grace.topk(ratio=0.5))
+    assert traces >= 3 and topk.tobytes() == stock.tobytes(), (traces, topk)
     print("RETRACE-OK")
 """)
 
