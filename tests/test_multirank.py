@@ -67,7 +67,9 @@ def test_ddp_hook():
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
 def test_horovod_tensorflow(controller):
-    out = run(horovodrun(controller) + [sys.executable, str(HERE / "hvd_tf_checks.py")], expect_ok_lines=2)
+    # every method is traced twice per mode (a memory's first step apart): minutes on a busy machine
+    out = run(horovodrun(controller) + [sys.executable, str(HERE / "hvd_tf_checks.py")], expect_ok_lines=2,
+              timeout=900)
     assert "bit-identical to the simulator" in out
     assert "DistributedGradientTape ok" in out and "identical to an uninterrupted run" in out
     assert "op=hvd.Sum gives N x the mean" in out

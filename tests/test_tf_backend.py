@@ -548,6 +548,10 @@ _RETRACE_SCRIPT = textwrap.dedent("""
     _, stock = train(lambda: hvd.Compression.none)
     assert traces >= 3, traces  # retraced for each new shape (plus once for the first call's variables)
     assert ours.tobytes() == stock.tobytes(), (ours, stock)
+    # a method with state (variables for its residuals and step counters) built per trace
+    # traces too (one rank: Horovod hands back the gradient itself)
+    traces, topk = train(lambda: grace.topk(ratio=0.5))
+    assert traces >= 3 and topk.tobytes() == stock.tobytes(), (traces, topk)
     print("RETRACE-OK")
 """)
 
@@ -612,6 +616,90 @@ def test_horovod_transport_two_ranks(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "HVD-OK 0" in out and "HVD-OK 1" in out, out[-4000:]
+
+
+_GRAPH_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    import tensorflow as tf
+    import horovod.tensorflow as hvd
+    import grace_dl
+    import grace_dl.tensorflow as grace
+
+    hvd.init()  # one rank: Horovod's collectives are graph ops all the same
+
+    def op_types(graph):
+        # every op of the traced step, those of nested functions (tf.cond branches) included
+        types = {op.type for op in graph.get_operations()}
+        for function in graph._functions.values():
+            types |= {node.op for node in function.definition.node_def}
+        return types
+
+    rng = np.random.default_rng(0)
+    grads = [{"w": rng.standard_normal((12, 30)).astype(np.float32), "b": rng.standard_normal(30).astype(np.float32)}
+             for _ in range(4)]
+    for name in grace_dl.list_methods():
+        method = getattr(grace, name)()
+        # 1. what a DistributedGradientTape step traces: no py_function on the graph path
+        w = tf.Variable(tf.ones([4, 3]))
+
+        @tf.function
+        def tape_step(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.matmul(x, w) ** 2)
+            tape = hvd.DistributedGradientTape(tape, compression=method)
+            return tape.gradient(loss, [w])[0]
+
+        types = op_types(tape_step.get_concrete_function(tf.TensorSpec([2, 4], tf.float32)).graph)
+        py = bool(types & {"EagerPyFunc", "PyFunc", "PyFuncStateless"})
+        hvd_ops = {t for t in types if t.startswith("Horovod") and t != "HorovodSize"}
+        print("PATH", name, method.graph_path, "pyfunc" if py else "no-pyfunc", ",".join(sorted(hvd_ops)))
+        if not method.graph_path:
+            continue
+        # 2. the traced pipeline gives the eager pipeline's results, state and byte counts
+        traced = getattr(grace, name)().bind(grace.HorovodTFTransport())
+        eager = getattr(grace, name)().bind(grace.HorovodTFTransport())
+        step = tf.function(lambda g: {n: traced.graph_step(t, n) for n, t in g.items()})
+        for i, g in enumerate(grads):
+            if i == 2:  # a resume between steps: state written into the variables
+                traced.load_state_dict(eager.state_dict())
+            got = step({n: tf.constant(t) for n, t in g.items()})
+            for n, t in g.items():  # a matrix and a vector (PowerSGD sends vectors dense, without state)
+                mine, want = got[n].numpy(), eager.step(tf.constant(t), n).numpy()
+                assert mine.tobytes() == want.tobytes(), (name, n, i, np.abs(mine - want).max())
+        mine, theirs = traced.state_dict(), eager.state_dict()
+        assert mine["steps"] == theirs["steps"] == {"w": 4, "b": 4}, (name, mine["steps"])
+        assert mine["memory"].keys() == theirs["memory"].keys(), name
+        for key, fields in theirs["memory"].items():
+            for field, value in fields.items():
+                assert mine["memory"][key][field].tobytes() == value.tobytes(), (name, field)
+        assert traced.stats.as_dict() == eager.stats.as_dict(), (name, traced.stats, eager.stats)
+        print("SAME", name)
+""")
+
+
+def test_graph_path_traces_without_py_function():
+    """Inside tf.function, graph-path methods trace their pipeline into the step: the
+    traced graph (its nested functions included) has Horovod collectives and no
+    py_function, and the traced pipeline gives the eager one's results, state (also
+    after loading a checkpoint between steps) and byte counts bit for bit. Methods off
+    the graph path keep their py_function."""
+    if importlib.util.find_spec("horovod") is None:
+        pytest.skip("horovod is not installed (run scripts/setup.sh)")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", _GRAPH_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = {line.split()[1]: line.split()[2:] for line in proc.stdout.splitlines() if line.startswith("PATH")}
+    assert set(paths) == set(grace_dl.list_methods()), proc.stdout
+    for must in ("topk", "dgc", "powersgd", "qsgd", "fp16", "randomk", "signsgd", "efsignsgd", "onebit",
+                 "terngrad", "threshold"):
+        assert paths[must][0] == "True", (must, paths[must])
+    for name, (on_graph, pyfunc, *collectives) in paths.items():
+        if on_graph == "True":
+            assert pyfunc == "no-pyfunc" and collectives, (name, pyfunc, collectives)
+            assert f"SAME {name}" in proc.stdout, proc.stdout
+        else:
+            assert pyfunc == "pyfunc", (name, pyfunc)
 
 
 # -- matmul and the low-rank / global top-k methods ----------------------------------------------

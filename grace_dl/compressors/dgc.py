@@ -100,7 +100,8 @@ class DGC(ThresholdSparsifier):
 
     def density(self, step: int) -> float:
         """The target density at a tensor's ``step`` (warm-up schedule)."""
-        if step >= self.warmup_steps or self.ratio >= WARMUP_START_DENSITY:
+        # no warm-up is decided without comparing the step (a tensor inside tf.function)
+        if not self.warmup_steps or self.ratio >= WARMUP_START_DENSITY or step >= self.warmup_steps:
             return self.ratio
         return WARMUP_START_DENSITY * (self.ratio / WARMUP_START_DENSITY) ** (step / self.warmup_steps)
 

@@ -142,7 +142,8 @@ class PowerSGD(Compressor):
     def plan(self, shape: tuple[int, ...], step: int | None = None) -> tuple[int, int, int] | None:
         """``(n, m, r)`` of the low-rank exchange of a tensor of ``shape`` at ``step``,
         or None where it goes dense (``step`` None: ignore ``start_iter``)."""
-        if step is not None and step < self.start_iter:
+        # start_iter 0 is decided without comparing the step (a tensor inside tf.function)
+        if step is not None and self.start_iter and step < self.start_iter:
             return None
         if len(shape) < 2:
             return None

@@ -196,14 +196,71 @@ class HorovodTFGrace(Grace):
 
     Horovod calls :meth:`compress` on each gradient, allreduces what it returns and
     calls :meth:`decompress`. Horovod traces this inside a ``tf.function`` (even when
-    called eagerly), where Python state would be frozen at trace time; so the grace
-    pipeline of each gradient runs in a ``tf.py_function``, eagerly at every step, with
-    its state (error feedback, step counters) kept as eager tensors. Horovod itself
-    allreduces an empty tensor. The pipelines of one step are ordered by a shared
-    resource (automatic control dependencies chain them in program order), so every
-    worker issues its collectives in the same order, which Horovod's blocking eager
-    collectives need. Save the state with ``tf.train.Checkpoint(..., grace=method.checkpointable())``.
+    called eagerly). Two paths (:attr:`graph_path` says which this method takes):
+
+    * the graph path (most methods, :mod:`grace_dl.tensorflow.graph`): the pipeline is
+      traced into the graph with the TF ops backend, its collectives are Horovod graph
+      ops and its state lives in ``tf.Variable`` objects;
+    * the ``tf.py_function`` path (methods whose pipeline needs Python values of the
+      step, such as warm-up schedules): each gradient's pipeline runs eagerly at every
+      step, with its state kept as eager tensors. The pipelines of one step are ordered
+      by a shared resource (automatic control dependencies chain them in program order),
+      so every worker issues its collectives in the same order, which Horovod's blocking
+      eager collectives need.
+
+    Horovod itself allreduces an empty tensor. Save the state with
+    ``tf.train.Checkpoint(..., grace=method.checkpointable())``.
     """
+
+    @property
+    def graph_path(self) -> bool:
+        """Whether Horovod's traced ``compress`` runs this method's pipeline in the graph
+        (True) or in a ``tf.py_function`` (False; see :func:`graph_path_blocker`)."""
+        from .graph import graph_path_blocker
+
+        return graph_path_blocker(self) is None
+
+    @property
+    def stats(self) -> Any:
+        """Byte counts (:class:`~grace_dl.core.TrafficStats`) of both paths; the graph
+        path counts totals and per tensor, not per step."""
+        from .graph import graph_stats
+
+        return graph_stats(self, self.__dict__["stats"])
+
+    @stats.setter
+    def stats(self, value: Any) -> None:
+        self.__dict__["stats"] = value
+
+    def graph_step(self, tensor: Any, name: str) -> Any:
+        """The aggregated ``tensor`` (mean over workers), with the pipeline traced into
+        the ``tf.function`` being built (the graph path; see :mod:`grace_dl.tensorflow.graph`)."""
+        from .graph import trace_step
+
+        return trace_step(self, tensor, name)
+
+    def fresh_copy(self) -> "Grace":
+        """An unbound copy with the same configuration and empty state (no variables)."""
+        clone = super().fresh_copy()
+        clone.__dict__.pop("_graph_slots", None)
+        return clone
+
+    def state_dict(self) -> dict[str, Any]:
+        """Memory state and step counters (those of the graph path's variables included)."""
+        from .graph import after_pull, pull
+
+        pull(self)
+        try:
+            return super().state_dict()
+        finally:
+            after_pull(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (into the graph path's variables too)."""
+        from .graph import push
+
+        super().load_state_dict(state)
+        push(self)
 
     @tf.autograph.experimental.do_not_convert
     def compress(self, tensor: Any) -> tuple[Any, Any]:
@@ -237,6 +294,9 @@ class HorovodTFGrace(Grace):
         empty = tf.zeros([0], tensor.dtype)
         if tf.executing_eagerly():
             return empty, run(tensor)
+        if self.graph_path:
+            out = self.graph_step(tensor, name)
+            return empty, out * scale if scale != 1 else out
         ticket = _order_token().assign_add(1)
         out = tf.py_function(run, [tensor, ticket], Tout=tensor.dtype, name="grace_pipeline")
         out.set_shape(tensor.shape)

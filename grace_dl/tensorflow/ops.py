@@ -282,7 +282,10 @@ class TFOps(Ops):
         return tf.linalg.matmul(a, b)
 
     def transpose(self, x: Any) -> tf.Tensor:
-        return tf.transpose(x)
+        # Grappler folds a Transpose feeding a MatMul into the MatMul's transpose flag,
+        # another kernel path with other last bits than eagerly: a Snapshot between
+        # them keeps the traced pipeline bit-identical to the eager one
+        return tf.raw_ops.Snapshot(input=tf.transpose(x))
 
     # -- bits ---------------------------------------------------------------------------
     @staticmethod
@@ -328,12 +331,15 @@ class TFOps(Ops):
 
     # -- randomness ---------------------------------------------------------------------
     @staticmethod
-    def _seed(key: int, counter: int) -> tf.Tensor:
-        """A stateless-op seed from ``(key, counter)``: both 64-bit halves are hashed
-        from the whole pair, so every bit of either int matters."""
-        hi = derive_key("tensorflow", int(key), int(counter), 0) & _MASK63
-        lo = derive_key("tensorflow", int(key), int(counter), 1) & _MASK63
-        return tf.constant([hi, lo], dtype=tf.int64)
+    def _seed(key: int, counter: Any) -> tf.Tensor:
+        """A stateless-op seed from ``(key, counter)``: a hash of the key, then the
+        counter itself. The counter may be an int64 tensor (the step counter inside
+        ``tf.function``), which gives the same seed as the int of its value, so a traced
+        pipeline draws what the eager one draws; ints are taken modulo 2**63."""
+        hi = derive_key("tensorflow", int(key)) & _MASK63
+        if isinstance(counter, (tf.Tensor, tf.Variable)):
+            return tf.stack([tf.constant(hi, tf.int64), tf.cast(counter, tf.int64)])
+        return tf.constant([hi, int(counter) & _MASK63], dtype=tf.int64)
 
     def random_uniform(self, n: int, key: int, counter: int, like: Any) -> tf.Tensor:
         with _on(like):

@@ -81,18 +81,41 @@ def _tape_step(variables, method, x, y, lr=0.1):
     return grads
 
 
-def _recording(method) -> dict:
+def _recording(method):
     """Make ``method`` record, by tensor name, the gradient Horovod hands it (what its
-    pipeline is fed); returns the dict it fills."""
+    pipeline is fed); returns a function giving that of the last step. On the graph path
+    the fed tensor is symbolic: it is copied into a variable by the traced step."""
+    from tensorflow.python.ops import resource_variable_ops
+
     fed: dict = {}
     pipeline_step = method.step
+    traced_step = method.graph_step
+    slots: dict = {}
 
     def step(tensor, name):
         fed[name] = tensor.numpy().copy()
         return pipeline_step(tensor, name)
 
-    method.step = step  # the adapter calls self.step: an instance attribute shadows it
-    return fed
+    def graph_step(tensor, name):
+        if name not in slots:
+            with tf.init_scope():  # a plain resource variable: the step may be traced again
+                slots[name] = resource_variable_ops.ResourceVariable(tf.zeros(tensor.shape, tensor.dtype),
+                                                                     trainable=False)
+        slots[name].assign(tensor)
+        return traced_step(tensor, name)
+
+    # the adapter calls self.step / self.graph_step: instance attributes shadow them
+    method.step, method.graph_step = step, graph_step
+
+    def last_step() -> dict:
+        got = dict(fed)
+        got.update({n: v.numpy().copy() for n, v in slots.items()})
+        for v in slots.values():  # NaN until the next step writes it again
+            v.assign(tf.fill(v.shape, float("nan")))
+        fed.clear()
+        return got
+
+    return last_step
 
 
 def check_gradient_tape(steps: int = 3) -> int:
@@ -114,7 +137,7 @@ def check_gradient_tape(steps: int = 3) -> int:
             real_vars = _model_vars()
             names = _variable_names(real_vars)
             method = getattr(grace, name)(**stage_params(name))
-            fed = _recording(method)
+            last_fed = _recording(method)
             step_fn = tf.function(_tape_step) if mode == "function" else _tape_step
             sim = grace.LocalSimulator(getattr(grace, name)(**stage_params(name)), size)
             for step in range(steps):
@@ -122,8 +145,8 @@ def check_gradient_tape(steps: int = 3) -> int:
                 with tf.GradientTape() as tape:
                     loss = _loss(real_vars, x, y)
                 local = dict(zip(names, (g.numpy() for g in tape.gradient(loss, real_vars))))
-                fed.clear()
                 aggregated = dict(zip(names, step_fn(real_vars, method, x, y)))
+                fed = last_fed()
                 assert sorted(fed) == sorted(names), f"{name} ({mode}): method was fed {sorted(fed)}"
                 for n in names:
                     same = (fed[n].tobytes() == local[n].tobytes() if mode == "eager"
