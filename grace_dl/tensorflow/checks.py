@@ -8,7 +8,8 @@ collectives of different tensors. With Horovod's own compression the job hangs; 
 grace-dl it failed deep inside a collective (``UnknownError: Graph execution error``,
 a ``TensorScatterUpdate`` or Horovod's "Mismatched data types"). So, before the first
 pipeline of each call of Horovod's ``allreduce_grads`` (``DistributedGradientTape`` and the
-Keras ``DistributedOptimizer``), every rank allgathers a 16-byte digest of the names of the
+Keras ``DistributedOptimizer``; on the graph path, where which gradients are None is fixed
+per trace, when the step is traced), every rank allgathers a 16-byte digest of the names of the
 variables it has gradients for; ranks that differ exchange the names' hashes and raise
 :class:`GradientMismatchError` on every rank, naming the variables. Cost: one allgather of
 16 bytes per worker and step (not counted in ``grace.stats``).
@@ -112,21 +113,19 @@ def _check_one_model(grace: Any, name: str, variable: Any) -> None:
             f"second grace_dl.tensorflow.<method>(...) call)")
 
 
-def with_step_checks(grace: Any, tensor: Any, run: Callable[..., Any]) -> Callable[..., Any]:
-    """``run`` (the pipeline of ``tensor``, called where the step executes), preceded, for
-    the first gradient of each Horovod ``allreduce_grads`` call, by the check that every
-    rank has gradients for the same variables; and, at once, the check that ``grace``
-    serves one model. Returns ``run`` unchanged outside Horovod's call, on one worker, or
-    with ``grace.handshake = False`` (which turns the first-step handshake off as well).
+def step_check(grace: Any, tensor: Any) -> Callable[[], None] | None:
+    """The check that every rank has gradients for the same variables, for the first
+    gradient of each Horovod ``allreduce_grads`` call (None for the others, outside
+    Horovod's call, on one worker, or with ``grace.handshake = False``, which turns the
+    first-step handshake off as well); checks at once that ``grace`` serves one model.
 
     Args:
         grace: the method object (a bound :class:`~grace_dl.tensorflow.HorovodTFGrace`).
         tensor: the gradient Horovod hands its ``compress``.
-        run: the function that runs the pipeline, ``run(tensor, *extra)``.
     """
     call = _allreduce_call(tensor)
     if call is None:
-        return run
+        return None
     grads, variables = call
     target = _captured(tensor)
     index = next(i for i, g in enumerate(grads) if g is target or g is tensor)
@@ -135,15 +134,10 @@ def with_step_checks(grace: Any, tensor: Any, run: Callable[..., Any]) -> Callab
     first = next(i for i, g in enumerate(grads) if g is not None)
     if (index != first or grace.transport is None or grace.transport.size == 1
             or not getattr(grace, "handshake", True)):
-        return run
+        return None
     present = [n for n, g in zip(names, grads) if g is not None]
     absent = [n for n, g in zip(names, grads) if g is None]
-
-    def checked(*args: Any) -> Any:
-        check_same_gradients(grace, present, absent)
-        return run(*args)
-
-    return checked
+    return lambda: check_same_gradients(grace, present, absent)
 
 
 #: seconds that a method's first collective waits for the other ranks before it concludes

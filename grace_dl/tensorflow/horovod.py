@@ -19,7 +19,7 @@ import tensorflow as tf
 from ..checks import adaptive_optimizer_message, check_optimizer_momentum
 from ..core import Grace, derive_key
 from ..transport.base import Transport, horovod_membership
-from .checks import with_step_checks
+from .checks import step_check
 
 
 def _op_name(name: str) -> str:
@@ -268,6 +268,10 @@ class HorovodTFGrace(Grace):
         empty tensor is what Horovod allreduces."""
         import horovod.tensorflow as hvd
 
+        if self.policies.fusion_bytes:
+            # the simulator would fuse and this adapter would not: results would differ silently
+            raise ValueError(f"policies.fusion_bytes={self.policies.fusion_bytes}: tensor fusion runs in the "
+                             f"simulator and the torch adapters, not yet under Horovod TF; set fusion_bytes=0")
         name = _gradient_name(tensor)
         op = _horovod_op(hvd)
         if op not in (hvd.Average, hvd.Sum):
@@ -290,15 +294,27 @@ class HorovodTFGrace(Grace):
             out = self.step(t, name)
             return out * scale if scale != 1 else out
 
-        run = with_step_checks(self, tensor, run)  # the same variables on every rank; one model per method
+        check = step_check(self, tensor)  # the same variables on every rank; one model per method
         empty = tf.zeros([0], tensor.dtype)
         if tf.executing_eagerly():
+            if check is not None:
+                check()
             return empty, run(tensor)
         if self.graph_path:
+            if check is not None:
+                # which gradients are None is fixed when the step is traced: check then, eagerly
+                with tf.init_scope():
+                    check()
             out = self.graph_step(tensor, name)
             return empty, out * scale if scale != 1 else out
+
+        def checked_run(*args):
+            if check is not None:
+                check()
+            return run(*args)
+
         ticket = _order_token().assign_add(1)
-        out = tf.py_function(run, [tensor, ticket], Tout=tensor.dtype, name="grace_pipeline")
+        out = tf.py_function(checked_run, [tensor, ticket], Tout=tensor.dtype, name="grace_pipeline")
         out.set_shape(tensor.shape)
         return empty, out
 
