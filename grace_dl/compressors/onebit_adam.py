@@ -327,4 +327,5 @@ class OnebitAdamMemory(Memory):
             previous = state.get(key)
             if previous is None:
                 previous = ops.zeros(ctx.numel, ctx.dtype, new)
-            fields[key] = ops.choose(ops.all_finite(new), new, previous)
+            finite = ops.all_finite(new)
+            fields[key] = self._pick(ops, finite, self._finite_update(ops, finite, ctx, key), new, previous)
