@@ -113,11 +113,13 @@ def _check_one_model(grace: Any, name: str, variable: Any) -> None:
             f"second grace_dl.tensorflow.<method>(...) call)")
 
 
-def step_check(grace: Any, tensor: Any) -> Callable[[], None] | None:
-    """The check that every rank has gradients for the same variables, for the first
-    gradient of each Horovod ``allreduce_grads`` call (None for the others, outside
-    Horovod's call, on one worker, or with ``grace.handshake = False``, which turns the
-    first-step handshake off as well); checks at once that ``grace`` serves one model.
+def gradient_sets(grace: Any, tensor: Any) -> tuple[list[str], list[str]] | None:
+    """``(present, absent)``: the names of the variables with and without a gradient in
+    the Horovod ``allreduce_grads`` call compressing ``tensor``, when ``tensor`` is the
+    call's first gradient and the ranks' gradient sets are to be compared (None for the
+    other gradients, outside Horovod's call, on one worker, or with ``grace.handshake =
+    False``, which turns the first-step handshake off as well); checks at once that
+    ``grace`` serves one model.
 
     Args:
         grace: the method object (a bound :class:`~grace_dl.tensorflow.HorovodTFGrace`).
@@ -137,7 +139,7 @@ def step_check(grace: Any, tensor: Any) -> Callable[[], None] | None:
         return None
     present = [n for n, g in zip(names, grads) if g is not None]
     absent = [n for n, g in zip(names, grads) if g is None]
-    return lambda: check_same_gradients(grace, present, absent)
+    return present, absent
 
 
 #: seconds that a method's first collective waits for the other ranks before it concludes

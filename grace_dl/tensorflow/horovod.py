@@ -19,7 +19,7 @@ import tensorflow as tf
 from ..checks import adaptive_optimizer_message, check_optimizer_momentum
 from ..core import Grace, derive_key
 from ..transport.base import Transport, horovod_membership
-from .checks import step_check
+from .checks import check_same_gradients, gradient_sets
 
 
 def _op_name(name: str) -> str:
@@ -59,6 +59,11 @@ class HorovodTFTransport(Transport):
             return ("split", data, None)
         # lengths may differ: exchange them, so that the concatenation can be cut apart
         count = tf.reshape(tf.size(flat, out_type=tf.int64), [1])
+        if not tf.executing_eagerly():
+            # make the count depend on the data: TF's shape inference runs a collective whose
+            # inputs are constants while the graph is built, which blocks a rank that traces
+            # alone (a retrace) until the others post it
+            count += tf.cast(tf.logical_and(tf.reduce_any(tf.not_equal(flat[:1], flat[:1])), False), tf.int64)
         sizes = self.hvd.allgather(count, name=_op_name(name + ".sizes"), **self._ps)
         return ("split", data, sizes)
 
@@ -294,23 +299,25 @@ class HorovodTFGrace(Grace):
             out = self.step(t, name)
             return out * scale if scale != 1 else out
 
-        check = step_check(self, tensor)  # the same variables on every rank; one model per method
+        sets = gradient_sets(self, tensor)  # the same variables on every rank; one model per method
         empty = tf.zeros([0], tensor.dtype)
         if tf.executing_eagerly():
-            if check is not None:
-                check()
+            if sets is not None:
+                check_same_gradients(self, *sets)
             return empty, run(tensor)
         if self.graph_path:
-            if check is not None:
+            if sets is not None:
                 # which gradients are None is fixed when the step is traced: check then, eagerly
+                # (a rank that retraces alone, a gradient turned None at a later step, is not
+                # caught on this path: see docs/reliability.md)
                 with tf.init_scope():
-                    check()
+                    check_same_gradients(self, *sets)
             out = self.graph_step(tensor, name)
             return empty, out * scale if scale != 1 else out
 
         def checked_run(*args):
-            if check is not None:
-                check()
+            if sets is not None:
+                check_same_gradients(self, *sets)
             return run(*args)
 
         ticket = _order_token().assign_add(1)
