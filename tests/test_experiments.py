@@ -261,14 +261,17 @@ def test_learning_rate_schedules():
 
 # -- runs ----------------------------------------------------------------------------------
 
-def check_run(out: Path, method: str, workers: int = 2) -> tuple[list[dict], dict]:
+def check_run(out: Path, method: str, workers: int = 2, timed: bool = True) -> tuple[list[dict], dict]:
+    """``timed=False``: a TF run under Horovod, whose pipeline runs in the graph (its
+    compress/decompress/exchange times read 0: only the step is timed)."""
     records = metrics.read_jsonl(out / "metrics.jsonl")
     summary = json.loads((out / "summary.json").read_text())
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     for r in records:
         assert STEP_FIELDS <= set(r), STEP_FIELDS - set(r)
         assert r["sent_bytes"] > 0 and r["received_bytes"] > 0 and r["dense_bytes"] > 0
-        assert r["step_s"] > 0 and r["compress_s"] > 0 and r["decompress_s"] >= 0 and r["exchange_s"] >= 0
+        assert r["step_s"] > 0 and r["decompress_s"] >= 0 and r["exchange_s"] >= 0
+        assert r["compress_s"] > 0 if timed else r["compress_s"] == r["decompress_s"] == r["exchange_s"] == 0
         assert r["compress_s"] + r["decompress_s"] <= r["step_s"] * workers
     evaluated = [r for r in records if "eval_loss" in r]
     assert evaluated and evaluated[-1]["step"] == len(records)
@@ -483,7 +486,7 @@ def test_grace_dl_run_tensorflow_horovodrun_gloo(tmp_path):
           .replace("launcher: simulator", "launcher: horovodrun-gloo"))
     result = cli("run", "tf.yaml", "--output", "tf", cwd=tmp_path, timeout=420)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    _, summary = check_run(tmp_path / "tf", "topk")
+    _, summary = check_run(tmp_path / "tf", "topk", timed=False)  # topk runs on the graph path
     assert summary["framework"] == "tensorflow" and summary["replicas_identical"]
 
 

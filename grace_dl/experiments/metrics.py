@@ -20,7 +20,9 @@ transport (posting collectives and waiting for them), ``step_s`` is the whole st
 every worker, the pipeline times are per worker (the total over workers divided by N)
 while ``step_s`` covers all workers. Times are host wall-clock times: under
 ``tf.function`` or on a GPU without synchronisation they measure tracing or kernel
-launches only.
+launches only; under Horovod TF, where the pipeline of most methods is traced into the
+graph (:mod:`grace_dl.tensorflow.graph`), the timers are off after tracing and the three
+pipeline times read 0 (only ``step_s`` is measured).
 """
 
 from __future__ import annotations
