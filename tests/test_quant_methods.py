@@ -573,11 +573,7 @@ def test_payloads_bit_identical_on_torch_given_the_same_draws(name, kwargs):
     torch = pytest.importorskip("torch")
     from grace_dl.torch.ops import TorchOps
 
-    if kwargs.get("p") == "2":
-        # float32 square roots match NumPy (TorchOps.sqrt rounds a float64 root), float64
-        # ones are torch's own, which miss correct rounding on ~1% of values on this CPU
-        pytest.skip("torch's CPU float64 sqrt is not correctly rounded: p='2' norms may differ in the last bit")
-
+    # p='2' norms included: TorchOps.sqrt is correctly rounded on the CPU (float64 via NumPy)
     class NumpyDraws(TorchOps):
         def random_uniform(self, n, key, counter, like):
             return torch.from_numpy(ops.random_uniform(n, key, counter, None))
