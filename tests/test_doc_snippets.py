@@ -272,8 +272,7 @@ def _run_modes(tmp_path_factory) -> dict[str, dict[str, str]]:
         work = tmp_path_factory.mktemp(f"snippets-{mode}")
         (work / "cases.json").write_text(json.dumps(cases))
         (work / "runner.py").write_text(_RUNNER)
-        env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3",
-                   SNIPPET_PORT=str(29500 + os.getpid() % 1000))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3", SNIPPET_PORT=str(_free_port()))
         env.pop("TF_USE_LEGACY_KERAS", None)
         if mode == "tf-keras":
             env["TF_USE_LEGACY_KERAS"] = "1"
@@ -297,6 +296,15 @@ def _run_modes(tmp_path_factory) -> dict[str, dict[str, str]]:
             results.setdefault(case["name"], f"no result (exit {proc.returncode}):\n{stderr[-3000:]}")
         _RESULTS[mode] = results
     return _RESULTS
+
+
+def _free_port() -> int:
+    """A TCP port free now, for the DDP snippets' one-process group."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _missing(mode: str) -> list[str]:
