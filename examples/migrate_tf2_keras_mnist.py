@@ -63,9 +63,9 @@ mnist_model.compile(loss=tf.losses.SparseCategoricalCrossentropy(),
 callbacks = [
     # Horovod: broadcast initial variable states from rank 0 to all other processes.
     hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-    # GRACE's example also averaged metrics with hvd.callbacks.MetricAverageCallback(); in
-    # Horovod 0.28 it calls keras.backend.constant, which Keras 3 (installed next to
-    # tf-keras) lacks, so it is left out here.
+    # Horovod: average metrics among workers at the end of every epoch. (grace-dl: keras_hvd's
+    # callbacks replace Horovod 0.28's, which call keras.backend.constant, absent from Keras 3.)
+    hvd.callbacks.MetricAverageCallback(),
 ]
 
 # Horovod: write logs on worker 0.

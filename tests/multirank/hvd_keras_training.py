@@ -1,5 +1,9 @@
 """Run under ``horovodrun -np 2``: Horovod's Keras ``DistributedOptimizer`` with grace-dl
-methods as ``compression=`` trains a small MLP on scikit-learn's digits.
+methods as ``compression=`` trains a small MLP on scikit-learn's digits; a checkpoint of
+``model.fit``'s model, optimizer and method resumes bit-identically; grace-dl's
+``MetricAverageCallback`` averages the ranks' metrics; and a method built inside a
+``tf.function`` step (Horovod's ``tensorflow2_synthetic_benchmark.py`` does so) gives
+Horovod's own result across retraces.
 
 Horovod 0.28's Keras wrapper hooks Keras 2 optimizers only (with Keras 3, ``model.fit``
 never calls its allreduce), so this runs on tf-keras, selected by ``TF_USE_LEGACY_KERAS=1``.
@@ -19,6 +23,7 @@ import tensorflow as tf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import grace_dl.tensorflow as grace  # noqa: E402
+import grace_dl.tensorflow.keras_hvd as grace_keras  # noqa: E402
 from grace_dl.checks import own_momenta  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
@@ -56,6 +61,112 @@ def train(name: str, params: dict, epochs: int = 10) -> tuple[float, float, obje
     gathered = hvd.allgather(tf.constant(flat[None]), name=f"weights.{name}").numpy()
     assert np.array_equal(gathered[0], gathered[1]), f"{name}: weights differ between ranks"
     return accuracy, method.stats.compression_ratio, method
+
+
+def _weights(model) -> np.ndarray:
+    return np.concatenate([w.numpy().ravel() for w in model.weights])
+
+
+def check_fit_resume(workdir: str) -> None:
+    """model.fit, a checkpoint of model, optimizer and method (tf.train.Checkpoint with
+    ``grace=method.checkpointable()``), one more epoch: a fresh model, optimizer and method
+    restored from it reach the same weights bit for bit. Restored without the method's
+    state (residuals, momenta, step counters) they do not, so the state is what resumes."""
+    (x, y), _ = data(hvd.rank(), hvd.size())
+    x, y = x[:256], y[:256]
+
+    def build(name: str, params: dict):
+        tf.keras.utils.set_random_seed(1)
+        # named layers: the method's state is keyed by gradient names, which a second model
+        # built in the same process would otherwise get numbered anew (dense_2 ...)
+        model = tf.keras.Sequential([tf.keras.layers.Input((64,)),
+                                     tf.keras.layers.Dense(32, activation="relu", name="hidden"),
+                                     tf.keras.layers.Dense(10, name="logits")])
+        method = getattr(grace, name)(**params)
+        momentum = 0.0 if own_momenta(method) else 0.9
+        opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05, momentum=momentum), compression=method)
+        model.compile(optimizer=opt, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model, opt, method
+
+    def fit(model) -> None:
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+
+    for name, params in [("topk", {"ratio": 0.05}), ("dgc", {"ratio": 0.05}), ("powersgd", {"rank": 2})]:
+        model, opt, method = build(name, params)
+        fit(model)
+        path = tf.train.Checkpoint(model=model, optimizer=opt, grace=method.checkpointable()).write(
+            os.path.join(workdir, f"fit-{name}.rank{hvd.rank()}"))  # each rank its own: residuals are per worker
+        fit(model)
+        straight = _weights(model)
+
+        model, opt, method = build(name, params)
+        tf.train.Checkpoint(model=model, optimizer=opt, grace=method.checkpointable()).read(path)
+        fit(model)
+        assert _weights(model).tobytes() == straight.tobytes(), f"{name}: the resumed fit differs"
+
+        model, opt, _ = build(name, params)
+        tf.train.Checkpoint(model=model, optimizer=opt).read(path).expect_partial()
+        fit(model)
+        assert _weights(model).tobytes() != straight.tobytes(), f"{name}: resuming without the method's state " \
+                                                                 f"gave the same weights: the check cannot fail"
+        print(f"rank {hvd.rank()}: keras fit resumed bit-identically from a checkpoint ({name})", flush=True)
+
+
+def check_metric_average() -> None:
+    """grace-dl's MetricAverageCallback (Horovod's fails on TF 2.21) replaces each rank's
+    epoch metrics by their mean over the ranks."""
+    class Record(tf.keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.logs = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.logs.append({k: float(v) for k, v in logs.items()})
+
+    (x, y), _ = data(hvd.rank(), hvd.size())
+    tf.keras.utils.set_random_seed(1)
+    model = tf.keras.Sequential([tf.keras.layers.Input((64,)), tf.keras.layers.Dense(10)])
+    model.compile(optimizer=hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05), compression=grace.fp16()),
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    before, after = Record(), Record()
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False,
+              callbacks=[before, grace_keras.callbacks.MetricAverageCallback(), after])
+    local = np.array([[row[k] for k in sorted(row)] for row in before.logs])
+    every = hvd.allgather(tf.constant(local[None]), name="metric_average.local").numpy()
+    averaged = np.array([[row[k] for k in sorted(row)] for row in after.logs])
+    assert not np.allclose(every[0], every[1]), "the ranks' metrics agree already: the check cannot fail"
+    assert np.allclose(averaged, every.mean(axis=0), rtol=1e-6), (averaged, every)
+    print(f"rank {hvd.rank()}: keras metrics averaged over the ranks", flush=True)
+
+
+def check_method_built_in_retraced_step() -> None:
+    """Horovod's tensorflow2_synthetic_benchmark.py builds its compression inside the
+    tf.function step. A grace-dl method built there, with the step retraced for new input
+    shapes, gives Horovod's own result: ``none`` bit for bit against hvd.Compression.none;
+    ``topk`` (state in variables made at each trace) keeps both ranks' weights identical."""
+    import horovod.tensorflow as hvd_tf
+
+    def train(make_compression):
+        w = tf.Variable(tf.reshape(tf.range(12, dtype=tf.float32), [4, 3]) / 10)
+        rank = hvd.rank()
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.matmul(x, w) ** 2)
+            tape = hvd_tf.DistributedGradientTape(tape, compression=make_compression())
+            w.assign_sub(0.01 * tape.gradient(loss, [w])[0])
+
+        for rows in (2, 5, 3, 5, 2):  # new shapes retrace the step
+            step(tf.ones([rows, 4]) * (rank + 1) / rows)
+        assert step.experimental_get_tracing_count() >= 3, step.experimental_get_tracing_count()
+        return w.numpy()
+
+    assert train(grace.none).tobytes() == train(lambda: hvd_tf.Compression.none).tobytes()
+    mine = train(lambda: grace.topk(ratio=0.5))
+    gathered = hvd.allgather(tf.constant(mine[None]), name="retrace.topk").numpy()
+    assert gathered[0].tobytes() == gathered[1].tobytes() and not np.allclose(mine, train(grace.none))
+    print(f"rank {hvd.rank()}: methods built inside a retraced tf.function step ok", flush=True)
 
 
 def check_double_momentum_refused() -> None:
@@ -100,8 +211,14 @@ def check_none_gradient_refused() -> None:
 
 
 def main() -> None:
+    import tempfile
+
     hvd.init()
     check_double_momentum_refused()
+    check_method_built_in_retraced_step()
+    check_metric_average()
+    with tempfile.TemporaryDirectory() as workdir:
+        check_fit_resume(workdir)
     missing = [m for m in METHODS if m not in grace.list_methods()]
     if missing:
         raise SystemExit(f"methods not registered: {missing}")
