@@ -16,7 +16,7 @@ import pytest
 from grace_dl import cli
 from grace_dl.registry import ConfigError
 from grace_dl.trainbench import netns, report, runner
-from grace_dl.trainbench.spec import PRESETS, parse_method, parse_rate, rate_label
+from grace_dl.trainbench.spec import PRESETS, parse_method, parse_rate, rate_label, timed_schedule
 
 
 # -- the model ----------------------------------------------------------------------------
@@ -169,6 +169,14 @@ def test_every_launch_is_bounded_in_time(tmp_path):
     (["--method", "hvd:topk,rate=0.1"], "topk has no parameter 'rate' (it takes ratio)"),
     (["--method", "hvd:topk,0.1"], "expected KEY=VALUE"),
     (["--method", "ddp:fp16_hook,rank=2"], "ddp:fp16_hook takes no parameters"),
+    (["--method", "hvd:local_sgd,h=4"], "local_sgd has no parameter 'h' (it takes period, switch_step"),
+    (["--method", "hvd:local_sgd,period=0"], "local_sgd: period must be an int >= 1, got 0"),
+    (["--method", "hvd:local_sgd,period=2,min_period=4"], "min_period (4) must not exceed period (2)"),
+    (["--method", "ddp:post_local_sgd,period=4"], "post_local_sgd needs switch_step=N >= 1"),
+    (["--method", "hvd:onebit_adam"], "onebit_adam needs freeze_step=N"),
+    (["--method", "hvd:onebit_adam,freeze_step=2,optimizer=adam"], "runs with optimizer=sgd"),
+    (["--method", "hvd:onebit_adam,freeze_step=2,fusion=65536"], "onebit_adam takes no fusion"),
+    (["--method", "hvd:none,optimizer=lamb"], "optimizer must be one of sgd, adam, got 'lamb'"),
     (["--link", "fast"], "link 'fast': expected 'unshaped' or a positive rate"),
     (["--link", "0mbit"], "positive rate"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
@@ -193,7 +201,26 @@ def test_rates_and_specs_parse():
     assert parse_method("ddp:powersgd_hook,rank=4").params == (("rank", 4),)
     with pytest.raises(ConfigError):
         parse_method("ddp:allreduce,x=1")
+    local = parse_method("hvd:local_sgd,period=4,adaptive=true")
+    assert local.grace and local.params == (("period", 4), ("adaptive", True))
+    assert local.label == "hvd:local_sgd,period=4,adaptive=True"
+    assert parse_method("ddp:post_local_sgd,period=4,switch_step=3").params == (("period", 4), ("switch_step", 3))
+    assert dict(parse_method("hvd:none,optimizer=adam").params) == {"optimizer": "adam"}
+    assert parse_method("hvd:onebit_adam,freeze_step=5").grace
     assert netns.tbf_burst_bytes(1e9) == 1_250_000 and netns.tbf_burst_bytes(1e6) == 2 * 65536
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("hvd:topk,ratio=0.01", (2, 5)),
+    ("ddp:powersgd_hook,rank=4,start_iter=7", (7, 5)),      # uncompressed before start_iter: untimed
+    ("hvd:onebit_adam,freeze_step=9", (9, 5)),              # dense Adam during the warm-up: untimed
+    ("hvd:local_sgd,period=4", (4, 8)),                     # the warm-up ends on an averaging step
+    ("hvd:local_sgd,period=16", (16, 16)),                  # and each repeat holds whole periods
+    ("ddp:post_local_sgd,period=4,switch_step=3", (3, 8)),  # the synchronous steps are untimed
+    ("ddp:post_local_sgd,period=3,switch_step=1", (4, 6)),
+])
+def test_timed_steps_are_a_methods_steady_state(text, expected):
+    assert timed_schedule(parse_method(text).as_dict(), 2, 5) == expected
 
 
 # -- two ranks ----------------------------------------------------------------------------------
@@ -220,3 +247,23 @@ def test_two_rank_run_reports_the_methods_own_bytes(tmp_path):
         assert len(r["step_times"]) == 2 and r["median"] > 0 and r["fraction"] > 0
     assert data["ceiling"]["median"] > 0
     assert (tmp_path / "step_time.png").exists()
+
+
+@pytest.mark.multirank
+def test_two_rank_post_local_sgd_reports_the_methods_own_bytes(tmp_path):
+    pytest.importorskip("torch")
+    from grace_dl.trainbench.model import ResNet18Like
+
+    spec = parse_method("ddp:post_local_sgd,period=3,switch_step=2")
+    result = tmp_path / "figures.json"
+    config = {"launcher": "none", "width": 4, "num_classes": 10, "batch_size": 2, "image_size": 32, "warmup": 1,
+              "steps": 2, "repeats": 2, "result": str(result), "watchdog": 110}
+    commands = runner.job_commands(spec, config, 2, None)  # the worker from this checkout, as the runner starts it
+    assert runner.launch(commands, tmp_path / "log", timeout=120) is None, (tmp_path / "log").read_text()[-3000:]
+    figures = json.loads(result.read_text())
+    sizes = [p.numel() for p in ResNet18Like(4, 10).parameters()]
+    # timed: two repeats of 3 steps after the 2 synchronous ones, averaged at steps 5 and
+    # 8 (a 2-rank ring sends the dense float32 parameters once): a third of the dense
+    # bytes per step, and nothing of the hook's gradient allreduce, which ended at step 2
+    assert (figures["warmup"], figures["steps"], len(figures["step_times"])) == (2, 3, 2)
+    assert figures["sent_per_step"] == pytest.approx(4 * sum(sizes) / 3)

@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "full: ResNet-18 size, batch 16 at 128x128, 3 links, 12 methods (default small)")
     parser.add_argument("--method", action="append", metavar="SPEC",
                         help="LAUNCHER:NAME[,KEY=VALUE...], e.g. hvd:topk,ratio=0.01, hvd:none, hvd:fp16, "
-                             "ddp:allreduce, ddp:fp16_hook, ddp:powersgd_hook,rank=4, ddp:powersgd,rank=4 "
+                             "ddp:allreduce, ddp:fp16_hook, ddp:powersgd_hook,rank=4, ddp:powersgd,rank=4, "
+                             "hvd:local_sgd,period=4, ddp:post_local_sgd,period=4,switch_step=2, "
+                             "hvd:onebit_adam,freeze_step=2, hvd:none,optimizer=adam "
                              "(repeatable; default: the preset's)")
     parser.add_argument("--link", action="append", metavar="RATE",
                         help="unshaped or a tc rate such as 1gbit, 100mbit (repeatable; default: the preset's)")

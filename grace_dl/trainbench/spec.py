@@ -20,6 +20,13 @@ DDP_BUILTINS = ("allreduce", "fp16_hook", "powersgd_hook")
 #: parameters of torch's PowerSGD hook that a spec may set (``rank`` is its matrix_approximation_rank)
 #: ``bucket_mb`` is DDP's bucket_cap_mb (default 1024: one bucket, see worker.py for why)
 POWERSGD_HOOK_PARAMS = ("rank", "start_iter", "min_compression_rate", "warm_start", "error_feedback", "bucket_mb")
+#: local SGD (:mod:`grace_dl.localsgd`): the models, not the gradients, are averaged every
+#: ``period`` steps; ``post_local_sgd`` is the same method with a ``switch_step`` required.
+#: Under ``hvd`` grace-dl's ``LocalSGD`` wraps the optimizer (no DistributedOptimizer); under
+#: ``ddp`` its ``post_local_sgd_hook`` and ``PostLocalSGDOptimizer`` run
+LOCAL_SGD_NAMES = ("local_sgd", "post_local_sgd")
+#: the optimizers a method may name with ``optimizer=`` (default ``sgd``: SGD without momentum)
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,13 @@ class MethodSpec:
     ``grace.`` prefix picks grace-dl's method where a name is also a built-in
     (``hvd:grace.fp16``). A grace-dl method also takes ``fusion=BYTES``, its fusion
     bucket size (``policies.fusion_bytes``, :mod:`grace_dl.fusion`; default the method's).
+
+    ``local_sgd`` and ``post_local_sgd`` are local SGD (``hvd:local_sgd,period=4``,
+    ``ddp:post_local_sgd,period=4,switch_step=2``; parameters those of
+    :func:`grace_dl.local_sgd` but ``compression``). ``onebit_adam`` needs ``freeze_step``:
+    its dense warm-up runs untimed. Every method takes ``optimizer=sgd|adam`` (default
+    ``sgd``: SGD without momentum, lr 0.01; ``adam``: torch's Adam, lr 0.01), so that
+    ``hvd:none,optimizer=adam`` is dense Adam.
     """
 
     launcher: str
@@ -72,27 +86,105 @@ def parse_method(text: str) -> MethodSpec:
     grace = name.startswith("grace.")
     if grace:
         name = name[len("grace."):]
+    _check_optimizer(text, name, dict(params).get("optimizer", "sgd"))
+    if name in LOCAL_SGD_NAMES:
+        return _parse_local_sgd(text, launcher, name, params)
     builtins = _builtins(launcher)
     if not grace and name in builtins:
         allowed = POWERSGD_HOOK_PARAMS if name == "powersgd_hook" else ()
-        bad = [k for k, _ in params if k not in allowed]
+        bad = [k for k, _ in params if k not in allowed and k != "optimizer"]
         if bad:
             raise ConfigError(f"method {text!r}: {launcher}:{name} takes "
-                              f"{'parameters ' + ', '.join(allowed) if allowed else 'no parameters'}, got {bad[0]!r}")
+                              f"{'parameters ' + ', '.join(allowed) if allowed else 'no parameters'} (and optimizer=), "
+                          f"got {bad[0]!r}")
         return MethodSpec(launcher, name, tuple(params), grace=False)
     compressors = entries("compressor")
     if name not in compressors:
         raise ConfigError(f"method {text!r}: unknown method {name!r}; {launcher}: takes "
-                          f"{', '.join(builtins)} or a grace-dl method ({', '.join(sorted(compressors))})")
+                          f"{', '.join(builtins + LOCAL_SGD_NAMES)} or a grace-dl method "
+                          f"({', '.join(sorted(compressors))})")
     known = compressors[name].params
-    bad = [k for k, _ in params if k not in known and k != "fusion"]
+    bad = [k for k, _ in params if k not in known and k not in ("fusion", "optimizer")]
     if bad:
         raise ConfigError(f"method {text!r}: {name} has no parameter {bad[0]!r} "
-                          f"(it takes {', '.join(known) or 'none'}); every grace-dl method also takes fusion=BYTES")
+                          f"(it takes {', '.join(known) or 'none'}); every grace-dl method also takes fusion=BYTES "
+                          f"and optimizer={'|'.join(OPTIMIZERS)}")
     fusion = dict(params).get("fusion")
     if fusion is not None and (isinstance(fusion, bool) or not isinstance(fusion, int) or fusion < 0):
         raise ConfigError(f"method {text!r}: fusion is the bucket size in bytes, an int >= 0, got {fusion!r}")
+    if getattr(compressors[name].cls, "returns_update", False):
+        _check_update_method(text, name, dict(params))
     return MethodSpec(launcher, name, tuple(params), grace=True)
+
+
+def _check_optimizer(text: str, name: str, optimizer: Any) -> None:
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"method {text!r}: optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+
+
+def _check_update_method(text: str, name: str, params: dict[str, Any]) -> None:
+    """A method that hands back the optimizer's update (1-bit Adam) runs with plain SGD,
+    unfused, and its dense warm-up is not what the benchmark times."""
+    if params.get("optimizer", "sgd") != "sgd":
+        raise ConfigError(f"method {text!r}: {name} hands back Adam's update direction, so it runs with "
+                          f"optimizer=sgd (the default; it takes Adam's betas and eps itself)")
+    if "fusion" in params:
+        raise ConfigError(f"method {text!r}: {name} takes no fusion (a method that hands back an optimizer "
+                          f"update takes no policies)")
+    if "freeze_step" not in params:
+        raise ConfigError(f"method {text!r}: {name} needs freeze_step=N, its dense warm-up steps (run untimed, "
+                          f"so that the timed steps are the compressed stage), e.g. {text.strip()},freeze_step=2")
+
+
+def _parse_local_sgd(text: str, launcher: str, name: str, params: list[tuple[str, Any]]) -> MethodSpec:
+    """``local_sgd`` / ``post_local_sgd``: the parameters of :func:`grace_dl.local_sgd`
+    (but ``compression``: the differences are averaged uncompressed) and ``optimizer``;
+    the values are checked by building the method."""
+    from ..localsgd import LocalSGD
+    from ..registry import algorithms
+
+    known = [k for k in algorithms()["local_sgd"].params if k != "compression"]
+    values = {k: v for k, v in params if k != "optimizer"}
+    bad = [k for k in values if k not in known]
+    if bad:
+        raise ConfigError(f"method {text!r}: {name} has no parameter {bad[0]!r} "
+                          f"(it takes {', '.join(known)} and optimizer={'|'.join(OPTIMIZERS)})")
+    if name == "post_local_sgd" and not values.get("switch_step"):
+        raise ConfigError(f"method {text!r}: post_local_sgd needs switch_step=N >= 1, the synchronous steps "
+                          f"before the local ones (without them it is local_sgd), e.g. "
+                          f"{launcher}:post_local_sgd,period=4,switch_step=2")
+    try:
+        LocalSGD(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"method {text!r}: {name}: {err}") from None
+    return MethodSpec(launcher, name, tuple(params), grace=True)
+
+
+def timed_schedule(spec: dict[str, Any] | None, warmup: int, steps: int) -> tuple[int, int]:
+    """The untimed warm-up steps and the steps per timed repeat that a method runs with,
+    from the preset's ``warmup`` and ``steps`` (``spec``: :meth:`MethodSpec.as_dict`).
+
+    * torch's PowerSGD hook allreduces uncompressed before its ``start_iter``, 1-bit Adam
+      is dense Adam for ``freeze_step`` steps: those steps stay untimed.
+    * Local SGD averages every ``period`` steps (after ``switch_step`` synchronous ones,
+      which stay untimed): the warm-up ends on an averaging step and a repeat is a
+      multiple of ``period`` steps, so that every repeat holds the same number of
+      averaging steps and the bytes per step are the exact average. With ``adaptive`` the
+      period can shrink during the run; ``period`` is its largest value.
+    """
+    if spec is None:
+        return warmup, steps
+    params = spec.get("params", {})
+    name = spec["name"]
+    if name == "powersgd_hook" and not spec.get("grace"):
+        return max(warmup, int(params.get("start_iter", 2))), steps
+    if name == "onebit_adam":
+        return max(warmup, int(params["freeze_step"])), steps
+    if name in LOCAL_SGD_NAMES:
+        period, switch = int(params.get("period", 4)), int(params.get("switch_step", 0))
+        local = max(warmup - switch, 0)
+        return switch + -(-local // period) * period, -(-steps // period) * period
+    return warmup, steps
 
 
 _RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kmg]?)bit\s*$", re.IGNORECASE)

@@ -20,6 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from .model import ResNet18Like
+from .spec import LOCAL_SGD_NAMES, timed_schedule
 
 
 def ring_allreduce_sent(nbytes: int, size: int) -> int:
@@ -56,10 +57,64 @@ def _grace_method(spec: dict[str, Any]):
     import grace_dl.torch as grace
 
     params = dict(spec["params"])
+    params.pop("optimizer", None)
     fusion = params.pop("fusion", None)
     if fusion is not None:
         params["policies"] = {"fusion_bytes": int(fusion)}
     return getattr(grace, spec["name"])(**params)
+
+
+def make_optimizer(model: torch.nn.Module, spec: dict[str, Any] | None) -> torch.optim.Optimizer:
+    """The spec's ``optimizer``: SGD without momentum (default) or Adam, both at lr 0.01."""
+    name = (spec or {}).get("params", {}).get("optimizer", "sgd")
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=0.01)
+    return torch.optim.SGD(model.parameters(), lr=0.01)
+
+
+def setup_local_sgd(config: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    images: torch.Tensor, labels: torch.Tensor):
+    """Local SGD (``local_sgd`` / ``post_local_sgd``): under ``hvd`` grace-dl's ``LocalSGD``
+    wraps the plain optimizer (no gradient is allreduced); under ``ddp`` the model is
+    wrapped in DDP with ``post_local_sgd_hook`` (gradients allreduced during the first
+    ``switch_step`` steps, nothing afterwards) and ``PostLocalSGDOptimizer`` averages the
+    models. Bytes are the method's own counts (the hook's gradients included). Returns
+    what :func:`setup` does."""
+    import grace_dl.torch as grace
+
+    spec = config["method"]
+    method = grace.local_sgd(**{k: v for k, v in spec["params"].items() if k != "optimizer"})
+    close = lambda: None  # noqa: E731
+    if config["launcher"] == "hvd":
+        import horovod.torch as hvd
+
+        hvd.init()
+        rank, size = hvd.rank(), hvd.size()
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        local = grace.LocalSGD(optimizer, model.named_parameters(), method=method)
+        close = hvd.shutdown
+    else:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        dist.init_process_group("gloo")
+        rank, size = dist.get_rank(), dist.get_world_size()
+        named = list(model.named_parameters())
+        model = DistributedDataParallel(model)  # broadcasts rank 0's parameters
+        model.register_comm_hook(None, grace.post_local_sgd_hook(method))
+        local = grace.PostLocalSGDOptimizer(optimizer, named, method=method)
+        # no destroy_process_group (see setup)
+
+    def step() -> None:
+        local.zero_grad()
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        local.step(loss=loss)  # the adaptive period needs the loss
+
+    def counters() -> dict[str, int]:
+        return {"sent": method.stats.sent, "payload": method.stats.payload}
+
+    return step, counters, rank, size, close
 
 
 def setup(config: dict[str, Any]) -> tuple[Callable[[], None], Callable[[], dict[str, int]], int, int, Callable[[], None]]:
@@ -69,9 +124,11 @@ def setup(config: dict[str, Any]) -> tuple[Callable[[], None], Callable[[], dict
     dense = sum(p.numel() * p.element_size() for p in model.parameters())
     images = torch.randn(config["batch_size"], 3, config["image_size"], config["image_size"])
     labels = torch.randint(0, config["num_classes"], (config["batch_size"],))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     spec = config.get("method")
+    optimizer = make_optimizer(model, spec)
     launcher = config["launcher"]
+    if spec is not None and spec["name"] in LOCAL_SGD_NAMES:
+        return setup_local_sgd(config, model, optimizer, images, labels)
     close = lambda: None  # noqa: E731
     rank, size = 0, 1
     counters: Callable[[], dict[str, int]] = lambda: {}  # noqa: E731
@@ -154,11 +211,9 @@ def run(config: dict[str, Any]) -> dict[str, Any] | None:
     """Warm up, time ``repeats`` runs of ``steps`` steps; rank 0's figures (None elsewhere)."""
     torch.set_num_threads(1)
     step, counters, rank, size, close = setup(config)
-    warmup = config["warmup"]
-    spec = config.get("method") or {}
-    if spec.get("name") == "powersgd_hook" and not spec.get("grace"):
-        # torch's hook allreduces uncompressed before its start_iter: keep those steps untimed
-        warmup = max(warmup, int(spec["params"].get("start_iter", 2)))
+    # untimed: torch's PowerSGD hook before its start_iter, 1-bit Adam's dense warm-up;
+    # local SGD's repeats hold whole periods (see timed_schedule)
+    warmup, steps = timed_schedule(config.get("method"), config["warmup"], config["steps"])
     try:
         for _ in range(warmup):
             step()
@@ -166,14 +221,14 @@ def run(config: dict[str, Any]) -> dict[str, Any] | None:
         times = []
         for _ in range(config["repeats"]):
             start = time.perf_counter()
-            for _ in range(config["steps"]):
+            for _ in range(steps):
                 step()
-            times.append((time.perf_counter() - start) / config["steps"])
+            times.append((time.perf_counter() - start) / steps)
         after = counters()
     finally:
         close()  # Horovod's shutdown; nothing for DDP (see setup)
-    timed = config["repeats"] * config["steps"]
-    result = {"rank": rank, "size": size, "warmup": warmup, "step_times": times,
+    timed = config["repeats"] * steps
+    result = {"rank": rank, "size": size, "warmup": warmup, "steps": steps, "step_times": times,
               "sent_per_step": (after.get("sent", 0) - before.get("sent", 0)) / timed if after else 0.0,
               "payload_per_step": (after.get("payload", 0) - before.get("payload", 0)) / timed if after else 0.0}
     return result if rank == 0 else None
