@@ -169,6 +169,8 @@ def test_every_launch_is_bounded_in_time(tmp_path):
     (["--method", "hvd:topk,rate=0.1"], "topk has no parameter 'rate' (it takes ratio)"),
     (["--method", "hvd:topk,0.1"], "expected KEY=VALUE"),
     (["--method", "ddp:fp16_hook,rank=2"], "ddp:fp16_hook takes no parameters"),
+    (["--method", "hvd:topk,background=2"], "background is 0 or 1, got 2"),
+    (["--method", "ddp:topk,background=1"], "topk has no parameter 'background'"),
     (["--link", "fast"], "link 'fast': expected 'unshaped' or a positive rate"),
     (["--link", "0mbit"], "positive rate"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
@@ -191,6 +193,7 @@ def test_rates_and_specs_parse():
     assert spec.grace and spec.name == "fp16" and spec.label == "hvd:grace.fp16"
     assert not parse_method("hvd:fp16").grace
     assert parse_method("ddp:powersgd_hook,rank=4").params == (("rank", 4),)
+    assert parse_method("hvd:topk,ratio=0.01,background=0").params == (("ratio", 0.01), ("background", 0))
     with pytest.raises(ConfigError):
         parse_method("ddp:allreduce,x=1")
     assert netns.tbf_burst_bytes(1e9) == 1_250_000 and netns.tbf_burst_bytes(1e6) == 2 * 65536

@@ -57,9 +57,13 @@ def _grace_method(spec: dict[str, Any]):
 
     params = dict(spec["params"])
     fusion = params.pop("fusion", None)
+    background = params.pop("background", None)
     if fusion is not None:
         params["policies"] = {"fusion_bytes": int(fusion)}
-    return getattr(grace, spec["name"])(**params)
+    method = getattr(grace, spec["name"])(**params)
+    if background is not None:
+        method.background = bool(background)
+    return method
 
 
 def setup(config: dict[str, Any]) -> tuple[Callable[[], None], Callable[[], dict[str, int]], int, int, Callable[[], None]]:
