@@ -276,7 +276,7 @@ class _Background:
     def call(self, fn: Any) -> Any:
         """Run ``fn()`` on the thread, after everything handed over before; its result
         (or its exception, raised here)."""
-        job = _Job("call")
+        job = _Job("a call on the method's state")
         self._queue.put(("call", job, fn))
         self.wait(job)
         if job.error is not None:
@@ -287,8 +287,8 @@ class _Background:
         """Wait for ``job``; raise RuntimeError if the thread died (it never should)."""
         while not job.done.wait(1.0):
             if not self._thread.is_alive():
-                raise RuntimeError("grace-dl's compression thread ended unexpectedly; "
-                                   f"tensor {job.name!r} was never exchanged")
+                raise RuntimeError(f"grace-dl's compression thread ended unexpectedly before finishing "
+                                   f"{job.name}")
 
     @staticmethod
     def _run(owner_ref: "weakref.ref[HorovodCompression]", jobs: "queue.SimpleQueue[Any]") -> None:
@@ -322,8 +322,8 @@ class _Background:
             failed: BaseException | None = None
             for each in job:
                 if failed is not None:  # never waited for: the training thread raises the first error
-                    each.error = RuntimeError(f"tensor {each.name!r} was not exchanged: the exchange of an "
-                                              f"earlier tensor failed ({failed})")
+                    each.error = RuntimeError(f"{each.name} was not exchanged: the exchange of an earlier "
+                                              f"tensor failed ({failed})")
                 else:
                     try:
                         each.result = owner._finish(each)
@@ -426,11 +426,11 @@ class HorovodCompression:
         if self.background:
             if self._worker is None:
                 self._worker = _Background(self)
-            job = _Job(name, queued=True)
+            job = _Job(f"tensor {name!r}", queued=True)
             self._unrequested.append(job)
             self._worker.put(("start", job, tensor, name, factor, plan))
             return placeholder_for(tensor), (job, post)
-        job = _Job(name)
+        job = _Job(f"tensor {name!r}")
         self._start(job, tensor, name, factor, plan)
         return placeholder_for(tensor), (job, post)
 
