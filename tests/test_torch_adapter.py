@@ -382,3 +382,68 @@ def test_bfloat16_placeholder_is_one_horovod_accepts():
         assert placeholder.dtype == torch.float32
         out = compression.decompress(placeholder, ctx)
         assert out.dtype == torch.bfloat16 and out.shape == p.shape
+
+
+# -- the background thread ---------------------------------------------------------------------
+def _step_like_horovod(like: _HorovodLike, seed: int) -> None:
+    """Horovod's order: every gradient handed over during backward, then synchronize()."""
+    gen = torch.Generator().manual_seed(seed)
+    like.model.zero_grad()
+    F.cross_entropy(like.model(torch.randn(4, 6, generator=gen)),
+                    torch.randint(0, 3, (4,), generator=gen)).backward()
+    params = list(like.model.parameters())[::-1]  # the order the hooks fire in
+    started = [(p, like._allreduce_grad_async(p)) for p in params]
+    for p, (placeholder, ctx) in started:
+        p.grad.set_(like._compression.decompress(placeholder, ctx))
+
+
+@pytest.mark.parametrize("name,kwargs", [("topk", {"ratio": 0.3}), ("powersgd", {"rank": 1}),
+                                         ("efsignsgd", {})])
+def test_background_thread_gives_the_hook_pipelines_results(name, kwargs):
+    hvd = pytest.importorskip("horovod.torch")
+    hvd.init()
+    # a bucket of three tensors (140 bytes) and 0.weight (192 bytes) alone
+    kwargs = dict(kwargs, policies={"fusion_bytes": 256})
+    runs = {}
+    for background in (False, True):
+        compression = getattr(grace, name)(**kwargs)
+        compression.background = background
+        model = mlp()
+        like = _HorovodLike(model, compression)
+        like.param_groups[0]["params"] = list(model.parameters())  # the fusion plan's input
+        grads = []
+        for step in range(3):
+            _step_like_horovod(like, step)
+            grads.append([p.grad.clone() for p in model.parameters()])
+        assert (compression._worker is not None) == background
+        runs[background] = grads, compression.state_dict()
+    (sync_grads, sync_state), (bg_grads, bg_state) = runs[False], runs[True]
+    for a, b in zip(sync_grads, bg_grads):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert_same_state(sync_state, bg_state)
+    assert any(n.startswith("fused[") for n in bg_state["steps"]), "nothing was fused"
+
+
+def test_background_thread_error_is_raised_on_the_training_thread():
+    hvd = pytest.importorskip("horovod.torch")
+    hvd.init()
+    compression = grace.topk(ratio=0.3)
+    assert compression.background, "the default (DEFAULT_BACKGROUND)"
+    like = _HorovodLike(mlp(), compression)
+    _step_like_horovod(like, 0)
+    compressor = compression.grace.compressor
+    original = compressor.compress
+
+    def failing(ops, x, ctx):
+        if ctx.name == "0.bias":
+            raise FloatingPointError("boom in 0.bias")
+        return original(ops, x, ctx)
+
+    compressor.compress = failing
+    with pytest.raises(FloatingPointError, match="boom in 0.bias"):
+        _step_like_horovod(like, 1)
+    assert compression._worker._thread.is_alive()
+    # the thread goes on: the next step completes (nothing hangs on the failed step)
+    del compressor.compress
+    _step_like_horovod(like, 2)
+    assert compression.grace.steps["2.weight"] == 3

@@ -177,6 +177,8 @@ def test_every_launch_is_bounded_in_time(tmp_path):
     (["--method", "hvd:onebit_adam,freeze_step=2,optimizer=adam"], "runs with optimizer=sgd"),
     (["--method", "hvd:onebit_adam,freeze_step=2,fusion=65536"], "onebit_adam takes no fusion"),
     (["--method", "hvd:none,optimizer=lamb"], "optimizer must be one of sgd, adam, got 'lamb'"),
+    (["--method", "hvd:topk,background=2"], "background is 0 or 1, got 2"),
+    (["--method", "ddp:topk,background=1"], "topk has no parameter 'background'"),
     (["--link", "fast"], "link 'fast': expected 'unshaped' or a positive rate"),
     (["--link", "0mbit"], "positive rate"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
@@ -199,6 +201,7 @@ def test_rates_and_specs_parse():
     assert spec.grace and spec.name == "fp16" and spec.label == "hvd:grace.fp16"
     assert not parse_method("hvd:fp16").grace
     assert parse_method("ddp:powersgd_hook,rank=4").params == (("rank", 4),)
+    assert parse_method("hvd:topk,ratio=0.01,background=0").params == (("ratio", 0.01), ("background", 0))
     with pytest.raises(ConfigError):
         parse_method("ddp:allreduce,x=1")
     local = parse_method("hvd:local_sgd,period=4,adaptive=true")

@@ -7,7 +7,10 @@ receives: Horovod calls ``compress(tensor)``, allreduces what it returns, and ca
 start of the exchange (on our own, asynchronous, collective, so allgather methods work)
 and hands Horovod an empty tensor, whose allreduce costs nothing; ``decompress`` waits
 for our exchange and returns the aggregated gradient. The exchange therefore starts when
-Horovod's gradient hook fires, overlapping the rest of the backward pass.
+Horovod's gradient hook fires, overlapping the rest of the backward pass. By default
+(``background``, see :class:`HorovodCompression`) the hook only hands the gradient to one
+background thread, which runs the pipelines and posts the collectives while the autograd
+thread goes on with backward; ``decompress`` (in the optimizer's ``step()``) waits for it.
 
 Stock Horovod's ``Compressor.compress`` receives no tensor name, but per-tensor state
 (error feedback) needs one. It is read from Horovod's optimizer frame (``self`` and
@@ -25,7 +28,9 @@ grace-dl method, whose ``state_dict()`` also carries the method's state (see the
 
 from __future__ import annotations
 
+import queue
 import sys
+import threading
 import weakref
 from typing import Any, Iterable
 
@@ -41,6 +46,14 @@ from .ops import TorchOps
 
 _OPS = TorchOps()
 _CPU = torch.empty(0)
+
+#: Whether :class:`HorovodCompression` runs its pipelines on a background thread by
+#: default (see there; measured in docs/bench.md, "Compression off the backward thread").
+DEFAULT_BACKGROUND = True
+
+#: how often (seconds) the background thread looks for completed rounds while
+#: pipelines are in flight and no gradient arrives
+_POLL_S = 0.005
 
 #: the key, in the first parameter group of an optimizer's ``state_dict()``, under which
 #: :func:`DistributedOptimizer` keeps the method's state
@@ -220,6 +233,132 @@ def ready_order(optimizer: Any) -> list[tuple[str, tuple[int, ...], str]]:
     return order[::-1]
 
 
+class _Job:
+    """One gradient handed to the background thread: its pipeline's ticket, then its
+    result or what its pipeline raised."""
+
+    __slots__ = ("name", "ticket", "result", "error", "queued", "requested", "done")
+
+    def __init__(self, name: str, queued: bool = False):
+        self.name = name
+        self.ticket: Any = None
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.queued = queued  # handed to the background thread
+        self.requested = False  # its finish was queued
+        self.done = threading.Event()
+
+
+class _Background:
+    """The thread that runs one :class:`HorovodCompression`'s pipelines, in the order the
+    gradients were handed over, so that per-tensor state and random draws see the same
+    sequence as without it. Every use of the method's state goes through it.
+
+    Torch kernels release the GIL, so compression runs while the autograd thread goes on
+    with the backward pass; Horovod's collectives are posted from here (Horovod matches
+    them across workers by name, from any thread). Between gradients it polls the
+    collectives in flight and posts later rounds (PowerSGD's second allreduce) as soon as
+    the earlier ones complete.
+    """
+
+    def __init__(self, owner: "HorovodCompression"):
+        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        # the thread holds its owner weakly and ends once the owner is collected
+        self._thread = threading.Thread(target=self._run, args=(weakref.ref(owner), self._queue),
+                                        name="grace-dl-compression", daemon=True)
+        self._thread.start()
+        weakref.finalize(owner, self._queue.put, ("stop", None))
+        _LIVE.add(self)
+
+    def put(self, item: tuple) -> None:
+        self._queue.put(item)
+
+    def call(self, fn: Any) -> Any:
+        """Run ``fn()`` on the thread, after everything handed over before; its result
+        (or its exception, raised here)."""
+        job = _Job("a call on the method's state")
+        self._queue.put(("call", job, fn))
+        self.wait(job)
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def wait(self, job: _Job) -> None:
+        """Wait for ``job``; raise RuntimeError if the thread died (it never should)."""
+        while not job.done.wait(1.0):
+            if not self._thread.is_alive():
+                raise RuntimeError(f"grace-dl's compression thread ended unexpectedly before finishing "
+                                   f"{job.name}")
+
+    @staticmethod
+    def _run(owner_ref: "weakref.ref[HorovodCompression]", jobs: "queue.SimpleQueue[Any]") -> None:
+        torch.set_grad_enabled(False)  # thread-local; gradients need no graph
+        polling = False
+        while True:
+            try:
+                item = jobs.get(timeout=_POLL_S) if polling else jobs.get()
+            except queue.Empty:
+                item = ("poll", None)
+            if item[0] == "stop":
+                return
+            owner = owner_ref()
+            if owner is None:
+                return
+            _Background._serve(owner, item)
+            polling = bool(owner._in_flight)
+            del owner
+
+    @staticmethod
+    def _serve(owner: "HorovodCompression", item: tuple) -> None:
+        kind, job = item[0], item[1]
+        if kind == "poll":
+            owner.progress()
+        elif kind == "start":  # nobody waits for it: an error waits for its finish
+            try:
+                owner._start(job, *item[2:])
+            except BaseException as err:  # noqa: BLE001  (raised by decompress, on the training thread)
+                job.error = err
+        elif kind == "finish":  # job: the jobs to finish, in order
+            failed: BaseException | None = None
+            for each in job:
+                if failed is not None:  # never waited for: the training thread raises the first error
+                    each.error = RuntimeError(f"{each.name} was not exchanged: the exchange of an earlier "
+                                              f"tensor failed ({failed})")
+                else:
+                    try:
+                        each.result = owner._finish(each)
+                    except BaseException as err:  # noqa: BLE001
+                        each.error = failed = err
+                        owner._reset()
+                each.done.set()
+        else:  # "call"
+            try:
+                job.result = item[2]()
+            except BaseException as err:  # noqa: BLE001
+                job.error = err
+            job.done.set()
+
+
+#: the background threads still running, stopped before the interpreter exits
+_LIVE: "weakref.WeakSet[_Background]" = weakref.WeakSet()
+
+
+def _stop_background_threads() -> None:
+    """Stop every idle background thread and wait a little for busy ones, so that none
+    runs torch or Horovod code while the interpreter finalizes (a daemon thread caught
+    in a C++ frame then aborts the process). A thread stuck in a collective whose peer
+    died is left behind (it is a daemon)."""
+    workers = list(_LIVE)
+    for worker in workers:
+        worker.put(("stop", None))
+    for worker in workers:
+        worker._thread.join(timeout=2.0)
+
+
+# before the interpreter joins its threads and runs atexit (Horovod's shutdown among them)
+getattr(threading, "_register_atexit", __import__("atexit").register)(_stop_background_threads)
+
+
 class HorovodCompression:
     """A grace-dl method in the shape of Horovod's ``Compressor``.
 
@@ -230,16 +369,29 @@ class HorovodCompression:
     postscale; the ``1/N`` of the average is the method's mean). Unlike Horovod, the
     factor is also applied with ``groups=``, whose grouped allreduce ignores it.
 
+    With ``background`` (the default, :data:`DEFAULT_BACKGROUND`), Horovod's gradient
+    hook only hands the gradient to a background thread and returns; that thread runs
+    the pipelines (compensation, compression, memory update, the collectives and their
+    later rounds) in the order the gradients arrived, while backward goes on, and
+    ``decompress`` (Horovod's ``synchronize()``, called by ``step()``) waits for the
+    results. What a pipeline raises is raised there, on the training thread, with its
+    own message; the results and the method's state are those of the pipeline run in the
+    hook, bit for bit. Without it, the pipeline runs inside the hook, on the autograd
+    thread.
+
     One object serves one optimizer: a second optimizer using it raises ValueError at its
     first step (see :func:`claim_method`); :meth:`fresh_copy` gives each its own.
 
     Args:
         grace: the method (a :class:`~grace_dl.core.Grace`); bound to a
             :class:`HorovodTorchTransport` on first use.
+        background: run the pipelines on a background thread (default None:
+            :data:`DEFAULT_BACKGROUND`).
     """
 
-    def __init__(self, grace: Grace):
+    def __init__(self, grace: Grace, background: bool | None = None):
         self.grace = grace
+        self.background = DEFAULT_BACKGROUND if background is None else bool(background)
         self._checked_optimizer: Any = None
         self._in_flight: list[Any] = []  # pipelines started and not finished, oldest first
         # id(pending) -> (pending, what its pipeline raised in progress()); holding the
@@ -247,9 +399,12 @@ class HorovodCompression:
         self._failed: dict[int, tuple[Any, Exception]] = {}
         self._fuser = Fuser(grace)
         self._planned_for: Any = None  # the optimizer whose parameters the buckets were planned from
+        self._worker: _Background | None = None
+        self._unrequested: list[_Job] = []  # jobs handed to the thread whose finish is not queued yet
 
     def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Start the grace pipeline for ``tensor``; Horovod allreduces the returned empty tensor."""
+        """Start the grace pipeline for ``tensor`` (or hand it to the background thread);
+        Horovod allreduces the returned empty tensor."""
         name, optimizer = _horovod_caller(tensor)
         import horovod.torch as hvd
 
@@ -263,25 +418,42 @@ class HorovodCompression:
         if self.grace.transport is None:
             self.grace.bind(HorovodTorchTransport(getattr(optimizer, "process_set", None)))
         factor = float(getattr(optimizer, "gradient_predivide_factor", 1.0)) if op == hvd.Average else 1.0
+        plan = None
+        if optimizer is not self._planned_for:
+            plan = ready_order(optimizer)
+            self._planned_for = optimizer
+        post = self.grace.transport.size if op == hvd.Sum else factor
+        if self.background:
+            if self._worker is None:
+                self._worker = _Background(self)
+            job = _Job(f"tensor {name!r}", queued=True)
+            self._unrequested.append(job)
+            self._worker.put(("start", job, tensor, name, factor, plan))
+            return placeholder_for(tensor), (job, post)
+        job = _Job(f"tensor {name!r}")
+        self._start(job, tensor, name, factor, plan)
+        return placeholder_for(tensor), (job, post)
+
+    def _start(self, job: _Job, tensor: torch.Tensor, name: str, factor: float, plan: Any) -> None:
+        """Start the pipeline of ``tensor`` (its bucket's, once complete); sets ``job.ticket``."""
+        if plan is not None:
+            self._fuser.plan(plan)
         if factor != 1.0:
             tensor = tensor * (1.0 / factor)
-        if optimizer is not self._planned_for:
-            self._fuser.plan(ready_order(optimizer))
-            self._planned_for = optimizer
         self.progress()
         ticket = self._fuser.start(tensor, name)
         pending = ticket.started
         if ticket.opened and not pending.done:
             self._in_flight.append(pending)
-        post = self.grace.transport.size if op == hvd.Sum else factor
-        return placeholder_for(tensor), (ticket, post)
+        job.ticket = ticket
 
     def progress(self) -> None:
         """Move on every started pipeline whose collectives have completed: its next
         round (PowerSGD's second allreduce, the exchange after a handshake or a norm
         round) is posted now, while backward goes on, instead of when the optimizer
-        waits for it. Never blocks; called from the gradient hook. Horovod matches
-        collectives by name, so ranks may post these rounds at different moments."""
+        waits for it. Never blocks; called for each gradient (and, on the background
+        thread, whenever it is idle). Horovod matches collectives by name, so ranks may
+        post these rounds at different moments."""
         transport = self.grace.transport
         still = []
         for pending in self._in_flight:
@@ -298,38 +470,71 @@ class HorovodCompression:
                 still.append(pending)
         self._in_flight = still
 
-    def decompress(self, tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
-        """Finish the exchange started by :meth:`compress`; the aggregated gradient (of the
-        gradient's dtype, whatever the placeholder Horovod allreduced)."""
-        ticket, post = ctx
+    def _reset(self) -> None:
+        """Forget this step's pipelines after an error (the next step starts afresh)."""
+        self._in_flight, self._failed = [], {}
+        self._fuser.abandon()
+
+    def _finish(self, job: _Job) -> torch.Tensor:
+        """The aggregated gradient of ``job`` (before Horovod's postscale)."""
+        if job.error is not None:  # its start raised
+            raise job.error
+        ticket = job.ticket
         # post every round that became ready first, so that the rounds of all tensors go
         # to Horovod together rather than one tensor's round per wait
         self.progress()
         pending = ticket.started
         failed = self._failed.get(id(pending)) if pending is not None else None
         if failed is not None:
-            self._in_flight, self._failed = [], {}
-            self._fuser.abandon()
             raise failed[1]
         if pending is None:  # a bucket some of whose members never came: Fuser.finish says which
             self._fuser.abandon()
         elif not pending.done:
             self._in_flight = [p for p in self._in_flight if p is not pending]
-        out = self._fuser.finish(ticket)
+        return self._fuser.finish(ticket)
+
+    def decompress(self, tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Finish the exchange started by :meth:`compress` (waiting for the background
+        thread); the aggregated gradient (of the gradient's dtype, whatever the
+        placeholder Horovod allreduced)."""
+        job, post = ctx
+        if not job.queued:  # started in the hook
+            try:
+                out = self._finish(job)
+            except BaseException:
+                self._reset()
+                raise
+        else:
+            if not job.requested:
+                # every gradient handed over so far: the thread finishes them in one go, in
+                # the order they came (Horovod's synchronize() asks in that order too)
+                batch, self._unrequested = self._unrequested, []
+                for each in batch:
+                    each.requested = True
+                self._worker.put(("finish", batch))
+            self._worker.wait(job)
+            if job.error is not None:
+                raise job.error
+            out, job.result = job.result, None
         return out * post if post != 1.0 else out
 
+    def _on_thread(self, fn: Any) -> Any:
+        """``fn()`` where the method's state lives: on the background thread once it runs
+        (after the gradients handed to it), else here."""
+        return fn() if self._worker is None else self._worker.call(fn)
+
     def fresh_copy(self) -> "HorovodCompression":
-        """A compression with the same method and configuration and empty state, for
-        another optimizer (:meth:`grace_dl.core.Grace.fresh_copy`)."""
-        return HorovodCompression(self.grace.fresh_copy())
+        """A compression with the same method, configuration and ``background`` and empty
+        state, for another optimizer (:meth:`grace_dl.core.Grace.fresh_copy`)."""
+        return HorovodCompression(self.grace.fresh_copy(), background=self.background)
 
     def state_dict(self) -> dict[str, Any]:
         """The method's state (error feedback, step counters), as NumPy arrays and ints."""
-        return self.grace.state_dict()
+        return self._on_thread(self.grace.state_dict)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-        self.grace.load_state_dict(state)
+        self._on_thread(lambda: self.grace.load_state_dict(state))
 
     def __repr__(self) -> str:
         return f"HorovodCompression({self.grace!r})"

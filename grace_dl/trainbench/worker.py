@@ -59,9 +59,13 @@ def _grace_method(spec: dict[str, Any]):
     params = dict(spec["params"])
     params.pop("optimizer", None)
     fusion = params.pop("fusion", None)
+    background = params.pop("background", None)
     if fusion is not None:
         params["policies"] = {"fusion_bytes": int(fusion)}
-    return getattr(grace, spec["name"])(**params)
+    method = getattr(grace, spec["name"])(**params)
+    if background is not None:
+        method.background = bool(background)
+    return method
 
 
 def make_optimizer(model: torch.nn.Module, spec: dict[str, Any] | None) -> torch.optim.Optimizer:

@@ -411,40 +411,50 @@ def check_convergence() -> None:
 
 def check_rounds_posted_early(steps: int = 3) -> None:
     """Multi-round methods post their next round as soon as the previous one completes
-    (from the gradient hooks, before the optimizer waits), with results unchanged: after
-    backward, the rounds that completed meanwhile are moved on by progress(), and the
+    (before the optimizer waits), with results unchanged: after backward, the rounds that
+    completed meanwhile are moved on (by the background thread on its own, or, with the
+    pipelines in the hooks, by progress(), as the next gradient hook would), and the
     trained weights still equal the simulator's bit for bit."""
-    for method, kwargs in (("powersgd", {"rank": 1}), ("chunk", {"ratio": 0.25, "chunk_size": 4})):
-        model = mlp(0)
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    for background in (False, True):
+        for method, kwargs in (("powersgd", {"rank": 1}), ("chunk", {"ratio": 0.25, "chunk_size": 4})):
+            label = f"{method} (background={background})"
+            model = mlp(0)
+            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
-        def make_opt(params):
-            return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+            def make_opt(params):
+                return torch.optim.SGD(params, lr=0.1, momentum=0.9)
 
-        compression = getattr(grace, method)(**kwargs)
-        shadow = Shadow(model, compression.grace, make_opt, False, 1.0)
-        opt = grace.DistributedOptimizer(make_opt(model.parameters()), named_parameters=model.named_parameters(),
-                                         compression=compression)
-        moved = 0
-        for step in range(steps):
-            opt.zero_grad()
-            backward(model, hvd.rank(), step, 1)
-            deadline = time.monotonic() + 10
-            while compression._in_flight and time.monotonic() < deadline:
-                waiting = list(compression._in_flight)
-                before = [p.requests for p in waiting]
-                compression.progress()  # what the next gradient hook would do
-                moved += sum(1 for p, r in zip(waiting, before) if p.requests is not r)
-                time.sleep(0.01)
-            opt.step()
-            shadow.step(step, 1)
-            for (name, p), q in zip(model.named_parameters(), shadow.model.parameters()):
-                if not torch.equal(p, q):
-                    raise AssertionError(f"{method} (rounds posted early) step {step} {name}: differs from the "
-                                         f"simulator by {(p - q).abs().max().item()}")
-        if moved == 0:
-            raise AssertionError(f"{method}: no round was posted before the optimizer step")
-    say("multi-round methods post their later rounds from the hooks: ok")
+            compression = getattr(grace, method)(**kwargs)
+            compression.background = background
+            shadow = Shadow(model, compression.grace, make_opt, False, 1.0)
+            opt = grace.DistributedOptimizer(make_opt(model.parameters()),
+                                             named_parameters=model.named_parameters(), compression=compression)
+            moved = 0
+            for step in range(steps):
+                opt.zero_grad()
+                backward(model, hvd.rank(), step, 1)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    # every gradient's pipeline started (at once without the thread)
+                    started = all(j.ticket is not None or j.error is not None for j in compression._unrequested)
+                    waiting = list(compression._in_flight)
+                    if started and not waiting:
+                        break
+                    before = [p.requests for p in waiting]
+                    if not background:
+                        compression.progress()  # what the next gradient hook would do
+                    time.sleep(0.01)
+                    moved += sum(1 for p, r in zip(waiting, before) if p.requests is not r)
+                opt.step()
+                shadow.step(step, 1)
+                for (name, p), q in zip(model.named_parameters(), shadow.model.parameters()):
+                    if not torch.equal(p, q):
+                        raise AssertionError(f"{label} (rounds posted early) step {step} {name}: differs from "
+                                             f"the simulator by {(p - q).abs().max().item()}")
+            if moved == 0:
+                raise AssertionError(f"{label}: no round was posted before the optimizer step")
+    say("multi-round methods post their later rounds before the optimizer step (from the hooks, and from the "
+        "background thread): ok")
 
 
 def main() -> None:
