@@ -275,10 +275,21 @@ class NumpyOps(Ops):
         n = v.shape[0]
         if bits in (1, 2, 4, 8):  # whole fields per byte: or shifted columns of bytes
             per = 8 // bits
-            u = v.astype(np.uint8)
+            u = v.astype(np.uint8, copy=False)
             pad = (-n) % (4 * per)
             if pad:
                 u = np.concatenate([u, np.zeros(pad, np.uint8)])
+            if bits == 2:
+                # four codes as the bytes of a little-endian word w: bits 2j..2j+1 of its
+                # low byte are code j after w | w >> 6 (code 1 to bits 2-3, code 3 to
+                # bits 18-19) and t | t >> 12 (codes 2 and 3 to bits 4-7); no other field
+                # reaches the low byte. Four passes over a quarter as many words
+                w = np.ascontiguousarray(u).view("<u4")
+                t = np.right_shift(w, np.uint32(6))
+                t |= w
+                w = np.right_shift(t, np.uint32(12))
+                w |= t
+                return w.astype(np.uint8).view("<i4").astype(np.int32, copy=False)
             if per > 1:
                 cols = u.reshape(-1, per)
                 packed = cols[:, 0].copy()
@@ -674,6 +685,19 @@ class NumpyOps(Ops):
         np.multiply(x[:body].reshape(full, bucket_size), scales[:full, None], out=out[:body].reshape(full, bucket_size))
         if body < n:
             np.multiply(x[body:], scales[full], out=out[body:])
+        return out
+
+    def clip_scales(self, stats, clip_sigma):
+        if stats.dtype not in (np.float32, np.float64):
+            return super().clip_scales(stats, clip_sigma)  # its error
+        out = np.empty(3, stats.dtype)
+        np.multiply(stats[1:2], clip_sigma, out=out[0:1])  # the protocol's rounding of clip_sigma
+        np.minimum(stats[0:1], out[0:1], out=out[1:2])
+        scale = out[1]
+        if scale != scale:
+            out[1:3] = np.nan  # NumPy's NaN is the positive quiet one
+        else:
+            out[2] = scale if scale > 0 else 1
         return out
 
     def peak_rms(self, x):

@@ -523,6 +523,11 @@ class TorchOps(Ops):
             return torch.from_numpy(_NUMPY.peak_rms(_np(x)))
         return super().peak_rms(x)
 
+    def clip_scales(self, stats, clip_sigma):
+        if _on_cpu(stats):  # NumPy on a view: one call instead of a dozen 1-element torch ops
+            return torch.from_numpy(_NUMPY.clip_scales(_np(stats), clip_sigma))
+        return super().clip_scales(stats, clip_sigma)
+
     def scale_buckets(self, x, scales, bucket_size):
         if _on_cpu(x, scales):
             return torch.from_numpy(_NUMPY.scale_buckets(_np(x), _np(scales), bucket_size))
