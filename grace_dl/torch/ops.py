@@ -374,7 +374,7 @@ class TorchOps(Ops):
         if _on_cpu(rows) and rows.dtype in (torch.float32, torch.float64):
             # the protocol's steps as NumPy calls on a view: PowerSGD's factors are small,
             # and each torch call on them costs several times NumPy's
-            return torch.from_numpy(Ops.orthonormalize_rows(_NUMPY, _np(rows), epsilon))
+            return torch.from_numpy(_NUMPY.orthonormalize_rows(_np(rows), epsilon))
         return super().orthonormalize_rows(rows, epsilon)
 
     # -- selection kernels
