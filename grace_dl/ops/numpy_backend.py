@@ -617,7 +617,9 @@ class NumpyOps(Ops):
         keep = np.less(u, ratio).view(np.uint8)
         # 1 + keep - 2 (keep and x < 0), in bytes: no branch per element
         codes = np.add(keep, 1, dtype=np.uint8)
-        codes -= np.left_shift(keep & (x < 0).view(np.uint8), 1)
+        negative = np.bitwise_and(keep, (x < 0).view(np.uint8))
+        codes -= negative  # twice: NumPy's uint8 shift is ~10x slower than its subtraction
+        codes -= negative
         return codes
 
     def power_of_two_codes(self, x, r):
@@ -782,13 +784,25 @@ class NumpyOps(Ops):
         c = np.asarray(clip).reshape(-1)[0]
         if c != c or (x.shape[0] and not (np.isfinite(x.min()) and np.isfinite(x.max()))):
             return self.ternary_codes(self.clip_magnitude(x, clip), bound, u)  # rare: NaN or Inf
-        # |clip(x)| is min(|x|, clip) for finite x, and the clipped sign is x's
-        ratio = np.abs(x)
-        np.minimum(ratio, c, out=ratio)
-        np.divide(ratio, bound, out=ratio)
-        keep = np.less(u, ratio).view(np.uint8)
-        codes = np.add(keep, 1, dtype=np.uint8)
-        codes -= np.left_shift(keep & (x < 0).view(np.uint8), 1)
+        # |clip(x)| is min(|x|, clip) for finite x, and the clipped sign is x's; a block at
+        # a time, so that the temporaries of its passes stay in the cache
+        n = x.shape[0]
+        codes = np.empty(n, np.uint8)
+        ratio = np.empty(min(n, _CACHE_BLOCK), x.dtype)
+        keep = np.empty(ratio.shape[0], np.bool_)
+        negative = np.empty(ratio.shape[0], np.bool_)
+        for a in range(0, n, _CACHE_BLOCK):
+            b = min(n, a + _CACHE_BLOCK)
+            r, k, neg, out = ratio[:b - a], keep[:b - a], negative[:b - a], codes[a:b]
+            np.abs(x[a:b], out=r)
+            np.copyto(r, c, where=r > c)  # min(|x|, clip): ~2.5x faster than np.minimum
+            np.divide(r, bound, out=r)
+            np.less(u[a:b], r, out=k)
+            np.add(k.view(np.uint8), 1, out=out, dtype=np.uint8)
+            np.less(x[a:b], 0, out=neg)
+            neg &= k
+            out -= neg.view(np.uint8)  # twice: NumPy's uint8 shift is ~10x slower
+            out -= neg.view(np.uint8)
         return codes
 
 
