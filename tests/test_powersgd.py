@@ -370,3 +370,31 @@ def test_parts_refuse_other_methods_and_decompress_needs_the_step_p():
     g.load_state_dict({"memory": {"w": {"q": np.ones(5, np.float32)}}})
     with pytest.raises(ValueError, match="rank changed, or two tensors share one name"):
         g.step(np.ones((16, 33), np.float32), "w")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rank,length", [(1, 7), (2, 100), (4, 33)])
+def test_numpy_orthonormalize_rows_takes_the_protocol_steps(dtype, rank, length):
+    from grace_dl.ops.base import Ops
+
+    ops = NumpyOps()
+    rng = np.random.default_rng(rank * length)
+    for case in range(6):
+        rows = rng.standard_normal((rank, length)).astype(dtype)
+        if case == 1:
+            rows[0] = 0.0  # a zero row stays zero
+        if case == 2 and rank > 1:
+            rows[1] = rows[0] * 3  # a dependent row
+        if case == 3:
+            rows[-1, 0] = np.nan
+        if case == 4:
+            rows *= 1e-30
+        with np.errstate(all="ignore"):
+            got = ops.orthonormalize_rows(rows, 1e-8)
+            want = Ops.orthonormalize_rows(ops, rows, 1e-8)
+        assert got.dtype == rows.dtype and got.shape == rows.shape
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan) and got[~nan].tobytes() == want[~nan].tobytes()
+    if rank > 1:  # and the rows come out orthonormal
+        q = ops.orthonormalize_rows(rng.standard_normal((rank, length)).astype(dtype), 1e-8)
+        np.testing.assert_allclose(q @ q.T, np.eye(rank), atol=1e-5)

@@ -442,3 +442,69 @@ def test_tree_sum_in_a_wider_dtype_is_the_tree_sum_of_the_cast(case):
 
     if n:
         assert same_bits(TorchOps().tree_sum_in(torch.from_numpy(x), "float64").numpy(), want)
+
+
+STATS = [(2.0, 0.5), (0.3, 0.5), (0.0, 0.0), (np.nan, np.nan), (3.0, np.nan), (np.inf, np.nan), (1e30, 1e30)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("sigma", [2.5, 0.3])
+def test_clip_scales_equal_the_default_with_a_canonical_nan(dtype, sigma):
+    nan_bits = np.array([np.nan], dtype).tobytes()  # NumPy's NaN: the positive quiet one
+    for p, r in STATS:
+        stats = np.array([p, r], dtype)
+        got = ops.clip_scales(stats, sigma)
+        want = Ops.clip_scales(ops, stats, sigma)
+        assert got.dtype == np.dtype(dtype) and got.tobytes() == want.tobytes(), (p, r)
+        for value in got[1:]:
+            if value != value:
+                assert np.array([value], dtype).tobytes() == nan_bits  # never a negative NaN
+    b, s, q = ops.clip_scales(np.array([2.0, 0.5], dtype), sigma)
+    assert b == np.array(0.5, dtype) * np.array(sigma, dtype) and s == min(2.0, b) and q == s
+    assert list(ops.clip_scales(np.array([0.0, 0.0], dtype), sigma)) == [0.0, 0.0, 1.0]
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ops.clip_scales(np.array([1.0, 1.0], np.float16), sigma)
+
+
+def test_torch_and_tf_clip_scales_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    for dtype in ("float32", "float64"):
+        for p, r in STATS:
+            stats = np.array([p, r], dtype)
+            want = ops.clip_scales(stats, 2.5).tobytes()
+            assert T.clip_scales(torch.from_numpy(stats), 2.5).numpy().tobytes() == want  # NumPy's kernel
+            assert Ops.clip_scales(T, torch.from_numpy(stats), 2.5).numpy().tobytes() == want  # torch's steps
+    tf = pytest.importorskip("tensorflow")
+    from grace_dl.tensorflow.ops import TFOps
+
+    F = TFOps()
+    scales = tf.function(lambda s: F.clip_scales(s, 2.5))  # the default, traced
+    for p, r in STATS:
+        stats = np.array([p, r], np.float32)
+        assert scales(tf.constant(stats)).numpy().tobytes() == ops.clip_scales(stats, 2.5).tobytes()
+
+
+def test_bucket_levels_kernel_across_its_row_blocks():
+    # more rows than one block of the NumPy kernel holds, with NaN, Inf and zero rows
+    x = _floats(700 * 512, 11, "float32", True)
+    x[512 * 300:512 * 301] = 0.0
+    grid = x.reshape(700, 512)
+    noise = np.random.default_rng(12).random(grid.shape, dtype=np.float32)
+    with np.errstate(all="ignore"):
+        norms, codes = ops.bucket_levels(grid, noise, 127)
+        want_norms, want_codes = Ops.bucket_levels(ops, grid, noise, 127)
+    assert same_bits(norms, want_norms) and np.array_equal(codes, want_codes)
+
+
+@pytest.mark.parametrize("n", [1 << 16, (1 << 16) + 1, 200_003])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_take_fields_of_long_8_bit_streams(n, dtype):
+    # NumPy looks float32 fields up two at a time from n = 2**16 on
+    fields = np.random.default_rng(n).integers(0, 256, n)
+    values = np.random.default_rng(1).standard_normal(256).astype(dtype)
+    values[3] = -0.0
+    got = ops.take_fields(ops.pack_uint(fields, 8), n, 8, values)
+    assert got.dtype == np.dtype(dtype) and got.tobytes() == values[fields].tobytes()

@@ -114,15 +114,20 @@ class TernGrad(Compressor):
         return bound, ops.minimum(peak, bound)  # both NaN if either is
 
     def compress_rounds(self, ops: Ops, x: Array, ctx: TensorContext) -> Rounds:
-        bound, scale = self._bound_and_scale(ops, x, ctx)
-        if self.shared_scale:
-            if ctx.world_size > MAX_SHARED_WORKERS:
-                raise ValueError(f"terngrad with shared_scale supports at most {MAX_SHARED_WORKERS} workers, "
-                                 f"got {ctx.world_size}")
-            (scales,) = yield [Collective("allgather", scale, tag="scale")]
-            scale = _largest(ops, scales)
-        scale = canonical_nan(ops, scale)
-        safe = ops.where(scale > 0, scale, scale * 0 + 1)
+        if self.clip_sigma is not None and not self.shared_scale and ctx.dtype in ("float32", "float64"):
+            # bound, scaler and divisor in one call (a dozen 1-element operations otherwise)
+            scalars = ops.clip_scales(ops.peak_rms(x), self.clip_sigma)
+            bound, scale, safe = scalars[0:1], scalars[1:2], scalars[2:3]
+        else:
+            bound, scale = self._bound_and_scale(ops, x, ctx)
+            if self.shared_scale:
+                if ctx.world_size > MAX_SHARED_WORKERS:
+                    raise ValueError(f"terngrad with shared_scale supports at most {MAX_SHARED_WORKERS} "
+                                     f"workers, got {ctx.world_size}")
+                (scales,) = yield [Collective("allgather", scale, tag="scale")]
+                scale = _largest(ops, scales)
+            scale = canonical_nan(ops, scale)
+            safe = ops.where(scale > 0, scale, scale * 0 + 1)
         u = ops.random_uniform(ctx.numel, ctx.worker_key, ctx.step, x)
         if ctx.dtype != "float32":
             u = ops.cast(u, ctx.dtype)

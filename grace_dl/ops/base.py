@@ -587,6 +587,25 @@ class Ops(abc.ABC):
         level = self.minimum(self.floor(scaled + noise), self.full(1, levels, dtype, grid))
         return norms, self.cast(self.flatten(self.sign(grid) * level + levels), "int32")
 
+    def clip_scales(self, stats: Array, clip_sigma: float) -> Array:
+        """TernGrad's scalars (Wen et al. 2017) from :meth:`peak_rms`'s ``[p, r]`` of a
+        float32 or float64 tensor: the 3-element array ``[b, s, q]`` of ``stats``' dtype,
+        with ``b = r * clip_sigma`` the clipping bound, ``s = min(p, b)`` the scaler (NaN
+        if either is, as the positive quiet NaN: the sign of a NaN made by arithmetic
+        differs between devices) and ``q = s`` where ``s > 0``, else 1 (NaN stays NaN),
+        the divisor. One call where the steps would be a dozen operations on
+        1-element arrays."""
+        dtype = self.dtype(stats)
+        if dtype not in ("float32", "float64"):
+            raise TypeError(f"clip_scales works on float32 or float64, got {dtype}")
+        bound = stats[1:2] * clip_sigma
+        scale = self.minimum(stats[0:1], bound)
+        nan_bits = 0x7FC00000 if dtype == "float32" else 0x7FF8000000000000
+        nan = self.bitcast(self.full(1, nan_bits, "int32" if dtype == "float32" else "int64", stats), dtype)
+        scale = self.where(scale != scale, nan, scale)
+        safe = self.where(scale > 0, scale, scale * 0 + 1)
+        return self.concat([bound, scale, safe])
+
     def peak_rms(self, x: Array) -> Array:
         """``[p, r]``, a 2-element array of 1-D float ``x``'s dtype: the largest magnitude
         ``p = max |x|`` (NaN if ``x`` holds NaN or Inf) and the root mean square

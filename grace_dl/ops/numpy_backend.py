@@ -148,9 +148,13 @@ class NumpyOps(Ops):
         return "bool" if name == "bool" else name
 
     def numel(self, x):
+        if type(x) is np.ndarray:  # the common case, without np.size's dispatch
+            return x.size
         return int(np.size(x))
 
     def shape(self, x):
+        if type(x) is np.ndarray:  # already a tuple of ints (np.shape and a genexpr: ~2 us)
+            return x.shape
         return tuple(int(d) for d in np.shape(x))
 
     def reshape(self, x, shape):
@@ -192,6 +196,25 @@ class NumpyOps(Ops):
     def log(self, x):
         return np.log(x)
 
+    def orthonormalize_rows(self, rows, epsilon):
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.dtype.kind != "f":
+            return super().orthonormalize_rows(rows, epsilon)
+        # the protocol's steps and NumPy calls, written out (PowerSGD's factors are small:
+        # the per-call dispatch of the generic steps cost as much as their arithmetic)
+        out = rows.copy()
+        reduce = np.add.reduce
+        r = out.shape[0]
+        for i in range(r):
+            row = out[i]
+            norm = np.sqrt(reduce(row * row, dtype=row.dtype))
+            if i + 1 < r:
+                direction = row / (norm if norm > 0 else norm * 0 + 1)  # a zero row stays zero
+                for j in range(i + 1, r):
+                    out[j] = out[j] - reduce(direction * out[j], dtype=row.dtype) * direction
+            out[i] = row / (norm + epsilon)
+        return out
+
     def exp(self, x):
         return np.exp(x)
 
@@ -205,7 +228,9 @@ class NumpyOps(Ops):
         return np.isfinite(x)
 
     def sum(self, x, axis=None):
-        return np.sum(x, axis=axis, dtype=np.asarray(x).dtype if np.asarray(x).dtype.kind == "f" else None)
+        # the ufunc's reduce, as np.sum calls it, without np.sum's keyword wrapping (~2 us)
+        x = np.asarray(x)
+        return np.add.reduce(x, axis=axis, dtype=x.dtype if x.dtype.kind == "f" else None)
 
     def max(self, x, axis=None):
         return np.max(x, axis=axis)
@@ -275,10 +300,21 @@ class NumpyOps(Ops):
         n = v.shape[0]
         if bits in (1, 2, 4, 8):  # whole fields per byte: or shifted columns of bytes
             per = 8 // bits
-            u = v.astype(np.uint8)
+            u = v.astype(np.uint8, copy=False)
             pad = (-n) % (4 * per)
             if pad:
                 u = np.concatenate([u, np.zeros(pad, np.uint8)])
+            if bits == 2:
+                # four codes as the bytes of a little-endian word w: bits 2j..2j+1 of its
+                # low byte are code j after w | w >> 6 (code 1 to bits 2-3, code 3 to
+                # bits 18-19) and t | t >> 12 (codes 2 and 3 to bits 4-7); no other field
+                # reaches the low byte. Four passes over a quarter as many words
+                w = np.ascontiguousarray(u).view("<u4")
+                t = np.right_shift(w, np.uint32(6))
+                t |= w
+                w = np.right_shift(t, np.uint32(12))
+                w |= t
+                return w.astype(np.uint8).view("<i4").astype(np.int32, copy=False)
             if per > 1:
                 cols = u.reshape(-1, per)
                 packed = cols[:, 0].copy()
@@ -433,6 +469,13 @@ class NumpyOps(Ops):
                 return idx.astype(np.int64, copy=False)
         return super().topk_indices(x, k)
 
+    def topk_magnitude_indices(self, x, k):
+        if x.shape[0] <= _SMALL_TOPK and x.dtype.kind == "f":
+            # a small tensor's magnitudes cost less than the protocol's sampling steps
+            # around them (the same set: topk_indices of abs(x), NaN ranking as +inf)
+            return self.topk_indices(np.abs(x), k)
+        return super().topk_magnitude_indices(x, k)
+
     def _sampled_topk_indices(self, x: np.ndarray, k: int) -> np.ndarray | None:
         """:meth:`topk_indices` from candidates: the elements not below the ``j``-th
         largest of a strided sample (``j`` a few standard deviations above the sample's
@@ -551,6 +594,19 @@ class NumpyOps(Ops):
         per = 8 // bits
         raw = np.ascontiguousarray(words, dtype="<i4").view(np.uint8)[: -(-int(n) // per)]
         if per == 1:
+            values = np.asarray(values)
+            if raw.shape[0] >= _PAIR_TAKE_MIN and values.dtype.itemsize == 4 and values.shape[0] == 256:
+                # two fields per lookup, in a 65536-entry table of value pairs: half the
+                # lookups (np.take's cost is per index, not per byte)
+                pairs = _pair_table(values)
+                whole = raw.shape[0] // 2
+                out = np.empty(raw.shape[0], values.dtype)
+                np.take(pairs, raw[:2 * whole].view("<u2"), out=out[:2 * whole].view(pairs.dtype), mode="clip")
+                if whole * 2 < raw.shape[0]:
+                    out[-1] = values[raw[-1]]
+                return out
+            if values.shape[0] == 256:  # uint8 indices of a 256-entry table: all in range
+                return np.take(values, raw, mode="clip")
             return np.take(values, raw)
         # one row of `per` output values per byte, looked up in a 256-row table
         return np.take(np.take(values, _BYTE_FIELDS[bits]), raw, axis=0).reshape(-1)[: int(n)]
@@ -561,7 +617,9 @@ class NumpyOps(Ops):
         keep = np.less(u, ratio).view(np.uint8)
         # 1 + keep - 2 (keep and x < 0), in bytes: no branch per element
         codes = np.add(keep, 1, dtype=np.uint8)
-        codes -= np.left_shift(keep & (x < 0).view(np.uint8), 1)
+        negative = np.bitwise_and(keep, (x < 0).view(np.uint8))
+        codes -= negative  # twice: NumPy's uint8 shift is ~10x slower than its subtraction
+        codes -= negative
         return codes
 
     def power_of_two_codes(self, x, r):
@@ -645,25 +703,20 @@ class NumpyOps(Ops):
         return out
 
     def bucket_levels(self, grid, noise, levels):
-        # the protocol's arithmetic, in place: two temporaries of the grid's size, not six
-        dtype = grid.dtype.type
-        mag = np.abs(grid)
-        peak = mag.max(axis=1)
-        peak = np.where(peak > 0, peak, peak * dtype(0) + dtype(1))  # NaN stays NaN
-        unit = grid / peak[:, None]
-        np.multiply(unit, unit, out=unit)
-        norms = np.sqrt(np.sum(unit, axis=1, dtype=grid.dtype)) * peak
-        safe = np.where(norms > 0, norms, norms * dtype(0) + dtype(1))
-        np.divide(mag, safe[:, None], out=mag)
-        np.multiply(mag, levels, out=mag)
-        np.add(mag, noise, out=mag)
-        np.floor(mag, out=mag)
-        np.minimum(mag, np.full(1, levels, grid.dtype), out=mag)
-        # sign(g) * level as level with g's sign: level is 0 where g is +-0, NaN where g is
-        np.copysign(mag, grid, out=mag)
-        np.add(mag, levels, out=mag)
-        return norms, mag.reshape(-1).astype(np.int32)
-
+        # the protocol's arithmetic, in place, a block of rows at a time: two temporaries
+        # of a block's size that stay in the cache (its dozen passes over a large grid
+        # otherwise go to memory)
+        buckets, d = grid.shape
+        norms = np.empty(buckets, grid.dtype)
+        codes = np.empty((buckets, d), np.int32)
+        rows = max(1, (_CACHE_BLOCK << 2) // max(1, d))
+        mag_block = np.empty((min(rows, buckets), d), grid.dtype)
+        unit_block = np.empty_like(mag_block)
+        for a in range(0, buckets, rows):
+            b = min(buckets, a + rows)
+            _bucket_levels_block(grid[a:b], noise[a:b], levels, norms[a:b], codes[a:b],
+                                 mag_block[:b - a], unit_block[:b - a])
+        return norms, codes.reshape(-1)
 
     def scale_buckets(self, x, scales, bucket_size):
         # whole buckets as one broadcast product, the short one apart: no padded copy
@@ -674,6 +727,19 @@ class NumpyOps(Ops):
         np.multiply(x[:body].reshape(full, bucket_size), scales[:full, None], out=out[:body].reshape(full, bucket_size))
         if body < n:
             np.multiply(x[body:], scales[full], out=out[body:])
+        return out
+
+    def clip_scales(self, stats, clip_sigma):
+        if stats.dtype not in (np.float32, np.float64):
+            return super().clip_scales(stats, clip_sigma)  # its error
+        out = np.empty(3, stats.dtype)
+        np.multiply(stats[1:2], clip_sigma, out=out[0:1])  # the protocol's rounding of clip_sigma
+        np.minimum(stats[0:1], out[0:1], out=out[1:2])
+        scale = out[1]
+        if scale != scale:
+            out[1:3] = np.nan  # NumPy's NaN is the positive quiet one
+        else:
+            out[2] = scale if scale > 0 else 1
         return out
 
     def peak_rms(self, x):
@@ -718,15 +784,31 @@ class NumpyOps(Ops):
         c = np.asarray(clip).reshape(-1)[0]
         if c != c or (x.shape[0] and not (np.isfinite(x.min()) and np.isfinite(x.max()))):
             return self.ternary_codes(self.clip_magnitude(x, clip), bound, u)  # rare: NaN or Inf
-        # |clip(x)| is min(|x|, clip) for finite x, and the clipped sign is x's
-        ratio = np.abs(x)
-        np.minimum(ratio, c, out=ratio)
-        np.divide(ratio, bound, out=ratio)
-        keep = np.less(u, ratio).view(np.uint8)
-        codes = np.add(keep, 1, dtype=np.uint8)
-        codes -= np.left_shift(keep & (x < 0).view(np.uint8), 1)
+        # |clip(x)| is min(|x|, clip) for finite x, and the clipped sign is x's; a block at
+        # a time, so that the temporaries of its passes stay in the cache
+        n = x.shape[0]
+        codes = np.empty(n, np.uint8)
+        ratio = np.empty(min(n, _CACHE_BLOCK), x.dtype)
+        keep = np.empty(ratio.shape[0], np.bool_)
+        negative = np.empty(ratio.shape[0], np.bool_)
+        for a in range(0, n, _CACHE_BLOCK):
+            b = min(n, a + _CACHE_BLOCK)
+            r, k, neg, out = ratio[:b - a], keep[:b - a], negative[:b - a], codes[a:b]
+            np.abs(x[a:b], out=r)
+            np.copyto(r, c, where=r > c)  # min(|x|, clip): ~2.5x faster than np.minimum
+            np.divide(r, bound, out=r)
+            np.less(u[a:b], r, out=k)
+            np.add(k.view(np.uint8), 1, out=out, dtype=np.uint8)
+            np.less(x[a:b], 0, out=neg)
+            neg &= k
+            out -= neg.view(np.uint8)  # twice: NumPy's uint8 shift is ~10x slower
+            out -= neg.view(np.uint8)
         return codes
 
+
+#: elements up to which :meth:`NumpyOps.topk_magnitude_indices` selects on ``abs(x)``
+#: (a temporary of 256 KiB of float32 at most)
+_SMALL_TOPK = 1 << 16
 
 #: draws per block of :meth:`NumpyOps.random_uniform` (even: whole 64-bit words)
 _RANDOM_BLOCK = 1 << 20
@@ -757,6 +839,29 @@ def _bit_table(on: np.ndarray, off: np.ndarray) -> np.ndarray:
         if len(_BIT_TABLES) >= 8:
             _BIT_TABLES.clear()
         _BIT_TABLES[key] = table
+    return table
+
+
+#: fields from which :meth:`NumpyOps.take_fields` looks 8-bit fields up two at a time
+_PAIR_TAKE_MIN = 1 << 16
+
+#: recent 65536-entry tables of value pairs of take_fields, by the 256 values' bytes
+_PAIR_TABLES: dict = {}
+
+#: entry ``j`` of a pair table: the fields of the little-endian 16-bit value ``j``
+_PAIR_FIELDS = np.stack([np.arange(1 << 16) & 0xFF, np.arange(1 << 16) >> 8], axis=1)
+
+
+def _pair_table(values: np.ndarray) -> np.ndarray:
+    """Entry ``j``: ``values[j & 255]`` then ``values[j >> 8]``, as one 8-byte item."""
+    key = (values.dtype.str, values.tobytes())
+    table = _PAIR_TABLES.get(key)
+    if table is None:
+        table = np.take(values, _PAIR_FIELDS).view(np.uint64).reshape(-1)
+        table.flags.writeable = False
+        if len(_PAIR_TABLES) >= 4:
+            _PAIR_TABLES.clear()
+        _PAIR_TABLES[key] = table
     return table
 
 
@@ -796,6 +901,40 @@ def _dither_codes_block(y: np.ndarray, u: np.ndarray, levels: int, out: np.ndarr
     negative &= k << 1
     np.add(k, np.int32(levels), out=out)
     out -= negative
+
+
+def _bucket_levels_block(grid: np.ndarray, noise: np.ndarray, levels: int, norms: np.ndarray,
+                         codes: np.ndarray, mag: np.ndarray, unit: np.ndarray) -> None:
+    """:meth:`NumpyOps.bucket_levels` of the rows ``grid`` into ``norms`` and int32
+    ``codes``, with ``mag`` and ``unit`` temporaries of the grid's shape."""
+    dtype = grid.dtype.type
+    np.abs(grid, out=mag)
+    peak = mag.max(axis=1)
+    # where(p > 0, p, p * 0 + 1) for p >= 0 or NaN: only a zero changes (NaN * 0 + 1 is
+    # that NaN), so the zeros are set in place
+    peak[peak == 0] = 1
+    np.divide(grid, peak[:, None], out=unit)
+    np.multiply(unit, unit, out=unit)
+    np.sqrt(np.add.reduce(unit, axis=1, dtype=grid.dtype), out=norms)
+    norms *= peak
+    safe = norms.copy()
+    safe[norms == 0] = 1  # a norm is +0, positive or NaN: as for the peak
+    np.divide(mag, safe[:, None], out=mag)
+    np.multiply(mag, levels, out=mag)
+    np.add(mag, noise, out=mag)
+    np.floor(mag, out=mag)
+    # min(level, s): a masked copy is ~2.5x faster than np.minimum (NaN > s is false, so
+    # a NaN stays)
+    np.copyto(mag, dtype(levels), where=mag > levels)
+    # sign(g) * level as level (>= +0, or NaN) with g's sign bit or-ed in: level is 0
+    # where g is +-0; a NaN level (whatever its sign) makes a NaN code, which converts
+    # to the same int32 as any NaN
+    sign = unit.view(f"i{grid.dtype.itemsize}")
+    np.bitwise_and(grid.view(sign.dtype), np.array(-1, sign.dtype) << (8 * grid.dtype.itemsize - 1), out=sign)
+    level = mag.view(sign.dtype)
+    np.bitwise_or(level, sign, out=level)
+    np.add(mag, levels, out=mag)
+    np.copyto(codes, mag, casting="unsafe")  # astype's conversion
 
 
 def _dither_values_block(codes: np.ndarray, levels: int, out: np.ndarray) -> None:

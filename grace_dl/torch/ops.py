@@ -374,7 +374,7 @@ class TorchOps(Ops):
         if _on_cpu(rows) and rows.dtype in (torch.float32, torch.float64):
             # the protocol's steps as NumPy calls on a view: PowerSGD's factors are small,
             # and each torch call on them costs several times NumPy's
-            return torch.from_numpy(Ops.orthonormalize_rows(_NUMPY, _np(rows), epsilon))
+            return torch.from_numpy(_NUMPY.orthonormalize_rows(_np(rows), epsilon))
         return super().orthonormalize_rows(rows, epsilon)
 
     # -- selection kernels
@@ -522,6 +522,11 @@ class TorchOps(Ops):
         if _on_cpu(x):  # NumPy's kernel: the protocol's steps without full-size temporaries
             return torch.from_numpy(_NUMPY.peak_rms(_np(x)))
         return super().peak_rms(x)
+
+    def clip_scales(self, stats, clip_sigma):
+        if _on_cpu(stats):  # NumPy on a view: one call instead of a dozen 1-element torch ops
+            return torch.from_numpy(_NUMPY.clip_scales(_np(stats), clip_sigma))
+        return super().clip_scales(stats, clip_sigma)
 
     def scale_buckets(self, x, scales, bucket_size):
         if _on_cpu(x, scales):
