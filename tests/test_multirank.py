@@ -73,6 +73,7 @@ def test_horovod_tensorflow(controller):
     assert "bit-identical to the simulator" in out
     assert "DistributedGradientTape ok" in out and "identical to an uninterrupted run" in out
     assert "op=hvd.Sum gives N x the mean" in out
+    assert out.count("fused DistributedGradientTape ok") == 2, out[-3000:]
 
 
 def test_horovod_keras_training():
