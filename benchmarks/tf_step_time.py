@@ -10,7 +10,9 @@ Run under Horovod, e.g. 2 ranks on one machine::
 Each model trains with ``hvd.DistributedGradientTape`` inside a ``tf.function`` (the way
 Horovod's TF2 examples do) on scikit-learn's bundled 8x8 digits. Rank 0 prints, per model
 and method, the median step time over ``--steps`` timed steps (after ``--warmup`` steps
-that trace and warm up) and its ratio to ``none`` on the same framework; with
+that trace and warm up) and its ratio to ``none`` (the model's first method) on the same
+framework; ``--repeats N`` runs the cases N times round-robin and prints the median of
+their medians and their range; with
 ``--fusion 0,65536`` each method runs once per bucket size (``policies.fusion_bytes``,
 see :mod:`grace_dl.fusion`), in the same run. Models:
 
@@ -150,6 +152,9 @@ def main() -> None:
     parser.add_argument("--fusion", default="0",
                         help="comma-separated bucket sizes in bytes (policies.fusion_bytes) to run each method "
                              "with (default 0: per tensor)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of every case, round-robin; the median of their medians is printed, with "
+                             "their range (default 1)")
     args = parser.parse_args()
 
     if args.framework == "tf":
@@ -159,21 +164,29 @@ def main() -> None:
     hvd.init()
     fusions = [int(f) for f in args.fusion.split(",")]
     timer = time_tf if args.framework == "tf" else time_torch
-    rows = []
-    for model_name in args.models.split(","):
-        base = None
-        for method in args.methods.split(","):
-            for fusion in ([0] if METHODS[method] is None else fusions):
-                seconds, tensors = timer(model_name, method, args.steps, args.warmup, args.batch, fusion)
-                base = base or seconds
-                label = f"{method},fusion={fusion}" if len(fusions) > 1 and METHODS[method] else method
-                rows.append((model_name, tensors, label, seconds * 1e3, seconds / base))
+    cases = [(model_name, method, fusion) for model_name in args.models.split(",")
+             for method in args.methods.split(",") for fusion in ([0] if METHODS[method] is None else fusions)]
+    # round-robin repeats: a busy machine's drift then falls on every case alike
+    medians: dict = {case: [] for case in cases}
+    tensors: dict = {}
+    for _ in range(args.repeats):
+        for case in cases:
+            model_name, method, fusion = case
+            seconds, tensors[model_name] = timer(model_name, method, args.steps, args.warmup, args.batch, fusion)
+            medians[case].append(seconds)
     if hvd.rank() == 0:
-        print(f"| model | tensors | method | {args.framework} ms/step | / none |")
-        print("|---|---|---|---|---|")
-        for model_name, tensors, method, ms, ratio in rows:
-            print(f"| {model_name} | {tensors} | {method} | {ms:.1f} | {ratio:.2f} |")
-
+        spread = args.repeats > 1
+        print(f"| model | tensors | method | {args.framework} ms/step | / none |" + (" min-max ms |" if spread else ""))
+        print("|---|---|---|---|---|" + ("---|" if spread else ""))
+        base = {}
+        for model_name, method, fusion in cases:
+            times = medians[(model_name, method, fusion)]
+            seconds = statistics.median(times)
+            base.setdefault(model_name, seconds)
+            label = f"{method},fusion={fusion}" if len(fusions) > 1 and METHODS[method] else method
+            print(f"| {model_name} | {tensors[model_name]} | {label} | {seconds * 1e3:.1f} | "
+                  f"{seconds / base[model_name]:.2f} |" + (f" {min(times) * 1e3:.1f}-{max(times) * 1e3:.1f} |"
+                                                           if spread else ""))
 
 if __name__ == "__main__":
     main()

@@ -95,6 +95,7 @@ def _member(bucket: Bucket, flat: Any, name: str) -> Any:
     return tf.reshape(flat[start:start + numel], shape)
 
 
+@tf.autograph.experimental.do_not_convert
 def fused_graph_step(grace: Grace, grads: Mapping[str, Any]) -> dict[str, Any]:
     """The aggregated gradients of one step, fused by ``grace.policies.fusion_bytes``
     and traced into the ``tf.function`` being built.
