@@ -213,6 +213,9 @@ class HorovodTFGrace(Grace):
       so every worker issues its collectives in the same order, which Horovod's blocking
       eager collectives need.
 
+    With ``policies.fusion_bytes > 0``, small gradients share buckets on the graph path
+    (:mod:`grace_dl.tensorflow.fusion`, the plan of :mod:`grace_dl.fusion`).
+
     Horovod itself allreduces an empty tensor. Save the state with
     ``tf.train.Checkpoint(..., grace=method.checkpointable())``.
     """
