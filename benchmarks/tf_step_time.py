@@ -10,7 +10,11 @@ Run under Horovod, e.g. 2 ranks on one machine::
 Each model trains with ``hvd.DistributedGradientTape`` inside a ``tf.function`` (the way
 Horovod's TF2 examples do) on scikit-learn's bundled 8x8 digits. Rank 0 prints, per model
 and method, the median step time over ``--steps`` timed steps (after ``--warmup`` steps
-that trace and warm up) and its ratio to ``none`` on the same framework. Models:
+that trace and warm up) and its ratio to ``none`` (the model's first method) on the same
+framework; ``--repeats N`` runs the cases N times round-robin and prints the median of
+their medians and their range; with
+``--fusion 0,65536`` each method runs once per bucket size (``policies.fusion_bytes``,
+see :mod:`grace_dl.fusion`), in the same run. Models:
 
 * ``digits_mlp``: 64-128-128-10 dense network (6 gradient tensors);
 * ``keras_cnn``: a Keras CNN, 3 conv + 3 dense layers (12 gradient tensors).
@@ -63,15 +67,22 @@ def tf_model(name: str):
         tf.keras.layers.Dense(10)])
 
 
-def time_tf(model_name: str, method: str, steps: int, warmup: int, batch: int) -> tuple[float, int]:
+def _compression(grace, hvd, method: str, fusion: int):
+    spec = METHODS[method]
+    if spec is None:
+        return hvd.Compression.none
+    return getattr(grace, spec[0])(policies={"fusion_bytes": fusion}, **spec[1])
+
+
+def time_tf(model_name: str, method: str, steps: int, warmup: int, batch: int,
+            fusion: int = 0) -> tuple[float, int]:
     import horovod.tensorflow as hvd
     import tensorflow as tf
 
     import grace_dl.tensorflow as grace
 
     model = tf_model(model_name)
-    spec = METHODS[method]
-    compression = hvd.Compression.none if spec is None else getattr(grace, spec[0])(**spec[1])
+    compression = _compression(grace, hvd, method, fusion)
     opt = tf.keras.optimizers.SGD(0.01)
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     x, y = (tf.constant(a) for a in digits(hvd.rank(), batch))
@@ -94,7 +105,8 @@ def time_tf(model_name: str, method: str, steps: int, warmup: int, batch: int) -
     return statistics.median(times), len(model.trainable_variables)
 
 
-def time_torch(model_name: str, method: str, steps: int, warmup: int, batch: int) -> tuple[float, int]:
+def time_torch(model_name: str, method: str, steps: int, warmup: int, batch: int,
+               fusion: int = 0) -> tuple[float, int]:
     import horovod.torch as hvd
     import torch
 
@@ -111,8 +123,7 @@ def time_torch(model_name: str, method: str, steps: int, warmup: int, batch: int
             torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3), torch.nn.ReLU(),
             torch.nn.Flatten(), torch.nn.Linear(32 * 36, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
             torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    spec = METHODS[method]
-    compression = hvd.Compression.none if spec is None else getattr(grace, spec[0])(**spec[1])
+    compression = _compression(grace, hvd, method, fusion)
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                    named_parameters=model.named_parameters(), compression=compression)
     xs, ys = digits(hvd.rank(), batch)
@@ -138,6 +149,12 @@ def main() -> None:
     parser.add_argument("--framework", default="tf", choices=["tf", "torch"],
                         help="tf (default), or torch for the same models and methods on PyTorch (Horovod's "
                              "TF and torch modules do not share one process)")
+    parser.add_argument("--fusion", default="0",
+                        help="comma-separated bucket sizes in bytes (policies.fusion_bytes) to run each method "
+                             "with (default 0: per tensor)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of every case, round-robin; the median of their medians is printed, with "
+                             "their range (default 1)")
     args = parser.parse_args()
 
     if args.framework == "tf":
@@ -145,20 +162,31 @@ def main() -> None:
     else:
         import horovod.torch as hvd
     hvd.init()
+    fusions = [int(f) for f in args.fusion.split(",")]
     timer = time_tf if args.framework == "tf" else time_torch
-    rows = []
-    for model_name in args.models.split(","):
-        base = None
-        for method in args.methods.split(","):
-            seconds, tensors = timer(model_name, method, args.steps, args.warmup, args.batch)
-            base = base or seconds
-            rows.append((model_name, tensors, method, seconds * 1e3, seconds / base))
+    cases = [(model_name, method, fusion) for model_name in args.models.split(",")
+             for method in args.methods.split(",") for fusion in ([0] if METHODS[method] is None else fusions)]
+    # round-robin repeats: a busy machine's drift then falls on every case alike
+    medians: dict = {case: [] for case in cases}
+    tensors: dict = {}
+    for _ in range(args.repeats):
+        for case in cases:
+            model_name, method, fusion = case
+            seconds, tensors[model_name] = timer(model_name, method, args.steps, args.warmup, args.batch, fusion)
+            medians[case].append(seconds)
     if hvd.rank() == 0:
-        print(f"| model | tensors | method | {args.framework} ms/step | / none |")
-        print("|---|---|---|---|---|")
-        for model_name, tensors, method, ms, ratio in rows:
-            print(f"| {model_name} | {tensors} | {method} | {ms:.1f} | {ratio:.2f} |")
-
+        spread = args.repeats > 1
+        print(f"| model | tensors | method | {args.framework} ms/step | / none |" + (" min-max ms |" if spread else ""))
+        print("|---|---|---|---|---|" + ("---|" if spread else ""))
+        base = {}
+        for model_name, method, fusion in cases:
+            times = medians[(model_name, method, fusion)]
+            seconds = statistics.median(times)
+            base.setdefault(model_name, seconds)
+            label = f"{method},fusion={fusion}" if len(fusions) > 1 and METHODS[method] else method
+            print(f"| {model_name} | {tensors[model_name]} | {label} | {seconds * 1e3:.1f} | "
+                  f"{seconds / base[model_name]:.2f} |" + (f" {min(times) * 1e3:.1f}-{max(times) * 1e3:.1f} |"
+                                                           if spread else ""))
 
 if __name__ == "__main__":
     main()

@@ -53,7 +53,8 @@ def methods_markdown() -> str:
               "| `overrides` | none | `{name pattern: settings}` (fnmatch, first match wins): a few parameters "
               "of the base method (`{ratio: 0.1}`) or a whole method (`{compressor: fp16}`) |",
               "| `fusion_bytes` | 0 | tensor fusion: where whole models are exchanged (the simulator, the "
-              "Horovod torch adapter, the DDP hook with `named_parameters`), consecutive small tensors are "
+              "Horovod torch adapter, the DDP hook with `named_parameters`, the Horovod TF adapters on the "
+              "graph path), consecutive small tensors are "
               "merged into buckets of up to this many bytes, one pipeline each (`grace_dl.fusion`); 0: every "
               "tensor on its own. 1048576 (1 MiB) was fastest in `grace-dl bench-train` (docs/bench.md) |",
               "", "```yaml", "compressor: topk", "ratio: 0.01", "policies:", "  min_numel: 1024",

@@ -32,8 +32,9 @@ method collective runs. Methods are elementwise or whole-tensor, so on a bucket 
 as on one long tensor: top-k selects over the bucket (MG-WFBP's merged sparsification),
 quantizers scale by the bucket's norm.
 
-:class:`Fuser` is the one implementation; the simulator, the Horovod torch adapter and
-the DDP hook all run their tensors through it.
+:class:`Fuser` is the one implementation; the simulator, the Horovod torch adapter, the
+DDP hook and the Horovod TF adapter (graph path, :mod:`grace_dl.tensorflow.fusion`) all
+plan their buckets with it.
 """
 
 from __future__ import annotations

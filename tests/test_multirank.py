@@ -73,13 +73,15 @@ def test_horovod_tensorflow(controller):
     assert "bit-identical to the simulator" in out
     assert "DistributedGradientTape ok" in out and "identical to an uninterrupted run" in out
     assert "op=hvd.Sum gives N x the mean" in out
+    assert out.count("fused DistributedGradientTape ok") == 2, out[-3000:]
 
 
 def test_horovod_keras_training():
     out = run(horovodrun("gloo") + [sys.executable, str(HERE / "hvd_keras_training.py")], expect_ok_lines=2,
               timeout=900)
     assert out.count("keras ") >= 7, out[-3000:]
-    assert out.count("keras fit resumed bit-identically") == 6, out[-3000:]  # 3 methods x 2 ranks
+    assert out.count("keras fit resumed bit-identically") == 8, out[-3000:]  # 3 methods and fused topk x 2 ranks
+    assert out.count("keras fused DistributedOptimizer bit-identical") == 2, out[-3000:]
     assert out.count("keras metrics averaged over the ranks") == 2, out[-3000:]
     assert out.count("methods built inside a retraced tf.function step ok") == 2, out[-3000:]
 

@@ -761,14 +761,3 @@ def test_every_deterministic_method_is_bit_identical_to_numpy(rng, name, in_dtyp
             assert_same(out_tf, out_np)
         else:  # framework kernels (matmul, log) add or round in their own way
             np.testing.assert_allclose(T.to_numpy(out_tf), out_np, rtol=1e-4, atol=1e-5)
-
-
-def test_horovod_tf_refuses_fusion_it_does_not_run():
-    # the simulator fuses buckets and the TF adapter would not: the results would differ silently
-    pytest.importorskip("horovod.tensorflow")
-    method = grace_tf.topk(ratio=0.5, policies={"fusion_bytes": 1 << 20})
-    with pytest.raises(ValueError, match="fusion_bytes=1048576.*not yet under Horovod TF"):
-        method.compress(tf.ones([4]))
-    unfused = grace_tf.topk(ratio=0.5, policies={"fusion_bytes": 0})
-    with pytest.raises(RuntimeError, match="outside Horovod"):  # it gets past the check
-        unfused.compress(tf.ones([4]))

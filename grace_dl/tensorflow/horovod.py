@@ -213,6 +213,9 @@ class HorovodTFGrace(Grace):
       so every worker issues its collectives in the same order, which Horovod's blocking
       eager collectives need.
 
+    With ``policies.fusion_bytes > 0``, small gradients share buckets on the graph path
+    (:mod:`grace_dl.tensorflow.fusion`, the plan of :mod:`grace_dl.fusion`).
+
     Horovod itself allreduces an empty tensor. Save the state with
     ``tf.train.Checkpoint(..., grace=method.checkpointable())``.
     """
@@ -273,10 +276,10 @@ class HorovodTFGrace(Grace):
         empty tensor is what Horovod allreduces."""
         import horovod.tensorflow as hvd
 
-        if self.policies.fusion_bytes:
-            # the simulator would fuse and this adapter would not: results would differ silently
-            raise ValueError(f"policies.fusion_bytes={self.policies.fusion_bytes}: tensor fusion runs in the "
-                             f"simulator and the torch adapters, not yet under Horovod TF; set fusion_bytes=0")
+        if self.policies.fusion_bytes:  # fusion: grace_dl/tensorflow/fusion.py (graph path only)
+            from .fusion import check_fusion_path
+
+            check_fusion_path(self)
         name = _gradient_name(tensor)
         op = _horovod_op(hvd)
         if op not in (hvd.Average, hvd.Sum):
@@ -312,7 +315,12 @@ class HorovodTFGrace(Grace):
                 # caught on this path: see docs/reliability.md)
                 with tf.init_scope():
                     check_same_gradients(self, *sets)
-            out = self.graph_step(tensor, name)
+            if self.policies.fusion_bytes:
+                from .fusion import fused_compress
+
+                out = fused_compress(self, tensor, name)
+            else:
+                out = self.graph_step(tensor, name)
             return empty, out * scale if scale != 1 else out
 
         def checked_run(*args):

@@ -91,7 +91,8 @@ def check_fit_resume(workdir: str) -> None:
     def fit(model) -> None:
         model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
 
-    for name, params in [("topk", {"ratio": 0.05}), ("dgc", {"ratio": 0.05}), ("powersgd", {"rank": 2})]:
+    for name, params in [("topk", {"ratio": 0.05}), ("dgc", {"ratio": 0.05}), ("powersgd", {"rank": 2}),
+                         ("topk", {"ratio": 0.05, "policies": {"fusion_bytes": 1 << 20}})]:
         model, opt, method = build(name, params)
         fit(model)
         path = tf.train.Checkpoint(model=model, optimizer=opt, grace=method.checkpointable()).write(
@@ -109,7 +110,49 @@ def check_fit_resume(workdir: str) -> None:
         fit(model)
         assert _weights(model).tobytes() != straight.tobytes(), f"{name}: resuming without the method's state " \
                                                                  f"gave the same weights: the check cannot fail"
-        print(f"rank {hvd.rank()}: keras fit resumed bit-identically from a checkpoint ({name})", flush=True)
+        if params.get("policies"):  # the fused case: one bucket of the four tensors, not four tensors
+            counters = method.state_dict()["steps"]
+            assert len(counters) == 1 and next(iter(counters)).startswith("fused["), counters
+        print(f"rank {hvd.rank()}: keras fit resumed bit-identically from a checkpoint ({name}, {params})",
+              flush=True)
+
+
+def check_fused_optimizer(steps: int = 3) -> None:
+    """Horovod's Keras ``DistributedOptimizer`` with ``policies.fusion_bytes > 0``: the
+    gradients it aggregates (``compute_gradients``, what ``model.fit`` calls) inside a
+    tf.function equal the fused simulator's bit for bit. The loss is linear in the
+    weights, so the gradients are exactly the per-rank constants fed to the simulator."""
+    from grace_dl import LocalSimulator
+
+    rank, size = hvd.rank(), hvd.size()
+    shapes = (("kw1", (64, 32)), ("kb1", (32,)), ("kw2", (32, 10)), ("kb2", (10,)))
+    for name, params in [("topk", {"ratio": 0.05}), ("powersgd", {"rank": 2})]:
+        params = dict(params, policies={"fusion_bytes": 4096})
+        variables = [tf.Variable(tf.zeros(shape), name=n) for n, shape in shapes]
+        method = getattr(grace, name)(**params)
+        opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05), compression=method)
+        sim = LocalSimulator(getattr(grace, name)(**params), size)
+
+        @tf.function
+        def step(consts):
+            with tf.GradientTape() as tape:
+                loss = tf.add_n([tf.reduce_sum(v * c) for v, c in zip(variables, consts)])
+            return [g for g, _ in opt.compute_gradients(loss, variables, tape=tape)]
+
+        for i in range(steps):
+            consts = [[np.random.default_rng(1000 * i + 10 * r + k).standard_normal(shape).astype(np.float32)
+                       for k, (_, shape) in enumerate(shapes)] for r in range(size)]
+            got = step([tf.constant(c) for c in consts[rank]])
+            want = sim.step([{v.name: tf.constant(c) for v, c in reversed(list(zip(variables, consts[r])))}
+                             for r in range(size)])[rank]
+            for v, g in zip(variables, got):
+                assert g.numpy().tobytes() == want[v.name].numpy().tobytes(), (name, i, v.name)
+        buckets = [b.name for b in sim.fusers[rank].buckets]
+        counters = method.state_dict()["steps"]  # the graph path keeps them in variables
+        assert buckets and set(buckets) <= set(counters), (name, buckets, counters)
+        assert counters == sim.workers[rank].state_dict()["steps"], (name, counters)
+    print(f"rank {rank}: keras fused DistributedOptimizer bit-identical to the fused simulator (topk, powersgd)",
+          flush=True)
 
 
 def check_metric_average() -> None:
@@ -217,6 +260,7 @@ def main() -> None:
     check_double_momentum_refused()
     check_method_built_in_retraced_step()
     check_metric_average()
+    check_fused_optimizer()
     with tempfile.TemporaryDirectory() as workdir:
         check_fit_resume(workdir)
     missing = [m for m in METHODS if m not in grace.list_methods()]
