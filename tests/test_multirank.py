@@ -72,7 +72,7 @@ def test_horovod_tensorflow(controller):
               timeout=900)
     assert "bit-identical to the simulator" in out
     assert "DistributedGradientTape ok" in out and "identical to an uninterrupted run" in out
-    assert "op=hvd.Sum gives N x the mean" in out
+    assert "op=hvd.Sum gives N x the mean" in out and "lone retrace ok" in out
 
 
 def test_horovod_keras_training():
@@ -195,3 +195,28 @@ def test_mixed_compression_ends_with_a_clear_error(framework):
     if framework == "torch":  # rank 1 runs no grace-dl: Horovod's own message
         assert re.search(r"rank 1: HorovodInternalError: Mismatched ALLREDUCE tensor shapes", out), out[-3000:]
     print(f"{framework}: rank 0 refused {after:.1f} s after the first step")
+
+
+# -- a gradient that turns None at a later step on one rank only (TF graph path) ----------------
+def test_late_none_gradient_ends_with_a_clear_error():
+    # rank 1 alone traces the step again; its gradient check waits GRACE_DL_FIRST_STEP_TIMEOUT
+    # (30 s) for ranks that never answer, then names the variable, and its exit ends the job
+    import re
+    import time
+
+    cmd = horovodrun("gloo") + [sys.executable, str(HERE / "late_none_gradient.py")]
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2",
+               OMP_NUM_THREADS="1")
+    env.pop("GRACE_DL_FIRST_STEP_TIMEOUT", None)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE.parent.parent)
+    ended = time.time()
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "trained although" not in out, out[-3000:]
+    said = re.search(r"rank 1: \w+: GradientMismatchError: (.*) after (\d+\.\d) s", out)
+    assert said, out[-3000:]
+    assert "rank 1 has no gradient (None) for 'late_b:0'" in said.group(1), said.group(1)
+    assert "did not trace the step again" in said.group(1), said.group(1)
+    assert 25 < float(said.group(2)) < 60, said.group(2)  # the 30 s wait, not a failure of another kind
+    started = float(re.findall(r"rank 1: step 2 starts at (\d+\.\d+)", out)[-1])
+    assert ended - started < 60, f"the job ended {ended - started:.1f} s after the step that turned None began"
+    print(f"rank 1 refused after {said.group(2)} s; the job ended {ended - started:.1f} s after the step began")

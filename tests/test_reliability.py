@@ -178,3 +178,59 @@ def test_state_under_other_names_or_shapes_is_refused_at_first_use():
         w.load_state_dict(state)
     sim.step(grads())
     assert sim.workers[0].steps == {"layer.weight": 2, "layer.bias": 2}
+
+
+# -- the TF graph path's gradient check at trace time ------------------------------------------
+class _TwoRanks:
+    """A transport of rank 1 of 2 whose peer answers a digest allgather with ``peer``'s
+    digest, or never (``peer`` None: it runs a step it traced before)."""
+
+    def __init__(self, peer):
+        self.rank, self.size, self.peer, self.posted = 1, 2, peer, []
+
+    def allgather_async(self, buf, name, equal_sizes=False):
+        self.posted.append(name)
+        return np.asarray(buf)
+
+    def wait(self, mine):
+        if self.peer is None:
+            import threading
+
+            threading.Event().wait()  # like Horovod's TF collectives: no time-out
+        return [np.asarray(self.peer), mine]
+
+
+def test_graph_path_check_names_a_gradient_that_turns_none_when_one_rank_retraces(monkeypatch):
+    pytest.importorskip("tensorflow")
+    import time
+
+    from grace_dl.tensorflow import checks
+
+    def digest(names):
+        return np.array([len(names), checks._name_hash("\n".join(names))], np.int64)
+
+    monkeypatch.setattr(checks, "FIRST_STEP_TIMEOUT_S", 0.3)
+
+    class Method:  # what the check uses of a bound method object
+        transport = _TwoRanks(digest(["w", "b"]))
+
+    method = Method()
+    checks.check_traced_gradients(method, ["w", "b"], [])  # first trace: every rank agrees
+    assert len(method.transport.posted) == 1
+    # a retrace with the same gradients (another input shape on this rank only) posts nothing:
+    # the other rank runs its old trace and would never answer
+    method.transport.peer = None
+    checks.check_traced_gradients(method, ["w", "b"], [])
+    assert len(method.transport.posted) == 1
+    # b's gradient turned None here only: the check waits a bounded time, then names b
+    start = time.perf_counter()
+    with pytest.raises(checks.GradientMismatchError) as caught:
+        checks.check_traced_gradients(method, ["w"], ["b"])
+    assert time.perf_counter() - start < 5
+    said = str(caught.value)
+    assert "rank 1 has no gradient (None) for 'b', which it had when the step was last traced" in said, said
+    assert "did not trace the step again" in said and "GRACE_DL_FIRST_STEP_TIMEOUT" in said, said
+    # a new gradient set on every rank (all retrace together) is checked and accepted
+    method.transport.peer = digest(["w"])
+    checks.check_traced_gradients(method, ["w"], ["b"])
+    assert len(method.transport.posted) == 3
