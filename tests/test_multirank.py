@@ -43,7 +43,7 @@ def horovodrun(controller: str) -> list[str]:
 def test_horovod_torch(controller):
     out = run(horovodrun(controller) + [sys.executable, str(HERE / "hvd_torch_checks.py")], expect_ok_lines=2)
     assert "bit-identical to the simulator" in out and "training ok" in out and "handshake ok" in out
-    assert "bfloat16 ok" in out and "fusion ok" in out
+    assert "bfloat16 ok" in out and "fusion ok" in out and "empty ok" in out
 
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
