@@ -20,10 +20,47 @@ BIN = Path(sys.executable).parent
 MPI_ARGS = "--allow-run-as-root --oversubscribe"  # CI runs as root on 2 cores
 
 
+def launch(cmd: list[str], timeout: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a session of its own; past ``timeout``, end the whole session: killing
+    horovodrun alone left mpirun and both workers running (orphaned, for minutes)."""
+    env = env or dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                      TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=HERE.parent.parent, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _end_session(proc.pid)
+        out, err = proc.communicate(timeout=30)
+        raise AssertionError(f"{' '.join(cmd)} ran past {timeout} s:\n{(out + err)[-6000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _end_session(sid: int) -> None:
+    """End every process of session ``sid`` (a launch started with start_new_session):
+    SIGTERM first (mpirun then ends its workers, which run in process groups of their
+    own), SIGKILL for what is left after 10 s."""
+    import signal
+    import time
+
+    def members() -> list[int]:
+        rows = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True).stdout.splitlines()
+        return [int(row.split()[0]) for row in rows
+                if int(row.split()[1]) == sid and not row.split()[2].startswith("Z")]  # not the dead
+
+    for sig, pause in ((signal.SIGTERM, 10), (signal.SIGKILL, 0)):
+        for pid in members():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + pause
+        while time.time() < deadline and members():
+            time.sleep(0.5)
+
+
 def run(cmd: list[str], expect_ok_lines: int, timeout: int = 420) -> str:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE.parent.parent)
+    result = launch(cmd, timeout)
     out = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-6000:]}"
     assert out.count("ALL OK") == expect_ok_lines, out[-6000:]
@@ -43,7 +80,7 @@ def horovodrun(controller: str) -> list[str]:
 def test_horovod_torch(controller):
     out = run(horovodrun(controller) + [sys.executable, str(HERE / "hvd_torch_checks.py")], expect_ok_lines=2)
     assert "bit-identical to the simulator" in out and "training ok" in out and "handshake ok" in out
-    assert "bfloat16 ok" in out and "fusion ok" in out
+    assert "bfloat16 ok" in out and "fusion ok" in out and "empty ok" in out
 
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
@@ -72,7 +109,7 @@ def test_horovod_tensorflow(controller):
               timeout=900)
     assert "bit-identical to the simulator" in out
     assert "DistributedGradientTape ok" in out and "identical to an uninterrupted run" in out
-    assert "op=hvd.Sum gives N x the mean" in out
+    assert "op=hvd.Sum gives N x the mean" in out and "lone retrace ok" in out
     assert out.count("fused DistributedGradientTape ok") == 2, out[-3000:]
 
 
@@ -108,7 +145,7 @@ def test_migration_guide_examples(script):
     cmd = horovodrun("gloo") + [sys.executable, str(HERE.parent.parent / "examples" / script)]
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2",
                OMP_NUM_THREADS="1", TF_USE_LEGACY_KERAS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env, cwd=HERE.parent.parent)
+    result = launch(cmd, 420, env)
     out = result.stdout + result.stderr
     assert result.returncode == 0, f"{script} failed:\n{out[-6000:]}"
     digests = re.findall(r"rank (\d): parameters identical on every rank \((\w+)\)", out)
@@ -189,7 +226,7 @@ def test_mixed_compression_ends_with_a_clear_error(framework):
     cmd = horovodrun("gloo") + [sys.executable, str(HERE / "mixed_compression.py"), framework]
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2",
                OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE.parent.parent)
+    result = launch(cmd, 300, env)
     out = result.stdout + result.stderr
     assert result.returncode != 0 and "trained although" not in out, out[-3000:]
     said = re.search(r"rank 0: .*?CompressionMismatchError: (.*) after (\d+\.\d) s", out)
@@ -200,3 +237,28 @@ def test_mixed_compression_ends_with_a_clear_error(framework):
     if framework == "torch":  # rank 1 runs no grace-dl: Horovod's own message
         assert re.search(r"rank 1: HorovodInternalError: Mismatched ALLREDUCE tensor shapes", out), out[-3000:]
     print(f"{framework}: rank 0 refused {after:.1f} s after the first step")
+
+
+# -- a gradient that turns None at a later step on one rank only (TF graph path) ----------------
+def test_late_none_gradient_ends_with_a_clear_error():
+    # rank 1 alone traces the step again; its gradient check waits GRACE_DL_FIRST_STEP_TIMEOUT
+    # (30 s) for ranks that never answer, then names the variable, and its exit ends the job
+    import re
+    import time
+
+    cmd = horovodrun("gloo") + [sys.executable, str(HERE / "late_none_gradient.py")]
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2",
+               OMP_NUM_THREADS="1")
+    env.pop("GRACE_DL_FIRST_STEP_TIMEOUT", None)
+    result = launch(cmd, 300, env)
+    ended = time.time()
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "trained although" not in out, out[-3000:]
+    said = re.search(r"rank 1: \w+: GradientMismatchError: (.*) after (\d+\.\d) s", out)
+    assert said, out[-3000:]
+    assert "rank 1 has no gradient (None) for 'late_b:0'" in said.group(1), said.group(1)
+    assert "did not trace the step again" in said.group(1), said.group(1)
+    assert 25 < float(said.group(2)) < 60, said.group(2)  # the 30 s wait, not a failure of another kind
+    started = float(re.findall(r"rank 1: step 2 starts at (\d+\.\d+)", out)[-1])
+    assert ended - started < 60, f"the job ended {ended - started:.1f} s after the step that turned None began"
+    print(f"rank 1 refused after {said.group(2)} s; the job ended {ended - started:.1f} s after the step began")

@@ -178,3 +178,113 @@ def test_state_under_other_names_or_shapes_is_refused_at_first_use():
         w.load_state_dict(state)
     sim.step(grads())
     assert sim.workers[0].steps == {"layer.weight": 2, "layer.bias": 2}
+
+
+# -- the TF graph path's gradient check at trace time ------------------------------------------
+class _TwoRanks:
+    """A transport of rank 1 of 2 whose peer answers a digest allgather with ``peer``'s
+    digest, or never (``peer`` None: it runs a step it traced before)."""
+
+    def __init__(self, peer):
+        self.rank, self.size, self.peer, self.posted = 1, 2, peer, []
+
+    def allgather_async(self, buf, name, equal_sizes=False):
+        self.posted.append(name)
+        return np.asarray(buf)
+
+    def wait(self, mine):
+        if self.peer is None:
+            import threading
+
+            threading.Event().wait()  # like Horovod's TF collectives: no time-out
+        return [np.asarray(self.peer), mine]
+
+
+def test_graph_path_check_names_a_gradient_that_turns_none_when_one_rank_retraces(monkeypatch):
+    pytest.importorskip("tensorflow")
+    import time
+
+    from grace_dl.tensorflow import checks
+
+    def digest(names):
+        return np.array([len(names), checks._name_hash("\n".join(names))], np.int64)
+
+    monkeypatch.setattr(checks, "FIRST_STEP_TIMEOUT_S", 0.3)
+
+    class Method:  # what the check uses of a bound method object
+        transport = _TwoRanks(digest(["w", "b"]))
+
+    method = Method()
+    checks.check_traced_gradients(method, ["w", "b"], [])  # first trace: every rank agrees
+    assert len(method.transport.posted) == 1
+    # a retrace with the same gradients (another input shape on this rank only) posts nothing:
+    # the other rank runs its old trace and would never answer
+    method.transport.peer = None
+    checks.check_traced_gradients(method, ["w", "b"], [])
+    assert len(method.transport.posted) == 1
+    # b's gradient turned None here only: the check waits a bounded time, then names b
+    start = time.perf_counter()
+    with pytest.raises(checks.GradientMismatchError) as caught:
+        checks.check_traced_gradients(method, ["w"], ["b"])
+    assert time.perf_counter() - start < 5
+    said = str(caught.value)
+    assert "rank 1 has no gradient (None) for 'b', which it had when the step was last traced" in said, said
+    assert "did not trace the step again" in said and "GRACE_DL_FIRST_STEP_TIMEOUT" in said, said
+    # a new gradient set on every rank (all retrace together) is checked and accepted
+    method.transport.peer = digest(["w"])
+    checks.check_traced_gradients(method, ["w"], ["b"])
+    assert len(method.transport.posted) == 3
+
+
+# -- resuming: another world size, truncated files ------------------------------------------------
+def test_resume_with_another_world_size_trains_on():
+    # the state holds no world size: each worker's memory is its own error feedback, which
+    # stays valid in a job of another size (elastic Horovod resizes jobs the same way);
+    # the handshake then checks that every worker resumed at the same step
+    four = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.5), 4)
+    for _ in range(2):
+        four.step(grads(workers=4))
+    saved = [w.state_dict() for w in four.workers]
+    for size, states in ((2, saved[:2]), (8, [saved[0]] * 8)):  # shrunk, or rank 0's state broadcast
+        resumed = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.5), size)
+        for w, state in zip(resumed.workers, states):
+            w.load_state_dict(state)
+        out = resumed.step(grads(workers=size))
+        assert all(np.all(np.isfinite(o[n])) for o in out for n in o)
+        assert all(w.steps == {"layer.weight": 3, "layer.bias": 3} for w in resumed.workers)
+
+
+def test_truncated_checkpoint_files_are_refused(tmp_path):
+    # a checkpoint cut short (a full disk, a copy killed half-way) must fail to load, not
+    # load part of the state: torch's zip reader and TF's checksummed bundle refuse it
+    torch = pytest.importorskip("torch")
+
+    sim = grace_dl.LocalSimulator(grace_dl.topk(ratio=0.5), 2)
+    sim.step(grads())
+    path = tmp_path / "opt.pt"
+    torch.save({"grace": {n: {k: torch.from_numpy(v) for k, v in f.items()}
+                          for n, f in sim.workers[0].state_dict()["memory"].items()}}, path)
+    data = path.read_bytes()
+    for cut in (len(data) // 10, len(data) // 2, len(data) - 1):
+        path.write_bytes(data[:cut])
+        with pytest.raises(Exception) as caught:
+            torch.load(path, weights_only=True)
+        assert "zip" in str(caught.value).lower() or isinstance(caught.value, EOFError), caught.value
+
+    tf = pytest.importorskip("tensorflow")
+    import grace_dl.tensorflow as gtf
+
+    tf_method = gtf.topk(ratio=0.5)
+    tf_sim = gtf.LocalSimulator(tf_method, 2)
+    tf_sim.step([{k: tf.constant(v) for k, v in g.items()} for g in grads()])
+    prefix = tf.train.Checkpoint(grace=tf_sim.workers[0].checkpointable()).write(str(tmp_path / "ckpt"))
+    (data_file,) = tmp_path.glob("ckpt.data-*")
+    whole = data_file.read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 1):
+        data_file.write_bytes(whole[:cut])
+        fresh = gtf.topk(ratio=0.5)
+        # (TF's reader: IndexError "Read less bytes than requested", or DataLossError on a checksum)
+        with pytest.raises((tf.errors.OpError, IndexError)) as caught:
+            tf.train.Checkpoint(grace=fresh.checkpointable()).read(prefix)
+        assert isinstance(caught.value, tf.errors.OpError) or "Read less bytes" in str(caught.value)
+        assert not fresh.steps and not fresh.memory.state, "part of a truncated checkpoint was loaded"

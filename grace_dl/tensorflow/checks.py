@@ -9,15 +9,19 @@ grace-dl it failed deep inside a collective (``UnknownError: Graph execution err
 a ``TensorScatterUpdate`` or Horovod's "Mismatched data types"). So, before the first
 pipeline of each call of Horovod's ``allreduce_grads`` (``DistributedGradientTape`` and the
 Keras ``DistributedOptimizer``; on the graph path, where which gradients are None is fixed
-per trace, when the step is traced), every rank allgathers a 16-byte digest of the names of the
-variables it has gradients for; ranks that differ exchange the names' hashes and raise
-:class:`GradientMismatchError` on every rank, naming the variables. Cost: one allgather of
-16 bytes per worker and step (not counted in ``grace.stats``).
+per trace, when the step is traced with a gradient set not checked before), every rank
+allgathers a 16-byte digest of the names of the variables it has gradients for; ranks that
+differ exchange the names' hashes and raise :class:`GradientMismatchError` on every rank,
+naming the variables. Cost: one allgather of 16 bytes per worker and step (per new trace on
+the graph path; not counted in ``grace.stats``).
 
 A method's first such allgather waits at most :data:`FIRST_STEP_TIMEOUT_S` seconds: a rank
 that runs Horovod's own compression (or none) never posts grace-dl's collectives, and
 Horovod's TF collectives have no time-out, so the job would hang; instead this rank raises
-:class:`CompressionMismatchError` and its exit ends the job.
+:class:`CompressionMismatchError` and its exit ends the job. So does the check of a step
+traced again with new gradients (one turned None at a later step on one rank only, so that
+rank alone retraces while the others run their old trace): that rank raises
+:class:`GradientMismatchError` naming the variables.
 
 One method object keeps state per tensor name; two live models trained with one object
 (two tapes, or two Keras optimizers) would share it whenever their variables share names.
@@ -150,11 +154,13 @@ FIRST_STEP_TIMEOUT_S = float(os.environ.get("GRACE_DL_FIRST_STEP_TIMEOUT", "30")
 _AGREED: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
-def _first_allgather(transport: Any, digest: np.ndarray, name: str) -> list[Any]:
-    """The first digest allgather of a method, with a time limit: a rank that runs
-    Horovod's own compression (or none) never posts grace-dl's collectives, and Horovod's
-    TF collectives wait for ever (they have no time-out). The collective runs in a daemon
-    thread, so that this rank can give up, raise, and end the job."""
+def _bounded_allgather(transport: Any, digest: np.ndarray, name: str,
+                       timeout_error: Callable[[], BaseException]) -> list[Any]:
+    """A digest allgather that waits at most :data:`FIRST_STEP_TIMEOUT_S` seconds for the
+    other ranks, then raises ``timeout_error()``: Horovod's TF collectives wait for ever
+    (they have no time-out), and the other ranks may never post this one (they run
+    Horovod's own compression, or a step they traced before). The collective runs in a
+    daemon thread, so that this rank can give up, raise, and end the job."""
     result: list[Any] = []
     failure: list[BaseException] = []
 
@@ -164,19 +170,49 @@ def _first_allgather(transport: Any, digest: np.ndarray, name: str) -> list[Any]
         except BaseException as err:  # noqa: BLE001  (re-raised in the caller's thread)
             failure.append(err)
 
-    worker = threading.Thread(target=gather, name="grace-first-step", daemon=True)
+    worker = threading.Thread(target=gather, name="grace-gradient-check", daemon=True)
     worker.start()
     worker.join(FIRST_STEP_TIMEOUT_S)
     if failure:
         raise failure[0]
     if worker.is_alive():
-        raise CompressionMismatchError(
-            f"rank {transport.rank}: no answer from the other ranks in grace-dl's first collective within "
-            f"{FIRST_STEP_TIMEOUT_S:g} s. A rank that runs Horovod's own compression (hvd.Compression.none or "
-            f"fp16) or no compression= posts none of grace-dl's collectives, and Horovod would wait for ever: every "
-            f"rank must pass the same compression=. (If a rank is only slow to reach its first step, set "
-            f"GRACE_DL_FIRST_STEP_TIMEOUT to more seconds.)")
+        raise timeout_error()
     return result
+
+
+def _no_answer_at_first_step(rank: int) -> "CompressionMismatchError":
+    return CompressionMismatchError(
+        f"rank {rank}: no answer from the other ranks in grace-dl's first collective within "
+        f"{FIRST_STEP_TIMEOUT_S:g} s. A rank that runs Horovod's own compression (hvd.Compression.none or "
+        f"fp16) or no compression= posts none of grace-dl's collectives, and Horovod would wait for ever: every "
+        f"rank must pass the same compression=. (If a rank is only slow to reach its first step, set "
+        f"GRACE_DL_FIRST_STEP_TIMEOUT to more seconds.)")
+
+
+def _no_answer_after_retrace(rank: int, present: list[str], absent: list[str],
+                             before: tuple[str, ...]) -> "GradientMismatchError":
+    gone = [n for n in before if n not in present]
+    new = [n for n in present if n not in before]
+    changes = []
+    if gone:
+        named = ", ".join(map(repr, gone[:5]))
+        changes.append(f"rank {rank} has no gradient (None) for {named}, which it had when the step was last traced"
+                       if set(gone) <= set(absent) else
+                       f"rank {rank} has no gradient for {named}, which it had when the step was last traced")
+    if new:
+        changes.append(f"rank {rank} has a gradient for {', '.join(map(repr, new[:5]))}, which it had none for "
+                       f"when the step was last traced")
+    if not changes:
+        changes.append(f"rank {rank} has gradients for the same variables as when the step was last traced, "
+                       f"in another order")
+    return GradientMismatchError(
+        "ranks have gradients for different variables in this step: " + "; ".join(changes) + f". Rank {rank} "
+        f"traced the step again for it, and the other ranks did not answer grace-dl's gradient check within "
+        f"{FIRST_STEP_TIMEOUT_S:g} s: they did not trace the step again and run the one traced before, with "
+        f"gradients for the variables of then. Horovod allreduces only the gradients that exist, so the ranks "
+        f"would exchange different tensors and wait for ever. Make the loss depend on every trainable variable on "
+        f"every rank and at every step (adding 0.0 * tf.reduce_sum(v) is enough). (If the other ranks are only "
+        f"more than {FIRST_STEP_TIMEOUT_S:g} s behind, set GRACE_DL_FIRST_STEP_TIMEOUT to more seconds.)")
 
 
 class CompressionMismatchError(HandshakeError):
@@ -184,19 +220,37 @@ class CompressionMismatchError(HandshakeError):
     collective (they run Horovod's own compression, or none)."""
 
 
-def check_same_gradients(grace: Any, present: list[str], absent: list[str]) -> None:
+def check_same_gradients(grace: Any, present: list[str], absent: list[str],
+                         traced_before: tuple[str, ...] | None = None) -> None:
     """Raise :class:`GradientMismatchError` on every rank unless every rank of
     ``grace.transport`` has gradients for the variables ``present`` (in that order).
-    ``absent`` lists this rank's variables whose gradient is None (used to name them)."""
+
+    A method's first check waits at most :data:`FIRST_STEP_TIMEOUT_S` seconds for the
+    other ranks (then :class:`CompressionMismatchError`), and so does a check made while
+    the step is traced again with gradients other than ``traced_before`` (then
+    :class:`GradientMismatchError`, since the other ranks run their old trace); later
+    checks wait as long as the other ranks take.
+
+    Args:
+        grace: the bound method object.
+        present: this rank's variables with a gradient, in Horovod's order.
+        absent: this rank's variables whose gradient is None (used to name them).
+        traced_before: on the graph path, the gradient set the ranks agreed on when the
+            step was last traced (None: the first trace, or a check at every step).
+    """
     transport = grace.transport
     hashes = np.array([_name_hash(n) for n in present], dtype=np.int64)
     digest = np.array([len(present), _name_hash("\n".join(present))], dtype=np.int64)
     name = f"grace.gradients.{_ordinal(grace)}"
-    if grace in _AGREED:
-        gathered = transport.wait(transport.allgather_async(tf.constant(digest), name, equal_sizes=True))
-    else:
-        gathered = _first_allgather(transport, digest, name)
+    if grace not in _AGREED:
+        gathered = _bounded_allgather(transport, digest, name, lambda: _no_answer_at_first_step(transport.rank))
         _AGREED.add(grace)
+    elif traced_before is not None:
+        gathered = _bounded_allgather(
+            transport, digest, name,
+            lambda: _no_answer_after_retrace(transport.rank, present, absent, traced_before))
+    else:
+        gathered = transport.wait(transport.allgather_async(tf.constant(digest), name, equal_sizes=True))
     digests = [np.asarray(g).reshape(-1) for g in gathered]
     if all(np.array_equal(d, digest) for d in digests):
         return
@@ -204,6 +258,36 @@ def check_same_gradients(grace: Any, present: list[str], absent: list[str]) -> N
     everyone = transport.wait(transport.allgather_async(tf.constant(hashes), name + ".names"))
     raise GradientMismatchError(_describe(transport.rank, present, absent, [np.asarray(e).reshape(-1)
                                                                             for e in everyone]))
+
+
+# per method object: the gradient sets (names in Horovod's order) that every rank agreed on
+# when a step was traced
+_TRACED: "weakref.WeakKeyDictionary[Any, list[tuple[str, ...]]]" = weakref.WeakKeyDictionary()
+
+
+def check_traced_gradients(grace: Any, present: list[str], absent: list[str]) -> None:
+    """The gradient check of the graph path, run eagerly while Horovod traces a step
+    (which gradients are None is fixed per trace).
+
+    A gradient set that the ranks agreed on at an earlier trace is not checked again, so
+    that a rank may retrace alone with the same gradients (an input of another shape on
+    that rank only) without posting a collective the others never post. A new set is
+    checked with a bounded wait (:data:`FIRST_STEP_TIMEOUT_S`): a rank that retraces
+    alone because a gradient turned None there (or came back) gets no answer, since the
+    other ranks run the step they traced before, and raises
+    :class:`GradientMismatchError` naming the variables; its exit ends the job.
+
+    Args:
+        grace: the bound method object.
+        present: this rank's variables with a gradient, in Horovod's order.
+        absent: this rank's variables whose gradient is None.
+    """
+    agreed = _TRACED.setdefault(grace, [])
+    gradient_set = tuple(present)
+    if gradient_set in agreed:
+        return
+    check_same_gradients(grace, present, absent, traced_before=agreed[-1] if agreed else None)
+    agreed.append(gradient_set)
 
 
 def _describe(rank: int, present: list[str], absent: list[str], everyone: list[np.ndarray]) -> str:

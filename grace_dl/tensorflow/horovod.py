@@ -19,7 +19,7 @@ import tensorflow as tf
 from ..checks import adaptive_optimizer_message, check_optimizer_momentum
 from ..core import Grace, derive_key
 from ..transport.base import Transport, horovod_membership
-from .checks import check_same_gradients, gradient_sets
+from .checks import check_same_gradients, check_traced_gradients, gradient_sets
 
 
 def _op_name(name: str) -> str:
@@ -311,10 +311,10 @@ class HorovodTFGrace(Grace):
         if self.graph_path:
             if sets is not None:
                 # which gradients are None is fixed when the step is traced: check then, eagerly
-                # (a rank that retraces alone, a gradient turned None at a later step, is not
-                # caught on this path: see docs/reliability.md)
+                # (a rank that retraces alone with new gradients, one turned None at a later
+                # step, waits for the others a bounded time and raises: docs/reliability.md)
                 with tf.init_scope():
-                    check_same_gradients(self, *sets)
+                    check_traced_gradients(self, *sets)
             if self.policies.fusion_bytes:
                 from .fusion import fused_compress
 

@@ -229,9 +229,9 @@ def check_none_gradients() -> None:
         w = tf.Variable(tf.ones([4, 3]), name=f"none{i}_w")
         b = tf.Variable(tf.zeros([3]), name=f"none{i}_b")
         x = tf.constant(np.ones((2, 4), np.float32))
-        # on the graph path (topk) the check runs when the step is traced, so a gradient that
-        # turns None at a later step on one rank only (that rank alone retraces) is checked on
-        # a py_function-path method (gtopk), where it runs at every step
+        # the later-step case on the py_function path (gtopk), where the check runs at every
+        # step; on the graph path (topk) that rank alone traces the step again and its check
+        # waits 30 s for the others, then ends the job (tests/multirank/late_none_gradient.py)
         method = grace.gtopk(ratio=0.5) if from_step else grace.topk(ratio=0.5)
 
         def step(drop):
@@ -258,6 +258,39 @@ def check_none_gradients() -> None:
         assert slowest < 60, (mode, from_step, slowest)
     say(f"None gradients ok: {len(cases)} cases of a None gradient on rank 1 only refused on every rank, "
         f"naming the variable (slowest {slowest:.1f} s)")
+
+
+def check_lone_retrace() -> None:
+    """Rank 1 alone traces the step again (a batch of another size) with the same
+    gradients: on the graph path the gradient check is not run again for a gradient set
+    the ranks agreed on (it would post a collective that rank 0, running its old trace,
+    never posts: the job hung), and the ranks go on averaging the same tensors."""
+    rank, size = hvd.rank(), hvd.size()
+    w = tf.Variable(tf.ones([4, 3]), name="retrace_w")
+    b = tf.Variable(tf.zeros([3]), name="retrace_b")
+    method = grace.topk(ratio=1.0)  # every element sent: the aggregate is the exact mean
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum((tf.matmul(x, w) + b) ** 2)
+        return hvd.DistributedGradientTape(tape, compression=method).gradient(loss, [w, b])
+
+    for s in range(4):
+        rows = 3 if rank == 1 and s >= 2 else 2
+        x = tf.constant(np.random.default_rng(10 * s + rank).standard_normal((rows, 4)).astype(np.float32))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum((tf.matmul(x, w) + b) ** 2)
+        local = tape.gradient(loss, [w, b])
+        aggregated = step(x)
+        for i, (mine, got) in enumerate(zip(local, aggregated)):
+            everyone = hvd.allgather(tf.reshape(mine, [1, -1]), name=f"retrace.{s}.{i}").numpy()
+            want = everyone.mean(axis=0).reshape(got.shape)
+            assert np.allclose(got.numpy(), want, rtol=1e-5, atol=1e-5), (s, i, got.numpy(), want)
+    traces = step.experimental_get_tracing_count()
+    assert traces == (2 if rank == 1 else 1), f"rank {rank} traced the step {traces} times"
+    say(f"lone retrace ok: rank 1 traced the step again alone ({traces} traces here), same gradients, "
+        f"4 steps averaged")
 
 
 def check_one_model_per_method() -> None:
@@ -342,6 +375,7 @@ def main() -> None:
     check_fused_tape()
     check_sum_op_and_adasum()
     check_none_gradients()
+    check_lone_retrace()
     check_one_model_per_method()
     say("ALL OK")
 
