@@ -252,6 +252,24 @@ def test_uint_bits(rng, bits, n):
     assert_same(T.bits_to_uint(tf.constant(b), bits), N.bits_to_uint(b, bits))
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("n", LENGTHS + (0, 31, 33))
+def test_pack_uint_and_fields(rng, bits, n):
+    """The TF byte paths of pack_uint, unpack_uint and take_fields give NumPy's words
+    and values, top values (a set sign bit) included, eagerly and traced."""
+    v = rng.integers(0, 2**bits, n, dtype=np.int64)
+    v[: min(n, 3)] = 2**bits - 1
+    words = N.pack_uint(v, bits)
+    assert_same(T.pack_uint(tf.constant(v.astype(np.int32)), bits), words)
+    assert_same(T.unpack_uint(tf.constant(words), n, bits), N.unpack_uint(words, n, bits))
+    traced = tf.function(lambda w: T.pack_uint(w, bits))(tf.constant(v.astype(np.int32)))
+    assert_same(traced, words)
+    if bits <= 8:
+        table = (np.arange(2**bits) * 0.5 - 3).astype(np.float32)
+        assert_same(T.take_fields(tf.constant(words), n, bits, tf.constant(table)),
+                    N.take_fields(words, n, bits, table))
+
+
 # -- randomness --------------------------------------------------------------------------------
 def test_random_uniform_is_seeded_by_key_and_counter():
     like = tf.zeros(1)
