@@ -719,7 +719,7 @@ def test_graph_path_traces_without_py_function():
     paths = {line.split()[1]: line.split()[2:] for line in proc.stdout.splitlines() if line.startswith("PATH")}
     scheduled = ("dgc+warmup", "powersgd+start_iter", "topk+warmup_policy", "dgc+warmup_policy")
     assert set(paths) == set(grace_dl.list_methods()) | set(scheduled), proc.stdout
-    for must in ("topk", "dgc", "powersgd", "qsgd", "fp16", "randomk", "signsgd", "efsignsgd", "onebit",
+    for must in ("topk", "gtopk", "dgc", "powersgd", "qsgd", "fp16", "randomk", "signsgd", "efsignsgd", "onebit",
                  "terngrad", "threshold") + scheduled:
         assert paths[must][0] == "True", (must, paths[must])
     for name, (on_graph, pyfunc, *collectives) in paths.items():

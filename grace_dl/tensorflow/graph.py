@@ -51,10 +51,10 @@ from ..transport.base import allgather_traffic, allreduce_traffic
 GRAPH_COMPRESSORS = frozenset({
     "none", "fp16", "bf16", "topk", "randomk", "dgc", "powersgd", "qsgd", "terngrad", "signsgd", "efsignsgd",
     "onebit", "signum", "threshold", "natural", "natural_dithering", "stc", "sbc", "adaptive_threshold",
-    "sidco", "chunk",
+    "sidco", "chunk", "gtopk",
 })
 #: memories whose state the graph path keeps in variables
-GRAPH_MEMORIES = frozenset({"none", "residual", "signum_momentum", "dgc_momentum", "powersgd"})
+GRAPH_MEMORIES = frozenset({"none", "residual", "signum_momentum", "dgc_momentum", "powersgd", "gtopk"})
 #: most warm-up steps of DGC traced one by one (each step its own density)
 MAX_WARMUP_TRACES = 32
 _STAT_FIELDS = ("dense", "payload", "sent", "received")

@@ -231,8 +231,8 @@ def check_none_gradients() -> None:
         x = tf.constant(np.ones((2, 4), np.float32))
         # on the graph path (topk) the check runs when the step is traced, so a gradient that
         # turns None at a later step on one rank only (that rank alone retraces) is checked on
-        # a py_function-path method (gtopk), where it runs at every step
-        method = grace.gtopk(ratio=0.5) if from_step else grace.topk(ratio=0.5)
+        # a py_function-path method (PowerSGD without warm start), where it runs at every step
+        method = grace.powersgd(warm_start=False) if from_step else grace.topk(ratio=0.5)
 
         def step(drop):
             with tf.GradientTape() as tape:
