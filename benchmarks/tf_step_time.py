@@ -10,7 +10,8 @@ Run under Horovod, e.g. 2 ranks on one machine::
 Each model trains with ``hvd.DistributedGradientTape`` inside a ``tf.function`` (the way
 Horovod's TF2 examples do) on scikit-learn's bundled 8x8 digits. Rank 0 prints, per model
 and method, the median step time over ``--steps`` timed steps (after ``--warmup`` steps
-that trace and warm up) and its ratio to ``none`` on the same framework. Models:
+that trace and warm up; the fastest of ``--rounds`` rounds that time every method in
+turn) and its ratio to ``none`` on the same framework. Models:
 
 * ``digits_mlp``: 64-128-128-10 dense network (6 gradient tensors);
 * ``keras_cnn``: a Keras CNN, 3 conv + 3 dense layers (12 gradient tensors).
@@ -22,6 +23,7 @@ import argparse
 import os
 import statistics
 import time
+from typing import Callable
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Horovod 0.28 needs tf-keras on TF >= 2.16
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -63,7 +65,8 @@ def tf_model(name: str):
         tf.keras.layers.Dense(10)])
 
 
-def time_tf(model_name: str, method: str, steps: int, warmup: int, batch: int) -> tuple[float, int]:
+def build_tf(model_name: str, method: str, batch: int) -> tuple[Callable[[], None], int]:
+    """A TF training step (traced on first call) of ``model_name`` with ``method``."""
     import horovod.tensorflow as hvd
     import tensorflow as tf
 
@@ -85,16 +88,11 @@ def time_tf(model_name: str, method: str, steps: int, warmup: int, batch: int) -
         opt.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        step().numpy()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), len(model.trainable_variables)
+    return lambda: step().numpy(), len(model.trainable_variables)
 
 
-def time_torch(model_name: str, method: str, steps: int, warmup: int, batch: int) -> tuple[float, int]:
+def build_torch(model_name: str, method: str, batch: int) -> tuple[Callable[[], None], int]:
+    """A PyTorch training step of ``model_name`` with ``method`` (Horovod's torch optimizer)."""
     import horovod.torch as hvd
     import torch
 
@@ -117,23 +115,33 @@ def time_torch(model_name: str, method: str, steps: int, warmup: int, batch: int
                                    named_parameters=model.named_parameters(), compression=compression)
     xs, ys = digits(hvd.rank(), batch)
     x, y = torch.from_numpy(xs), torch.from_numpy(ys)
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
+
+    def step() -> None:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), sum(1 for _ in model.parameters())
+
+    return step, sum(1 for _ in model.parameters())
+
+
+def timed(step: Callable[[], None], steps: int) -> float:
+    """Median wall time of ``steps`` calls of ``step``."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="digits_mlp,keras_cnn", help="comma-separated: digits_mlp, keras_cnn")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per case (default 30)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per case and round (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of timing every method in turn; the fastest round's median is kept (default 3)")
     parser.add_argument("--batch", type=int, default=64, help="batch per rank (default 64)")
     parser.add_argument("--framework", default="tf", choices=["tf", "torch"],
                         help="tf (default), or torch for the same models and methods on PyTorch (Horovod's "
@@ -145,14 +153,27 @@ def main() -> None:
     else:
         import horovod.torch as hvd
     hvd.init()
-    timer = time_tf if args.framework == "tf" else time_torch
+    builder = build_tf if args.framework == "tf" else build_torch
+    methods = args.methods.split(",")
     rows = []
     for model_name in args.models.split(","):
-        base = None
-        for method in args.methods.split(","):
-            seconds, tensors = timer(model_name, method, args.steps, args.warmup, args.batch)
-            base = base or seconds
-            rows.append((model_name, tensors, method, seconds * 1e3, seconds / base))
+        # every method's step built and warmed up first, then timed in turn, round after
+        # round: a load spike from other jobs hits one round of every method rather than
+        # all rounds of one, and the fastest round's median is kept
+        cases = {}
+        for method in methods:
+            step, tensors = builder(model_name, method, args.batch)
+            for _ in range(args.warmup):
+                step()
+            cases[method] = (step, tensors, [])
+        for _ in range(args.rounds):
+            for method in methods:
+                step, _, medians = cases[method]
+                medians.append(timed(step, args.steps))
+        base = min(cases[methods[0]][2])
+        for method in methods:
+            seconds = min(cases[method][2])
+            rows.append((model_name, cases[method][1], method, seconds * 1e3, seconds / base))
     if hvd.rank() == 0:
         print(f"| model | tensors | method | {args.framework} ms/step | / none |")
         print("|---|---|---|---|---|")
