@@ -10,11 +10,10 @@ Run under Horovod, e.g. 2 ranks on one machine::
 Each model trains with ``hvd.DistributedGradientTape`` inside a ``tf.function`` (the way
 Horovod's TF2 examples do) on scikit-learn's bundled 8x8 digits. Rank 0 prints, per model
 and method, the median step time over ``--steps`` timed steps (after ``--warmup`` steps
-that trace and warm up) and its ratio to ``none`` (the model's first method) on the same
-framework; ``--repeats N`` runs the cases N times round-robin and prints the median of
-their medians and their range; with
-``--fusion 0,65536`` each method runs once per bucket size (``policies.fusion_bytes``,
-see :mod:`grace_dl.fusion`), in the same run. Models:
+that trace and warm up; the fastest of ``--rounds`` rounds that time every method in
+turn, with the rounds' range) and its ratio to ``none`` on the same framework; with
+``--fusion 0,65536`` each grace-dl method runs once per bucket size
+(``policies.fusion_bytes``, see :mod:`grace_dl.fusion`), in the same rounds. Models:
 
 * ``digits_mlp``: 64-128-128-10 dense network (6 gradient tensors);
 * ``keras_cnn``: a Keras CNN, 3 conv + 3 dense layers (12 gradient tensors).
@@ -26,6 +25,7 @@ import argparse
 import os
 import statistics
 import time
+from typing import Callable
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Horovod 0.28 needs tf-keras on TF >= 2.16
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -74,8 +74,8 @@ def _compression(grace, hvd, method: str, fusion: int):
     return getattr(grace, spec[0])(policies={"fusion_bytes": fusion}, **spec[1])
 
 
-def time_tf(model_name: str, method: str, steps: int, warmup: int, batch: int,
-            fusion: int = 0) -> tuple[float, int]:
+def build_tf(model_name: str, method: str, batch: int, fusion: int = 0) -> tuple[Callable[[], None], int]:
+    """A TF training step (traced on first call) of ``model_name`` with ``method``."""
     import horovod.tensorflow as hvd
     import tensorflow as tf
 
@@ -96,17 +96,11 @@ def time_tf(model_name: str, method: str, steps: int, warmup: int, batch: int,
         opt.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        step().numpy()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), len(model.trainable_variables)
+    return lambda: step().numpy(), len(model.trainable_variables)
 
 
-def time_torch(model_name: str, method: str, steps: int, warmup: int, batch: int,
-               fusion: int = 0) -> tuple[float, int]:
+def build_torch(model_name: str, method: str, batch: int, fusion: int = 0) -> tuple[Callable[[], None], int]:
+    """A PyTorch training step of ``model_name`` with ``method`` (Horovod's torch optimizer)."""
     import horovod.torch as hvd
     import torch
 
@@ -128,33 +122,39 @@ def time_torch(model_name: str, method: str, steps: int, warmup: int, batch: int
                                    named_parameters=model.named_parameters(), compression=compression)
     xs, ys = digits(hvd.rank(), batch)
     x, y = torch.from_numpy(xs), torch.from_numpy(ys)
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
+
+    def step() -> None:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), sum(1 for _ in model.parameters())
+
+    return step, sum(1 for _ in model.parameters())
+
+
+def timed(step: Callable[[], None], steps: int) -> float:
+    """Median wall time of ``steps`` calls of ``step``."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="digits_mlp,keras_cnn", help="comma-separated: digits_mlp, keras_cnn")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per case (default 30)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per case and round (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of timing every method in turn; the fastest round's median is kept (default 3)")
     parser.add_argument("--batch", type=int, default=64, help="batch per rank (default 64)")
+    parser.add_argument("--fusion", default="0",
+                        help="comma-separated fusion bucket sizes in bytes for the grace-dl methods (default 0)")
     parser.add_argument("--framework", default="tf", choices=["tf", "torch"],
                         help="tf (default), or torch for the same models and methods on PyTorch (Horovod's "
                              "TF and torch modules do not share one process)")
-    parser.add_argument("--fusion", default="0",
-                        help="comma-separated bucket sizes in bytes (policies.fusion_bytes) to run each method "
-                             "with (default 0: per tensor)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="runs of every case, round-robin; the median of their medians is printed, with "
-                             "their range (default 1)")
     args = parser.parse_args()
 
     if args.framework == "tf":
@@ -162,31 +162,37 @@ def main() -> None:
     else:
         import horovod.torch as hvd
     hvd.init()
+    builder = build_tf if args.framework == "tf" else build_torch
     fusions = [int(f) for f in args.fusion.split(",")]
-    timer = time_tf if args.framework == "tf" else time_torch
-    cases = [(model_name, method, fusion) for model_name in args.models.split(",")
-             for method in args.methods.split(",") for fusion in ([0] if METHODS[method] is None else fusions)]
-    # round-robin repeats: a busy machine's drift then falls on every case alike
-    medians: dict = {case: [] for case in cases}
-    tensors: dict = {}
-    for _ in range(args.repeats):
+    cases = [(method, fusion) for method in args.methods.split(",")
+             for fusion in ([0] if METHODS[method] is None else fusions)]
+    rows = []
+    for model_name in args.models.split(","):
+        # every case's step built and warmed up first, then timed in turn, round after
+        # round: a load spike from other jobs hits one round of every case rather than
+        # all rounds of one, and the fastest round's median is kept
+        built = {}
         for case in cases:
-            model_name, method, fusion = case
-            seconds, tensors[model_name] = timer(model_name, method, args.steps, args.warmup, args.batch, fusion)
-            medians[case].append(seconds)
-    if hvd.rank() == 0:
-        spread = args.repeats > 1
-        print(f"| model | tensors | method | {args.framework} ms/step | / none |" + (" min-max ms |" if spread else ""))
-        print("|---|---|---|---|---|" + ("---|" if spread else ""))
-        base = {}
-        for model_name, method, fusion in cases:
-            times = medians[(model_name, method, fusion)]
-            seconds = statistics.median(times)
-            base.setdefault(model_name, seconds)
+            step, tensors = builder(model_name, case[0], args.batch, case[1])
+            for _ in range(args.warmup):
+                step()
+            built[case] = (step, tensors, [])
+        for _ in range(args.rounds):
+            for case in cases:
+                step, _, medians = built[case]
+                medians.append(timed(step, args.steps))
+        base = min(built[cases[0]][2])
+        for case in cases:
+            method, fusion = case
+            medians = built[case][2]
             label = f"{method},fusion={fusion}" if len(fusions) > 1 and METHODS[method] else method
-            print(f"| {model_name} | {tensors[model_name]} | {label} | {seconds * 1e3:.1f} | "
-                  f"{seconds / base[model_name]:.2f} |" + (f" {min(times) * 1e3:.1f}-{max(times) * 1e3:.1f} |"
-                                                           if spread else ""))
+            rows.append((model_name, built[case][1], label, min(medians) * 1e3, min(medians) / base,
+                         max(medians) * 1e3))
+    if hvd.rank() == 0:
+        print(f"| model | tensors | method | {args.framework} ms/step | / none | slowest round ms |")
+        print("|---|---|---|---|---|---|")
+        for model_name, tensors, label, ms, ratio, slowest in rows:
+            print(f"| {model_name} | {tensors} | {label} | {ms:.1f} | {ratio:.2f} | {slowest:.1f} |")
 
 if __name__ == "__main__":
     main()

@@ -252,6 +252,24 @@ def test_uint_bits(rng, bits, n):
     assert_same(T.bits_to_uint(tf.constant(b), bits), N.bits_to_uint(b, bits))
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("n", LENGTHS + (0, 31, 33))
+def test_pack_uint_and_fields(rng, bits, n):
+    """The TF byte paths of pack_uint, unpack_uint and take_fields give NumPy's words
+    and values, top values (a set sign bit) included, eagerly and traced."""
+    v = rng.integers(0, 2**bits, n, dtype=np.int64)
+    v[: min(n, 3)] = 2**bits - 1
+    words = N.pack_uint(v, bits)
+    assert_same(T.pack_uint(tf.constant(v.astype(np.int32)), bits), words)
+    assert_same(T.unpack_uint(tf.constant(words), n, bits), N.unpack_uint(words, n, bits))
+    traced = tf.function(lambda w: T.pack_uint(w, bits))(tf.constant(v.astype(np.int32)))
+    assert_same(traced, words)
+    if bits <= 8:
+        table = (np.arange(2**bits) * 0.5 - 3).astype(np.float32)
+        assert_same(T.take_fields(tf.constant(words), n, bits, tf.constant(table)),
+                    N.take_fields(words, n, bits, table))
+
+
 # -- randomness --------------------------------------------------------------------------------
 def test_random_uniform_is_seeded_by_key_and_counter():
     like = tf.zeros(1)
@@ -637,8 +655,17 @@ _GRAPH_SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     grads = [{"w": rng.standard_normal((12, 30)).astype(np.float32), "b": rng.standard_normal(30).astype(np.float32)}
              for _ in range(4)]
-    for name in grace_dl.list_methods():
-        method = getattr(grace, name)()
+    # every registered method with its defaults, then schedules that decide on the step in
+    # Python (traced step by step before their horizon): DGC's warm-up of sparsity,
+    # PowerSGD's start_iter (dense, then the first low-rank step right after the resume
+    # below) and the warm-up policy (dense route first)
+    configs = [(name, name, {}) for name in grace_dl.list_methods()]
+    configs += [("dgc+warmup", "dgc", {"ratio": 0.05, "warmup_steps": 3}),
+                ("powersgd+start_iter", "powersgd", {"rank": 2, "start_iter": 2}),
+                ("topk+warmup_policy", "topk", {"ratio": 0.1, "policies": {"warmup_steps": 2}}),
+                ("dgc+warmup_policy", "dgc", {"ratio": 0.05, "warmup_steps": 2, "policies": {"warmup_steps": 1}})]
+    for name, factory, kwargs in configs:
+        method = getattr(grace, factory)(**kwargs)
         # 1. what a DistributedGradientTape step traces: no py_function on the graph path
         w = tf.Variable(tf.ones([4, 3]))
 
@@ -656,8 +683,8 @@ _GRAPH_SCRIPT = textwrap.dedent("""
         if not method.graph_path:
             continue
         # 2. the traced pipeline gives the eager pipeline's results, state and byte counts
-        traced = getattr(grace, name)().bind(grace.HorovodTFTransport())
-        eager = getattr(grace, name)().bind(grace.HorovodTFTransport())
+        traced = getattr(grace, factory)(**kwargs).bind(grace.HorovodTFTransport())
+        eager = getattr(grace, factory)(**kwargs).bind(grace.HorovodTFTransport())
         step = tf.function(lambda g: {n: traced.graph_step(t, n) for n, t in g.items()})
         for i, g in enumerate(grads):
             if i == 2:  # a resume between steps: state written into the variables
@@ -690,9 +717,10 @@ def test_graph_path_traces_without_py_function():
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     paths = {line.split()[1]: line.split()[2:] for line in proc.stdout.splitlines() if line.startswith("PATH")}
-    assert set(paths) == set(grace_dl.list_methods()), proc.stdout
-    for must in ("topk", "dgc", "powersgd", "qsgd", "fp16", "randomk", "signsgd", "efsignsgd", "onebit",
-                 "terngrad", "threshold"):
+    scheduled = ("dgc+warmup", "powersgd+start_iter", "topk+warmup_policy", "dgc+warmup_policy")
+    assert set(paths) == set(grace_dl.list_methods()) | set(scheduled), proc.stdout
+    for must in ("topk", "gtopk", "dgc", "powersgd", "qsgd", "fp16", "randomk", "signsgd", "efsignsgd", "onebit",
+                 "terngrad", "threshold") + scheduled:
         assert paths[must][0] == "True", (must, paths[must])
     for name, (on_graph, pyfunc, *collectives) in paths.items():
         if on_graph == "True":

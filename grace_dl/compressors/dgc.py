@@ -4,6 +4,7 @@ density, with its momentum-correction memory."""
 from __future__ import annotations
 
 import math
+import numbers
 
 from ..core import Compressor, Memory, TensorContext
 from ..ops import Array, Ops
@@ -100,8 +101,11 @@ class DGC(ThresholdSparsifier):
 
     def density(self, step: int) -> float:
         """The target density at a tensor's ``step`` (warm-up schedule)."""
-        # no warm-up is decided without comparing the step (a tensor inside tf.function)
-        if not self.warmup_steps or self.ratio >= WARMUP_START_DENSITY or step >= self.warmup_steps:
+        # no warm-up is decided without comparing the step; a step that is not an integer
+        # is the step tensor of TensorFlow's graph path, which traces the warm-up steps
+        # with their int values and only the later ones with the tensor
+        if (not self.warmup_steps or self.ratio >= WARMUP_START_DENSITY or not isinstance(step, numbers.Integral)
+                or step >= self.warmup_steps):
             return self.ratio
         return WARMUP_START_DENSITY * (self.ratio / WARMUP_START_DENSITY) ** (step / self.warmup_steps)
 

@@ -22,6 +22,7 @@ hand each other the agreed ``P^``, the warm-start ``Q`` and the averaged ``Q`` t
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from ..core import Collective, Communicator, Compressor, Memory, TensorContext, mean_factor, run_alone
@@ -142,8 +143,10 @@ class PowerSGD(Compressor):
     def plan(self, shape: tuple[int, ...], step: int | None = None) -> tuple[int, int, int] | None:
         """``(n, m, r)`` of the low-rank exchange of a tensor of ``shape`` at ``step``,
         or None where it goes dense (``step`` None: ignore ``start_iter``)."""
-        # start_iter 0 is decided without comparing the step (a tensor inside tf.function)
-        if step is not None and self.start_iter and step < self.start_iter:
+        # start_iter 0 is decided without comparing the step; a step that is not an integer
+        # is the step tensor of TensorFlow's graph path, which traces the steps before
+        # start_iter with int values and only the later ones with the tensor
+        if step is not None and self.start_iter and isinstance(step, numbers.Integral) and step < self.start_iter:
             return None
         if len(shape) < 2:
             return None

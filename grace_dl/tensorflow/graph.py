@@ -23,8 +23,13 @@ it, and a ``tf.cond`` on the state flag picks one at run time, so that results a
 of the eager pipeline bit for bit. ``Grace.state_dict`` reads the variables back, and
 ``load_state_dict`` writes them, so checkpoints and resumes work as eagerly.
 
-Methods whose pipeline needs Python values of its step or of the data (a warm-up
-schedule, a size exchange read on the host) keep the ``tf.py_function`` path;
+Schedules that decide on the step in Python (DGC's warm-up of sparsity, PowerSGD's
+``start_iter``, the ``warmup_steps`` policy) hold only before a horizon: the steps before
+it are traced with their int values, grouped where they trace alike (a run of dense
+steps is traced once), and a ``tf.switch_case`` on the step picks the group, so that
+the step tensor is used only from the horizon on (:func:`early_groups`). Methods whose
+pipeline needs Python values of the data, or of every step (a size exchange read on
+the host, PowerSGD without warm start), keep the ``tf.py_function`` path;
 :func:`graph_path_blocker` says which and why. Byte counts (``method.stats``) are kept
 in variables on this path: totals and per tensor, not per step.
 """
@@ -46,10 +51,12 @@ from ..transport.base import allgather_traffic, allreduce_traffic
 GRAPH_COMPRESSORS = frozenset({
     "none", "fp16", "bf16", "topk", "randomk", "dgc", "powersgd", "qsgd", "terngrad", "signsgd", "efsignsgd",
     "onebit", "signum", "threshold", "natural", "natural_dithering", "stc", "sbc", "adaptive_threshold",
-    "sidco", "chunk",
+    "sidco", "chunk", "gtopk",
 })
 #: memories whose state the graph path keeps in variables
-GRAPH_MEMORIES = frozenset({"none", "residual", "signum_momentum", "dgc_momentum", "powersgd"})
+GRAPH_MEMORIES = frozenset({"none", "residual", "signum_momentum", "dgc_momentum", "powersgd", "gtopk"})
+#: most warm-up steps of DGC traced one by one (each step its own density)
+MAX_WARMUP_TRACES = 32
 _STAT_FIELDS = ("dense", "payload", "sent", "received")
 
 
@@ -57,8 +64,6 @@ def graph_path_blocker(grace: Grace) -> str | None:
     """Why ``grace`` cannot run on the graph path (so it runs in a ``tf.py_function``),
     or None when it can."""
     policies = grace.policies
-    if policies.warmup_steps:
-        return "policies.warmup_steps switches the route on the step in Python"
     routes = [(grace.compressor, grace.memory, grace.communicator)]
     routes += [(r.compressor, r.memory, r.communicator) for _, r in policies.overrides]
     for compressor, memory, communicator in routes:
@@ -68,10 +73,11 @@ def graph_path_blocker(grace: Grace) -> str | None:
             return f"compressor {cname!r} is not traced on the graph path"
         if mname not in GRAPH_MEMORIES:
             return f"memory {mname!r} is not traced on the graph path"
-        if cname == "dgc" and compressor.warmup_steps and compressor.ratio < 0.25:
-            return "dgc's warm-up of sparsity depends on the step in Python"
-        if cname == "powersgd" and (compressor.start_iter or not compressor.warm_start):
-            return "powersgd's start_iter and cold start depend on the step in Python"
+        if cname == "dgc" and compressor.ratio < 0.25 and compressor.warmup_steps > MAX_WARMUP_TRACES:
+            return (f"dgc's warm-up of {compressor.warmup_steps} steps would trace as many pipelines "
+                    f"(the graph path traces at most {MAX_WARMUP_TRACES})")
+        if cname == "powersgd" and not compressor.warm_start:
+            return "powersgd without warm start draws a new Q on the host at every step"
         if getattr(communicator, "registry_name", "") == "broadcast" and compressor.payload_nbytes(
                 8, "float32") is None:
             return "a broadcast of data-dependent size reads the sizes on the host"
@@ -89,6 +95,7 @@ class _TensorSlot:
             self.has_state = _variable(bool(loaded), f"grace_has_state_{safe}")
             self.stats = _variable(np.zeros(len(_STAT_FIELDS) + 1, np.int64), f"grace_bytes_{safe}")
         self.safe = safe
+        self.memory = memory  # the memory of the tensor's route from its schedule's horizon on
         self.fields: dict[str, tf.Variable] = {}
         for key, value in loaded.items():
             self.field(key, np.asarray(value))
@@ -139,7 +146,8 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
     numel = template.fields["numel"]
     if numel == 0:
         return tensor
-    route = grace.route(name, numel, 0)  # no warm-up policy on this path: the route is static
+    horizon, groups = early_groups(grace, name, numel, shape)
+    route = grace.route(name, numel, horizon)  # the route of every step from the horizon on
     memory = route.memory
     table = slots(grace)
     slot = table.get(name)
@@ -155,8 +163,10 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
     if in_dtype != compute_dtype:
         x = ops.cast(x, compute_dtype)
     step_t = slot.step.read_value()
+    has_state = slot.has_state.read_value()
 
-    def run(step: Any, state: dict[str, Any] | None) -> tuple[Any, Any, list[Any]]:
+    def run(step: Any, state: dict[str, Any] | None, route: Any) -> tuple[Any, Any, list[Any], Any]:
+        memory = route.memory
         if state is None:
             memory.state.pop(name, None)
         else:
@@ -169,36 +179,113 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
             written = memory.state.pop(name, None) or {}
         counts = tf.stack([tf.cast(v, tf.int64) for v in (pending.dense_nbytes, pending.payload, pending.sent,
                                                           pending.received)])
+        known = len(slot.fields)
         for key, value in written.items():
             slot.field(key, value)
+        if fresh_fields_closed and len(slot.fields) != known:
+            raise RuntimeError(f"tensor {name!r}: a step before {horizon} keeps memory fields "
+                               f"{sorted(set(slot.fields) - set(closed_fields))} that later steps do not; "
+                               f"the graph path cannot trace it")
         values = [written[k] if k in written else v.read_value() for k, v in slot.fields.items()]
-        return flat, counts, values
+        # the memory holds state after this step iff it wrote some, as eagerly
+        return flat, counts, values, tf.constant(bool(written))
 
-    if not getattr(type(memory), "state_fields", True):
-        flat, counts, _ = run(step_t, {})
+    def with_state(step: Any, route: Any) -> Any:
+        return lambda: run(step, {k: v.read_value() for k, v in slot.fields.items()}, route)
+
+    stateful = bool(getattr(type(memory), "state_fields", True))
+
+    def late() -> Any:
+        if not stateful:
+            return run(step_t, {}, route)
+        # the first step of this name: traced with its int step (PowerSGD draws its
+        # initial Q on the host from it); afterwards steady, with the step tensor (also
+        # for a tensor whose memory keeps nothing, such as PowerSGD's dense vectors).
+        # tf.cond traces first first: it creates the field variables that steady reads
+        first_step = max(step0, horizon)
+        first = tf.logical_and(tf.logical_not(has_state), tf.equal(step_t, first_step))
+        return tf.cond(first, lambda: run(first_step, None, route), with_state(step_t, route))
+
+    def early(start: int, route: Any) -> Any:
+        # a step before the horizon: traced with an int step (every step of the group
+        # traces alike), with state or without it as the memory has it
+        if not getattr(type(route.memory), "state_fields", True):
+            return lambda: run(start, {}, route)
+        return lambda: tf.cond(has_state, with_state(start, route), lambda: run(start, None, route))
+
+    fresh_fields_closed = False
+    closed_fields: list[str] = []
+    if not groups:
+        flat, counts, values, wrote = late()
     else:
-        def fresh():
-            # the first step of this name, traced with the step it is traced at (PowerSGD
-            # draws its initial Q on the host from it)
-            return run(step0, None)
+        def before() -> Any:
+            nonlocal fresh_fields_closed, closed_fields
+            # the late steps were traced first and made every field: the early ones may
+            # not add any (the branches must return alike)
+            fresh_fields_closed, closed_fields = True, list(slot.fields)
+            if len(groups) == 1:
+                return early(groups[0][0], groups[0][2])()
+            group_of = tf.constant(np.repeat(np.arange(len(groups)), [b - a for a, b, _ in groups]), tf.int32)
+            return tf.switch_case(tf.gather(group_of, tf.minimum(step_t, horizon - 1)),
+                                  [early(a, r) for a, _, r in groups])
 
-        def steady():
-            return run(step_t, {k: v.read_value() for k, v in slot.fields.items()})
-
-        # fresh: no state yet, at the step traced for; afterwards steady (also for a tensor
-        # whose memory keeps nothing, such as PowerSGD's dense vectors). tf.cond traces
-        # fresh first: it creates the field variables that steady reads
-        first = tf.logical_and(tf.logical_not(slot.has_state.read_value()), tf.equal(step_t, step0))
-        flat, counts, values = tf.cond(first, fresh, steady)
-        for variable, value in zip(slot.fields.values(), values):
-            variable.assign(value)
-        if slot.fields:
-            slot.has_state.assign(True)
+        flat, counts, values, wrote = tf.cond(step_t >= horizon, late, before)
+    for variable, value in zip(slot.fields.values(), values):
+        variable.assign(value)
+    if slot.fields:
+        slot.has_state.assign(wrote)
     slot.step.assign_add(1)
     slot.stats.assign_add(tf.concat([counts, tf.ones([1], tf.int64)], 0))
     if in_dtype != compute_dtype:
         flat = ops.cast(flat, in_dtype)
     return tf.reshape(flat, shape)
+
+
+def _step_decision(compressor: Any, shape: tuple[int, ...], step: int) -> Any:
+    """What a compressor decides in Python from ``step`` (part of the key of a group of
+    early steps), and whether that step's pipeline leaves the step out of its arithmetic."""
+    cname = getattr(compressor, "registry_name", "")
+    if cname == "dgc":
+        return ("density", compressor.density(step)), False
+    if cname == "powersgd":
+        plan = compressor.plan(shape, step)
+        return ("plan", plan), plan is None  # exchanged dense: the step is not used
+    return None, False
+
+
+def _schedule_horizon(compressor: Any) -> int:
+    """The first step from which ``compressor`` decides nothing from the step in Python."""
+    cname = getattr(compressor, "registry_name", "")
+    if cname == "dgc" and compressor.warmup_steps and compressor.ratio < 0.25:
+        return compressor.warmup_steps
+    if cname == "powersgd":
+        return compressor.start_iter
+    return 0
+
+
+def early_groups(grace: Grace, name: str, numel: int,
+                 shape: tuple[int, ...]) -> tuple[int, list[tuple[int, int, Any]]]:
+    """``(horizon, groups)``: from step ``horizon`` on, tensor ``name`` takes one route
+    and its pipeline decides nothing from the step in Python (it is traced once, with
+    the step tensor). ``groups`` split the steps before it into ``(start, stop, route)``
+    that trace alike: a run of steps exchanged dense (where the step does not enter the
+    arithmetic), or a single step (DGC's warm-up: each its own density)."""
+    policies = grace.policies
+    routes = [grace._main] + [r for _, r in policies.overrides]
+    horizon = max([policies.warmup_steps] + [_schedule_horizon(r.compressor) for r in routes])
+    groups: list[tuple[int, int, Any]] = []
+    last = None
+    for step in range(horizon):
+        route = grace.route(name, numel, step)
+        decision, step_free = _step_decision(route.compressor, shape, step)
+        step_free = step_free or route is grace._dense
+        key = (id(route), decision)
+        if step_free and last == key:
+            groups[-1] = (groups[-1][0], step + 1, route)
+        else:
+            groups.append((step, step + 1, route))
+        last = key if step_free else None
+    return horizon, groups
 
 
 def _drive(grace: Grace, ops: Any, rounds: Any, pending: Pending, ctx: Any) -> Any:
@@ -284,7 +371,7 @@ def pull(grace: Grace) -> None:
         return
     with tf.init_scope():
         for name, slot in table.items():
-            memory = grace.route(name, grace._templates[name].fields["numel"], 0).memory
+            memory = slot.memory
             grace.steps[name] = int(slot.step.numpy())
             if bool(slot.has_state.numpy()) and slot.fields:
                 memory.state[name] = {k: v.numpy() for k, v in slot.fields.items()}
@@ -295,8 +382,8 @@ def pull(grace: Grace) -> None:
 def after_pull(grace: Grace) -> None:
     """Drop what :func:`pull` copied out of the variables (they stay the state)."""
     table = grace.__dict__.get("_graph_slots") or {}
-    for name in table:
-        grace.route(name, grace._templates[name].fields["numel"], 0).memory.state.pop(name, None)
+    for name, slot in table.items():
+        slot.memory.state.pop(name, None)
 
 
 def push(grace: Grace) -> None:
@@ -305,7 +392,7 @@ def push(grace: Grace) -> None:
     table = grace.__dict__.get("_graph_slots") or {}
     with tf.init_scope():
         for name, slot in table.items():
-            memory = grace.route(name, grace._templates[name].fields["numel"], 0).memory
+            memory = slot.memory
             slot.step.assign(grace.steps.get(name, 0))
             loaded = memory.state.pop(name, None) or {}
             for key, value in loaded.items():

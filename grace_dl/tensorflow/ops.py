@@ -329,6 +329,53 @@ class TFOps(Ops):
         weights = tf.bitwise.left_shift(tf.ones([int(bits)], tf.int64), tf.range(int(bits), dtype=tf.int64))
         return tf.reduce_sum(tf.cast(tf.reshape(b, [-1, int(bits)]), tf.int64) * weights, axis=1)
 
+    def pack_uint(self, v: Any, bits: int) -> tf.Tensor:
+        """Widths that divide 16 pack without a bit stream: each value is cast to a
+        byte (or a 16-bit half word), the values sharing a byte are or-ed together
+        (disjoint fields, so a sum), and the bytes are viewed as little-endian int32
+        words: the same words as the protocol's stream in a handful of ops."""
+        bits = int(bits)
+        if bits == 16:
+            u = tf.cast(tf.reshape(v, [-1]), tf.uint16)
+            u = tf.pad(u, [[0, tf.math.floormod(-tf.size(u), 2)]])
+            return tf.bitcast(tf.reshape(u, [-1, 2]), tf.int32)
+        if bits not in (1, 2, 4, 8):
+            return super().pack_uint(v, bits)
+        per = 8 // bits
+        u = tf.cast(tf.reshape(v, [-1]), tf.uint8)
+        u = tf.pad(u, [[0, tf.math.floormod(-tf.size(u), 4 * per)]])
+        if per > 1:
+            shifts = tf.constant([j * bits for j in range(per)], tf.uint8)
+            u = tf.reduce_sum(tf.bitwise.left_shift(tf.reshape(u, [-1, per]), shifts), axis=1)
+        return tf.bitcast(tf.reshape(u, [-1, 4]), tf.int32)
+
+    def _fields(self, words: Any, n: int, bits: int) -> tf.Tensor:
+        """The first ``n`` ``bits``-wide fields of ``words`` (a width dividing 8), as
+        uint8: the inverse of :meth:`pack_uint`'s byte path."""
+        raw = tf.reshape(tf.bitcast(tf.reshape(words, [-1]), tf.uint8), [-1])
+        per = 8 // bits
+        if per > 1:
+            shifts = tf.constant([j * bits for j in range(per)], tf.uint8)
+            fields = tf.bitwise.bitwise_and(tf.bitwise.right_shift(tf.reshape(raw, [-1, 1]), shifts),
+                                            tf.constant((1 << bits) - 1, tf.uint8))
+            raw = tf.reshape(fields, [-1])
+        return raw[: int(n)]
+
+    def unpack_uint(self, words: Any, n: int, bits: int) -> tf.Tensor:
+        bits = int(bits)
+        if bits == 16:
+            halves = tf.reshape(tf.bitcast(tf.reshape(words, [-1]), tf.uint16), [-1])
+            return tf.cast(halves[: int(n)], tf.int64)
+        if bits not in (1, 2, 4, 8):
+            return super().unpack_uint(words, n, bits)
+        return tf.cast(self._fields(words, n, bits), tf.int64)
+
+    def take_fields(self, words: Any, n: int, bits: int, values: Any) -> tf.Tensor:
+        # a gather straight from the byte fields: no int64 codes in between
+        if int(bits) not in (1, 2, 4, 8):
+            return super().take_fields(words, n, bits, values)
+        return tf.gather(values, tf.cast(self._fields(words, n, int(bits)), tf.int32))
+
     # -- randomness ---------------------------------------------------------------------
     @staticmethod
     def _seed(key: int, counter: Any) -> tf.Tensor:

@@ -229,10 +229,11 @@ def check_none_gradients() -> None:
         w = tf.Variable(tf.ones([4, 3]), name=f"none{i}_w")
         b = tf.Variable(tf.zeros([3]), name=f"none{i}_b")
         x = tf.constant(np.ones((2, 4), np.float32))
-        # the later-step case on the py_function path (gtopk), where the check runs at every
-        # step; on the graph path (topk) that rank alone traces the step again and its check
-        # waits 30 s for the others, then ends the job (tests/multirank/late_none_gradient.py)
-        method = grace.gtopk(ratio=0.5) if from_step else grace.topk(ratio=0.5)
+        # the later-step case on the py_function path (PowerSGD without warm start), where the
+        # check runs at every step; on the graph path (topk) that rank alone traces the step
+        # again and its check waits 30 s for the others, then ends the job
+        # (tests/multirank/late_none_gradient.py)
+        method = grace.powersgd(warm_start=False) if from_step else grace.topk(ratio=0.5)
 
         def step(drop):
             with tf.GradientTape() as tape:
