@@ -23,7 +23,6 @@ the gradient back), and each tensor is traced alone, as without fusion.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Mapping, Sequence
 
 import tensorflow as tf
@@ -141,20 +140,15 @@ def check_fusion_path(grace: Any) -> None:
 def _horovod_gradients() -> list[tuple[str, Any]]:
     """``(name, gradient)`` of every gradient Horovod's ``allreduce_grads`` exchanges
     through ``compress`` (dense, not None), in ready order (the variables reversed)."""
-    from .horovod import _variable_names
+    from .horovod import _allreduce_grads_locals, _variable_names
 
-    frame = sys._getframe(2)
-    for _ in range(120):
-        if frame is None:
-            break
-        if frame.f_code.co_name.endswith("allreduce_grads"):
-            grads, variables = frame.f_locals.get("grads"), frame.f_locals.get("vars")
-            grads = list(grads or ())
-            names = (_variable_names(list(variables)) if variables is not None and len(variables) >= len(grads)
-                     else [f"grad_{i}" for i in range(len(grads))])
-            return [(names[i], g) for i, g in reversed(list(enumerate(grads)))
-                    if g is not None and not isinstance(g, tf.IndexedSlices)]
-        frame = frame.f_back
+    found = _allreduce_grads_locals(2)
+    if found is not None:
+        grads, variables = found
+        names = (_variable_names(list(variables)) if variables is not None and len(variables) >= len(grads)
+                 else [f"grad_{i}" for i in range(len(grads))])
+        return [(names[i], g) for i, g in reversed(list(enumerate(grads)))
+                if g is not None and not isinstance(g, tf.IndexedSlices)]
     raise RuntimeError("tensor fusion under Horovod TF reads the step's gradients from Horovod's allreduce_grads, "
                        "which is not on the stack: use hvd.DistributedGradientTape or the Keras DistributedOptimizer")
 

@@ -110,24 +110,33 @@ def _variable_names(variables: list[Any]) -> list[str]:
     return [f"{n}#{i}" if seen[n] > 1 else n for i, n in enumerate(names)]
 
 
-def _gradient_name(tensor: Any) -> str:
-    """The name of the variable whose gradient Horovod is compressing, read from the
-    frame of Horovod's ``allreduce_grads(grads, vars)`` (Horovod 0.28), which both
-    ``DistributedGradientTape`` and the Keras ``DistributedOptimizer`` use."""
-    target = _external(tensor)
-    frame = sys._getframe(2)
+def _allreduce_grads_locals(depth: int) -> tuple[list[Any], Any] | None:
+    """``(grads, vars)`` of Horovod's ``allreduce_grads(grads, vars)`` (Horovod 0.28), which
+    both ``DistributedGradientTape`` and the Keras ``DistributedOptimizer`` use, found on the
+    stack above the caller's caller (``depth`` frames up); None when it is not there."""
+    frame = sys._getframe(depth + 1)
     for _ in range(120):
         if frame is None:
             break
         # autograph renames Horovod's function to tf__allreduce_grads
         if frame.f_code.co_name.endswith("allreduce_grads"):
-            grads, variables = frame.f_locals.get("grads"), frame.f_locals.get("vars")
-            for i, g in enumerate(grads or ()):
-                if g is target or g is tensor:
-                    if variables is not None and i < len(variables):
-                        return _variable_names(list(variables))[i]
-                    return f"grad_{i}"
+            return list(frame.f_locals.get("grads") or ()), frame.f_locals.get("vars")
         frame = frame.f_back
+    return None
+
+
+def _gradient_name(tensor: Any) -> str:
+    """The name of the variable whose gradient Horovod is compressing, read from the
+    frame of Horovod's ``allreduce_grads(grads, vars)``."""
+    target = _external(tensor)
+    found = _allreduce_grads_locals(2)
+    if found is not None:
+        grads, variables = found
+        for i, g in enumerate(grads):
+            if g is target or g is tensor:
+                if variables is not None and i < len(variables):
+                    return _variable_names(list(variables))[i]
+                return f"grad_{i}"
     raise RuntimeError(
         "grace-dl compression was called outside Horovod's DistributedGradientTape or Keras "
         "DistributedOptimizer, so the gradient's name is unknown; call method.step(tensor, name) "
