@@ -216,8 +216,8 @@ class HorovodTFGrace(Grace):
       traced into the graph with the TF ops backend, its collectives are Horovod graph
       ops and its state lives in ``tf.Variable`` objects;
     * the ``tf.py_function`` path (methods whose pipeline needs Python values of the
-      step, such as sketch's per-step seed or PowerSGD without warm start): each gradient's pipeline runs eagerly at every
-      step, with its state kept as eager tensors. The pipelines of one step are ordered
+      step, such as sketch's per-step seed or PowerSGD without warm start): each
+      gradient's pipeline runs eagerly at every step, with its state kept as eager tensors. The pipelines of one step are ordered
       by a shared resource (automatic control dependencies chain them in program order),
       so every worker issues its collectives in the same order, which Horovod's blocking
       eager collectives need.
