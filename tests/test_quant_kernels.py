@@ -196,7 +196,7 @@ def test_torch_power_of_two_kernels_match_numpy():
 @pytest.mark.parametrize("n", [1, 31, 1000, 5000])
 def test_chunked_processing_gives_the_payload_of_one_pass(monkeypatch, name, kwargs, n):
     import grace_dl
-    import grace_dl.compressors.qsgd as qsgd_module
+    import grace_dl.ops.base as chunking
 
     from helpers import make_ctx
 
@@ -205,8 +205,8 @@ def test_chunked_processing_gives_the_payload_of_one_pass(monkeypatch, name, kwa
     ctx = make_ctx(n)
     whole = comp.compress(ops, x, ctx).buffer
     out = comp.decompress(ops, whole, ctx)
-    monkeypatch.setattr(qsgd_module, "CHUNK_ELEMENTS", 64)
-    assert len(qsgd_module.chunk_bounds(n, 32)) == -(-n // 64)
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 64)
+    assert len(chunking.chunk_bounds(n, 32)) == -(-n // 64)
     assert comp.compress(ops, x, ctx).buffer.tobytes() == whole.tobytes()
     assert comp.decompress(ops, whole, ctx).tobytes() == out.tobytes()
 
@@ -508,3 +508,59 @@ def test_take_fields_of_long_8_bit_streams(n, dtype):
     values[3] = -0.0
     got = ops.take_fields(ops.pack_uint(fields, 8), n, 8, values)
     assert got.dtype == np.dtype(dtype) and got.tobytes() == values[fields].tobytes()
+
+
+@pytest.mark.parametrize("levels,bucket", [(127, 512), (3, 7), (300, 100), (15, 512), (1, 1), (127, 33)])
+@pytest.mark.parametrize("n", [0, 1, 31, 1000, 70_001])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_bucket_level_words_and_values_equal_the_defaults(levels, bucket, n, dtype):
+    # the NumPy kernel draws, quantizes and packs a block at a time; the default does
+    # the protocol's steps on the whole tensor (a chunk at a time)
+    x = _floats(n, n + levels, dtype, True)
+    with np.errstate(all="ignore"):
+        got = ops.bucket_level_words(x, levels, bucket, 2**70 + 5, 3)
+        want = Ops.bucket_level_words(ops, x, levels, bucket, 2**70 + 5, 3)
+        assert got.dtype == np.int32 and got.tobytes() == want.tobytes()
+        values = ops.bucket_level_values(want, n, levels, bucket, dtype)
+        assert same_bits(values, Ops.bucket_level_values(ops, want, n, levels, bucket, dtype))
+
+
+def test_torch_bucket_level_kernels_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    for n, dtype in [(0, "float32"), (5000, "float32"), (1023, "float64")]:
+        x = _floats(n, 3, dtype, True)
+        with np.errstate(all="ignore"):
+            want = ops.bucket_level_words(x, 127, 512, 9, 1)
+            got = T.bucket_level_words(torch.from_numpy(x), 127, 512, 9, 1)
+            assert got.numpy().tobytes() == want.tobytes()
+            back = T.bucket_level_values(torch.from_numpy(want), n, 127, 512, dtype)
+            assert same_bits(back.numpy(), ops.bucket_level_values(want, n, 127, 512, dtype))
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 17, 1000, 70_001])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("specials", [False, True])
+def test_clipped_ternary_words_and_values_equal_the_defaults(n, dtype, specials):
+    x = _floats(n, n + 7, dtype, specials)
+    with np.errstate(all="ignore"):
+        got = ops.clipped_ternary_words(x, 2.5, 2**80 + 1, 4)
+        want = Ops.clipped_ternary_words(ops, x, 2.5, 2**80 + 1, 4)
+        assert got.dtype == np.int32 and got.tobytes() == want.tobytes()
+        assert same_bits(ops.ternary_values(want, n, dtype), Ops.ternary_values(ops, want, n, dtype))
+
+
+def test_torch_ternary_word_kernels_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    for n, dtype, specials in [(0, "float32", False), (5000, "float32", False), (1023, "float64", True)]:
+        x = _floats(n, 3, dtype, specials)
+        with np.errstate(all="ignore"):
+            want = ops.clipped_ternary_words(x, 2.5, 9, 1)
+            assert T.clipped_ternary_words(torch.from_numpy(x), 2.5, 9, 1).numpy().tobytes() == want.tobytes()
+            back = T.ternary_values(torch.from_numpy(want), n, dtype)
+            assert same_bits(back.numpy(), ops.ternary_values(want, n, dtype))

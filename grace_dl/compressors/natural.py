@@ -15,7 +15,8 @@ from ..core import Compressor, TensorContext
 from ..ops import DTYPE_ITEMSIZE, Array, Ops
 from ..payload import Payload, from_words, layout_nbytes, to_words, words_for
 from ..registry import register
-from .qsgd import BucketedLevels, chunk_bounds
+from ..ops.base import chunk_bounds
+from .qsgd import BucketedLevels
 
 # compute dtype -> (integer dtype of its bits, mantissa bits, exponent bits)
 _FORMATS = {"float32": ("int32", 23, 8), "float64": ("int64", 52, 11)}

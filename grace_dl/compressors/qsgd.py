@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 from ..core import Compressor, TensorContext
 from ..ops import Array, Ops
-from ..payload import Payload, from_words, layout_nbytes, to_words, words_for
+from ..ops.base import CHUNK_ELEMENTS, chunk_bounds, level_bits  # noqa: F401  (re-exported)
+from ..payload import Payload, layout_nbytes
 from ..registry import register
-
-
-#: elements per chunk of a large tensor, so that temporaries stay a few MiB whatever its size
-CHUNK_ELEMENTS = 1 << 20
-
-
-def chunk_bounds(n: int, multiple: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of the chunks of ``n`` elements: about :data:`CHUNK_ELEMENTS`
-    each, every start a multiple of ``multiple``; one empty chunk for ``n = 0``."""
-    step = max(multiple, CHUNK_ELEMENTS // multiple * multiple)
-    return [(a, min(n, a + step)) for a in range(0, n, step)] or [(0, 0)]
 
 
 class BucketedLevels:
@@ -32,7 +20,7 @@ class BucketedLevels:
     @property
     def bits(self) -> int:
         """Bits per element: ``ceil(log2(2 levels + 1))``."""
-        return math.ceil(math.log2(2 * self.levels + 1))
+        return level_bits(self.levels)
 
     def _layout(self, numel: int, dtype: str) -> list[tuple[str, int]]:
         # the codes form a bit stream of numel * bits bits: the size of a bool part
@@ -74,51 +62,11 @@ class QSGD(BucketedLevels, Compressor):
 
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
-        n, d = ctx.numel, self.bucket_size
-        buckets = -(-n // d)
-        noise = ops.random_uniform(buckets * d, ctx.worker_key, ctx.step, x)
-        norm_parts, word_parts = [], []
-        # whole buckets per chunk, an even number of them and a multiple of 32 elements, so
-        # the concatenated parts are the words of the whole tensor
-        for start, stop in chunk_bounds(n, math.lcm(2 * d, 32)):
-            size = -(-(stop - start) // d) * d
-            whole = stop - start == n  # one chunk: no slices to make
-            norms, words = self._encode(ops, x if whole else x[start:stop],
-                                        noise if whole else noise[start:start + size], ctx)
-            norm_parts.append(to_words(ops, norms))
-            word_parts.append(words)
-        return Payload.of(ops, ops.concat(norm_parts + word_parts))
-
-    def _encode(self, ops: Ops, x: Array, noise: Array, ctx: TensorContext) -> tuple[Array, Array]:
-        """``(norms, code words)`` of whole buckets of ``x`` (the last one may be short),
-        with ``noise`` the draws of the padded buckets."""
-        n, d, s = ops.numel(x), self.bucket_size, self.levels
-        buckets = -(-n // d)
-        padded = ops.concat([x, ops.zeros(buckets * d - n, ctx.dtype, x)]) if buckets * d != n else x
-        noise = ops.reshape(ops.cast(noise, ctx.dtype), (buckets, d))
-        norms, code = ops.bucket_levels(ops.reshape(padded, (buckets, d)), noise, s)
-        return norms, ops.pack_uint(code[:n] if buckets * d != n else code, self.bits)
+        # draws, levels and packing in one primitive: a backend does them a block at a time
+        return Payload.of(ops, ops.bucket_level_words(x, self.levels, self.bucket_size, ctx.worker_key, ctx.step))
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
-        n, d, s = ctx.numel, self.bucket_size, self.levels
-        buckets = -(-n // d)
-        norm_words = words_for(ctx.dtype, buckets)
-        norms = from_words(ops, buffer[:norm_words], ctx.dtype, buckets)
-        parts = []
-        for start, stop in chunk_bounds(n, math.lcm(2 * d, 32)):
-            first = norm_words + start * self.bits // 32
-            words = buffer[first:first + words_for("bool", (stop - start) * self.bits)]
-            parts.append(self._decode(ops, words, norms[start // d:-(-stop // d)], stop - start, ctx))
-        return parts[0] if len(parts) == 1 else ops.concat(parts)
-
-    def _decode(self, ops: Ops, words: Array, norms: Array, n: int, ctx: TensorContext) -> Array:
-        d, s = self.bucket_size, self.levels
-        if self.bits <= 8:  # code c decodes to c - s: a 2**bits-entry table
-            table = ops.cast(ops.arange(1 << self.bits, norms) - s, ctx.dtype)
-            code = ops.take_fields(words, n, self.bits, table)
-        else:
-            code = ops.cast(ops.unpack_uint(words, n, self.bits), ctx.dtype) - s
-        return ops.scale_buckets(code, norms / s, d)
+        return ops.bucket_level_values(buffer, ctx.numel, self.levels, self.bucket_size, ctx.dtype)
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
         return layout_nbytes(self._layout(numel, dtype))

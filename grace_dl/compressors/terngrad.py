@@ -7,7 +7,7 @@ from ..ops import Array, Ops
 from ..payload import Payload, from_words, layout_nbytes, to_words, words_for
 from ..registry import register
 from .natural import canonical_nan
-from .qsgd import chunk_bounds
+from ..ops.base import chunk_bounds
 
 #: most workers the summable (shared-scale) format supports: 16-bit halves of the scale
 #: summed over N workers stay below 2**31
@@ -115,19 +115,18 @@ class TernGrad(Compressor):
 
     def compress_rounds(self, ops: Ops, x: Array, ctx: TensorContext) -> Rounds:
         if self.clip_sigma is not None and not self.shared_scale and ctx.dtype in ("float32", "float64"):
-            # bound, scaler and divisor in one call (a dozen 1-element operations otherwise)
-            scalars = ops.clip_scales(ops.peak_rms(x), self.clip_sigma)
-            bound, scale, safe = scalars[0:1], scalars[1:2], scalars[2:3]
-        else:
-            bound, scale = self._bound_and_scale(ops, x, ctx)
-            if self.shared_scale:
-                if ctx.world_size > MAX_SHARED_WORKERS:
-                    raise ValueError(f"terngrad with shared_scale supports at most {MAX_SHARED_WORKERS} "
-                                     f"workers, got {ctx.world_size}")
-                (scales,) = yield [Collective("allgather", scale, tag="scale")]
-                scale = _largest(ops, scales)
-            scale = canonical_nan(ops, scale)
-            safe = ops.where(scale > 0, scale, scale * 0 + 1)
+            # scalars, draws, codes and packing in one primitive: a backend does them a
+            # block at a time
+            return Payload.of(ops, ops.clipped_ternary_words(x, self.clip_sigma, ctx.worker_key, ctx.step))
+        bound, scale = self._bound_and_scale(ops, x, ctx)
+        if self.shared_scale:
+            if ctx.world_size > MAX_SHARED_WORKERS:
+                raise ValueError(f"terngrad with shared_scale supports at most {MAX_SHARED_WORKERS} "
+                                 f"workers, got {ctx.world_size}")
+            (scales,) = yield [Collective("allgather", scale, tag="scale")]
+            scale = _largest(ops, scales)
+        scale = canonical_nan(ops, scale)
+        safe = ops.where(scale > 0, scale, scale * 0 + 1)
         u = ops.random_uniform(ctx.numel, ctx.worker_key, ctx.step, x)
         if ctx.dtype != "float32":
             u = ops.cast(u, ctx.dtype)
@@ -155,11 +154,7 @@ class TernGrad(Compressor):
         if self.shared_scale:
             total, scale = _unpack_shared(ops, buffer, ctx)
             return ops.cast(total, ctx.dtype) * scale
-        code_words = words_for("bool", 2 * n)
-        scale = from_words(ops, buffer[code_words:], ctx.dtype, 1)
-        # code c decodes to (c - 1) * scale: a 4-entry table
-        values = ops.cast(ops.arange(4, scale) - 1, ctx.dtype) * scale
-        return ops.take_fields(buffer[:code_words], n, 2, values)
+        return ops.ternary_values(buffer, n, ctx.dtype)
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int | None:
         if self.shared_scale:

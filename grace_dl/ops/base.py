@@ -39,6 +39,23 @@ DTYPE_ITEMSIZE = {
 }
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
+#: elements per chunk of a large tensor in the chunked defaults (and methods), so that
+#: temporaries stay a few MiB whatever its size
+CHUNK_ELEMENTS = 1 << 20
+
+
+def chunk_bounds(n: int, multiple: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the chunks of ``n`` elements: about :data:`CHUNK_ELEMENTS`
+    each, every start a multiple of ``multiple``; one empty chunk for ``n = 0``."""
+    step = max(multiple, CHUNK_ELEMENTS // multiple * multiple)
+    return [(a, min(n, a + step)) for a in range(0, n, step)] or [(0, 0)]
+
+
+def level_bits(levels: int) -> int:
+    """Bits of a signed level in ``-levels..levels`` sent as the offset code
+    ``level + levels``: ``ceil(log2(2 levels + 1))``."""
+    return math.ceil(math.log2(2 * levels + 1))
+
 
 class Ops(abc.ABC):
     """Array primitives for one framework. Stateless; one instance per backend."""
@@ -481,6 +498,38 @@ class Ops(abc.ABC):
         the clipped tensor."""
         return self.ternary_codes(self.clip_magnitude(x, clip), bound, u)
 
+    def clipped_ternary_words(self, x: Array, clip_sigma: float, key: int, counter: int) -> Array:
+        """TernGrad's payload (Wen et al. 2017) with clipping, for 1-D float32/float64
+        ``x`` of ``n`` elements, as int32 words: :meth:`clipped_ternary_codes` of ``x``
+        packed with :meth:`pack_uint` at 2 bits, then the scaler's bits (one word for
+        float32, two for float64). The scalars are ``[b, s, q] =
+        clip_scales(peak_rms(x), clip_sigma)`` (clipping bound, scaler, divisor), the
+        draws the ``n`` of :meth:`random_uniform` with ``key`` and ``counter`` (cast to
+        ``x``'s dtype). One call, so that a backend can draw, ternarize and pack a block
+        at a time."""
+        n, dtype = self.numel(x), self.dtype(x)
+        scalars = self.clip_scales(self.peak_rms(x), clip_sigma)
+        bound, scale, safe = scalars[0:1], scalars[1:2], scalars[2:3]
+        u = self.random_uniform(n, key, counter, x)
+        if dtype != "float32":
+            u = self.cast(u, dtype)
+        # a chunk at a time (16 codes to a word, so the chunks' words are the tensor's)
+        parts = []
+        for start, stop in chunk_bounds(n, 16):
+            xs, us = (x, u) if stop - start == n else (x[start:stop], u[start:stop])
+            parts.append(self.pack_uint(self.clipped_ternary_codes(xs, bound, safe, us), 2))
+        return self.concat(parts + [self.bitcast(scale, "int32")])
+
+    def ternary_values(self, words: Array, n: int, dtype: str) -> Array:
+        """Inverse of :meth:`clipped_ternary_words` (any 2-bit ternary codes followed by
+        the scaler ``s``'s words): the ``n`` values ``(c_i - 1) * s`` in ``dtype``, with
+        ``c_i`` the ``i``-th 2-bit field."""
+        code_words = -(-n // 16)
+        scale = self.bitcast(words[code_words:], dtype)
+        # code c decodes to (c - 1) * s: a 4-entry table
+        values = self.cast(self.arange(4, scale) - 1, dtype) * scale
+        return self.take_fields(words[:code_words], n, 2, values)
+
     def power_of_two_codes(self, x: Array, r: Array) -> Array:
         """int32 codes of float32 ``x`` rounded to a neighbouring power of two (natural
         compression), from its bits: with ``e`` the exponent field and ``m`` the 23-bit
@@ -586,6 +635,57 @@ class Ops(abc.ABC):
         scaled = self.abs(grid) / self.reshape(safe, (buckets, 1)) * levels
         level = self.minimum(self.floor(scaled + noise), self.full(1, levels, dtype, grid))
         return norms, self.cast(self.flatten(self.sign(grid) * level + levels), "int32")
+
+    def bucket_level_words(self, x: Array, levels: int, bucket_size: int, key: int, counter: int) -> Array:
+        """QSGD's payload (Alistarh et al. 2017) of 1-D float32/float64 ``x`` of ``n``
+        elements, as int32 words: the ``ceil(n / bucket_size)`` norms of
+        :meth:`bucket_levels` (their bits, one word per float32, two per float64), then its
+        codes packed with :meth:`pack_uint` at :func:`level_bits` bits each. The grid is
+        ``x`` zero-padded to whole buckets, the noise the first ``buckets * bucket_size``
+        draws of :meth:`random_uniform` with ``key`` and ``counter`` (cast to ``x``'s
+        dtype); the padding's codes are dropped. One call, so that a backend can draw,
+        quantize and pack a block at a time."""
+        n, d = self.numel(x), bucket_size
+        dtype, bits = self.dtype(x), level_bits(levels)
+        buckets = -(-n // d)
+        noise = self.random_uniform(buckets * d, key, counter, x)
+        norm_parts, word_parts = [], []
+        # whole buckets per chunk, an even number of them and a multiple of 32 elements, so
+        # that the parts are the norms and the words of the whole tensor
+        for start, stop in chunk_bounds(n, math.lcm(2 * d, 32)):
+            size = stop - start
+            rows = -(-size // d)
+            part = x if size == n else x[start:stop]
+            if rows * d != size:
+                part = self.concat([part, self.zeros(rows * d - size, dtype, x)])
+            draws = noise if rows * d == buckets * d else noise[start:start + rows * d]
+            draws = self.reshape(self.cast(draws, dtype), (rows, d))
+            norms, codes = self.bucket_levels(self.reshape(part, (rows, d)), draws, levels)
+            norm_parts.append(self.bitcast(norms, "int32"))
+            word_parts.append(self.pack_uint(codes[:size] if rows * d != size else codes, bits))
+        return self.concat(norm_parts + word_parts)
+
+    def bucket_level_values(self, words: Array, n: int, levels: int, bucket_size: int, dtype: str) -> Array:
+        """Inverse of :meth:`bucket_level_words`: the ``n`` values ``(c_i - levels) *
+        (norm / levels)`` in ``dtype`` (float32 or float64), with ``c_i`` the ``i``-th code
+        and ``norm`` that of its bucket; ``c_i - levels`` and ``norm / levels`` are each
+        rounded to ``dtype`` first, the product once."""
+        d, s, bits = bucket_size, levels, level_bits(levels)
+        buckets = -(-n // d)
+        norm_words = buckets * DTYPE_ITEMSIZE[dtype] // 4
+        norms = self.bitcast(words[:norm_words], dtype)
+        parts = []
+        for start, stop in chunk_bounds(n, math.lcm(2 * d, 32)):
+            first = norm_words + start * bits // 32
+            part = words[first:first + -(-(stop - start) * bits // 32)]
+            scales = norms[start // d:-(-stop // d)] / s
+            if bits <= 8:  # code c decodes to c - s: a 2**bits-entry table
+                table = self.cast(self.arange(1 << bits, norms) - s, dtype)
+                code = self.take_fields(part, stop - start, bits, table)
+            else:
+                code = self.cast(self.unpack_uint(part, stop - start, bits), dtype) - s
+            parts.append(self.scale_buckets(code, scales, d))
+        return parts[0] if len(parts) == 1 else self.concat(parts)
 
     def clip_scales(self, stats: Array, clip_sigma: float) -> Array:
         """TernGrad's scalars (Wen et al. 2017) from :meth:`peak_rms`'s ``[p, r]`` of a

@@ -482,6 +482,16 @@ class TorchOps(Ops):
             return torch.from_numpy(_NUMPY.clipped_ternary_codes(_np(x), _np(clip), _np(bound), _np(u)))
         return super().clipped_ternary_codes(x, clip, bound, u)
 
+    def clipped_ternary_words(self, x, clip_sigma, key, counter):
+        if _on_cpu(x):  # NumPy's draws and kernel on a view, as random_uniform draws NumPy's
+            return torch.from_numpy(_NUMPY.clipped_ternary_words(_np(x), clip_sigma, key, counter))
+        return super().clipped_ternary_words(x, clip_sigma, key, counter)
+
+    def ternary_values(self, words, n, dtype):
+        if _on_cpu(words):
+            return torch.from_numpy(_NUMPY.ternary_values(_np(words), n, dtype))
+        return super().ternary_values(words, n, dtype)
+
     def power_of_two_codes(self, x, r):
         if _on_cpu(x, r):
             return torch.from_numpy(_NUMPY.power_of_two_codes(_np(x), _np(r)))
@@ -517,6 +527,16 @@ class TorchOps(Ops):
             norms, codes = _NUMPY.bucket_levels(_np(grid), _np(noise), levels)
             return torch.from_numpy(norms), torch.from_numpy(codes)
         return super().bucket_levels(grid, noise, levels)
+
+    def bucket_level_words(self, x, levels, bucket_size, key, counter):
+        if _on_cpu(x):  # NumPy's draws and kernel on a view, as random_uniform draws NumPy's
+            return torch.from_numpy(_NUMPY.bucket_level_words(_np(x), levels, bucket_size, key, counter))
+        return super().bucket_level_words(x, levels, bucket_size, key, counter)
+
+    def bucket_level_values(self, words, n, levels, bucket_size, dtype):
+        if _on_cpu(words):
+            return torch.from_numpy(_NUMPY.bucket_level_values(_np(words), n, levels, bucket_size, dtype))
+        return super().bucket_level_values(words, n, levels, bucket_size, dtype)
 
     def peak_rms(self, x):
         if _on_cpu(x):  # NumPy's kernel: the protocol's steps without full-size temporaries
