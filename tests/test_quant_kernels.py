@@ -564,3 +564,27 @@ def test_torch_ternary_word_kernels_match_numpy():
             assert T.clipped_ternary_words(torch.from_numpy(x), 2.5, 9, 1).numpy().tobytes() == want.tobytes()
             back = T.ternary_values(torch.from_numpy(want), n, dtype)
             assert same_bits(back.numpy(), ops.ternary_values(want, n, dtype))
+
+
+@pytest.mark.parametrize("n", list(range(0, 90)) + [1000, 32_769, 70_001])
+def test_power_of_two_words_and_values_equal_the_defaults(n):
+    # every tail length of the 9-byte groups of eight codes, and more than one block
+    x = _floats(n, n + 11, "float32", True)
+    got = ops.power_of_two_words(x, 2**90 + 3, 7)
+    want = Ops.power_of_two_words(ops, x, 2**90 + 3, 7)
+    assert got.dtype == np.int32 and got.tobytes() == want.tobytes()
+    values = ops.power_of_two_from_words(want, n)
+    assert values.dtype == np.float32 and values.tobytes() == Ops.power_of_two_from_words(ops, want, n).tobytes()
+
+
+def test_torch_power_of_two_word_kernels_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    for n in (0, 25, 5000):
+        x = _floats(n, 3, "float32", True)
+        want = ops.power_of_two_words(x, 9, 1)
+        assert T.power_of_two_words(torch.from_numpy(x), 9, 1).numpy().tobytes() == want.tobytes()
+        back = T.power_of_two_from_words(torch.from_numpy(want), n)
+        assert back.numpy().tobytes() == ops.power_of_two_from_words(want, n).tobytes()

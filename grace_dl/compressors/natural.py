@@ -109,12 +109,9 @@ class Natural(Compressor):
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         itype, mbits, ebits = _format(ctx.dtype)
         if ctx.dtype == "float32":  # one 23-bit draw per element decides, as below
-            # floor(u * 2**23) of the float32 uniforms u, made without a float pass
-            r = ops.uniform_ints(ctx.numel, _UNIFORM_BITS, ctx.worker_key, ctx.step, x)
-            parts = []
-            for start, stop in chunk_bounds(ctx.numel, 32):  # whole words per chunk
-                parts.append(ops.pack_uint(ops.power_of_two_codes(x[start:stop], r[start:stop]), ebits + 1))
-            return Payload.of(ops, parts[0] if len(parts) == 1 else ops.concat(parts))
+            # floor(u * 2**23) of the float32 uniforms u, made without a float pass; draws,
+            # rounding and packing in one primitive, which a backend does a block at a time
+            return Payload.of(ops, ops.power_of_two_words(x, ctx.worker_key, ctx.step))
         bits = ops.bitcast(x, itype)
         negative = bits < 0
         mag = ops.bitwise_and(bits, (1 << (mbits + ebits)) - 1)
@@ -132,11 +129,7 @@ class Natural(Compressor):
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         itype, mbits, ebits = _format(ctx.dtype)
         if ctx.dtype == "float32":
-            parts = []
-            for start, stop in chunk_bounds(ctx.numel, 32):
-                words = buffer[start * 9 // 32:start * 9 // 32 + words_for("bool", (stop - start) * 9)]
-                parts.append(ops.power_of_two_values(ops.unpack_uint(words, stop - start, 9)))
-            return parts[0] if len(parts) == 1 else ops.concat(parts)
+            return ops.power_of_two_from_words(buffer, ctx.numel)
         code = ops.unpack_uint(buffer, ctx.numel, ebits + 1)
         sign_bit = 1 << ebits
         negative = code >= sign_bit

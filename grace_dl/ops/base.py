@@ -553,6 +553,29 @@ class Ops(abc.ABC):
         bits = self.where(codes >= 256, mag + (-(1 << 31)), mag)
         return self.bitcast(self.where(codes == 256, mag * 0 + 0x7FC00000, bits), "float32")
 
+    def power_of_two_words(self, x: Array, key: int, counter: int) -> Array:
+        """Natural compression's payload (Horvath et al. 2019) of 1-D float32 ``x``: the
+        :meth:`power_of_two_codes` of ``x`` packed with :meth:`pack_uint` at 9 bits, the
+        draws being :meth:`uniform_ints` of ``n`` elements at 23 bits with ``key`` and
+        ``counter``. One call, so that a backend can draw, round and pack a block at a
+        time."""
+        n = self.numel(x)
+        r = self.uniform_ints(n, 23, key, counter, x)
+        parts = []
+        for start, stop in chunk_bounds(n, 32):  # whole words per chunk
+            parts.append(self.pack_uint(self.power_of_two_codes(x[start:stop], r[start:stop]), 9))
+        return parts[0] if len(parts) == 1 else self.concat(parts)
+
+    def power_of_two_from_words(self, words: Array, n: int) -> Array:
+        """Inverse of :meth:`power_of_two_words`: the ``n`` float32
+        :meth:`power_of_two_values` of the 9-bit codes in ``words``."""
+        parts = []
+        for start, stop in chunk_bounds(n, 32):
+            first = start * 9 // 32
+            part = words[first:first + -(-(stop - start) * 9 // 32)]
+            parts.append(self.power_of_two_values(self.unpack_uint(part, stop - start, 9)))
+        return parts[0] if len(parts) == 1 else self.concat(parts)
+
     def bfloat16_words(self, x: Array) -> Array:
         """The bfloat16 bit patterns of 1-D float32 ``x``, two to a little-endian int32
         word (element ``2i`` in the low half of word ``i``, a zero half after an odd

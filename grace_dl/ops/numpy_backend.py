@@ -661,6 +661,56 @@ class NumpyOps(Ops):
             np.copyto(bits, np.uint32(0x7FC00000), where=bits == np.uint32(0x80000000))
         return bits.view(np.float32)
 
+    def power_of_two_words(self, x, key, counter):
+        x = np.asarray(x)
+        if x.dtype != np.float32 or x.ndim != 1:
+            return super().power_of_two_words(x, key, counter)
+        # a block at a time (a multiple of 32 elements: whole words), while its draws and
+        # codes are in the cache; the draws continue one Philox stream, so they are
+        # uniform_ints's (a 32-bit word w gives w >> 9)
+        n = x.shape[0]
+        out = np.empty(-(-n * 9 // 32), np.int32)
+        if out.shape[0]:
+            out[-1] = 0  # the bits past the last code
+        code_bytes = out.view(np.uint8)
+        generator = _philox(int(key), int(counter))
+        size = max(32, min(_CACHE_BLOCK, -(-n // 32) * 32))
+        for a in range(0, n, size):
+            m = min(size, n - a)
+            raw = generator.random_raw(-(-m // 2)).view("<u4")[:m]
+            r = np.right_shift(raw, np.uint32(9), out=raw).view(np.int32)
+            codes = self.power_of_two_codes(x[a:a + m], r)
+            whole = m // 8 * 8
+            _pack_nine(codes[:whole], code_bytes[a * 9 // 8:(a + whole) * 9 // 8])
+            if whole < m:  # the last few codes: the generic packing of their group
+                tail = self.pack_uint(codes[whole:], 9).view(np.uint8)
+                rest = code_bytes[(a + whole) * 9 // 8:]
+                k = min(rest.shape[0], tail.shape[0])
+                rest[:k] = tail[:k]
+                rest[k:] = 0
+        return out
+
+    def power_of_two_from_words(self, words, n):
+        n = int(n)
+        raw = np.ascontiguousarray(words, dtype="<i4").view(np.uint8)
+        bits = np.empty(n, np.uint32)
+        whole = n // 8 * 8
+        for a in range(0, whole, _CACHE_BLOCK):  # a multiple of 8: whole 9-byte groups
+            b = min(whole, a + _CACHE_BLOCK)
+            _nine_bit_fields_high(raw[a * 9 // 8:b * 9 // 8], bits[a:b])
+        if whole < n:  # the last group, its missing bytes zero
+            group = np.zeros(10, np.uint8)
+            rest = raw[whole * 9 // 8:whole * 9 // 8 + 9]
+            group[:rest.shape[0]] = rest
+            last = np.empty(8, np.uint32)
+            _nine_bit_fields_high(group[:9], last)
+            bits[whole:] = last[:n - whole]
+        # code << 23 is the value's bits but for the NaN code 256, read as -0.0
+        nan = bits == np.uint32(0x80000000)
+        if nan.any():
+            bits[nan] = np.uint32(0x7FC00000)
+        return bits.view(np.float32)
+
     def bfloat16_words(self, x):
         u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
         # round to nearest even on the dropped half; no finite value carries into the sign
@@ -1108,6 +1158,51 @@ def _halve(acc: np.ndarray, h: int, scale: float) -> np.ndarray:
     if scale != 1.0:
         np.multiply(acc[:1], acc.dtype.type(scale), out=acc[:1])
     return acc[:1]
+
+
+#: where field j of a 9-bit group goes in its group's 72 bits (below 64: fields 0-6
+#: whole, field 7's lowest bit)
+_NINE_SHIFTS = [np.uint64(9 * j) for j in range(8)]
+
+#: left shifts that move field j of a group, read as the 16 bits from its first byte
+#: (bit j on), to bits 23-31
+_NINE_UNSHIFT = np.uint32(23) - np.arange(8, dtype=np.uint32)
+
+
+def _pack_nine(codes: np.ndarray, out: np.ndarray) -> None:
+    """:meth:`NumpyOps.pack_uint` at 9 bits of the int32 ``codes`` (each below 512, a
+    multiple of 8 of them) into the bytes ``out`` (9 per 8 codes): each group of eight
+    as the 64-bit word of fields 0-6 and field 7's lowest bit, then field 7 >> 1 as the
+    ninth byte, the fields' columns transposed first so that the shifts run on
+    contiguous rows."""
+    groups = codes.shape[0] // 8
+    if not groups:
+        return
+    rows = np.empty((8, groups), np.uint64)
+    np.copyto(rows, codes.reshape(groups, 8).T, casting="unsafe")
+    word = rows[0]
+    for j in range(1, 8):
+        row = rows[j]
+        row <<= _NINE_SHIFTS[j]  # field 7: all but its lowest bit pass bit 63
+        word |= row
+    grid = out.reshape(groups, 9)
+    grid[:, :8] = word.view(np.uint8).reshape(groups, 8)
+    np.right_shift(codes[7::8], 1, out=grid[:, 8], casting="unsafe")
+
+
+def _nine_bit_fields_high(raw: np.ndarray, out: np.ndarray) -> None:
+    """The 9-bit fields of the groups of 9 bytes ``raw`` (8 fields each) into bits 23-31
+    of uint32 ``out``, bits 0-22 zero. Field ``j`` of a group starts at bit ``j`` of its
+    byte ``j``: the 16 bits read there (an unaligned strided view) hold it whole."""
+    groups = out.shape[0] // 8
+    if not groups:
+        return
+    # the view reads bytes 9 g + j and 9 g + j + 1, j <= 7: all within the group
+    pairs = np.ndarray((groups, 8), dtype="<u2", buffer=raw, strides=(9, 1))
+    grid = out.reshape(groups, 8)
+    np.copyto(grid, pairs, casting="unsafe")
+    grid <<= _NINE_UNSHIFT
+    grid &= np.uint32(0xFF800000)
 
 
 def _pack_groups_of_eight(v: np.ndarray, bits: int) -> np.ndarray:

@@ -502,6 +502,16 @@ class TorchOps(Ops):
             return torch.from_numpy(_NUMPY.power_of_two_values(_np(codes)))
         return super().power_of_two_values(codes)
 
+    def power_of_two_words(self, x, key, counter):
+        if _on_cpu(x):  # NumPy's draws and kernel on a view, as uniform_ints draws NumPy's
+            return torch.from_numpy(_NUMPY.power_of_two_words(_np(x), key, counter))
+        return super().power_of_two_words(x, key, counter)
+
+    def power_of_two_from_words(self, words, n):
+        if _on_cpu(words):
+            return torch.from_numpy(_NUMPY.power_of_two_from_words(_np(words), n))
+        return super().power_of_two_from_words(words, n)
+
     def bfloat16_words(self, x):
         if _on_cpu(x):
             return torch.from_numpy(_NUMPY.bfloat16_words(_np(x)))
