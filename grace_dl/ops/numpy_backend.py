@@ -674,7 +674,7 @@ class NumpyOps(Ops):
             out[-1] = 0  # the bits past the last code
         code_bytes = out.view(np.uint8)
         generator = _philox(int(key), int(counter))
-        size = max(32, min(_CACHE_BLOCK, -(-n // 32) * 32))
+        size = max(32, min(_FUSED_BLOCK, -(-n // 32) * 32))
         for a in range(0, n, size):
             m = min(size, n - a)
             raw = generator.random_raw(-(-m // 2)).view("<u4")[:m]
@@ -695,8 +695,8 @@ class NumpyOps(Ops):
         raw = np.ascontiguousarray(words, dtype="<i4").view(np.uint8)
         bits = np.empty(n, np.uint32)
         whole = n // 8 * 8
-        for a in range(0, whole, _CACHE_BLOCK):  # a multiple of 8: whole 9-byte groups
-            b = min(whole, a + _CACHE_BLOCK)
+        for a in range(0, whole, _FUSED_BLOCK):  # a multiple of 8: whole 9-byte groups
+            b = min(whole, a + _FUSED_BLOCK)
             _nine_bit_fields_high(raw[a * 9 // 8:b * 9 // 8], bits[a:b])
         if whole < n:  # the last group, its missing bytes zero
             group = np.zeros(10, np.uint8)
@@ -785,7 +785,7 @@ class NumpyOps(Ops):
         norms = out[:norm_words].view(x.dtype)
         words = out[norm_words:]
         step = 32 // math.gcd(d, 32)  # rows per block: a multiple of this
-        rows = min(buckets, max(step, _CACHE_BLOCK // d // step * step))
+        rows = min(buckets, max(step, _FUSED_BLOCK // d // step * step))
         if not rows:
             return out
         generator = _philox(int(key), int(counter))
@@ -830,7 +830,7 @@ class NumpyOps(Ops):
         # blocks of whole buckets and whole words: (c - s) * scale of the bucket, the
         # subtraction exact in the output dtype
         step = 32 // math.gcd(d, 32)
-        rows = min(buckets, max(step, _CACHE_BLOCK // d // step * step))
+        rows = min(buckets, max(step, _FUSED_BLOCK // d // step * step))
         offset = real.type(s)
         code_bytes = codes.view(np.uint8)
         for first in range(0, buckets, max(rows, 1)):
@@ -930,9 +930,12 @@ class NumpyOps(Ops):
             return out
         # a block at a time (whole words: a multiple of 16 elements), while its draws and
         # temporaries are in the cache; the draws continue one Philox stream, so they are
-        # random_uniform's. |clip(x)| is min(|x|, c) for finite x, the clipped sign x's
+        # random_uniform's. For finite x, |clip(x)| is min(|x|, c) and the clipped sign is
+        # x's; the clip itself is not needed: the divisor q is min(max |x|, c) (or 1 for
+        # a zero tensor), so where |x| > c, q = c and min(|x|, c) / q = 1 while |x| / q
+        # >= 1, and both exceed every draw u < 1; elsewhere the two ratios are equal
         generator = _philox(int(key), int(counter))
-        size = max(16, min(_CACHE_BLOCK, -(-n // 16) * 16))
+        size = max(16, min(_FUSED_BLOCK, -(-n // 16) * 16))
         ratio = np.empty(size, x.dtype)
         u = np.empty(size, x.dtype)
         keep = np.empty(size, np.bool_)
@@ -947,7 +950,6 @@ class NumpyOps(Ops):
             np.right_shift(raw, np.uint32(8), out=raw)
             np.multiply(raw.view(np.int32), x.dtype.type(2.0 ** -24), out=u[:m], dtype=x.dtype)  # exact
             np.abs(x[a:b], out=r)
-            np.copyto(r, c, where=r > c)  # min(|x|, clip): ~2.5x faster than np.minimum
             np.divide(r, bound, out=r)
             np.less(u[:m], r, out=k)
             np.add(k.view(np.uint8), 1, out=cb, dtype=np.uint8)
@@ -1013,6 +1015,10 @@ _RANDOM_BLOCK = 1 << 20
 #: elements per block of the kernels that make many passes, so that their temporaries
 #: stay in the cache (2**15 float32: 128 KiB per temporary)
 _CACHE_BLOCK = 1 << 15
+
+#: elements per block of the fused kernels that draw, quantize and pack (their two
+#: dozen NumPy calls per block cost about as much as a block's passes below this)
+_FUSED_BLOCK = 1 << 15
 
 #: field j of byte value b for fields of 1, 2 and 4 bits, as (256, 8 / bits) index tables
 _BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits)) & ((1 << bits) - 1)
@@ -1121,8 +1127,10 @@ def _bucket_levels_block(grid: np.ndarray, noise: np.ndarray, levels: int, norms
     np.add(mag, noise, out=mag)
     np.floor(mag, out=mag)
     # min(level, s): a masked copy is ~2.5x faster than np.minimum (NaN > s is false, so
-    # a NaN stays)
-    np.copyto(mag, dtype(levels), where=mag > levels)
+    # a NaN stays); a level above s needs one element to outweigh its bucket's norm by
+    # rounding, so one reduction (NaN too says "maybe") spares the compare nearly always
+    if not mag.max() <= levels:
+        np.copyto(mag, dtype(levels), where=mag > levels)
     # sign(g) * level as level (>= +0, or NaN) with g's sign bit or-ed in: level is 0
     # where g is +-0; a NaN level (whatever its sign) makes a NaN code, which converts
     # to the same int32 as any NaN
