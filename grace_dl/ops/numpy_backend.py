@@ -1106,6 +1106,10 @@ def _dither_codes_block(y: np.ndarray, u: np.ndarray, levels: int, out: np.ndarr
     out -= negative
 
 
+#: the sign bit of a float of 4 or 8 bytes, as the integer of its width
+_SIGN_BIT = {4: np.int32(-2**31), 8: np.int64(-2**63)}
+
+
 def _bucket_levels_block(grid: np.ndarray, noise: np.ndarray, levels: int, norms: np.ndarray,
                          codes: np.ndarray, mag: np.ndarray, unit: np.ndarray) -> None:
     """:meth:`NumpyOps.bucket_levels` of the rows ``grid`` into ``norms`` and int32
@@ -1114,14 +1118,18 @@ def _bucket_levels_block(grid: np.ndarray, noise: np.ndarray, levels: int, norms
     np.abs(grid, out=mag)
     peak = mag.max(axis=1)
     # where(p > 0, p, p * 0 + 1) for p >= 0 or NaN: only a zero changes (NaN * 0 + 1 is
-    # that NaN), so the zeros are set in place
-    peak[peak == 0] = 1
+    # that NaN), so the zeros are set in place (where a row is all zero: rare, one
+    # reduction finds out)
+    if not peak.all():
+        peak[peak == 0] = 1
     np.divide(grid, peak[:, None], out=unit)
     np.multiply(unit, unit, out=unit)
     np.sqrt(np.add.reduce(unit, axis=1, dtype=grid.dtype), out=norms)
     norms *= peak
-    safe = norms.copy()
-    safe[norms == 0] = 1  # a norm is +0, positive or NaN: as for the peak
+    safe = norms
+    if not norms.all():  # a norm is +0, positive or NaN: as for the peak
+        safe = norms.copy()
+        safe[norms == 0] = 1
     np.divide(mag, safe[:, None], out=mag)
     np.multiply(mag, levels, out=mag)
     np.add(mag, noise, out=mag)
@@ -1135,7 +1143,7 @@ def _bucket_levels_block(grid: np.ndarray, noise: np.ndarray, levels: int, norms
     # where g is +-0; a NaN level (whatever its sign) makes a NaN code, which converts
     # to the same int32 as any NaN
     sign = unit.view(f"i{grid.dtype.itemsize}")
-    np.bitwise_and(grid.view(sign.dtype), np.array(-1, sign.dtype) << (8 * grid.dtype.itemsize - 1), out=sign)
+    np.bitwise_and(grid.view(sign.dtype), _SIGN_BIT[grid.dtype.itemsize], out=sign)
     level = mag.view(sign.dtype)
     np.bitwise_or(level, sign, out=level)
     np.add(mag, levels, out=mag)
