@@ -807,8 +807,15 @@ class NumpyOps(Ops):
             else:  # the short last bucket, zero-padded
                 grid = np.zeros((r, d), x.dtype)
                 grid.reshape(-1)[:valid] = x[start:]
-            _bucket_levels_block(grid, noise[:r], levels, norms[first:first + r], codes[:r], mag[:r], unit[:r])
-            if bits == 8:  # a code per byte: pack_uint's conversion
+            block_norms = norms[first:first + r]
+            _bucket_levels_block(grid, noise[:r], levels, block_norms, None, mag[:r], unit[:r])
+            if bits == 8 and not np.isnan(block_norms).any():
+                # a code per byte, straight from the float codes (whole numbers in 0..254
+                # unless a row's norm is NaN): the values of pack_uint's conversion
+                np.copyto(code_bytes[start:start + valid], mag.reshape(-1)[:valid], casting="unsafe")
+                continue
+            np.copyto(codes[:r], mag[:r], casting="unsafe")  # astype's conversion
+            if bits == 8:  # a code per byte: pack_uint's conversion of the int32 codes
                 np.copyto(code_bytes[start:start + valid], flat_codes[:valid], casting="unsafe")
             else:
                 packed = self.pack_uint(flat_codes[:valid], bits)
@@ -1111,9 +1118,10 @@ _SIGN_BIT = {4: np.int32(-2**31), 8: np.int64(-2**63)}
 
 
 def _bucket_levels_block(grid: np.ndarray, noise: np.ndarray, levels: int, norms: np.ndarray,
-                         codes: np.ndarray, mag: np.ndarray, unit: np.ndarray) -> None:
+                         codes: np.ndarray | None, mag: np.ndarray, unit: np.ndarray) -> None:
     """:meth:`NumpyOps.bucket_levels` of the rows ``grid`` into ``norms`` and int32
-    ``codes``, with ``mag`` and ``unit`` temporaries of the grid's shape."""
+    ``codes``, with ``mag`` and ``unit`` temporaries of the grid's shape; the codes are
+    left in ``mag`` as floats too (and only there if ``codes`` is None)."""
     dtype = grid.dtype.type
     np.abs(grid, out=mag)
     peak = mag.max(axis=1)
@@ -1147,7 +1155,8 @@ def _bucket_levels_block(grid: np.ndarray, noise: np.ndarray, levels: int, norms
     level = mag.view(sign.dtype)
     np.bitwise_or(level, sign, out=level)
     np.add(mag, levels, out=mag)
-    np.copyto(codes, mag, casting="unsafe")  # astype's conversion
+    if codes is not None:
+        np.copyto(codes, mag, casting="unsafe")  # astype's conversion
 
 
 def _dither_values_block(codes: np.ndarray, levels: int, out: np.ndarray) -> None:
