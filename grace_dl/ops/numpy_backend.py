@@ -790,9 +790,8 @@ class NumpyOps(Ops):
             return out
         generator = _philox(int(key), int(counter))
         noise = np.empty((rows, d), x.dtype)
-        codes = np.empty((rows, d), np.int32)
-        mag, unit = np.empty_like(noise), np.empty_like(noise)
-        flat_codes = codes.reshape(-1)
+        mag, unit = np.empty((rows, d), x.dtype), np.empty((rows, d), x.dtype)
+        codes = None  # int32 codes: for a block with a NaN norm, or widths other than 8
         code_bytes = words.view(np.uint8)
         for first in range(0, buckets, rows):
             r = min(rows, buckets - first)
@@ -809,11 +808,16 @@ class NumpyOps(Ops):
                 grid.reshape(-1)[:valid] = x[start:]
             block_norms = norms[first:first + r]
             _bucket_levels_block(grid, noise[:r], levels, block_norms, None, mag[:r], unit[:r])
-            if bits == 8 and not np.isnan(block_norms).any():
-                # a code per byte, straight from the float codes (whole numbers in 0..254
-                # unless a row's norm is NaN): the values of pack_uint's conversion
-                np.copyto(code_bytes[start:start + valid], mag.reshape(-1)[:valid], casting="unsafe")
-                continue
+            if bits == 8:
+                total = block_norms.sum()  # NaN exactly where a norm is (norms are >= 0)
+                if total == total:
+                    # a code per byte, straight from the float codes (whole numbers in
+                    # 0..254 unless a row's norm is NaN): pack_uint's bytes
+                    np.copyto(code_bytes[start:start + valid], mag.reshape(-1)[:valid], casting="unsafe")
+                    continue
+            if codes is None:
+                codes = np.empty((rows, d), np.int32)
+                flat_codes = codes.reshape(-1)
             np.copyto(codes[:r], mag[:r], casting="unsafe")  # astype's conversion
             if bits == 8:  # a code per byte: pack_uint's conversion of the int32 codes
                 np.copyto(code_bytes[start:start + valid], flat_codes[:valid], casting="unsafe")
