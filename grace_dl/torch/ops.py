@@ -444,15 +444,27 @@ class TorchOps(Ops):
         return super().topk_magnitude_indices(x, k)
 
     # -- quantization kernels
-    def pack_signs(self, x):
-        if _on_cpu(x):
-            return torch.from_numpy(_NUMPY.pack_signs(_np(x)))
-        return super().pack_signs(x)
+    def pack_signs(self, x, scales=None):
+        if scales is None:
+            if _on_cpu(x):
+                return torch.from_numpy(_NUMPY.pack_signs(_np(x)))
+        elif _on_cpu(x, scales):
+            return torch.from_numpy(_NUMPY.pack_signs(_np(x), _np(scales)))
+        return super().pack_signs(x, scales)
 
     def select_bits(self, words, n, on, off):
         if _on_cpu(words, on, off):
             return torch.from_numpy(_NUMPY.select_bits(_np(words), n, _np(on), _np(off)))
         return super().select_bits(words, n, on, off)
+
+    def unpack_signs(self, words, n, dtype, scale=None):
+        if dtype in ("float32", "float64"):
+            if scale is None:
+                if _on_cpu(words):
+                    return torch.from_numpy(_NUMPY.unpack_signs(_np(words), n, dtype))
+            elif _on_cpu(words, scale):
+                return torch.from_numpy(_NUMPY.unpack_signs(_np(words), n, dtype, _np(scale)))
+        return super().unpack_signs(words, n, dtype, scale)
 
     def full(self, n, value, dtype, like):
         return torch.full((int(n),), value, dtype=_td(dtype), device=like.device)
