@@ -136,6 +136,34 @@ def test_nonzero_magnitude_at_least_is_the_reference_selection(backend, dtype):
             np.testing.assert_array_equal(_as_np(Ops.nonzero_magnitude_at_least(backend, arr, t)), expected)
 
 
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [5000, 3 * 65536 + 17])
+def test_pack_magnitude_at_least_packs_the_reference_selection(backend, dtype, n):
+    # several blocks of the blocked kernels (2**16 elements): the selection of
+    # nonzero_magnitude_at_least, packed as pack_sparse packs it; scatter_sparse (torch's
+    # scatter_ from 2**14 elements) reverses it
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(dtype)
+    x[rng.random(n) < 0.2] = 0
+    x[[3, 10, n - 1]] = [np.nan, -np.inf, np.inf]
+    x[[20, 70_000 % n]] = [dtype(0.5), dtype(-0.5)]  # ties at the threshold are selected
+    arr = torch.from_numpy(x) if backend is T else x
+    for threshold in [0.0, 0.5, 0.01, np.inf]:
+        a = np.abs(x)
+        idx = np.flatnonzero(~(a < dtype(threshold)) & ~(a <= 0))
+        expected = np.concatenate([idx.astype(np.int32), x[idx].view(np.int32)])
+        for t in (threshold, np.full(1, threshold, dtype)):
+            t = torch.from_numpy(t) if backend is T and isinstance(t, np.ndarray) else t
+            for pack in (backend.pack_magnitude_at_least, lambda v, s: Ops.pack_magnitude_at_least(backend, v, s)):
+                buffer = pack(arr, t)
+                assert _as_np(buffer).tobytes() == expected.tobytes(), f"threshold {threshold}"
+        dense = np.zeros(n, dtype)
+        dense[idx] = x[idx]
+        out = _as_np(backend.scatter_sparse(n, buffer, np.dtype(dtype).name))
+        assert out.dtype == dtype and out.tobytes() == dense.tobytes()
+
+
 SPARSE = [("topk", {"ratio": 0.1}), ("randomk", {"ratio": 0.1}), ("randomk", {"ratio": 0.1, "rescale": True}),
           ("threshold", {"threshold": 0.5}), ("dgc", {"ratio": 0.1, "sample_ratio": 0.2}), ("sidco", {})]
 

@@ -113,6 +113,16 @@ class Threshold(ThresholdSparsifier):
         # building the NaN-safe magnitudes (level > 0, so no zero is selected)
         return ops.nonzero_magnitude_at_least(x, level)
 
+    def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
+        if ctx.numel > MAX_INT32_INDEX:
+            raise ValueError(f"tensor of {ctx.numel} elements: indices do not fit int32")
+        # selected and packed in one primitive (a block at a time on NumPy and torch CPU):
+        # the selection of _select, as its payload; the residual reads the sent
+        # elements back from the buffer
+        level = ops.zeros(1, ctx.dtype, x) + self.threshold
+        buffer = ops.pack_magnitude_at_least(x, level)
+        return Payload(buffer, ops.length(buffer) * 4)
+
 
 @register("compressor", "adaptive_threshold", paper="Dryden et al. 2016, Communication Quantization "
           "for Data-parallel Training of Deep Neural Networks",

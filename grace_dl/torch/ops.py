@@ -43,6 +43,13 @@ _TRUE, _FALSE = torch.tensor(True), torch.tensor(False)
 _SHARES_WITH_NUMPY = {torch.float32, torch.float64, torch.float16, torch.int32, torch.int64, torch.uint8, torch.bool}
 
 
+#: sparse payloads of at least this many elements scatter with torch's scatter_ (below
+#: it NumPy's fancy assignment, with less per-call work, is faster), in blocks of
+#: _TORCH_SCATTER_BLOCK indices
+_TORCH_SCATTER_MIN = 1 << 14
+_TORCH_SCATTER_BLOCK = 1 << 16
+
+
 def _on_cpu(*xs: torch.Tensor) -> bool:
     """Whether NumPy can work on all of ``xs`` in place: CPU tensors of a dtype it has."""
     for x in xs:  # a loop and is_cpu: ~0.2 us a tensor, where all() over a generator took ~1-3 us
@@ -422,8 +429,27 @@ class TorchOps(Ops):
 
     def scatter_sparse(self, n, buffer, dtype):
         if _on_cpu(buffer) and dtype in ("float32", "float64"):
-            return torch.from_numpy(_NUMPY.scatter_sparse(n, _np(buffer), dtype))
+            raw = _np(buffer)
+            k = raw.shape[0] // (1 + _TORCH_DTYPES[dtype].itemsize // 4)
+            if k < _TORCH_SCATTER_MIN:
+                return torch.from_numpy(_NUMPY.scatter_sparse(n, raw, dtype))
+            # torch's scatter_ writes ~2x as fast as NumPy's fancy assignment; the int64
+            # indices it needs are made a block at a time (a dense payload's would be
+            # twice the tensor's size)
+            out = torch.zeros(int(n), dtype=_TORCH_DTYPES[dtype])
+            values = self.bitcast(buffer[k:], dtype)  # float64 at an odd word: a copy
+            for start in range(0, k, _TORCH_SCATTER_BLOCK):
+                stop = min(k, start + _TORCH_SCATTER_BLOCK)
+                out.scatter_(0, torch.from_numpy(raw[start:stop].astype(np.int64)), values[start:stop])
+            return out
         return super().scatter_sparse(n, buffer, dtype)
+
+    def pack_magnitude_at_least(self, x, threshold):
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            if isinstance(threshold, torch.Tensor):
+                threshold = threshold.reshape(-1)[0].item()
+            return torch.from_numpy(_NUMPY.pack_magnitude_at_least(_np(x), float(threshold)))
+        return super().pack_magnitude_at_least(x, threshold)
 
     def nonzero_magnitude_at_least(self, x, threshold):
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
