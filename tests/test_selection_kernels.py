@@ -295,3 +295,23 @@ def test_sorted_values_at_reads_the_sorted_array(backend, kind, n):
     mask = x > 0
     count = backend.count_true_array(torch.from_numpy(mask) if backend is T else mask)
     assert int(count) == int(np.count_nonzero(mask)) and _as_np(count).dtype == np.int64
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_threshold_packed_selection_of_a_large_tensor_keeps_the_exact_residual(backend):
+    # from PACKED_SELECTION_MIN elements threshold selects and packs in one primitive and
+    # the residual reads the sent elements from the payload
+    from grace_dl.compressors.threshold import PACKED_SELECTION_MIN
+
+    n = PACKED_SELECTION_MIN + 4099
+    data = np.random.default_rng(6).standard_normal(n).astype(np.float32)
+    data[[5, 50]] = [-0.0, np.nan]
+    x = torch.from_numpy(data) if backend == "torch" else data
+    ops = get_ops(x)
+    comp = grace_dl.make("threshold", threshold=0.5).compressor
+    ctx = _ctx(n)
+    payload = comp.compress(ops, x, ctx)
+    idx = np.flatnonzero(~(np.abs(data) < np.float32(0.5)))
+    assert _as_np(payload.buffer).tobytes() == np.concatenate([idx.astype(np.int32), data[idx].view(np.int32)]).tobytes()
+    dense = comp.decompress(ops, payload.buffer, ctx)
+    assert _as_np(comp.residual(ops, x, payload, ctx)).tobytes() == _as_np(x - dense).tobytes()

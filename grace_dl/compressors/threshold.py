@@ -33,6 +33,13 @@ from .sign import pairwise_sum
 from .topk import MAX_INT32_INDEX, check_ratio, sent_residual, sparse_compress
 
 
+#: from this many elements, :class:`Threshold` selects and packs in one primitive
+#: (:meth:`~grace_dl.ops.Ops.pack_magnitude_at_least`, without full-size temporaries);
+#: below it, the selection's indices are noted for the residual, which then needs no
+#: cast of the payload's int32 indices
+PACKED_SELECTION_MIN = 1 << 16
+
+
 def magnitudes(ops: Ops, x: Array, dtype: str) -> Array:
     """``|x|`` with NaN as +inf, so that NaN and Inf elements pass any threshold."""
     return ops.where(x != x, ops.zeros(1, dtype, x) + math.inf, ops.abs(x))  # +inf broadcast
@@ -114,6 +121,8 @@ class Threshold(ThresholdSparsifier):
         return ops.nonzero_magnitude_at_least(x, level)
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
+        if ctx.numel < PACKED_SELECTION_MIN:  # the indices noted for the residual
+            return super().compress(ops, x, ctx)
         if ctx.numel > MAX_INT32_INDEX:
             raise ValueError(f"tensor of {ctx.numel} elements: indices do not fit int32")
         # selected and packed in one primitive (a block at a time on NumPy and torch CPU):
