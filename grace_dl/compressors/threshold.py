@@ -33,13 +33,6 @@ from .sign import pairwise_sum
 from .topk import MAX_INT32_INDEX, check_ratio, sent_residual, sparse_compress
 
 
-#: from this many elements, :class:`Threshold` selects and packs in one primitive
-#: (:meth:`~grace_dl.ops.Ops.pack_magnitude_at_least`, without full-size temporaries);
-#: below it, the selection's indices are noted for the residual, which then needs no
-#: cast of the payload's int32 indices
-PACKED_SELECTION_MIN = 1 << 16
-
-
 def magnitudes(ops: Ops, x: Array, dtype: str) -> Array:
     """``|x|`` with NaN as +inf, so that NaN and Inf elements pass any threshold."""
     return ops.where(x != x, ops.zeros(1, dtype, x) + math.inf, ops.abs(x))  # +inf broadcast
@@ -119,18 +112,6 @@ class Threshold(ThresholdSparsifier):
         # "not below" is true for NaN: the set of magnitudes(x) >= level, without
         # building the NaN-safe magnitudes (level > 0, so no zero is selected)
         return ops.nonzero_magnitude_at_least(x, level)
-
-    def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
-        if ctx.numel < PACKED_SELECTION_MIN:  # the indices noted for the residual
-            return super().compress(ops, x, ctx)
-        if ctx.numel > MAX_INT32_INDEX:
-            raise ValueError(f"tensor of {ctx.numel} elements: indices do not fit int32")
-        # selected and packed in one primitive (a block at a time on NumPy and torch CPU):
-        # the selection of _select, as its payload; the residual reads the sent
-        # elements back from the buffer
-        level = ops.zeros(1, ctx.dtype, x) + self.threshold
-        buffer = ops.pack_magnitude_at_least(x, level)
-        return Payload(buffer, ops.length(buffer) * 4)
 
 
 @register("compressor", "adaptive_threshold", paper="Dryden et al. 2016, Communication Quantization "

@@ -344,13 +344,6 @@ class Ops(abc.ABC):
         a = self.abs(x)
         return self.nonzero(~(a < threshold) & ~(a <= 0))
 
-    def pack_magnitude_at_least(self, x: Array, threshold: Any) -> Array:
-        """:meth:`pack_sparse` of the elements :meth:`nonzero_magnitude_at_least` selects
-        (1-D float ``x`` of a 4- or 8-byte dtype, ``threshold`` as there): the int32
-        indices, then the values, in one buffer. A backend may select and pack a block
-        at a time, without the full-length magnitudes and int64 indices."""
-        return self.pack_sparse(x, self.nonzero_magnitude_at_least(x, threshold))
-
     def index_subtract(self, x: Array, idx: Array, values: Array) -> Array:
         """A copy of 1-D ``x`` in which each element at the distinct indices ``idx``
         becomes itself minus the matching element of ``values``: ``index_update(x, idx,

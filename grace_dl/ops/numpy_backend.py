@@ -443,39 +443,6 @@ class NumpyOps(Ops):
             keep &= x != 0
         return np.flatnonzero(keep)
 
-    def pack_magnitude_at_least(self, x, threshold):
-        if not isinstance(threshold, (int, float)):
-            threshold = np.asarray(threshold).reshape(-1)[0]
-        n = x.shape[0]
-        if n <= _SPARSE_BLOCK:
-            return self.pack_sparse(x, self.nonzero_magnitude_at_least(x, threshold))
-        t = x.dtype.type(threshold)
-        # the selection mask a block at a time, through one block of magnitudes
-        mask = np.empty(n, np.bool_)
-        magnitude = np.empty(_SPARSE_BLOCK, x.dtype)
-        for a in range(0, n, _SPARSE_BLOCK):
-            b = min(n, a + _SPARSE_BLOCK)
-            np.less(np.abs(x[a:b], out=magnitude[:b - a]), t, out=mask[a:b])
-        np.logical_not(mask, out=mask)  # "not below": true for NaN
-        if not t > 0:  # a threshold of 0 (or NaN) passes zeros too: drop them
-            mask &= x != 0
-        k = int(np.count_nonzero(mask))
-        buffer = np.empty(k * (1 + x.dtype.itemsize // 4), np.int32)
-        values = buffer[k:].view(x.dtype)
-        # each block's indices and values compacted by its mask (boolean indexing: a
-        # third faster than flatnonzero and take) and copied into the buffer, the
-        # indices as int32 from the start (< 2**31: checked by the caller)
-        at = 0
-        for a in range(0, n, _SPARSE_BLOCK):
-            b = min(n, a + _SPARSE_BLOCK)
-            m = mask[a:b]
-            local = _BLOCK_POSITIONS[:b - a][m]
-            c = local.shape[0]
-            np.add(local, np.int32(a), out=buffer[at:at + c])
-            values[at:at + c] = x[a:b][m]
-            at += c
-        return buffer
-
     def read_flag(self, cond):
         return bool(cond)
 
@@ -868,14 +835,6 @@ class NumpyOps(Ops):
 #: elements up to which :meth:`NumpyOps.topk_magnitude_indices` selects on ``abs(x)``
 #: (a temporary of 256 KiB of float32 at most)
 _SMALL_TOPK = 1 << 16
-
-#: elements per block of the blocked sparse kernels (pack_magnitude_at_least): the
-#: block's magnitudes and int64 indices stay in the cache
-_SPARSE_BLOCK = 1 << 16
-
-#: positions 0 .. _SPARSE_BLOCK - 1 within a block, as int32
-_BLOCK_POSITIONS = np.arange(_SPARSE_BLOCK, dtype=np.int32)
-_BLOCK_POSITIONS.flags.writeable = False
 
 #: draws per block of :meth:`NumpyOps.random_uniform` (even: whole 64-bit words)
 _RANDOM_BLOCK = 1 << 20

@@ -444,13 +444,6 @@ class TorchOps(Ops):
             return out
         return super().scatter_sparse(n, buffer, dtype)
 
-    def pack_magnitude_at_least(self, x, threshold):
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-            if isinstance(threshold, torch.Tensor):
-                threshold = threshold.reshape(-1)[0].item()
-            return torch.from_numpy(_NUMPY.pack_magnitude_at_least(_np(x), float(threshold)))
-        return super().pack_magnitude_at_least(x, threshold)
-
     def nonzero_magnitude_at_least(self, x, threshold):
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
             # NumPy's comparisons and compaction on a view: ~3x faster than torch's
