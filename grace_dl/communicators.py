@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import Collective, Communicator, Compressor, TensorContext, mean_factor
+from .core import Collective, Communicator, Compressor, TensorContext, decompress_all, mean_factor
 from .ops import Ops
 from .payload import Payload
 from .registry import register
@@ -51,7 +51,8 @@ class Allgather(Communicator):
     def exchange(self, ops: Ops, payload: Payload, compressor: Compressor, ctx: TensorContext):
         equal = _fixed_size(compressor, ctx)
         (buffers,) = yield [Collective("allgather", payload.buffer, equal_sizes=equal)]
-        return self._combine(ops, [compressor.decompress(ops, b, ctx) for b in buffers], ctx.world_size)
+        # this worker's own part was decompressed already where the memory needed it
+        return self._combine(ops, decompress_all(compressor, ops, buffers, payload.buffer, ctx), ctx.world_size)
 
 
 @register("communicator", "broadcast",
@@ -80,4 +81,4 @@ class Broadcast(Communicator):
                        tag=f"root{root}", root=root)
             for root in range(ctx.world_size)
         ]
-        return self._combine(ops, [compressor.decompress(ops, b, ctx) for b in buffers], ctx.world_size)
+        return self._combine(ops, decompress_all(compressor, ops, buffers, payload.buffer, ctx), ctx.world_size)

@@ -202,8 +202,10 @@ class Compressor(abc.ABC):
         """What error feedback keeps of ``x`` once this worker's own ``payload``
         (compressed from ``x`` in this step) is sent: ``x - decompress(payload)``, bit for
         bit. Sparse compressors override it to touch only the sent elements of a copy of
-        ``x`` rather than decompressing and subtracting the whole tensor."""
-        return x - self.decompress(ops, payload.buffer, ctx)
+        ``x`` rather than decompressing and subtracting the whole tensor. The local
+        decompression is noted in ``ctx.scratch`` (:func:`decompress_own`), so that the
+        exchange does not decompress this worker's own payload a second time."""
+        return x - decompress_own(self, ops, payload, ctx)
 
     def fusable(self, shape: tuple[int, ...]) -> bool:
         """Whether a tensor of ``shape`` may be fused with others into one flat bucket
@@ -221,6 +223,33 @@ class Compressor(abc.ABC):
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({params})"
+
+
+#: the key in ``ctx.scratch`` of this worker's decompressed own payload (see decompress_own)
+_OWN_DECOMPRESSION = "own_decompression"
+
+
+def decompress_own(compressor: Compressor, ops: Ops, payload: Payload, ctx: TensorContext) -> Array:
+    """``compressor.decompress`` of this worker's own ``payload`` of this step, noted in
+    ``ctx.scratch`` with the buffer it came from, for :func:`decompress_all`. The
+    result is also handed to the exchange's aggregation, so it is noted only where
+    nothing keeps it (the default :meth:`Compressor.residual` keeps ``x`` minus it)."""
+    dense = compressor.decompress(ops, payload.buffer, ctx)
+    ctx.scratch[_OWN_DECOMPRESSION] = (payload.buffer, dense)
+    return dense
+
+
+def decompress_all(compressor: Compressor, ops: Ops, buffers: list[Array], sent: Array,
+                   ctx: TensorContext) -> list[Array]:
+    """The decompression of every worker's buffer of an allgather (or of one broadcast
+    per root), in rank order. This worker's own entry (rank ``ctx.rank``) is the buffer
+    ``sent``, as every worker sent it, so where :func:`decompress_own` noted the
+    decompression of ``sent`` in this step, that is taken instead of decompressing it
+    again (the same bits: decompression is a function of the buffer and the context)."""
+    noted = ctx.scratch.get(_OWN_DECOMPRESSION)
+    own = noted[1] if noted is not None and noted[0] is sent else None
+    return [own if own is not None and rank == ctx.rank else compressor.decompress(ops, b, ctx)
+            for rank, b in enumerate(buffers)]
 
 
 # memories that have announced a skipped update (see Memory._finite_update); a weak set,

@@ -51,6 +51,31 @@ def test_numpy_kernels_equal_the_protocol_defaults(case):
     got = ops.select_bits(words, n, on, off)
     assert got.dtype == np.dtype(dtype) and got.tobytes() == Ops.select_bits(ops, words, n, on, off).tobytes()
     assert got.tobytes() == np.where(x >= 0, on, off).tobytes()
+    # the scales' words after the sign words, and the expansion reading only the signs
+    scale = ops.abs_tree_sum(x, 1 / 3)
+    buffer = ops.pack_signs(x, scale)
+    assert buffer.dtype == np.int32 and buffer.tobytes() == Ops.pack_signs(ops, x, scale).tobytes()
+    assert buffer.tobytes() == np.concatenate([words, scale.view(np.int32)]).tobytes()
+    assert ops.select_bits(buffer, n, on, off).tobytes() == got.tobytes()
+    for s in (None, scale):
+        signs = ops.unpack_signs(buffer, n, dtype, s)
+        assert signs.dtype == np.dtype(dtype) and signs.tobytes() == Ops.unpack_signs(ops, buffer, n, dtype, s).tobytes()
+    assert ops.unpack_signs(words, n, dtype).tobytes() == np.where(x >= 0, 1.0, -1.0).astype(dtype).tobytes()
+
+
+@pytest.mark.parametrize("n", [2, 3, 4095, 4097, 65536, 65537, 131073])
+def test_tree_sums_through_the_workspace_equal_the_default_and_stay_put(n):
+    # tensors up to 2**17 elements sum in a per-thread workspace: the results are the
+    # default's, and a later sum of the same size does not overwrite an earlier one
+    x = _floats(n, n, "float32", False) * np.float32(1e3)
+    y = x[::-1].copy()
+    first, absolute, wide = ops.tree_sum(x, 0.5), ops.abs_tree_sum(x, 1 / 3), ops.tree_sum_in(x, "float64")
+    kept = first.copy(), absolute.copy(), wide.copy()
+    assert same_bits(ops.tree_sum(y), Ops.tree_sum(ops, y)) and same_bits(ops.abs_tree_sum(y), Ops.tree_sum(ops, np.abs(y)))
+    ops.tree_sum_in(y, "float64")
+    assert same_bits(first, Ops.tree_sum(ops, x, 0.5)) and same_bits(absolute, Ops.tree_sum(ops, np.abs(x), 1 / 3))
+    assert same_bits(wide, Ops.tree_sum(ops, x.astype(np.float64)))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip((first, absolute, wide), kept))
 
 
 def test_tree_sum_order_is_the_stated_tree():
@@ -88,6 +113,7 @@ def test_torch_kernels_match_numpy_on_cpu_and_through_the_defaults(n):
     class Generic(TorchOps):  # the protocol defaults, as a device without a kernel runs them
         pack_signs = Ops.pack_signs
         select_bits = Ops.select_bits
+        unpack_signs = Ops.unpack_signs
         tree_sum = Ops.tree_sum
         abs_tree_sum = Ops.abs_tree_sum
         sign_means = Ops.sign_means
@@ -105,6 +131,12 @@ def test_torch_kernels_match_numpy_on_cpu_and_through_the_defaults(n):
             w = torch.from_numpy(ops.pack_signs(x))
             on, off = torch.tensor([1.5], dtype=t.dtype), torch.tensor([-2.0], dtype=t.dtype)
             assert backend.select_bits(w, n, on, off).numpy().tobytes() == np.where(x >= 0, 1.5, -2.0).astype(dtype).tobytes()
+            scale = ops.abs_tree_sum(x, 0.25)
+            buffer = backend.pack_signs(t, torch.from_numpy(scale))
+            assert buffer.dtype == torch.int32 and buffer.numpy().tobytes() == ops.pack_signs(x, scale).tobytes()
+            assert backend.unpack_signs(buffer, n, dtype).numpy().tobytes() == ops.unpack_signs(w.numpy(), n, dtype).tobytes()
+            assert (backend.unpack_signs(buffer, n, dtype, torch.from_numpy(scale)).numpy().tobytes()
+                    == np.where(x >= 0, scale, -scale).astype(dtype).tobytes())
 
 
 @settings(max_examples=60, deadline=None)

@@ -136,6 +136,27 @@ def test_nonzero_magnitude_at_least_is_the_reference_selection(backend, dtype):
             np.testing.assert_array_equal(_as_np(Ops.nonzero_magnitude_at_least(backend, arr, t)), expected)
 
 
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [5000, 3 * 65536 + 17])
+def test_scatter_sparse_of_long_payloads_reverses_pack_sparse(backend, dtype, n):
+    # torch CPU scatters payloads of 2**14 elements and more with scatter_, its int64
+    # indices made a block of 2**16 at a time; float64 values at an odd word are copied
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(dtype)
+    x[[3, 10, n - 1]] = [np.nan, -np.inf, -0.0]
+    for threshold in [0.0, 0.5, 0.01]:
+        idx = np.flatnonzero(~(np.abs(x) < dtype(threshold)) & (x != 0))
+        if threshold == 0.01:
+            idx = idx[:-1] if idx.shape[0] % 2 == 0 else idx  # an odd count: values at an odd word
+        buffer = N.pack_sparse(x, idx)
+        dense = np.zeros(n, dtype)
+        dense[idx] = x[idx]
+        arr = torch.from_numpy(buffer) if backend is T else buffer
+        out = _as_np(backend.scatter_sparse(n, arr, np.dtype(dtype).name))
+        assert out.dtype == dtype and out.tobytes() == dense.tobytes()
+
+
 SPARSE = [("topk", {"ratio": 0.1}), ("randomk", {"ratio": 0.1}), ("randomk", {"ratio": 0.1, "rescale": True}),
           ("threshold", {"threshold": 0.5}), ("dgc", {"ratio": 0.1, "sample_ratio": 0.2}), ("sidco", {})]
 
@@ -267,3 +288,4 @@ def test_sorted_values_at_reads_the_sorted_array(backend, kind, n):
     mask = x > 0
     count = backend.count_true_array(torch.from_numpy(mask) if backend is T else mask)
     assert int(count) == int(np.count_nonzero(mask)) and _as_np(count).dtype == np.int64
+

@@ -238,3 +238,35 @@ def test_a_name_reused_with_another_size_is_an_error_for_residual_memory():
     g.step(np.arange(8, dtype=np.float32).reshape(2, 4), "w")  # same size, new shape: fine
     with pytest.raises(ValueError, match="two tensors share one name"):
         g.step(np.arange(6, dtype=np.float32), "w")
+
+
+@pytest.mark.parametrize("communicator", ["allgather", "broadcast"])
+@pytest.mark.parametrize("method", ["efsignsgd", "onebit"])
+def test_own_payload_is_decompressed_once_with_the_same_result(monkeypatch, communicator, method):
+    """The residual memory's local decompression stands in for this worker's own part of
+    the exchange: each worker decompresses world_size payloads per step (not one more),
+    and every result and residual is what decompressing every gathered buffer gives."""
+    from grace_dl import core
+
+    size, steps = 3, 3
+    fast = grace_dl.LocalSimulator(grace_dl.make(method, communicator=communicator), size)
+    calls = []
+    compressor_cls = type(fast.workers[0].compressor)
+    decompress = compressor_cls.decompress
+    monkeypatch.setattr(compressor_cls, "decompress", lambda self, *a: calls.append(1) or decompress(self, *a))
+    outs_fast = [fast.step(grads_for(size, step=s)) for s in range(steps)]
+    assert len(calls) == steps * 2 * size * size  # two tensors, each worker decompresses each worker's payload once
+    # the same run with the reuse switched off: every gathered buffer decompressed
+    monkeypatch.setattr(core, "_OWN_DECOMPRESSION", "switched off")
+    monkeypatch.setattr(core, "decompress_own", lambda c, ops, p, ctx: c.decompress(ops, p.buffer, ctx))
+    slow = grace_dl.LocalSimulator(grace_dl.make(method, communicator=communicator), size)
+    calls.clear()
+    outs_slow = [slow.step(grads_for(size, step=s)) for s in range(steps)]
+    assert len(calls) == steps * 2 * size * (size + 1)
+    for a, b in zip(outs_fast, outs_slow):
+        for r in range(size):
+            for name in ("a", "b"):
+                assert a[r][name].tobytes() == b[r][name].tobytes()
+    for wf, ws in zip(fast.workers, slow.workers):
+        for name, fields in ws.memory.state_dict().items():
+            assert wf.memory.state_dict()[name]["residual"].tobytes() == fields["residual"].tobytes()

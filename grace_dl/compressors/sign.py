@@ -8,14 +8,15 @@ are meant for.
 Scales are reduced with :meth:`Ops.tree_sum`, a fixed pairwise tree of elementwise
 additions, so that the payload is bit-identical on every backend and device (a
 framework's own ``sum`` may add in any order). Signs are packed by :meth:`Ops.pack_signs`
-and expanded by :meth:`Ops.select_bits`, which pick one of two values per bit.
+(with the scales in the same buffer) and expanded by :meth:`Ops.unpack_signs` or
+:meth:`Ops.select_bits`, which pick one of two values per bit.
 """
 
 from __future__ import annotations
 
 from ..core import Compressor, TensorContext
 from ..ops import DTYPE_ITEMSIZE, Array, Ops
-from ..payload import Payload, from_words, layout_nbytes, to_words
+from ..payload import Payload, from_words, layout_nbytes
 from ..registry import register
 
 
@@ -49,7 +50,8 @@ class _SignCompressor(Compressor):
         raise NotImplementedError
 
     def _expand(self, ops: Ops, words: Array, scales: Array | None, ctx: TensorContext) -> Array:
-        """The decompressed tensor from the packed sign ``words``."""
+        """The decompressed tensor from the packed sign ``words`` (the payload: the
+        words of the scales may follow the sign words)."""
         raise NotImplementedError
 
     def _words(self, numel: int, dtype: str) -> int:
@@ -57,20 +59,20 @@ class _SignCompressor(Compressor):
         return -(-numel // 32) + (self.scales * DTYPE_ITEMSIZE[dtype] + 3) // 4
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
-        words = ops.pack_signs(x)
-        if self.scales:
-            words = ops.concat([words, to_words(ops, self._scales(ops, x, ctx))])
+        # one buffer: the sign words, then the scales' (no concatenation)
+        words = ops.pack_signs(x, self._scales(ops, x, ctx) if self.scales else None)
         # the size follows from the context: no length or dtype query per call
         return Payload(words, 4 * self._words(ctx.numel, ctx.dtype))
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
-        n_words = -(-ctx.numel // 32)
         expected = self._words(ctx.numel, ctx.dtype)
         if ops.numel(buffer) != expected:
             raise ValueError(f"payload has {ops.numel(buffer)} words, {type(self).__name__} of {ctx.numel} "
                              f"{ctx.dtype} elements expects {expected}")
-        scales = from_words(ops, buffer[n_words:], ctx.dtype, self.scales) if self.scales else None
-        return self._expand(ops, buffer[:n_words], scales, ctx)
+        scales = (from_words(ops, buffer[-(-ctx.numel // 32):], ctx.dtype, self.scales) if self.scales
+                  else None)
+        # the whole buffer: the expansion reads the sign words and ignores the scales after them
+        return self._expand(ops, buffer, scales, ctx)
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
         return layout_nbytes(self._layout(numel, dtype))
@@ -101,8 +103,7 @@ class SignSGD(_SignCompressor):
         pass
 
     def _expand(self, ops, words, scales, ctx):
-        return ops.select_bits(words, ctx.numel, ops.full(1, 1.0, ctx.dtype, words),
-                               ops.full(1, -1.0, ctx.dtype, words))
+        return ops.unpack_signs(words, ctx.numel, ctx.dtype)
 
 
 @register("compressor", "signum", paper="Bernstein et al. 2018, signSGD: Compressed Optimisation "
@@ -148,7 +149,7 @@ class EFSignSGD(_SignCompressor):
         return ops.abs_tree_sum(x, 1.0 / ctx.numel)
 
     def _expand(self, ops, words, scales, ctx):
-        return ops.select_bits(words, ctx.numel, scales, -scales)
+        return ops.unpack_signs(words, ctx.numel, ctx.dtype, scales)
 
 
 @register("compressor", "onebit", paper="Seide et al. 2014, 1-Bit Stochastic Gradient Descent and "

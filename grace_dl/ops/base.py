@@ -424,15 +424,31 @@ class Ops(abc.ABC):
     # Coarse primitives of the sign and quantization methods. Each has a default in terms
     # of the primitives above, which fixes its result bit for bit; a backend may override
     # one with a faster kernel that gives the same bits.
-    def pack_signs(self, x: Array) -> Array:
+    def pack_signs(self, x: Array, scales: Array | None = None) -> Array:
         """:meth:`pack_bits` of ``x >= 0`` for 1-D float ``x`` (zero and -0.0 set the
-        bit, NaN clears it): ``ceil(n / 32)`` int32 words."""
-        return self.pack_bits(x >= 0)
+        bit, NaN clears it): ``ceil(n / 32)`` int32 words, followed, where ``scales``
+        is given (a 1-D array of a 4- or 8-byte float dtype), by its bits as int32
+        words: a sign method's whole payload in one buffer, without a concatenation."""
+        words = self.pack_bits(x >= 0)
+        if scales is None:
+            return words
+        return self.concat([words, self.bitcast(scales, "int32")])
+
+    def unpack_signs(self, words: Array, n: int, dtype: str, scale: Array | None = None) -> Array:
+        """``n`` elements of float ``dtype`` from the sign bits of :meth:`pack_signs`
+        (the first ``ceil(n / 32)`` of ``words``; any words after them are ignored):
+        +1 where a bit is set and -1 where it is clear, or, given ``scale`` (a
+        1-element array of ``dtype``), ``scale`` and ``-scale``, copied bit for bit.
+        :meth:`select_bits` with those two values."""
+        if scale is None:
+            return self.select_bits(words, n, self.full(1, 1.0, dtype, words), self.full(1, -1.0, dtype, words))
+        return self.select_bits(words, n, scale, -scale)
 
     def select_bits(self, words: Array, n: int, on: Array, off: Array) -> Array:
         """An ``n``-element array holding ``on`` where bit ``i`` of ``words`` (the layout
-        of :meth:`pack_bits`) is set and ``off`` where it is clear; ``on`` and ``off`` are
-        1-element arrays of the output dtype, copied bit for bit (a -0.0 stays -0.0)."""
+        of :meth:`pack_bits`; words after the first ``ceil(n / 32)`` are ignored) is set
+        and ``off`` where it is clear; ``on`` and ``off`` are 1-element arrays of the
+        output dtype, copied bit for bit (a -0.0 stays -0.0)."""
         return self.where(self.unpack_bits(words, n), on, off)
 
     def full(self, n: int, value: float, dtype: str, like: Array) -> Array:

@@ -530,13 +530,33 @@ class NumpyOps(Ops):
             packed = np.concatenate([packed, np.zeros(pad, np.uint8)])
         return packed.view("<i4").astype(np.int32, copy=False)
 
-    def pack_signs(self, x):
-        return self._bytes_to_words(np.packbits(x >= 0, bitorder="little"))
+    def pack_signs(self, x, scales=None):
+        packed = np.packbits(x >= 0, bitorder="little")
+        if scales is None:
+            return self._bytes_to_words(packed)
+        # the sign bytes and the scales' words written into one buffer
+        n_words = -(-x.shape[0] // 32)
+        tail = np.ascontiguousarray(scales).view(np.int32)
+        out = np.empty(n_words + tail.shape[0], np.int32)
+        raw = out.view(np.uint8)
+        raw[:packed.shape[0]] = packed
+        raw[packed.shape[0]:4 * n_words] = 0
+        out[n_words:] = tail
+        return out
 
     def select_bits(self, words, n, on, off):
         # one row of 8 output values per byte of the bit stream, looked up in a 256-row table
         raw = np.ascontiguousarray(words, dtype="<i4").view(np.uint8)[: -(-int(n) // 8)]
         return np.take(_bit_table(np.asarray(on), np.asarray(off)), raw, axis=0).reshape(-1)[: int(n)]
+
+    def unpack_signs(self, words, n, dtype, scale=None):
+        if scale is None:
+            np_dtype = _np_dtype(dtype)
+            on, off = _UNIT_SIGNS.get(np_dtype) or (np.ones(1, np_dtype), -np.ones(1, np_dtype))
+        else:
+            on = np.asarray(scale)
+            off = np.negative(on)
+        return self.select_bits(words, n, on, off)
 
     def full(self, n, value, dtype, like):
         return np.full(int(n), value, dtype=_np_dtype(dtype))
@@ -547,7 +567,7 @@ class NumpyOps(Ops):
             out = x.copy() if n else np.zeros(1, x.dtype)
             return out * x.dtype.type(scale) if scale != 1.0 else out
         h = 1 << ((n - 1).bit_length() - 1)
-        acc = np.empty(h, x.dtype)
+        acc = _tree_buffer(h, x.dtype)
         np.add(x[:n - h], x[h:], out=acc[:n - h])
         acc[n - h:] = x[n - h:h]  # carried unchanged
         return _halve(acc, h, scale)
@@ -560,7 +580,7 @@ class NumpyOps(Ops):
         # the first level with the cast fused (the ufunc casts in small buffers), so the
         # only wide array is the h first-level sums
         h = 1 << ((n - 1).bit_length() - 1)
-        acc = np.empty(h, wide)
+        acc = _tree_buffer(h, np.dtype(wide))
         np.add(x[:n - h], x[h:], out=acc[:n - h], dtype=wide)
         acc[n - h:] = x[n - h:h]  # carried unchanged (an exact widening)
         return _halve(acc, h, 1.0)
@@ -571,8 +591,14 @@ class NumpyOps(Ops):
             return self.tree_sum(np.abs(x), scale)
         # the first level straight from x: |x_i| (carried ones included), then + |x_{i+h}|
         h = 1 << ((n - 1).bit_length() - 1)
-        acc = np.abs(x[:h])
-        acc[:n - h] += np.abs(x[h:])
+        acc = _tree_buffer(h, x.dtype)
+        np.abs(x[:h], out=acc)
+        if h <= _TREE_WORKSPACE_MAX:  # |x_{i+h}| in the workspace's scratch half
+            far = _tree_scratch(acc)[:n - h]
+            np.abs(x[h:], out=far)
+        else:
+            far = np.abs(x[h:])
+        np.add(acc[:n - h], far, out=acc[:n - h])
         return _halve(acc, h, scale)
 
     def sign_means(self, x):
@@ -1038,6 +1064,12 @@ _BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits))
 #: bit j of byte value b, as a (256, 8) bool table
 _BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(np.bool_)
 
+#: bit j of byte value b, as a (256, 8) index table into ``[off, on]``
+_BYTE_BIT_INDEX = _BYTE_BITS.astype(np.intp)
+
+#: +1 and -1 of each float dtype, for unpack_signs without a scale
+_UNIT_SIGNS = {dtype: (np.ones(1, dtype), -np.ones(1, dtype)) for dtype in (np.float32, np.float64)}
+
 #: recent (256, 8) tables of select_bits, by dtype and the bits of ``on`` and ``off``: the
 #: sign methods' +-1 tables repeat every call
 _BIT_TABLES: dict = {}
@@ -1048,7 +1080,9 @@ def _bit_table(on: np.ndarray, off: np.ndarray) -> np.ndarray:
     key = (on.dtype.str, on.tobytes(), off.tobytes())
     table = _BIT_TABLES.get(key)
     if table is None:
-        table = np.where(_BYTE_BITS, np.reshape(on, (1, 1)), np.reshape(off, (1, 1)))
+        # ``off`` then ``on`` picked by each bit (a take copies the bits, as np.where
+        # does, in a third of the time: a scaled sign method builds a table every call)
+        table = np.concatenate([np.reshape(off, 1), np.reshape(on, 1)]).take(_BYTE_BIT_INDEX)
         table.flags.writeable = False
         if len(_BIT_TABLES) >= 8:
             _BIT_TABLES.clear()
@@ -1176,10 +1210,68 @@ def _dither_values_block(codes: np.ndarray, levels: int, out: np.ndarray) -> Non
     np.bitwise_or(k, signed, out=out)
 
 
+#: first levels of at most this many sums use a per-thread workspace (see _tree_buffer)
+_TREE_WORKSPACE_MAX = 1 << 16
+
+_TREES = threading.local()
+_NO_WORKSPACES: dict = {}
+
+
+class _TreeWorkspace:
+    """A thread's buffers for :meth:`Ops.tree_sum` of one first-level width ``h``: ``acc``
+    (``h`` sums, added in place), ``scratch`` (``h`` more elements for a caller's
+    temporary) and the ``(low, high)`` views of ``acc`` that each level adds, sliced
+    once. A small tensor's sum is a dozen additions of a few elements, where slicing
+    the two views of each level cost as much as the addition."""
+
+    __slots__ = ("acc", "scratch", "levels")
+
+    def __init__(self, h: int, dtype: np.dtype):
+        both = np.empty(2 * h, dtype)
+        self.acc, self.scratch = both[:h], both[h:]
+        levels = []
+        while h > 2:  # the last level adds into a fresh array: the result outlives the workspace's next use
+            h >>= 1
+            levels.append((self.acc[:h], self.acc[h:h + h]))
+        self.levels = tuple(levels)
+
+
+def _tree_buffer(h: int, dtype: np.dtype) -> np.ndarray:
+    """An ``h``-element array for the first-level sums of a tree sum, handed to
+    :func:`_halve`: this thread's workspace where ``h`` is small (its contents are
+    overwritten by the next tree sum of the thread), else a fresh array."""
+    if h > _TREE_WORKSPACE_MAX:
+        return np.empty(h, dtype)
+    cache = getattr(_TREES, "workspaces", None)
+    if cache is None:
+        cache = _TREES.workspaces = {}
+    workspace = cache.get((h, dtype))
+    if workspace is None:
+        if len(cache) >= 40:  # 17 widths of two dtypes fit: only other dtypes get here
+            cache.clear()
+        workspace = cache[(h, dtype)] = _TreeWorkspace(h, dtype)
+    return workspace.acc
+
+
+def _tree_scratch(acc: np.ndarray) -> np.ndarray:
+    """The scratch half of the workspace whose ``acc`` is ``acc`` (from :func:`_tree_buffer`)."""
+    return _TREES.workspaces[(acc.shape[0], acc.dtype)].scratch
+
+
 def _halve(acc: np.ndarray, h: int, scale: float) -> np.ndarray:
     """The rest of :meth:`Ops.tree_sum` on its ``h`` (a power of two) first-level sums,
-    in place: halves added until one is left, times ``scale``."""
+    in place: halves added until one is left, times ``scale``. Returns a fresh
+    1-element array (``acc`` may be a thread's workspace, see :func:`_tree_buffer`)."""
     add = np.add
+    if h <= _TREE_WORKSPACE_MAX:
+        workspace = getattr(_TREES, "workspaces", _NO_WORKSPACES).get((h, acc.dtype))
+        if workspace is not None and workspace.acc is acc:
+            for low, high in workspace.levels:
+                add(low, high, out=low)
+            out = add(acc[0:1], acc[1:2]) if h > 1 else acc[:1].copy()
+            if scale != 1.0:
+                np.multiply(out, acc.dtype.type(scale), out=out)
+            return out
     while h > 1:  # one slice fewer per level: at 1e4 elements the 13 levels are most of the cost
         h >>= 1
         low = acc[:h]
