@@ -33,6 +33,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 import weakref
 from typing import Any, Iterable
 
@@ -56,6 +57,11 @@ DEFAULT_BACKGROUND = True
 #: how often (seconds) the background thread looks for completed rounds while
 #: pipelines are in flight and no gradient arrives
 _POLL_S = 0.005
+
+#: how often (seconds) a pipeline being finished looks for completed rounds of the other
+#: pipelines in flight, whose next rounds it posts while it waits; 0 waits on its own
+#: collectives only (then a later pipeline's second round waits for the earlier ones)
+_FINISH_POLL_S = 0.001
 
 #: the key, in the first parameter group of an optimizer's ``state_dict()``, under which
 #: :func:`DistributedOptimizer` keeps the method's state
@@ -379,7 +385,9 @@ class HorovodCompression:
     results. What a pipeline raises is raised there, on the training thread, with its
     own message; the results and the method's state are those of the pipeline run in the
     hook, bit for bit. Without it, the pipeline runs inside the hook, on the autograd
-    thread.
+    thread. Either way, the pipelines are finished in arrival order, and while one is
+    waited for, the later rounds of the others (PowerSGD's second allreduce) are posted
+    as soon as their first rounds complete, not one pipeline after another.
 
     One object serves one optimizer: a second optimizer using it raises ValueError at its
     first step (see :func:`claim_method`); :meth:`fresh_copy` gives each its own.
@@ -511,6 +519,16 @@ class HorovodCompression:
         failed = self._failed.get(id(pending)) if pending is not None else None
         if failed is not None:
             raise failed[1]
+        if pending is not None and _FINISH_POLL_S > 0:
+            # Waiting on this pipeline's collectives alone would leave the others' later
+            # rounds (PowerSGD's second allreduce) unposted until their own turn, one round
+            # trip after another: wait by posting every round that becomes ready instead
+            while not pending.done and any(p is pending for p in self._in_flight):
+                time.sleep(_FINISH_POLL_S)
+                self.progress()
+            failed = self._failed.get(id(pending))
+            if failed is not None:
+                raise failed[1]
         if pending is None:  # a bucket some of whose members never came: Fuser.finish says which
             self._fuser.abandon()
         elif not pending.done:
