@@ -447,3 +447,65 @@ def test_background_thread_error_is_raised_on_the_training_thread():
     del compressor.compress
     _step_like_horovod(like, 2)
     assert compression.grace.steps["2.weight"] == 3
+
+
+# -- no placeholder allreduce after the first step ----------------------------------------------
+def _step_like_horovod_hooks(opt, model: torch.nn.Module, seed: int) -> None:
+    """A step of a real ``hvd.DistributedOptimizer`` as its gradient hooks drive it with
+    several workers (with one, Horovod registers no hooks): ``_allreduce_grad_async`` per
+    gradient in hook order, then ``step()`` (``synchronize()``)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt.zero_grad()
+    F.cross_entropy(model(torch.randn(4, 6, generator=gen)), torch.randint(0, 3, (4,), generator=gen)).backward()
+    for p in list(model.parameters())[::-1]:
+        opt._handles[p] = opt._allreduce_grad_async(p)
+    opt.step()
+
+
+@pytest.mark.parametrize("spelling", ["grace.DistributedOptimizer", "hvd.DistributedOptimizer"])
+@pytest.mark.parametrize("background", [False, True])
+def test_horovod_placeholder_allreduces_stop_after_the_first_step(monkeypatch, spelling, background):
+    hvd = pytest.importorskip("horovod.torch")
+    import horovod.torch.optimizer as horovod_optimizer
+
+    hvd.init()
+    posted: list[str] = []
+    stock_allreduce = horovod_optimizer.allreduce_async_
+
+    def counting_allreduce(tensor, *args, **kwargs):
+        posted.append(kwargs["name"])
+        return stock_allreduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(horovod_optimizer, "allreduce_async_", counting_allreduce)
+    factory = grace.DistributedOptimizer if spelling == "grace.DistributedOptimizer" else hvd.DistributedOptimizer
+    runs = {}
+    for skip in (False, True):  # the reference (not skipping) allreduces the placeholders at every step
+        compression = grace.powersgd(rank=1, policies={"fusion_bytes": 256})
+        compression.background = background
+        compression.placeholder_allreduce = not skip
+        assert compression.fresh_copy().placeholder_allreduce is (not skip)
+        model = mlp()
+        opt = factory(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
+                      compression=compression)
+        counts, weights = [], []
+        for step in range(3):
+            before = len(posted)
+            _step_like_horovod_hooks(opt, model, step)
+            counts.append(len(posted) - before)
+            weights.append([p.detach().clone() for p in model.parameters()])
+        runs[skip] = counts, weights, compression.state_dict()
+    tensors = len(list(mlp().parameters()))
+    assert runs[False][0] == [tensors] * 3
+    # the first step still allreduces them (a worker with another compression= then gets
+    # Horovod's shape error), later ones none
+    assert runs[True][0] == [tensors, 0, 0]
+    for a, b in zip(runs[False][1], runs[True][1]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert_same_state(runs[False][2], runs[True][2])
+
+
+def test_skip_placeholder_allreduces_leaves_other_optimizers_alone():
+    pytest.importorskip("horovod.torch")
+    like = _HorovodLike(mlp(), grace.topk(ratio=0.3))
+    assert not adapter.skip_placeholder_allreduces(like)
+    assert "_allreduce_grad_async" not in vars(like)

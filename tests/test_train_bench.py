@@ -179,6 +179,8 @@ def test_every_launch_is_bounded_in_time(tmp_path):
     (["--method", "hvd:none,optimizer=lamb"], "optimizer must be one of sgd, adam, got 'lamb'"),
     (["--method", "hvd:topk,background=2"], "background is 0 or 1, got 2"),
     (["--method", "ddp:topk,background=1"], "topk has no parameter 'background'"),
+    (["--method", "hvd:topk,placeholders=2"], "placeholders is 0 or 1, got 2"),
+    (["--method", "ddp:topk,placeholders=1"], "topk has no parameter 'placeholders'"),
     (["--link", "fast"], "link 'fast': expected 'unshaped' or a positive rate"),
     (["--link", "0mbit"], "positive rate"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),

@@ -11,6 +11,8 @@ Horovod's gradient hook fires, overlapping the rest of the backward pass. By def
 (``background``, see :class:`HorovodCompression`) the hook only hands the gradient to one
 background thread, which runs the pipelines and posts the collectives while the autograd
 thread goes on with backward; ``decompress`` (in the optimizer's ``step()``) waits for it.
+From the second step on, Horovod no longer allreduces the placeholders either: see
+:func:`skip_placeholder_allreduces`.
 
 Stock Horovod's ``Compressor.compress`` receives no tensor name, but per-tensor state
 (error feedback) needs one. It is read from Horovod's optimizer frame (``self`` and
@@ -31,6 +33,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 import weakref
 from typing import Any, Iterable
 
@@ -54,6 +57,11 @@ DEFAULT_BACKGROUND = True
 #: how often (seconds) the background thread looks for completed rounds while
 #: pipelines are in flight and no gradient arrives
 _POLL_S = 0.005
+
+#: how often (seconds) a pipeline being finished looks for completed rounds of the other
+#: pipelines in flight, whose next rounds it posts while it waits; 0 waits on its own
+#: collectives only (then a later pipeline's second round waits for the earlier ones)
+_FINISH_POLL_S = 0.001
 
 #: the key, in the first parameter group of an optimizer's ``state_dict()``, under which
 #: :func:`DistributedOptimizer` keeps the method's state
@@ -377,21 +385,31 @@ class HorovodCompression:
     results. What a pipeline raises is raised there, on the training thread, with its
     own message; the results and the method's state are those of the pipeline run in the
     hook, bit for bit. Without it, the pipeline runs inside the hook, on the autograd
-    thread.
+    thread. Either way, the pipelines are finished in arrival order, and while one is
+    waited for, the later rounds of the others (PowerSGD's second allreduce) are posted
+    as soon as their first rounds complete, not one pipeline after another.
 
     One object serves one optimizer: a second optimizer using it raises ValueError at its
     first step (see :func:`claim_method`); :meth:`fresh_copy` gives each its own.
+
+    From the optimizer's second step on, Horovod's own allreduce of the empty placeholder
+    (one per gradient, each a negotiation round between the workers) is skipped, unless
+    ``placeholder_allreduce`` (see :func:`skip_placeholder_allreduces`).
 
     Args:
         grace: the method (a :class:`~grace_dl.core.Grace`); bound to a
             :class:`HorovodTorchTransport` on first use.
         background: run the pipelines on a background thread (default None:
             :data:`DEFAULT_BACKGROUND`).
+        placeholder_allreduce: let Horovod allreduce the placeholder of every gradient
+            at every step, as before grace-dl skipped them (default False; for
+            measurements).
     """
 
-    def __init__(self, grace: Grace, background: bool | None = None):
+    def __init__(self, grace: Grace, background: bool | None = None, placeholder_allreduce: bool = False):
         self.grace = grace
         self.background = DEFAULT_BACKGROUND if background is None else bool(background)
+        self.placeholder_allreduce = bool(placeholder_allreduce)
         self._checked_optimizer: Any = None
         self._in_flight: list[Any] = []  # pipelines started and not finished, oldest first
         # id(pending) -> (pending, what its pipeline raised in progress()); holding the
@@ -401,11 +419,25 @@ class HorovodCompression:
         self._planned_for: Any = None  # the optimizer whose parameters the buckets were planned from
         self._worker: _Background | None = None
         self._unrequested: list[_Job] = []  # jobs handed to the thread whose finish is not queued yet
+        self._direct_for: Any = None  # weak reference to the optimizer that no longer allreduces placeholders
 
     def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Start the grace pipeline for ``tensor`` (or hand it to the background thread);
-        Horovod allreduces the returned empty tensor."""
+        Horovod allreduces the returned empty tensor (in the first step only, see
+        :func:`skip_placeholder_allreduces`)."""
         name, optimizer = _horovod_caller(tensor)
+        return self.compress_named(tensor, name, optimizer)
+
+    def compress_named(self, tensor: torch.Tensor, name: str, optimizer: Any) -> tuple[torch.Tensor, Any]:
+        """:meth:`compress` for a gradient whose name and Horovod optimizer are known.
+
+        Args:
+            tensor: the gradient.
+            name: its name (the optimizer's ``_parameter_names[p]``).
+            optimizer: the Horovod ``DistributedOptimizer`` exchanging it.
+        Returns:
+            the placeholder for Horovod and the context :meth:`decompress` takes.
+        """
         import horovod.torch as hvd
 
         op = _check_op(hvd, optimizer)
@@ -487,6 +519,16 @@ class HorovodCompression:
         failed = self._failed.get(id(pending)) if pending is not None else None
         if failed is not None:
             raise failed[1]
+        if pending is not None and _FINISH_POLL_S > 0:
+            # Waiting on this pipeline's collectives alone would leave the others' later
+            # rounds (PowerSGD's second allreduce) unposted until their own turn, one round
+            # trip after another: wait by posting every round that becomes ready instead
+            while not pending.done and any(p is pending for p in self._in_flight):
+                time.sleep(_FINISH_POLL_S)
+                self.progress()
+            failed = self._failed.get(id(pending))
+            if failed is not None:
+                raise failed[1]
         if pending is None:  # a bucket some of whose members never came: Fuser.finish says which
             self._fuser.abandon()
         elif not pending.done:
@@ -498,6 +540,13 @@ class HorovodCompression:
         thread); the aggregated gradient (of the gradient's dtype, whatever the
         placeholder Horovod allreduced)."""
         job, post = ctx
+        optimizer = self._checked_optimizer
+        if (optimizer is not None and not self.placeholder_allreduce
+                and (self._direct_for is None or self._direct_for() is not optimizer)):
+            # Horovod's synchronize() has posted every collective of this step by now, on
+            # every worker: from the next step on, its placeholder allreduces are skipped
+            skip_placeholder_allreduces(optimizer)
+            self._direct_for = weakref.ref(optimizer)
         if not job.queued:  # started in the hook
             try:
                 out = self._finish(job)
@@ -524,9 +573,11 @@ class HorovodCompression:
         return fn() if self._worker is None else self._worker.call(fn)
 
     def fresh_copy(self) -> "HorovodCompression":
-        """A compression with the same method, configuration and ``background`` and empty
+        """A compression with the same method, configuration, ``background`` and
+        ``placeholder_allreduce``, and empty
         state, for another optimizer (:meth:`grace_dl.core.Grace.fresh_copy`)."""
-        return HorovodCompression(self.grace.fresh_copy(), background=self.background)
+        return HorovodCompression(self.grace.fresh_copy(), background=self.background,
+                                  placeholder_allreduce=self.placeholder_allreduce)
 
     def state_dict(self) -> dict[str, Any]:
         """The method's state (error feedback, step counters), as NumPy arrays and ints."""
@@ -595,6 +646,74 @@ def _attach_state(optimizer: Any, compression: HorovodCompression) -> None:
     optimizer.register_state_dict_pre_hook(before_save)
     optimizer.register_state_dict_post_hook(after_save)
     optimizer.register_load_state_dict_pre_hook(before_load)
+
+
+def _horovod_allreduce_grad_async() -> Any:
+    """Stock Horovod's ``_DistributedOptimizer._allreduce_grad_async`` when its
+    ``synchronize()`` takes a callable handle (Horovod 0.28: ``handle()`` gives the
+    output in place of ``hvd.synchronize(handle)``); None otherwise."""
+    try:
+        from horovod.torch.optimizer import _DistributedOptimizer
+    except ImportError:
+        return None
+    if "callable" not in _DistributedOptimizer.synchronize.__code__.co_names:
+        return None
+    return _DistributedOptimizer.__dict__.get("_allreduce_grad_async")
+
+
+def skip_placeholder_allreduces(optimizer: Any) -> bool:
+    """Make stock Horovod's ``optimizer`` hand each gradient to grace-dl without
+    allreducing grace-dl's empty placeholder; whether it now does.
+
+    Stock Horovod's gradient hook (and ``synchronize()``, for gradients that never came)
+    calls ``optimizer._allreduce_grad_async(p)``, which compresses and then posts one
+    Horovod allreduce per gradient on what ``compress`` returned. grace-dl exchanges the
+    gradient on its own collectives, so that allreduce carries nothing, yet each costs
+    Horovod a negotiation round between the workers (62 per step for a ResNet-18). This
+    sets an instance attribute that shadows the class's method: it does what Horovod's
+    does (a zero gradient for a parameter without one; a sparse gradient densified or
+    handed to ``_sparse_allreduce_grad_async``) and returns, as its handle, a callable
+    that ``synchronize()`` calls instead of waiting on a Horovod handle (Horovod's own
+    provision for handles that are functions); ``decompress`` then waits for grace-dl's
+    exchange as before. Results are unchanged bit for bit.
+
+    :meth:`HorovodCompression.decompress` calls it in the first step's
+    ``synchronize()``, once every worker has posted that step's placeholder allreduces,
+    so that all workers switch between the same two steps, and the first step still
+    meets any worker whose ``compression=`` differs with Horovod's shape error (see
+    :func:`grace_dl.torch.checks.explain_mixed_compression`). ``groups=`` keeps its
+    grouped placeholder allreduce (one per group): Horovod's ``synchronize()`` takes no
+    callable handle for a group. Does nothing (returns False) for an optimizer whose
+    ``_allreduce_grad_async`` is not stock Horovod's, or a Horovod whose
+    ``synchronize()`` takes no callable handle.
+
+    Args:
+        optimizer: a stock ``hvd.DistributedOptimizer`` whose compression is a
+            :class:`HorovodCompression`.
+    """
+    stock = _horovod_allreduce_grad_async()
+    if stock is None or type(optimizer).__dict__.get("_allreduce_grad_async") is not stock:
+        return False
+    if "_allreduce_grad_async" in vars(optimizer):
+        return True
+    # a weak reference: the optimizer holds this function, which must not keep it alive
+    optimizer_ref = weakref.ref(optimizer)
+
+    def allreduce_grad_async(p: torch.Tensor) -> tuple[Any, Any]:
+        opt = optimizer_ref()
+        if p.grad is None:  # as Horovod: another worker may have this gradient
+            p.grad = p.data.new(p.size()).zero_()
+        name = opt._parameter_names.get(p)
+        tensor = p.grad
+        if tensor.is_sparse:
+            if not opt.sparse_as_dense:
+                return opt._sparse_allreduce_grad_async(p, name)
+            tensor = tensor.to_dense()
+        placeholder, ctx = opt._compression.compress_named(tensor, name, opt)
+        return (lambda: placeholder), ctx
+
+    optimizer._allreduce_grad_async = allreduce_grad_async
+    return True
 
 
 def _refuse_sparse(optimizer: Any):

@@ -40,7 +40,9 @@ class MethodSpec:
     (``hvd:grace.fp16``). A grace-dl method also takes ``fusion=BYTES``, its fusion
     bucket size (``policies.fusion_bytes``, :mod:`grace_dl.fusion`; default the method's),
     and under ``hvd`` ``background=0|1``, whether its pipelines run on a background thread
-    (:class:`grace_dl.torch.HorovodCompression`'s ``background``; default the adapter's).
+    (:class:`grace_dl.torch.HorovodCompression`'s ``background``; default the adapter's),
+    and ``placeholders=0|1``, whether Horovod allreduces grace-dl's empty placeholder of
+    every gradient at every step (``placeholder_allreduce``; default 0: only at the first).
 
     ``local_sgd`` and ``post_local_sgd`` are local SGD (``hvd:local_sgd,period=4``,
     ``ddp:post_local_sgd,period=4,switch_step=2``; parameters those of
@@ -106,19 +108,20 @@ def parse_method(text: str) -> MethodSpec:
                           f"{', '.join(builtins + LOCAL_SGD_NAMES)} or a grace-dl method "
                           f"({', '.join(sorted(compressors))})")
     known = compressors[name].params
-    extra = ("fusion", "optimizer", "background") if launcher == "hvd" else ("fusion", "optimizer")
+    extra = ("fusion", "optimizer", "background", "placeholders") if launcher == "hvd" else ("fusion", "optimizer")
     bad = [k for k, _ in params if k not in known and k not in extra]
     if bad:
         raise ConfigError(f"method {text!r}: {name} has no parameter {bad[0]!r} "
                           f"(it takes {', '.join(known) or 'none'}); every grace-dl method also takes fusion=BYTES "
                           f"and optimizer={'|'.join(OPTIMIZERS)}"
-                          + (", and under hvd background=0|1" if launcher == "hvd" else ""))
+                          + (", and under hvd background=0|1 and placeholders=0|1" if launcher == "hvd" else ""))
     fusion = dict(params).get("fusion")
     if fusion is not None and (isinstance(fusion, bool) or not isinstance(fusion, int) or fusion < 0):
         raise ConfigError(f"method {text!r}: fusion is the bucket size in bytes, an int >= 0, got {fusion!r}")
-    background = dict(params).get("background")
-    if background is not None and background not in (0, 1):  # True/False are 1/0 too
-        raise ConfigError(f"method {text!r}: background is 0 or 1, got {background!r}")
+    for flag in ("background", "placeholders"):
+        value = dict(params).get(flag)
+        if value is not None and value not in (0, 1):  # True/False are 1/0 too
+            raise ConfigError(f"method {text!r}: {flag} is 0 or 1, got {value!r}")
     if getattr(compressors[name].cls, "returns_update", False):
         _check_update_method(text, name, dict(params))
     return MethodSpec(launcher, name, tuple(params), grace=True)

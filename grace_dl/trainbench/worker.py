@@ -60,11 +60,14 @@ def _grace_method(spec: dict[str, Any]):
     params.pop("optimizer", None)
     fusion = params.pop("fusion", None)
     background = params.pop("background", None)
+    placeholders = params.pop("placeholders", None)
     if fusion is not None:
         params["policies"] = {"fusion_bytes": int(fusion)}
     method = getattr(grace, spec["name"])(**params)
     if background is not None:
         method.background = bool(background)
+    if placeholders is not None:
+        method.placeholder_allreduce = bool(placeholders)
     return method
 
 
