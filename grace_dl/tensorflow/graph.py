@@ -309,6 +309,7 @@ def _drive(grace: Grace, ops: Any, rounds: Any, pending: Pending, ctx: Any) -> A
     """Run a pipeline generator at trace time, its collectives as Horovod graph ops."""
     import horovod.tensorflow as hvd
 
+    from .collectives import allgather
     from .horovod import _op_name
 
     ps = grace.transport._ps
@@ -330,18 +331,11 @@ def _drive(grace: Grace, ops: Any, rounds: Any, pending: Pending, ctx: Any) -> A
                 result = hvd.allreduce(c.buf, op=hvd.Sum, name=name, **ps)
                 sent, received = allreduce_traffic(mine, size)
             elif c.kind == "allgather":
-                flat = tf.reshape(c.buf, [-1])
-                data = hvd.allgather(flat, name=name, **ps)
+                # 4-byte items as int32, so that Horovod fuses the allgathers of a cycle (collectives.py)
+                result, sizes = allgather(c.buf, name, _op_name(full + ".sizes"), size, c.equal_sizes, ps)
                 if c.equal_sizes:
-                    n = flat.shape.num_elements()
-                    # a static length gives each worker's piece its static shape
-                    result = (tf.unstack(tf.reshape(data, [size, n])) if n is not None
-                              else tf.split(data, size, axis=0))
                     sent, received = allgather_traffic(mine, [mine] * size, ctx.rank, True)
                 else:
-                    count = tf.reshape(tf.size(flat, out_type=tf.int64), [1])
-                    sizes = hvd.allgather(count, name=_op_name(full + ".sizes"), **ps)
-                    result = tf.split(data, sizes, num=size, axis=0)
                     sent, received = allgather_traffic(mine, [sizes[r] * itemsize for r in range(size)], ctx.rank,
                                                        False)
             else:
