@@ -1,13 +1,12 @@
 """Horovod TF graph collectives of the graph path (:mod:`grace_dl.tensorflow.graph`).
 
 Allgathers of 4-byte dtypes travel as int32. Horovod fuses the collectives that are
-ready in the same negotiation cycle into one call only when they have the same dtype; a
-method's payload is often two dtypes (top-k's float32 values and int32 indices), and an
-allgather of data-dependent size comes with its int64 size exchange, so a step of a
-12-tensor model made several Gloo allgathers one after another, each a round trip in
-which one rank waits for the other. Viewed as int32 (``tf.bitcast``: no copy, the same
-bits and the same bytes on the wire), the allgathers of a cycle fuse into one; a size
-travels as two int32. Other dtypes go as they are: a bitcast that changes the item size
+ready in the same negotiation cycle into one call only when they have the same dtype: a
+float32 payload beside int32 ones, or an allgather of data-dependent size with its int64
+size exchange (DGC's packed int32 payload), made one Gloo call per dtype, one after
+another, each a round trip in which one rank waits for the other. Viewed as int32
+(``tf.bitcast``: no copy, the same bits and the same bytes on the wire), the allgathers
+of a cycle fuse into one; a size travels as two int32. Other dtypes go as they are: a bitcast that changes the item size
 followed by the method's own bitcast is folded into one by Grappler's arithmetic
 optimizer, which then fails on the shape (uint8 -> int32 -> bfloat16 becomes
 uint8 -> bfloat16 of the wrong last dimension). Allreduces keep their dtype: they add.
