@@ -30,8 +30,14 @@ steps is traced once), and a ``tf.switch_case`` on the step picks the group, so 
 the step tensor is used only from the horizon on (:func:`early_groups`). Methods whose
 pipeline needs Python values of the data, or of every step (a size exchange read on
 the host, PowerSGD without warm start), keep the ``tf.py_function`` path;
-:func:`graph_path_blocker` says which and why. Byte counts (``method.stats``) are kept
-in variables on this path: totals and per tensor, not per step.
+:func:`graph_path_blocker` says which and why.
+
+Byte counts (``method.stats``) are kept in variables on this path: totals per tensor,
+and per step a ring of the last :data:`STEP_HISTORY` steps of each tensor (its step and
+its four counts), which reading ``method.stats`` (and loading a checkpoint) drains into
+a host-side table, so that ``stats.per_step`` is the eager path's as long as the stats
+are read at least every :data:`STEP_HISTORY` steps (steps overwritten before that are
+left out, with a warning).
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ GRAPH_COMPRESSORS = frozenset({
 GRAPH_MEMORIES = frozenset({"none", "residual", "signum_momentum", "dgc_momentum", "powersgd", "gtopk"})
 #: most warm-up steps of DGC traced one by one (each step its own density)
 MAX_WARMUP_TRACES = 32
+#: steps of per-step byte counts kept per tensor until ``method.stats`` reads them
+#: (a ring of rows of five int64: 40 bytes a step)
+STEP_HISTORY = 1024
 _STAT_FIELDS = ("dense", "payload", "sent", "received")
 
 
@@ -94,6 +103,12 @@ class _TensorSlot:
             self.step = _variable(np.int64(grace.steps.get(name, 0)), f"grace_step_{safe}")
             self.has_state = _variable(bool(loaded), f"grace_has_state_{safe}")
             self.stats = _variable(np.zeros(len(_STAT_FIELDS) + 1, np.int64), f"grace_bytes_{safe}")
+            # row step % STEP_HISTORY: (step, dense, payload, sent, received); step -1: empty
+            history = np.zeros((STEP_HISTORY, len(_STAT_FIELDS) + 1), np.int64)
+            history[:, 0] = -1
+            self.history = _variable(history, f"grace_bytes_by_step_{safe}")
+        # the first step whose row the host has not read yet (see drain_history)
+        self.unread = int(grace.steps.get(name, 0))
         self.safe = safe
         self.memory = memory  # the memory of the tensor's route from its schedule's horizon on
         self.fields: dict[str, tf.Variable] = {}
@@ -236,6 +251,8 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
         slot.has_state.assign(wrote)
     slot.step.assign_add(1)
     slot.stats.assign_add(tf.concat([counts, tf.ones([1], tf.int64)], 0))
+    row = tf.concat([tf.reshape(step_t, [1]), counts], 0)
+    slot.history.scatter_nd_update(tf.reshape(step_t % slot.history.shape[0], [1, 1]), row[None])
     if in_dtype != compute_dtype:
         flat = ops.cast(flat, in_dtype)
     return tf.reshape(flat, shape)
@@ -292,6 +309,7 @@ def _drive(grace: Grace, ops: Any, rounds: Any, pending: Pending, ctx: Any) -> A
     """Run a pipeline generator at trace time, its collectives as Horovod graph ops."""
     import horovod.tensorflow as hvd
 
+    from .collectives import allgather
     from .horovod import _op_name
 
     ps = grace.transport._ps
@@ -313,18 +331,11 @@ def _drive(grace: Grace, ops: Any, rounds: Any, pending: Pending, ctx: Any) -> A
                 result = hvd.allreduce(c.buf, op=hvd.Sum, name=name, **ps)
                 sent, received = allreduce_traffic(mine, size)
             elif c.kind == "allgather":
-                flat = tf.reshape(c.buf, [-1])
-                data = hvd.allgather(flat, name=name, **ps)
+                # 4-byte items as int32, so that Horovod fuses the allgathers of a cycle (collectives.py)
+                result, sizes = allgather(c.buf, name, _op_name(full + ".sizes"), size, c.equal_sizes, ps)
                 if c.equal_sizes:
-                    n = flat.shape.num_elements()
-                    # a static length gives each worker's piece its static shape
-                    result = (tf.unstack(tf.reshape(data, [size, n])) if n is not None
-                              else tf.split(data, size, axis=0))
                     sent, received = allgather_traffic(mine, [mine] * size, ctx.rank, True)
                 else:
-                    count = tf.reshape(tf.size(flat, out_type=tf.int64), [1])
-                    sizes = hvd.allgather(count, name=_op_name(full + ".sizes"), **ps)
-                    result = tf.split(data, sizes, num=size, axis=0)
                     sent, received = allgather_traffic(mine, [sizes[r] * itemsize for r in range(size)], ctx.rank,
                                                        False)
             else:
@@ -390,10 +401,12 @@ def push(grace: Grace) -> None:
     """Write ``grace.steps`` and the memories' state (just loaded) into the graph-path
     variables; names without loaded state start afresh."""
     table = grace.__dict__.get("_graph_slots") or {}
+    drain_history(grace)  # the steps run so far count under their old step numbers
     with tf.init_scope():
         for name, slot in table.items():
             memory = slot.memory
             slot.step.assign(grace.steps.get(name, 0))
+            slot.unread = grace.steps.get(name, 0)
             loaded = memory.state.pop(name, None) or {}
             for key, value in loaded.items():
                 variable = slot.field(key, np.asarray(value))
@@ -401,9 +414,47 @@ def push(grace: Grace) -> None:
             slot.has_state.assign(bool(loaded))
 
 
+def drain_history(grace: Grace) -> dict[int, dict[str, int]]:
+    """Move the per-step rows of the graph-path variables that the host has not read
+    yet into ``grace``'s host-side per-step table, and return that table. Rows
+    overwritten before being read (more than :data:`STEP_HISTORY` steps since the last
+    read) are left out, with a warning."""
+    import warnings
+
+    per_step = grace.__dict__.setdefault("_graph_per_step", {})
+    table = grace.__dict__.get("_graph_slots") or {}
+    with tf.init_scope():
+        for name, slot in table.items():
+            now = int(slot.step.numpy())
+            if now <= slot.unread:
+                slot.unread = now
+                continue
+            rows = slot.history.numpy()
+            capacity = len(rows)
+            lost = 0
+            for step in range(slot.unread, now):
+                row = rows[step % capacity]
+                if step < now - capacity or int(row[0]) != step:
+                    lost += 1
+                    continue
+                counts = per_step.setdefault(step, {"dense": 0, "payload": 0, "sent": 0, "received": 0, "count": 0})
+                for key, value in zip(_STAT_FIELDS, row[1:]):
+                    counts[key] += int(value)
+                counts["count"] += 1
+            slot.unread = now
+            if lost:
+                warnings.warn(f"grace-dl: the per-step byte counts of {lost} steps of tensor {name!r} were "
+                              f"overwritten before method.stats was read (the TF graph path keeps the last "
+                              f"{capacity} steps of each tensor, grace_dl.tensorflow.graph.STEP_HISTORY); "
+                              f"stats.per_step leaves them out, the totals count them", RuntimeWarning,
+                              stacklevel=3)
+    return per_step
+
+
 def graph_stats(grace: Grace, stats: Any) -> Any:
     """``stats`` (the eager path's :class:`~grace_dl.core.TrafficStats`) plus the byte
-    counts kept in the graph-path variables (totals and per tensor)."""
+    counts kept in the graph-path variables: totals, per tensor and per step (see
+    :func:`drain_history`)."""
     from ..core import TrafficStats
 
     table = grace.__dict__.get("_graph_slots") or {}
@@ -412,6 +463,10 @@ def graph_stats(grace: Grace, stats: Any) -> Any:
     merged = TrafficStats(stats.dense, stats.payload, stats.sent, stats.received, stats.tensors,
                           {k: dict(v) for k, v in stats.per_tensor.items()},
                           {k: dict(v) for k, v in stats.per_step.items()})
+    for step, counts in drain_history(grace).items():
+        row = merged.per_step.setdefault(step, {"dense": 0, "payload": 0, "sent": 0, "received": 0, "count": 0})
+        for key, value in counts.items():
+            row[key] += value
     with tf.init_scope():
         for name, slot in table.items():
             dense, payload, sent, received, count = (int(v) for v in slot.stats.numpy())

@@ -239,8 +239,10 @@ class HorovodTFGrace(Grace):
 
     @property
     def stats(self) -> Any:
-        """Byte counts (:class:`~grace_dl.core.TrafficStats`) of both paths; the graph
-        path counts totals and per tensor, not per step."""
+        """Byte counts (:class:`~grace_dl.core.TrafficStats`) of both paths: totals, per
+        tensor and per step. The graph path keeps the per-step counts of the last
+        ``grace_dl.tensorflow.graph.STEP_HISTORY`` (1024) steps of each tensor until this is
+        read; read it at least that often to keep every step."""
         from .graph import graph_stats
 
         return graph_stats(self, self.__dict__["stats"])
@@ -260,6 +262,7 @@ class HorovodTFGrace(Grace):
         """An unbound copy with the same configuration and empty state (no variables)."""
         clone = super().fresh_copy()
         clone.__dict__.pop("_graph_slots", None)
+        clone.__dict__.pop("_graph_per_step", None)
         return clone
 
     def state_dict(self) -> dict[str, Any]:
