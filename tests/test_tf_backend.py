@@ -283,6 +283,20 @@ def test_random_uniform_is_seeded_by_key_and_counter():
         assert not np.array_equal(u, T.to_numpy(other))
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 17, 1001])
+@pytest.mark.parametrize("key", [0, derive_key(0, "w"), 2**64 - 1, 2**100 + 5])
+def test_reference_uniform_is_numpys_philox_in_the_graph(n, key):
+    """PowerSGD's initial Q inside tf.function: the step tensor gives NumPy's draws bit
+    for bit (a TF Philox-4x64 of NumPy's counter and word layout)."""
+    like = tf.zeros(1)
+    draw = tf.function(lambda step: T.reference_uniform(n, key, step, like))
+    for step in (0, 1, 6, 2**40, 2**63 - 10):
+        want = N.random_uniform(n, key, step, None)
+        got = T.to_numpy(draw(tf.constant(step, tf.int64)))
+        assert got.dtype == np.float32 and got.tobytes() == want.tobytes(), (n, key, step)
+        assert T.to_numpy(T.reference_uniform(n, key, step, like)).tobytes() == want.tobytes()  # an int: NumPy's
+
+
 def test_random_uniform_leaves_global_rng_alone():
     tf.random.set_seed(7)
     first = tf.random.uniform([4]).numpy()
@@ -662,6 +676,7 @@ _GRAPH_SCRIPT = textwrap.dedent("""
     configs = [(name, name, {}) for name in grace_dl.list_methods()]
     configs += [("dgc+warmup", "dgc", {"ratio": 0.05, "warmup_steps": 3}),
                 ("powersgd+start_iter", "powersgd", {"rank": 2, "start_iter": 2}),
+                ("powersgd+no_warm_start", "powersgd", {"rank": 2, "warm_start": False}),
                 ("topk+warmup_policy", "topk", {"ratio": 0.1, "policies": {"warmup_steps": 2}}),
                 ("dgc+warmup_policy", "dgc", {"ratio": 0.05, "warmup_steps": 2, "policies": {"warmup_steps": 1}})]
     for name, factory, kwargs in configs:
@@ -717,7 +732,8 @@ def test_graph_path_traces_without_py_function():
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     paths = {line.split()[1]: line.split()[2:] for line in proc.stdout.splitlines() if line.startswith("PATH")}
-    scheduled = ("dgc+warmup", "powersgd+start_iter", "topk+warmup_policy", "dgc+warmup_policy")
+    scheduled = ("dgc+warmup", "powersgd+start_iter", "powersgd+no_warm_start", "topk+warmup_policy",
+                 "dgc+warmup_policy")
     assert set(paths) == set(grace_dl.list_methods()) | set(scheduled), proc.stdout
     for must in ("topk", "gtopk", "dgc", "powersgd", "qsgd", "fp16", "randomk", "signsgd", "efsignsgd", "onebit",
                  "terngrad", "threshold") + scheduled:

@@ -297,6 +297,16 @@ class Ops(abc.ABC):
     def random_uniform(self, n: int, key: int, counter: int, like: Array) -> Array:
         """``n`` float32 draws from U[0, 1), determined by ``(key, counter)`` alone."""
 
+    def reference_uniform(self, n: int, key: int, counter: int, like: Array) -> Array:
+        """``n`` float32 draws from U[0, 1): those of the NumPy backend's
+        :meth:`random_uniform` (NumPy's Philox-4x64 stream of ``(key, counter)``) bit for
+        bit on every backend, on ``like``'s device, for methods whose workers on
+        different backends must draw alike (PowerSGD's initial ``Q``). Default: drawn by
+        NumPy on the host and copied (a host-to-device copy on a GPU)."""
+        from .numpy_backend import NumpyOps
+
+        return self.from_numpy(NumpyOps().random_uniform(n, key, counter, None), like)
+
     @abc.abstractmethod
     def random_choice(self, n: int, k: int, key: int, counter: int, like: Array) -> Array:
         """``k`` distinct ascending int64 indices drawn uniformly from ``range(n)``,

@@ -76,8 +76,6 @@ def graph_path_blocker(grace: Grace) -> str | None:
         if cname == "dgc" and compressor.ratio < 0.25 and compressor.warmup_steps > MAX_WARMUP_TRACES:
             return (f"dgc's warm-up of {compressor.warmup_steps} steps would trace as many pipelines "
                     f"(the graph path traces at most {MAX_WARMUP_TRACES})")
-        if cname == "powersgd" and not compressor.warm_start:
-            return "powersgd without warm start draws a new Q on the host at every step"
         if getattr(communicator, "registry_name", "") == "broadcast" and compressor.payload_nbytes(
                 8, "float32") is None:
             return "a broadcast of data-dependent size reads the sizes on the host"
