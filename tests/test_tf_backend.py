@@ -668,13 +668,18 @@ _GRAPH_SCRIPT = textwrap.dedent("""
 
     rng = np.random.default_rng(0)
     grads = [{"w": rng.standard_normal((12, 30)).astype(np.float32), "b": rng.standard_normal(30).astype(np.float32)}
-             for _ in range(4)]
+             for _ in range(40)]
+    # steps run (with a resume before the step given) by configs whose schedule is longer
+    horizons = {"dgc+long_warmup": (38, 20)}
     # every registered method with its defaults, then schedules that decide on the step in
-    # Python (traced step by step before their horizon): DGC's warm-up of sparsity,
+    # Python (traced in runs before their horizon): DGC's warm-up of sparsity (its counts
+    # looked up at the step tensor; a long one across its horizon and a resume),
     # PowerSGD's start_iter (dense, then the first low-rank step right after the resume
-    # below) and the warm-up policy (dense route first)
+    # below), PowerSGD drawing its Q from the step tensor, and the warm-up policy (dense
+    # route first)
     configs = [(name, name, {}) for name in grace_dl.list_methods()]
     configs += [("dgc+warmup", "dgc", {"ratio": 0.05, "warmup_steps": 3}),
+                ("dgc+long_warmup", "dgc", {"ratio": 0.01, "warmup_steps": 36}),
                 ("powersgd+start_iter", "powersgd", {"rank": 2, "start_iter": 2}),
                 ("powersgd+no_warm_start", "powersgd", {"rank": 2, "warm_start": False}),
                 ("topk+warmup_policy", "topk", {"ratio": 0.1, "policies": {"warmup_steps": 2}}),
@@ -701,15 +706,16 @@ _GRAPH_SCRIPT = textwrap.dedent("""
         traced = getattr(grace, factory)(**kwargs).bind(grace.HorovodTFTransport())
         eager = getattr(grace, factory)(**kwargs).bind(grace.HorovodTFTransport())
         step = tf.function(lambda g: {n: traced.graph_step(t, n) for n, t in g.items()})
-        for i, g in enumerate(grads):
-            if i == 2:  # a resume between steps: state written into the variables
+        steps, resume = horizons.get(name, (4, 2))
+        for i, g in enumerate(grads[:steps]):
+            if i == resume:  # a resume between steps: state written into the variables
                 traced.load_state_dict(eager.state_dict())
             got = step({n: tf.constant(t) for n, t in g.items()})
             for n, t in g.items():  # a matrix and a vector (PowerSGD sends vectors dense, without state)
                 mine, want = got[n].numpy(), eager.step(tf.constant(t), n).numpy()
                 assert mine.tobytes() == want.tobytes(), (name, n, i, np.abs(mine - want).max())
         mine, theirs = traced.state_dict(), eager.state_dict()
-        assert mine["steps"] == theirs["steps"] == {"w": 4, "b": 4}, (name, mine["steps"])
+        assert mine["steps"] == theirs["steps"] == {"w": steps, "b": steps}, (name, mine["steps"])
         assert mine["memory"].keys() == theirs["memory"].keys(), name
         for key, fields in theirs["memory"].items():
             for field, value in fields.items():
@@ -732,7 +738,7 @@ def test_graph_path_traces_without_py_function():
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     paths = {line.split()[1]: line.split()[2:] for line in proc.stdout.splitlines() if line.startswith("PATH")}
-    scheduled = ("dgc+warmup", "powersgd+start_iter", "powersgd+no_warm_start", "topk+warmup_policy",
+    scheduled = ("dgc+warmup", "dgc+long_warmup", "powersgd+start_iter", "powersgd+no_warm_start", "topk+warmup_policy",
                  "dgc+warmup_policy")
     assert set(paths) == set(grace_dl.list_methods()) | set(scheduled), proc.stdout
     for must in ("topk", "gtopk", "dgc", "powersgd", "qsgd", "fp16", "randomk", "signsgd", "efsignsgd", "onebit",

@@ -36,12 +36,14 @@ in variables on this path: totals and per tensor, not per step.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import resource_variable_ops
 
+from ..compressors.topk import k_for
 from ..core import _COMPUTE_DTYPE, Grace, Pending
 from ..ops import DTYPE_ITEMSIZE
 from ..transport.base import allgather_traffic, allreduce_traffic
@@ -55,8 +57,6 @@ GRAPH_COMPRESSORS = frozenset({
 })
 #: memories whose state the graph path keeps in variables
 GRAPH_MEMORIES = frozenset({"none", "residual", "signum_momentum", "dgc_momentum", "powersgd", "gtopk"})
-#: most warm-up steps of DGC traced one by one (each step its own density)
-MAX_WARMUP_TRACES = 32
 _STAT_FIELDS = ("dense", "payload", "sent", "received")
 
 
@@ -73,9 +73,6 @@ def graph_path_blocker(grace: Grace) -> str | None:
             return f"compressor {cname!r} is not traced on the graph path"
         if mname not in GRAPH_MEMORIES:
             return f"memory {mname!r} is not traced on the graph path"
-        if cname == "dgc" and compressor.ratio < 0.25 and compressor.warmup_steps > MAX_WARMUP_TRACES:
-            return (f"dgc's warm-up of {compressor.warmup_steps} steps would trace as many pipelines "
-                    f"(the graph path traces at most {MAX_WARMUP_TRACES})")
         if getattr(communicator, "registry_name", "") == "broadcast" and compressor.payload_nbytes(
                 8, "float32") is None:
             return "a broadcast of data-dependent size reads the sizes on the host"
@@ -163,13 +160,14 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
     step_t = slot.step.read_value()
     has_state = slot.has_state.read_value()
 
-    def run(step: Any, state: dict[str, Any] | None, route: Any) -> tuple[Any, Any, list[Any], Any]:
+    def run(step: Any, state: dict[str, Any] | None, route: Any,
+            step_range: tuple[int, int] | None = None) -> tuple[Any, Any, list[Any], Any]:
         memory = route.memory
         if state is None:
             memory.state.pop(name, None)
         else:
             memory.state[name] = state
-        ctx = template.context(step)
+        ctx = template.context(step, step_range)
         pending = Pending(ops, ctx, in_dtype, template.dense_nbytes)
         try:
             flat = _drive(grace, ops, grace._pipeline(ops, x, ctx, pending, route), pending, ctx)
@@ -188,8 +186,8 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
         # the memory holds state after this step iff it wrote some, as eagerly
         return flat, counts, values, tf.constant(bool(written))
 
-    def with_state(step: Any, route: Any) -> Any:
-        return lambda: run(step, {k: v.read_value() for k, v in slot.fields.items()}, route)
+    def with_state(step: Any, route: Any, step_range: tuple[int, int] | None = None) -> Any:
+        return lambda: run(step, {k: v.read_value() for k, v in slot.fields.items()}, route, step_range)
 
     stateful = bool(getattr(type(memory), "state_fields", True))
 
@@ -204,12 +202,15 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
         first = tf.logical_and(tf.logical_not(has_state), tf.equal(step_t, first_step))
         return tf.cond(first, lambda: run(first_step, None, route), with_state(step_t, route))
 
-    def early(start: int, route: Any) -> Any:
-        # a step before the horizon: traced with an int step (every step of the group
-        # traces alike), with state or without it as the memory has it
+    def early(start: int, stop: int, route: Any, symbolic: bool) -> Any:
+        # steps before the horizon: traced with the step tensor, which takes the steps of
+        # [start, stop) (symbolic), or with the int start (the group's steps leave the
+        # step out of their arithmetic); with state or without it as the memory has it
+        step, step_range = (step_t, (start, stop)) if symbolic else (start, None)
         if not getattr(type(route.memory), "state_fields", True):
-            return lambda: run(start, {}, route)
-        return lambda: tf.cond(has_state, with_state(start, route), lambda: run(start, None, route))
+            return lambda: run(step, {}, route, step_range)
+        return lambda: tf.cond(has_state, with_state(step, route, step_range),
+                               lambda: run(step, None, route, step_range))
 
     fresh_fields_closed = False
     closed_fields: list[str] = []
@@ -222,10 +223,10 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
             # not add any (the branches must return alike)
             fresh_fields_closed, closed_fields = True, list(slot.fields)
             if len(groups) == 1:
-                return early(groups[0][0], groups[0][2])()
-            group_of = tf.constant(np.repeat(np.arange(len(groups)), [b - a for a, b, _ in groups]), tf.int32)
+                return early(*groups[0])()
+            group_of = tf.constant(np.repeat(np.arange(len(groups)), [b - a for a, b, _, _ in groups]), tf.int32)
             return tf.switch_case(tf.gather(group_of, tf.minimum(step_t, horizon - 1)),
-                                  [early(a, r) for a, _, r in groups])
+                                  [early(*group) for group in groups])
 
         flat, counts, values, wrote = tf.cond(step_t >= horizon, late, before)
     for variable, value in zip(slot.fields.values(), values):
@@ -239,12 +240,16 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
     return tf.reshape(flat, shape)
 
 
-def _step_decision(compressor: Any, shape: tuple[int, ...], step: int) -> Any:
+def _step_decision(compressor: Any, shape: tuple[int, ...], step: int) -> tuple[Any, bool]:
     """What a compressor decides in Python from ``step`` (part of the key of a group of
     early steps), and whether that step's pipeline leaves the step out of its arithmetic."""
     cname = getattr(compressor, "registry_name", "")
+    numel = math.prod(shape)
     if cname == "dgc":
-        return ("density", compressor.density(step)), False
+        if k_for(compressor.density(step), numel) >= numel:
+            return ("dgc", "every element"), True  # the step decides nothing else
+        # a warm-up step: the step tensor looks its counts up (DGC._counts_in_range)
+        return ("dgc", step < compressor.warmup_horizon), False
     if cname == "powersgd":
         plan = compressor.plan(shape, step)
         return ("plan", plan), plan is None  # exchanged dense: the step is not used
@@ -254,35 +259,38 @@ def _step_decision(compressor: Any, shape: tuple[int, ...], step: int) -> Any:
 def _schedule_horizon(compressor: Any) -> int:
     """The first step from which ``compressor`` decides nothing from the step in Python."""
     cname = getattr(compressor, "registry_name", "")
-    if cname == "dgc" and compressor.warmup_steps and compressor.ratio < 0.25:
-        return compressor.warmup_steps
+    if cname == "dgc":
+        return compressor.warmup_horizon
     if cname == "powersgd":
         return compressor.start_iter
     return 0
 
 
 def early_groups(grace: Grace, name: str, numel: int,
-                 shape: tuple[int, ...]) -> tuple[int, list[tuple[int, int, Any]]]:
+                 shape: tuple[int, ...]) -> tuple[int, list[tuple[int, int, Any, bool]]]:
     """``(horizon, groups)``: from step ``horizon`` on, tensor ``name`` takes one route
     and its pipeline decides nothing from the step in Python (it is traced once, with
-    the step tensor). ``groups`` split the steps before it into ``(start, stop, route)``
-    that trace alike: a run of steps exchanged dense (where the step does not enter the
-    arithmetic), or a single step (DGC's warm-up: each its own density)."""
+    the step tensor). ``groups`` split the steps before it into ``(start, stop, route,
+    symbolic)`` runs of steps that take one route and decide alike in Python: a run
+    that leaves the step out of its arithmetic (exchanged dense, say) is traced with
+    its int ``start`` (``symbolic`` False), any other run with the step tensor and
+    ``TensorContext.step_range = (start, stop)`` (DGC's warm-up looks its counts up at
+    the step: one trace for the whole warm-up, however long)."""
     policies = grace.policies
     routes = [grace._main] + [r for _, r in policies.overrides]
     horizon = max([policies.warmup_steps] + [_schedule_horizon(r.compressor) for r in routes])
-    groups: list[tuple[int, int, Any]] = []
+    groups: list[tuple[int, int, Any, bool]] = []
     last = None
     for step in range(horizon):
         route = grace.route(name, numel, step)
         decision, step_free = _step_decision(route.compressor, shape, step)
         step_free = step_free or route is grace._dense
-        key = (id(route), decision)
-        if step_free and last == key:
-            groups[-1] = (groups[-1][0], step + 1, route)
+        key = (id(route), decision, step_free)
+        if last == key:
+            groups[-1] = (groups[-1][0], step + 1, route, not step_free)
         else:
-            groups.append((step, step + 1, route))
-        last = key if step_free else None
+            groups.append((step, step + 1, route, not step_free))
+        last = key
     return horizon, groups
 
 

@@ -43,6 +43,10 @@ _NAMES: dict[tf.DType, str] = {v: k for k, v in _TF_DTYPES.items()}
 _MASK63 = (1 << 63) - 1
 
 
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, (tf.Tensor, tf.Variable))
+
+
 def _tfd(name: str) -> tf.DType:
     try:
         return _TF_DTYPES[name]
@@ -231,8 +235,11 @@ class TFOps(Ops):
         return np.asarray(x.numpy()).item()
 
     # -- selection ----------------------------------------------------------------------
-    def kth_largest(self, x: Any, k: int) -> tf.Tensor:
-        return tf.math.top_k(x, k=int(k), sorted=True).values[int(k) - 1]
+    def kth_largest(self, x: Any, k: Any) -> tf.Tensor:
+        """The ``k``-th largest element; ``k`` may be a 0-d int tensor (a count that
+        varies at run time inside ``tf.function``, 1 <= k <= len(x))."""
+        k = tf.cast(k, tf.int32) if _is_tensor(k) else int(k)
+        return tf.math.top_k(x, k=k, sorted=True).values[k - 1]
 
     def nonzero(self, mask: Any) -> tf.Tensor:
         return tf.where(tf.reshape(mask, [-1]))[:, 0]  # int64, ascending
@@ -252,8 +259,12 @@ class TFOps(Ops):
 
         ``tf.math.top_k`` orders equal values by ascending index, so its first ``k`` are
         exactly the protocol's set, without the data-dependent lengths of the generic
-        version (which therefore would not trace in ``tf.function``).
+        version (which therefore would not trace in ``tf.function``). ``k`` may be a 0-d
+        int tensor (a count that varies at run time inside ``tf.function``, 1 <= k <=
+        len(x)).
         """
+        if _is_tensor(k):  # a count that varies at run time (1 <= k <= len(x))
+            return tf.sort(tf.math.top_k(x, k=tf.cast(k, tf.int32), sorted=True, index_type=tf.int64).indices)
         k = int(k)
         if k <= 0:
             return self.zeros(0, "int64", x)
