@@ -682,6 +682,8 @@ _GRAPH_SCRIPT = textwrap.dedent("""
                 ("dgc+long_warmup", "dgc", {"ratio": 0.01, "warmup_steps": 36}),
                 ("powersgd+start_iter", "powersgd", {"rank": 2, "start_iter": 2}),
                 ("powersgd+no_warm_start", "powersgd", {"rank": 2, "warm_start": False}),
+                ("threshold+broadcast", "threshold", {"communicator": "broadcast"}),
+                ("dgc+broadcast", "dgc", {"communicator": "broadcast"}),
                 ("topk+warmup_policy", "topk", {"ratio": 0.1, "policies": {"warmup_steps": 2}}),
                 ("dgc+warmup_policy", "dgc", {"ratio": 0.05, "warmup_steps": 2, "policies": {"warmup_steps": 1}})]
     for name, factory, kwargs in configs:
@@ -738,8 +740,8 @@ def test_graph_path_traces_without_py_function():
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     paths = {line.split()[1]: line.split()[2:] for line in proc.stdout.splitlines() if line.startswith("PATH")}
-    scheduled = ("dgc+warmup", "dgc+long_warmup", "powersgd+start_iter", "powersgd+no_warm_start", "topk+warmup_policy",
-                 "dgc+warmup_policy")
+    scheduled = ("dgc+warmup", "dgc+long_warmup", "powersgd+start_iter", "powersgd+no_warm_start",
+                 "threshold+broadcast", "dgc+broadcast", "topk+warmup_policy", "dgc+warmup_policy")
     assert set(paths) == set(grace_dl.list_methods()) | set(scheduled), proc.stdout
     for must in ("topk", "gtopk", "dgc", "powersgd", "qsgd", "fp16", "randomk", "signsgd", "efsignsgd", "onebit",
                  "terngrad", "threshold") + scheduled:

@@ -104,7 +104,9 @@ class Ops(abc.ABC):
     # -- creation -----------------------------------------------------------------------
     @abc.abstractmethod
     def zeros(self, n: int, dtype: str, like: Array) -> Array:
-        """A 1-D zero array of length ``n`` on ``like``'s device."""
+        """A 1-D zero array of length ``n`` on ``like``'s device. ``n`` is an int or a
+        0-d int array (read as an int; on TensorFlow inside ``tf.function``, a
+        symbolic length known when the graph runs)."""
 
     @abc.abstractmethod
     def arange(self, n: int, like: Array) -> Array:

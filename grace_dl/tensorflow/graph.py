@@ -73,9 +73,6 @@ def graph_path_blocker(grace: Grace) -> str | None:
             return f"compressor {cname!r} is not traced on the graph path"
         if mname not in GRAPH_MEMORIES:
             return f"memory {mname!r} is not traced on the graph path"
-        if getattr(communicator, "registry_name", "") == "broadcast" and compressor.payload_nbytes(
-                8, "float32") is None:
-            return "a broadcast of data-dependent size reads the sizes on the host"
     return None
 
 

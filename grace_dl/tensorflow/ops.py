@@ -47,6 +47,10 @@ def _is_tensor(value: Any) -> bool:
     return isinstance(value, (tf.Tensor, tf.Variable))
 
 
+def _eager(value: Any) -> bool:
+    return hasattr(value, "numpy")  # an EagerTensor (or a variable) has a value now
+
+
 def _tfd(name: str) -> tf.DType:
     try:
         return _TF_DTYPES[name]
@@ -181,9 +185,11 @@ class TFOps(Ops):
             return tf.constant(np.asarray(a))
 
     # -- creation -------------------------------------------------------------------------
-    def zeros(self, n: int, dtype: str, like: Any) -> tf.Tensor:
+    def zeros(self, n: Any, dtype: str, like: Any) -> tf.Tensor:
+        # a symbolic n (inside tf.function): a length known when the graph runs
+        length = tf.reshape(tf.cast(n, tf.int64), [1]) if _is_tensor(n) and not _eager(n) else [int(n)]
         with _on(like):
-            return tf.zeros([int(n)], dtype=_tfd(dtype))
+            return tf.zeros(length, dtype=_tfd(dtype))
 
     def arange(self, n: int, like: Any) -> tf.Tensor:
         with _on(like):

@@ -132,14 +132,20 @@ def check_gradient_tape(steps: int = 3) -> int:
 
     rank, size = hvd.rank(), hvd.size()
     checked = 0
+    # every method with its defaults, and settings that the graph path traces apart: a
+    # Q drawn from the step tensor, k varying at run time over a warm-up longer than the
+    # run, broadcasts of sizes known only when the graph runs
+    cases = [(name, stage_params(name)) for name in grace.list_methods()]
+    cases += [("powersgd", {"rank": 2, "warm_start": False}), ("dgc", {"ratio": 0.05, "warmup_steps": 40}),
+              ("threshold", {"communicator": "broadcast"}), ("dgc", {"communicator": "broadcast"})]
     for mode in ("eager", "function"):
-        for name in grace.list_methods():
+        for case, (name, params) in enumerate(cases):
             real_vars = _model_vars()
             names = _variable_names(real_vars)
-            method = getattr(grace, name)(**stage_params(name))
+            method = getattr(grace, name)(**params)
             last_fed = _recording(method)
             step_fn = tf.function(_tape_step) if mode == "function" else _tape_step
-            sim = grace.LocalSimulator(getattr(grace, name)(**stage_params(name)), size)
+            sim = grace.LocalSimulator(getattr(grace, name)(**params), size)
             for step in range(steps):
                 x, y = _batch(rank, step)
                 with tf.GradientTape() as tape:
@@ -152,7 +158,7 @@ def check_gradient_tape(steps: int = 3) -> int:
                     same = (fed[n].tobytes() == local[n].tobytes() if mode == "eager"
                             else np.allclose(fed[n], local[n], rtol=1e-5, atol=1e-6))
                     assert same, f"{name} ({mode}): {n} was fed another gradient than the tape's"
-                everyone = {n: hvd.allgather(tf.constant(fed[n][None]), name=f"fed.{mode}.{name}.{step}.{i}")
+                everyone = {n: hvd.allgather(tf.constant(fed[n][None]), name=f"fed.{mode}.{case}.{step}.{i}")
                             for i, n in enumerate(names)}
                 grads = [{n: tf.constant(everyone[n][r].numpy()) for n in names} for r in range(size)]
                 expected = sim.step(grads)[rank]
@@ -161,7 +167,7 @@ def check_gradient_tape(steps: int = 3) -> int:
                     if got.tobytes() != want.tobytes():
                         raise AssertionError(f"{name} ({mode}) step {step}: {n} differs from the simulator "
                                              f"by {np.abs(got - want).max()}")
-            gathered = hvd.allgather(tf.reshape(real_vars[0], [1, -1]), name=f"same.{mode}.{name}")
+            gathered = hvd.allgather(tf.reshape(real_vars[0], [1, -1]), name=f"same.{mode}.{case}")
             assert np.array_equal(gathered[0].numpy(), gathered[1].numpy()), f"{name}: ranks differ"
             assert method.stats.payload > 0 and method.stats.tensors == 3 * steps
             checked += 1
