@@ -299,6 +299,14 @@ class Ops(abc.ABC):
     def random_uniform(self, n: int, key: int, counter: int, like: Array) -> Array:
         """``n`` float32 draws from U[0, 1), determined by ``(key, counter)`` alone."""
 
+    def hold(self, x: Array) -> Array:
+        """``x`` itself, computed as written: a graph compiler may not fold the
+        arithmetic before it into the arithmetic after it (TensorFlow's Grappler turns
+        ``(x * c1) * c2`` into ``x * (c1 * c2)``, another rounding than eagerly). For a
+        product of products with constants that must round as on every backend.
+        Default: ``x``."""
+        return x
+
     def reference_uniform(self, n: int, key: int, counter: int, like: Array) -> Array:
         """``n`` float32 draws from U[0, 1): those of the NumPy backend's
         :meth:`random_uniform` (NumPy's Philox-4x64 stream of ``(key, counter)``) bit for

@@ -53,10 +53,11 @@ from ..transport.base import allgather_traffic, allreduce_traffic
 GRAPH_COMPRESSORS = frozenset({
     "none", "fp16", "bf16", "topk", "randomk", "dgc", "powersgd", "qsgd", "terngrad", "signsgd", "efsignsgd",
     "onebit", "signum", "threshold", "natural", "natural_dithering", "stc", "sbc", "adaptive_threshold",
-    "sidco", "chunk", "gtopk",
+    "sidco", "chunk", "gtopk", "onebit_adam",
 })
 #: memories whose state the graph path keeps in variables
-GRAPH_MEMORIES = frozenset({"none", "residual", "signum_momentum", "dgc_momentum", "powersgd", "gtopk"})
+GRAPH_MEMORIES = frozenset({"none", "residual", "signum_momentum", "dgc_momentum", "powersgd", "gtopk",
+                            "onebit_adam"})
 _STAT_FIELDS = ("dense", "payload", "sent", "received")
 
 
@@ -73,6 +74,12 @@ def graph_path_blocker(grace: Grace) -> str | None:
             return f"compressor {cname!r} is not traced on the graph path"
         if mname not in GRAPH_MEMORIES:
             return f"memory {mname!r} is not traced on the graph path"
+        if cname == "onebit_adam" and compressor.bias_correction:
+            try:  # the symbolic step looks Adam's bias corrections up in tables
+                for beta, cap in ((compressor.beta1, None), (compressor.beta2, compressor.freeze_step)):
+                    compressor.correction_table(beta, cap, "float64")
+            except ValueError as err:
+                return str(err)
     return None
 
 
@@ -147,6 +154,12 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
         # the handshake checks loaded state against the tensor before the slot takes it
         _handshake(grace, ops, tensor, template.context(grace.steps.get(name, 0)), in_dtype)
         slot = table[name] = _TensorSlot(grace, name, memory)
+        for r in [grace._main] + [r for _, r in grace.policies.overrides]:
+            if getattr(type(r.memory), "missing_fields_are_zero", False):
+                # every field from the start (zero until written), so that steps which
+                # write different fields (1-bit Adam's warm-up keeps no errors) trace alike
+                for key in r.memory.state_fields:
+                    slot.field(key, np.zeros(numel, template.fields["dtype"]))
     with tf.init_scope():
         step0 = int(slot.step.numpy())
 
@@ -154,6 +167,9 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
     x = ops.flatten(tensor)
     if in_dtype != compute_dtype:
         x = ops.cast(x, compute_dtype)
+    # the gradient as the caller's graph computed it: Grappler may not fold the method's
+    # products with constants into those that made it (the eager pipeline gets it whole)
+    x = ops.hold(x)
     step_t = slot.step.read_value()
     has_state = slot.has_state.read_value()
 
@@ -188,9 +204,17 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
 
     stateful = bool(getattr(type(memory), "state_fields", True))
 
+    def zero_fields(route: Any) -> bool:
+        # a memory whose missing fields read as zeros has every field in a variable,
+        # zero while it holds no state: every step reads them (no constant zeros that
+        # Grappler would fold away, -0.0 signs and all)
+        return bool(getattr(type(route.memory), "missing_fields_are_zero", False))
+
     def late() -> Any:
         if not stateful:
             return run(step_t, {}, route)
+        if zero_fields(route):
+            return with_state(step_t, route)()
         # the first step of this name: traced with its int step (PowerSGD draws its
         # initial Q on the host from it); afterwards steady, with the step tensor (also
         # for a tensor whose memory keeps nothing, such as PowerSGD's dense vectors).
@@ -206,6 +230,8 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
         step, step_range = (step_t, (start, stop)) if symbolic else (start, None)
         if not getattr(type(route.memory), "state_fields", True):
             return lambda: run(step, {}, route, step_range)
+        if zero_fields(route):
+            return with_state(step, route, step_range)
         return lambda: tf.cond(has_state, with_state(step, route, step_range),
                                lambda: run(step, None, route, step_range))
 
@@ -250,6 +276,8 @@ def _step_decision(compressor: Any, shape: tuple[int, ...], step: int) -> tuple[
     if cname == "powersgd":
         plan = compressor.plan(shape, step)
         return ("plan", plan), plan is None  # exchanged dense: the step is not used
+    if cname == "onebit_adam":
+        return ("frozen", compressor.frozen(step)), False  # the step enters the bias correction
     return None, False
 
 
@@ -260,6 +288,8 @@ def _schedule_horizon(compressor: Any) -> int:
         return compressor.warmup_horizon
     if cname == "powersgd":
         return compressor.start_iter
+    if cname == "onebit_adam":
+        return compressor.freeze_step
     return 0
 
 
@@ -401,6 +431,9 @@ def push(grace: Grace) -> None:
             for key, value in loaded.items():
                 variable = slot.field(key, np.asarray(value))
                 variable.assign(np.asarray(value).reshape(variable.shape))
+            for key, variable in slot.fields.items():
+                if key not in loaded:  # not in the checkpoint: nothing of an earlier run stays
+                    variable.assign(tf.zeros_like(variable))
             slot.has_state.assign(bool(loaded))
 
 

@@ -409,6 +409,13 @@ class TFOps(Ops):
         with _on(like):
             return tf.random.stateless_uniform([int(n)], seed=self._seed(key, counter), dtype=tf.float32)
 
+    def hold(self, x: Any) -> tf.Tensor:
+        # a Snapshot: Grappler neither folds constants across it nor removes it (an
+        # Identity would be removed first); eagerly nothing is folded, x is returned
+        if tf.executing_eagerly():
+            return x
+        return tf.raw_ops.Snapshot(input=x)
+
     def reference_uniform(self, n: int, key: int, counter: Any, like: Any) -> tf.Tensor:
         """NumPy's draws (:meth:`Ops.reference_uniform`); a ``counter`` that is a tensor
         (the step counter inside ``tf.function``) computes NumPy's Philox-4x64 stream in
