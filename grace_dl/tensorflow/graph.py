@@ -15,23 +15,35 @@ State lives in ``tf.Variable``s, created when a tensor is first traced (under
 ``tf.init_scope``, as plain resource variables, so that a method built inside a
 ``tf.function`` that is retraced can create them again): per tensor, its step counter,
 whether its memory holds state yet, its memory fields (residual, momentum, velocity,
-PowerSGD's error and Q ...) and its byte counts. The step counter is a tensor inside the
-graph: methods draw their random numbers from ``(key, step)`` with it, exactly as
-eagerly. A memory's first step differs from the later ones (nothing to add back; PowerSGD
-draws its initial Q): the pipeline is traced twice, once without state and once with
-it, and a ``tf.cond`` on the state flag picks one at run time, so that results are those
-of the eager pipeline bit for bit. ``Grace.state_dict`` reads the variables back, and
-``load_state_dict`` writes them, so checkpoints and resumes work as eagerly.
+PowerSGD's error and Q, 1-bit Adam's moments and errors ...) and its byte counts. The
+step counter is a tensor inside the graph: methods draw their random numbers from
+``(key, step)`` with it, exactly as eagerly (PowerSGD's ``Q``, drawn as NumPy's Philox
+stream, :meth:`~grace_dl.ops.Ops.reference_uniform`, also without warm start). A
+memory's first step differs from the later ones (nothing to add back; PowerSGD draws
+its initial Q): the pipeline is traced twice, once without state and once with it,
+and a ``tf.cond`` on the state flag picks one at run time, so that results are those
+of the eager pipeline bit for bit (a memory whose missing fields read as zeros, 1-bit
+Adam's, keeps every field in a variable from the start and is traced once).
+``Grace.state_dict`` reads the variables back, and ``load_state_dict`` writes them, so
+checkpoints and resumes work as eagerly.
 
 Schedules that decide on the step in Python (DGC's warm-up of sparsity, PowerSGD's
-``start_iter``, the ``warmup_steps`` policy) hold only before a horizon: the steps before
-it are traced with their int values, grouped where they trace alike (a run of dense
-steps is traced once), and a ``tf.switch_case`` on the step picks the group, so that
-the step tensor is used only from the horizon on (:func:`early_groups`). Methods whose
-pipeline needs Python values of the data, or of every step (a size exchange read on
-the host, PowerSGD without warm start), keep the ``tf.py_function`` path;
-:func:`graph_path_blocker` says which and why. Byte counts (``method.stats``) are kept
-in variables on this path: totals and per tensor, not per step.
+``start_iter``, 1-bit Adam's ``freeze_step``, the ``warmup_steps`` policy) hold only
+before a horizon: the steps before it are split into runs that decide alike
+(:func:`early_groups`), each traced once, and a ``tf.switch_case`` on the step picks
+the run. A run whose steps leave the step out of their arithmetic (exchanged dense) is
+traced with its first int step; any other with the step tensor and
+``TensorContext.step_range``, from which the method looks what its schedule gives each
+step up in tables of the int steps' values (DGC's k and sample rank, so that k varies
+at run time however long the warm-up; 1-bit Adam's bias corrections). Collectives
+whose sizes depend on the data (DGC's and the threshold methods' allgathers,
+broadcasts of such payloads) take sizes known when the graph runs. TensorFlow's graph
+optimizer (Grappler) reassociates products with constants and chains of sums, which
+would round otherwise than eagerly: :meth:`~grace_dl.ops.Ops.hold` (a ``Snapshot``)
+keeps each gradient, and the sums and products of a method that need it, as written.
+Every registered method traces (no ``tf.py_function``) except those
+:func:`graph_path_blocker` names. Byte counts (``method.stats``) are kept in variables
+on this path: totals and per tensor, not per step.
 """
 
 from __future__ import annotations
@@ -49,7 +61,7 @@ from ..ops import DTYPE_ITEMSIZE
 from ..transport.base import allgather_traffic, allreduce_traffic
 
 #: compressors whose pipeline traces with a tensor step (tested against the eager
-#: pipeline); others run in a ``tf.py_function``
+#: pipeline); others (sketch, until its hash traces) run in a ``tf.py_function``
 GRAPH_COMPRESSORS = frozenset({
     "none", "fp16", "bf16", "topk", "randomk", "dgc", "powersgd", "qsgd", "terngrad", "signsgd", "efsignsgd",
     "onebit", "signum", "threshold", "natural", "natural_dithering", "stc", "sbc", "adaptive_threshold",
