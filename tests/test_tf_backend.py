@@ -461,6 +461,21 @@ def test_gradient_mismatch_message_names_the_variables():
 
 
 # -- tf.function -------------------------------------------------------------------------------
+def test_counts_known_at_run_time_inside_tf_function(rng):
+    """DGC's warm-up inside tf.function: top-k and k-th largest with k a tensor, and
+    zeros of a length known at run time, give the int-k results."""
+    x = rng.standard_normal(50).astype(np.float32)
+    x[[3, 17, 30]] = x[5]  # ties go to the lower index
+    topk = tf.function(lambda x, k: T.topk_indices(x, k))
+    kth = tf.function(lambda x, k: T.kth_largest(x, k))
+    zeros = tf.function(lambda n: T.zeros(n, "float32", x))
+    for k in (1, 2, 7, 49, 50):
+        k_t = tf.constant(k, tf.int64)
+        assert T.to_numpy(topk(tf.constant(x), k_t)).tolist() == N.topk_indices(x, k).tolist(), k
+        assert T.to_numpy(kth(tf.constant(x), k_t)).tobytes() == np.asarray(N.kth_largest(x, k)).tobytes(), k
+        assert T.to_numpy(zeros(k_t)).tobytes() == np.zeros(k, np.float32).tobytes()
+
+
 def test_ops_trace_in_tf_function(rng):
     n = 77
     compressor = grace_dl.make("topk", ratio=0.1).compressor
