@@ -17,6 +17,7 @@ other the state through ``ctx.scratch``.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any
@@ -173,6 +174,7 @@ class OnebitAdam(Compressor):
         return ctx.step_range is None or ctx.step_range[0] >= self.freeze_step
 
     @staticmethod
+    @functools.lru_cache(maxsize=16)
     def correction_table(beta: float, cap: int | None, dtype: str) -> np.ndarray:
         """Adam's bias correction ``1 / (1 - beta ** min(t, cap))`` for ``t = 0, 1, ...``
         as :meth:`direction` computes it (Python floats; entry 0 unused), up to the
@@ -186,7 +188,9 @@ class OnebitAdam(Compressor):
             value = 1.0 / (1.0 - beta ** (t if cap is None else min(t, cap)))
             values.append(value)
             if (cap is not None and t >= cap) or rounded(value) == 1.0:
-                return np.array(values, np.float64)
+                table = np.array(values, np.float64)
+                table.flags.writeable = False  # cached: shared by every caller
+                return table
             if len(values) >= MAX_CORRECTION_TABLE:
                 raise ValueError(f"1-bit Adam's bias correction with beta={beta} reaches its limit after more "
                                  f"than {MAX_CORRECTION_TABLE} steps: too many to tabulate for a symbolic step")
