@@ -14,6 +14,7 @@ tf.get_logger().setLevel("ERROR")  # the checks build many small functions on pu
 
 sys.path.insert(0, os.path.dirname(__file__))
 import grace_dl.tensorflow as grace  # noqa: E402
+from grace_dl.compressors.topk import TopK  # noqa: E402
 from common import check_methods_against_simulator, stage_params  # noqa: E402
 
 
@@ -220,6 +221,12 @@ def check_checkpoint_resume(k: int = 3) -> None:
     say("checkpoint at k, restore, step 2k: identical to an uninterrupted run (topk, efsignsgd, qsgd)")
 
 
+class UnregisteredTopK(TopK):
+    """Top-k under a name the graph path does not know: it runs in a tf.py_function."""
+
+    registry_name = "unregistered_topk"
+
+
 def check_none_gradients() -> None:
     """A variable whose gradient is None on one rank only (its loss does not use it there)
     ends, on every rank, in an error naming the variable, within seconds: at the first
@@ -235,11 +242,12 @@ def check_none_gradients() -> None:
         w = tf.Variable(tf.ones([4, 3]), name=f"none{i}_w")
         b = tf.Variable(tf.zeros([3]), name=f"none{i}_b")
         x = tf.constant(np.ones((2, 4), np.float32))
-        # the later-step case on the py_function path (PowerSGD without warm start), where the
-        # check runs at every step; on the graph path (topk) that rank alone traces the step
-        # again and its check waits 30 s for the others, then ends the job
-        # (tests/multirank/late_none_gradient.py)
-        method = grace.powersgd(warm_start=False) if from_step else grace.topk(ratio=0.5)
+        # the later-step case on the py_function path (a compressor from outside the
+        # registry), where the check runs at every step; on the graph path (topk) that rank
+        # alone traces the step again and its check waits 30 s for the others, then ends
+        # the job (tests/multirank/late_none_gradient.py)
+        method = grace.HorovodTFGrace(UnregisteredTopK(ratio=0.5)) if from_step else grace.topk(ratio=0.5)
+        assert method.graph_path == (not from_step), (from_step, method.graph_path)
 
         def step(drop):
             with tf.GradientTape() as tape:
