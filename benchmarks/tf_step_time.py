@@ -38,7 +38,14 @@ METHODS = {
     "dgc": ("dgc", {}),
     "powersgd": ("powersgd", {"rank": 2}),
     "qsgd": ("qsgd", {}),
+    # settings that ran in a tf.py_function before the graph path traced them
+    "powersgd_no_warm_start": ("powersgd", {"rank": 2, "warm_start": False}),
+    "dgc_long_warmup": ("dgc", {"warmup_steps": 1000}),
+    "threshold_broadcast": ("threshold", {"threshold": 0.01, "communicator": "broadcast"}),
+    "onebit_adam": ("onebit_adam", {"freeze_step": 3}),
 }
+#: the methods timed by default
+DEFAULT_METHODS = ("none", "topk", "dgc", "powersgd", "qsgd")
 
 
 def digits(rank: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,22 +74,29 @@ def tf_model(name: str):
         tf.keras.layers.Dense(10)])
 
 
-def _compression(grace, hvd, method: str, fusion: int):
+def _compression(grace, hvd, method: str, fusion: int, py_function: bool = False):
     spec = METHODS[method]
     if spec is None:
         return hvd.Compression.none
-    return getattr(grace, spec[0])(policies={"fusion_bytes": fusion}, **spec[1])
+    compression = getattr(grace, spec[0])(policies={"fusion_bytes": fusion}, **spec[1])
+    if py_function:
+        # the path of methods the graph path cannot trace: one tf.py_function per gradient
+        cls = type(compression)
+        compression.__class__ = type(f"{cls.__name__}OnPyFunction", (cls,), {"graph_path": property(lambda _: False)})
+    return compression
 
 
-def build_tf(model_name: str, method: str, batch: int, fusion: int = 0) -> tuple[Callable[[], None], int]:
-    """A TF training step (traced on first call) of ``model_name`` with ``method``."""
+def build_tf(model_name: str, method: str, batch: int, fusion: int = 0,
+             py_function: bool = False) -> tuple[Callable[[], None], int]:
+    """A TF training step (traced on first call) of ``model_name`` with ``method``
+    (``py_function``: on the ``tf.py_function`` path rather than the graph path)."""
     import horovod.tensorflow as hvd
     import tensorflow as tf
 
     import grace_dl.tensorflow as grace
 
     model = tf_model(model_name)
-    compression = _compression(grace, hvd, method, fusion)
+    compression = _compression(grace, hvd, method, fusion, py_function)
     opt = tf.keras.optimizers.SGD(0.01)
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     x, y = (tf.constant(a) for a in digits(hvd.rank(), batch))
@@ -144,7 +158,11 @@ def timed(step: Callable[[], None], steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="digits_mlp,keras_cnn", help="comma-separated: digits_mlp, keras_cnn")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated, from {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--py-function", default="",
+                        help="comma-separated methods (of --methods) to time a second time on the tf.py_function "
+                             "path, the one that methods the graph path cannot trace take (TF only)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per case and round (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--rounds", type=int, default=3,
@@ -164,8 +182,9 @@ def main() -> None:
     hvd.init()
     builder = build_tf if args.framework == "tf" else build_torch
     fusions = [int(f) for f in args.fusion.split(",")]
-    cases = [(method, fusion) for method in args.methods.split(",")
+    cases = [(method, fusion, False) for method in args.methods.split(",")
              for fusion in ([0] if METHODS[method] is None else fusions)]
+    cases += [(method, 0, True) for method in args.py_function.split(",") if method]
     rows = []
     for model_name in args.models.split(","):
         # every case's step built and warmed up first, then timed in turn, round after
@@ -173,7 +192,8 @@ def main() -> None:
         # all rounds of one, and the fastest round's median is kept
         built = {}
         for case in cases:
-            step, tensors = builder(model_name, case[0], args.batch, case[1])
+            on_py_function = {"py_function": True} if case[2] else {}
+            step, tensors = builder(model_name, case[0], args.batch, case[1], **on_py_function)
             for _ in range(args.warmup):
                 step()
             built[case] = (step, tensors, [])
@@ -183,9 +203,11 @@ def main() -> None:
                 medians.append(timed(step, args.steps))
         base = min(built[cases[0]][2])
         for case in cases:
-            method, fusion = case
+            method, fusion, on_py_function = case
             medians = built[case][2]
             label = f"{method},fusion={fusion}" if len(fusions) > 1 and METHODS[method] else method
+            if on_py_function:
+                label += " (py_function)"
             rows.append((model_name, built[case][1], label, min(medians) * 1e3, min(medians) / base,
                          max(medians) * 1e3))
     if hvd.rank() == 0:

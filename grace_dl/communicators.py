@@ -3,8 +3,6 @@ decompressed tensors are aggregated (mean, sum or majority vote)."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from .core import Collective, Communicator, Compressor, TensorContext, decompress_all, mean_factor
 from .ops import Ops
 from .payload import Payload
@@ -66,14 +64,15 @@ class Broadcast(Communicator):
     """
 
     def exchange(self, ops: Ops, payload: Payload, compressor: Compressor, ctx: TensorContext):
-        n = ops.numel(payload.buffer)
         if _fixed_size(compressor, ctx):
-            lengths = [n] * ctx.world_size
+            lengths = [ops.numel(payload.buffer)] * ctx.world_size
         else:
-            # receivers must know each root's length before posting their buffers
-            mine = ops.from_numpy(np.array([n], dtype=np.int64), payload.buffer)
+            # receivers must know each root's length before posting their buffers; a length
+            # is an int, or a symbolic tensor inside tf.function (known when the graph runs),
+            # and a received one a 0-d array that ops.zeros reads
+            mine = ops.zeros(1, "int64", payload.buffer) + ops.length(payload.buffer)
             (gathered,) = yield [Collective("allgather", mine, tag="sizes")]
-            lengths = [int(ops.item(g[0])) for g in gathered]
+            lengths = [g[0] for g in gathered]
         dtype = ops.dtype(payload.buffer)
         buffers = yield [
             Collective("broadcast", payload.buffer if root == ctx.rank else ops.zeros(lengths[root], dtype,

@@ -54,6 +54,10 @@ class TensorContext:
             compressor, memory and communicator of one method may leave each other what
             the pipeline's flat-tensor arguments cannot carry (PowerSGD's agreed ``P``);
             never saved (state that outlives a step belongs in the memory).
+        step_range: where ``step`` is a symbolic tensor (TensorFlow's graph path) that
+            takes only the steps ``[start, stop)`` in this trace, that pair (a schedule,
+            such as DGC's warm-up, then reads its values from a table); None otherwise:
+            an int step, or a symbolic one from every schedule's horizon on.
     """
 
     name: str
@@ -67,6 +71,7 @@ class TensorContext:
     rank: int
     world_size: int
     scratch: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    step_range: tuple[int, int] | None = None
 
 
 class _ContextTemplate:
@@ -81,14 +86,17 @@ class _ContextTemplate:
         self.fields = fields
         self.dense_nbytes = dense_nbytes
 
-    def context(self, step: int) -> TensorContext:
-        """The context of this tensor at ``step``, with a fresh ``scratch``. Fills the
-        frozen dataclass's ``__dict__`` directly: its generated ``__init__`` (one
-        ``object.__setattr__`` per field) costs ~4 us, a tenth of a small tensor's step."""
+    def context(self, step: int, step_range: tuple[int, int] | None = None) -> TensorContext:
+        """The context of this tensor at ``step`` (``step_range``: see
+        :class:`TensorContext`), with a fresh ``scratch``. Fills the frozen dataclass's
+        ``__dict__`` directly: its generated ``__init__`` (one ``object.__setattr__`` per
+        field) costs ~4 us, a tenth of a small tensor's step."""
         ctx = object.__new__(TensorContext)
         ctx.__dict__.update(self.fields)
         ctx.__dict__["step"] = step
         ctx.__dict__["scratch"] = {}
+        if step_range is not None:  # otherwise the class default, None
+            ctx.__dict__["step_range"] = step_range
         return ctx
 
 

@@ -7,12 +7,15 @@ subnormals: TensorFlow's CPU kernels flush them to zero, NumPy does not.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -283,6 +286,20 @@ def test_random_uniform_is_seeded_by_key_and_counter():
         assert not np.array_equal(u, T.to_numpy(other))
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 17, 1001])
+@pytest.mark.parametrize("key", [0, derive_key(0, "w"), 2**64 - 1, 2**100 + 5])
+def test_reference_uniform_is_numpys_philox_in_the_graph(n, key):
+    """PowerSGD's initial Q inside tf.function: the step tensor gives NumPy's draws bit
+    for bit (a TF Philox-4x64 of NumPy's counter and word layout)."""
+    like = tf.zeros(1)
+    draw = tf.function(lambda step: T.reference_uniform(n, key, step, like))
+    for step in (0, 1, 6, 2**40, 2**63 - 10):
+        want = N.random_uniform(n, key, step, None)
+        got = T.to_numpy(draw(tf.constant(step, tf.int64)))
+        assert got.dtype == np.float32 and got.tobytes() == want.tobytes(), (n, key, step)
+        assert T.to_numpy(T.reference_uniform(n, key, step, like)).tobytes() == want.tobytes()  # an int: NumPy's
+
+
 def test_random_uniform_leaves_global_rng_alone():
     tf.random.set_seed(7)
     first = tf.random.uniform([4]).numpy()
@@ -444,6 +461,21 @@ def test_gradient_mismatch_message_names_the_variables():
 
 
 # -- tf.function -------------------------------------------------------------------------------
+def test_counts_known_at_run_time_inside_tf_function(rng):
+    """DGC's warm-up inside tf.function: top-k and k-th largest with k a tensor, and
+    zeros of a length known at run time, give the int-k results."""
+    x = rng.standard_normal(50).astype(np.float32)
+    x[[3, 17, 30]] = x[5]  # ties go to the lower index
+    topk = tf.function(lambda x, k: T.topk_indices(x, k))
+    kth = tf.function(lambda x, k: T.kth_largest(x, k))
+    zeros = tf.function(lambda n: T.zeros(n, "float32", x))
+    for k in (1, 2, 7, 49, 50):
+        k_t = tf.constant(k, tf.int64)
+        assert T.to_numpy(topk(tf.constant(x), k_t)).tolist() == N.topk_indices(x, k).tolist(), k
+        assert T.to_numpy(kth(tf.constant(x), k_t)).tobytes() == np.asarray(N.kth_largest(x, k)).tobytes(), k
+        assert T.to_numpy(zeros(k_t)).tobytes() == np.zeros(k, np.float32).tobytes()
+
+
 def test_ops_trace_in_tf_function(rng):
     n = 77
     compressor = grace_dl.make("topk", ratio=0.1).compressor
@@ -636,7 +668,34 @@ def test_horovod_transport_two_ranks(tmp_path):
     assert "HVD-OK 0" in out and "HVD-OK 1" in out, out[-4000:]
 
 
+#: (label, factory, kwargs) of the settings that the graph path traces apart from a
+#: method's defaults: schedules that decide on the step in Python (traced in runs before
+#: their horizon: DGC's warm-up of sparsity, its counts looked up at the step tensor, a
+#: long one across its horizon and a resume; PowerSGD's start_iter, dense and then the
+#: first low-rank step right after the resume; 1-bit Adam's warm-up and compression
+#: stage; the warm-up policy, dense route first), PowerSGD drawing its Q from the step
+#: tensor, and broadcasts of data-dependent sizes
+GRAPH_VARIANTS = [
+    ("dgc+warmup", "dgc", {"ratio": 0.05, "warmup_steps": 3}),
+    ("dgc+long_warmup", "dgc", {"ratio": 0.01, "warmup_steps": 36}),
+    ("dgc+warmup_100", "dgc", {"warmup_steps": 100}),
+    ("powersgd+start_iter", "powersgd", {"rank": 2, "start_iter": 2}),
+    ("powersgd+no_warm_start", "powersgd", {"rank": 2, "warm_start": False}),
+    ("onebit_adam+freeze", "onebit_adam", {"freeze_step": 2}),
+    ("threshold+broadcast", "threshold", {"communicator": "broadcast"}),
+    ("dgc+broadcast", "dgc", {"communicator": "broadcast"}),
+    ("topk+warmup_policy", "topk", {"ratio": 0.1, "policies": {"warmup_steps": 2}}),
+    ("dgc+warmup_policy", "dgc", {"ratio": 0.05, "warmup_steps": 2, "policies": {"warmup_steps": 1}}),
+]
+#: steps run, and the step before which the state is reloaded, where not (4, 2)
+GRAPH_HORIZONS = {"dgc+long_warmup": (38, 20)}
+#: methods still off the graph path, with the reason (a strict xfail: remove it once traced)
+NOT_TRACED_YET = {"sketch": "sketch's hash is not traced yet (another change puts sketch on the graph path)"}
+
 _GRAPH_SCRIPT = textwrap.dedent("""
+    import json
+    import sys
+
     import numpy as np
     import tensorflow as tf
     import horovod.tensorflow as hvd
@@ -654,16 +713,10 @@ _GRAPH_SCRIPT = textwrap.dedent("""
 
     rng = np.random.default_rng(0)
     grads = [{"w": rng.standard_normal((12, 30)).astype(np.float32), "b": rng.standard_normal(30).astype(np.float32)}
-             for _ in range(4)]
-    # every registered method with its defaults, then schedules that decide on the step in
-    # Python (traced step by step before their horizon): DGC's warm-up of sparsity,
-    # PowerSGD's start_iter (dense, then the first low-rank step right after the resume
-    # below) and the warm-up policy (dense route first)
-    configs = [(name, name, {}) for name in grace_dl.list_methods()]
-    configs += [("dgc+warmup", "dgc", {"ratio": 0.05, "warmup_steps": 3}),
-                ("powersgd+start_iter", "powersgd", {"rank": 2, "start_iter": 2}),
-                ("topk+warmup_policy", "topk", {"ratio": 0.1, "policies": {"warmup_steps": 2}}),
-                ("dgc+warmup_policy", "dgc", {"ratio": 0.05, "warmup_steps": 2, "policies": {"warmup_steps": 1}})]
+             for _ in range(40)]
+    variants, horizons = json.loads(sys.argv[1])
+    # every registered method with its defaults, then the variants
+    configs = [(name, name, {}) for name in grace_dl.list_methods()] + [tuple(v) for v in variants]
     for name, factory, kwargs in configs:
         method = getattr(grace, factory)(**kwargs)
         # 1. what a DistributedGradientTape step traces: no py_function on the graph path
@@ -679,29 +732,48 @@ _GRAPH_SCRIPT = textwrap.dedent("""
         types = op_types(tape_step.get_concrete_function(tf.TensorSpec([2, 4], tf.float32)).graph)
         py = bool(types & {"EagerPyFunc", "PyFunc", "PyFuncStateless"})
         hvd_ops = {t for t in types if t.startswith("Horovod") and t != "HorovodSize"}
-        print("PATH", name, method.graph_path, "pyfunc" if py else "no-pyfunc", ",".join(sorted(hvd_ops)))
+        print("PATH", name, method.graph_path, "pyfunc" if py else "no-pyfunc", ",".join(sorted(hvd_ops)), flush=True)
         if not method.graph_path:
             continue
         # 2. the traced pipeline gives the eager pipeline's results, state and byte counts
         traced = getattr(grace, factory)(**kwargs).bind(grace.HorovodTFTransport())
         eager = getattr(grace, factory)(**kwargs).bind(grace.HorovodTFTransport())
         step = tf.function(lambda g: {n: traced.graph_step(t, n) for n, t in g.items()})
-        for i, g in enumerate(grads):
-            if i == 2:  # a resume between steps: state written into the variables
+        steps, resume = horizons.get(name, (4, 2))
+        for i, g in enumerate(grads[:steps]):
+            if i == resume:  # a resume between steps: state written into the variables
                 traced.load_state_dict(eager.state_dict())
             got = step({n: tf.constant(t) for n, t in g.items()})
             for n, t in g.items():  # a matrix and a vector (PowerSGD sends vectors dense, without state)
                 mine, want = got[n].numpy(), eager.step(tf.constant(t), n).numpy()
                 assert mine.tobytes() == want.tobytes(), (name, n, i, np.abs(mine - want).max())
         mine, theirs = traced.state_dict(), eager.state_dict()
-        assert mine["steps"] == theirs["steps"] == {"w": 4, "b": 4}, (name, mine["steps"])
+        assert mine["steps"] == theirs["steps"] == {"w": steps, "b": steps}, (name, mine["steps"])
         assert mine["memory"].keys() == theirs["memory"].keys(), name
         for key, fields in theirs["memory"].items():
             for field, value in fields.items():
                 assert mine["memory"][key][field].tobytes() == value.tobytes(), (name, field)
         assert traced.stats.as_dict() == eager.stats.as_dict(), (name, traced.stats, eager.stats)
-        print("SAME", name)
+        print("SAME", name, flush=True)
 """)
+
+
+@functools.lru_cache(maxsize=1)
+def _graph_run() -> tuple[int, str, str]:
+    """(return code, stdout, stderr) of the graph-path script, run once per session."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", _GRAPH_SCRIPT, json.dumps([GRAPH_VARIANTS, GRAPH_HORIZONS])],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _traced_paths() -> dict[str, list[str]]:
+    """label -> [graph_path, pyfunc or no-pyfunc, Horovod ops...] from the script."""
+    if importlib.util.find_spec("horovod") is None:
+        pytest.skip("horovod is not installed (run scripts/setup.sh)")
+    code, out, err = _graph_run()
+    assert code == 0, (out[-2000:], err[-3000:])
+    return {line.split()[1]: line.split()[2:] for line in out.splitlines() if line.startswith("PATH")}
 
 
 def test_graph_path_traces_without_py_function():
@@ -710,24 +782,35 @@ def test_graph_path_traces_without_py_function():
     py_function, and the traced pipeline gives the eager one's results, state (also
     after loading a checkpoint between steps) and byte counts bit for bit. Methods off
     the graph path keep their py_function."""
-    if importlib.util.find_spec("horovod") is None:
-        pytest.skip("horovod is not installed (run scripts/setup.sh)")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-c", _GRAPH_SCRIPT], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    paths = {line.split()[1]: line.split()[2:] for line in proc.stdout.splitlines() if line.startswith("PATH")}
-    scheduled = ("dgc+warmup", "powersgd+start_iter", "topk+warmup_policy", "dgc+warmup_policy")
-    assert set(paths) == set(grace_dl.list_methods()) | set(scheduled), proc.stdout
+    paths = _traced_paths()
+    out = _graph_run()[1]
+    assert set(paths) == set(grace_dl.list_methods()) | {label for label, _, _ in GRAPH_VARIANTS}, out
     for must in ("topk", "gtopk", "dgc", "powersgd", "qsgd", "fp16", "randomk", "signsgd", "efsignsgd", "onebit",
-                 "terngrad", "threshold") + scheduled:
+                 "terngrad", "threshold", "onebit_adam") + tuple(label for label, _, _ in GRAPH_VARIANTS):
         assert paths[must][0] == "True", (must, paths[must])
     for name, (on_graph, pyfunc, *collectives) in paths.items():
         if on_graph == "True":
             assert pyfunc == "no-pyfunc" and collectives, (name, pyfunc, collectives)
-            assert f"SAME {name}" in proc.stdout, proc.stdout
+            assert f"SAME {name}" in out, out
         else:
             assert pyfunc == "pyfunc", (name, pyfunc)
+
+
+def _every_traced_config() -> list[Any]:
+    labels = list(grace_dl.list_methods()) + [label for label, _, _ in GRAPH_VARIANTS]
+    return [pytest.param(label, marks=pytest.mark.xfail(reason=NOT_TRACED_YET[label], strict=True))
+            if label in NOT_TRACED_YET else label for label in labels]
+
+
+@pytest.mark.parametrize("label", _every_traced_config())
+def test_no_py_function_on_the_tf_function_path(label):
+    """Every registered method (its default memory and communicator) and every variant
+    that the graph path traces apart: a Horovod TF step inside tf.function holds no
+    PyFunc/EagerPyFunc op (its nested functions included), and its Horovod collectives
+    are graph ops."""
+    on_graph, pyfunc, *collectives = _traced_paths()[label]
+    assert pyfunc == "no-pyfunc", f"{label}: a py_function in the traced step"
+    assert on_graph == "True" and collectives, (label, on_graph, collectives)
 
 
 # -- matmul and the low-rank / global top-k methods ----------------------------------------------

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
+
+import numpy as np
 
 from ..core import Compressor, Memory, TensorContext
 from ..ops import Array, Ops
@@ -99,6 +102,12 @@ class DGC(ThresholdSparsifier):
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
 
+    @property
+    def warmup_horizon(self) -> int:
+        """The first step at the final density: ``warmup_steps``, or 0 where there is no
+        warm-up (``ratio`` at or above 0.25)."""
+        return self.warmup_steps if self.ratio < WARMUP_START_DENSITY else 0
+
     def density(self, step: int) -> float:
         """The target density at a tensor's ``step`` (warm-up schedule)."""
         # no warm-up is decided without comparing the step; a step that is not an integer
@@ -109,32 +118,56 @@ class DGC(ThresholdSparsifier):
             return self.ratio
         return WARMUP_START_DENSITY * (self.ratio / WARMUP_START_DENSITY) ** (step / self.warmup_steps)
 
+    def _counts(self, step: int, n: int, s: int) -> tuple[int, int]:
+        """``(k, rank)`` at ``step``: the target count among ``n`` elements and the rank
+        of the threshold among ``s`` sampled magnitudes."""
+        density = self.density(step)
+        return k_for(density, n), min(s, max(1, math.ceil(density * s)))
+
+    def _counts_in_range(self, ops: Ops, x: Array, ctx: TensorContext, n: int, s: int) -> tuple[Any, Any, int]:
+        """``(k, rank, most k)`` for a symbolic step that takes the warm-up steps of
+        ``ctx.step_range``: ``k`` and ``rank`` looked up at the step in tables of every
+        step's ints (so that they are those of the int steps bit for bit), and the
+        largest ``k`` of the range (the padding of the selection)."""
+        start, stop = ctx.step_range
+        counts = np.array([self._counts(t, n, s) for t in range(start, stop)], np.int64)
+        if counts[:, 0].max() >= n:
+            raise ValueError(f"tensor {ctx.name!r}: steps {start}..{stop - 1} of DGC's warm-up keep every "
+                             f"element at some step; trace those steps apart")
+        table = ops.from_numpy(counts, x)
+        row = ctx.step - start
+        return table[row, 0], table[row, 1], int(counts[:, 0].max())
+
     def _select(self, ops: Ops, x: Array, ctx: TensorContext) -> Array:
         n = ctx.numel
-        density = self.density(ctx.step)
-        k = k_for(density, n)
-        # "not below" and "not at most" are true for NaN, so the selections below are
-        # those of the NaN-safe magnitudes (NaN as +inf), which are built only for the
-        # sample and the chosen elements
-        if k >= n:
-            return ops.nonzero_magnitude_at_least(x, 0.0)
         s = min(n, max(1, int(self.sample_ratio * n)))
+        if ctx.step_range is not None and ctx.step_range[0] < self.warmup_horizon:
+            # a symbolic step within the warm-up (TensorFlow's graph path): k varies at run time
+            k, rank, padding = self._counts_in_range(ops, x, ctx, n, s)
+        else:
+            k, rank = self._counts(ctx.step, n, s)
+            padding = k
+            # "not below" and "not at most" are true for NaN, so the selections below are
+            # those of the NaN-safe magnitudes (NaN as +inf), which are built only for the
+            # sample and the chosen elements
+            if k >= n:
+                return ops.nonzero_magnitude_at_least(x, 0.0)
         stride = n // s
         start = ctx.step % stride
         sample = magnitudes(ops, x[start:start + stride * s:stride], ctx.dtype)
-        threshold = ops.kth_largest(sample, min(s, max(1, math.ceil(density * s))))
+        threshold = ops.kth_largest(sample, rank)
         chosen = ops.nonzero_magnitude_at_least(x, threshold)
         count = ops.length(chosen)
         if isinstance(count, int):  # the count is known on the host: no padding needed
             if count <= k:
                 return chosen
             return ops.gather(chosen, ops.topk_indices(magnitudes(ops, ops.gather(x, chosen), ctx.dtype), k))
-        # inside tf.function: keep the k largest of the chosen with k padding entries
-        # (magnitude -1, index -1) that make the candidates at least k long whatever
-        # their count; the same selection as above
+        # inside tf.function: keep the k largest of the chosen with padding entries
+        # (magnitude -1, index -1, at least k of them) that make the candidates at least
+        # k long whatever their count; the same selection as above
         candidates = ops.concat([magnitudes(ops, ops.gather(x, chosen), ctx.dtype),
-                                 ops.zeros(k, ctx.dtype, x) - 1])
-        kept = ops.gather(ops.concat([chosen, ops.zeros(k, "int64", x) - 1]), ops.topk_indices(candidates, k))
+                                 ops.zeros(padding, ctx.dtype, x) - 1])
+        kept = ops.gather(ops.concat([chosen, ops.zeros(padding, "int64", x) - 1]), ops.topk_indices(candidates, k))
         return ops.gather(kept, ops.nonzero(kept >= 0))
 
 

@@ -17,8 +17,12 @@ other the state through ``ctx.scratch``.
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from typing import Any
+
+import numpy as np
 
 from ..core import Collective, Communicator, Compressor, Memory, TensorContext, mean_factor
 from ..ops import DTYPE_ITEMSIZE, Array, Ops
@@ -32,6 +36,8 @@ PAPER = ("Tang et al. 2021, 1-bit Adam: Communication Efficient Large-Scale Trai
 _SCRATCH = "onebit_adam"
 #: the per-tensor state the memory keeps
 STATE_FIELDS = ("m", "v", "worker_error", "server_error")
+#: the longest table of bias corrections for a symbolic step (TensorFlow's graph path)
+MAX_CORRECTION_TABLE = 1 << 20
 
 
 def _scratch(ctx: TensorContext) -> dict[str, Any]:
@@ -159,16 +165,52 @@ class OnebitAdam(Compressor):
         """Whether ``step`` (0-based) is in the compression stage (``v`` frozen)."""
         return step >= self.freeze_step
 
+    def frozen_at(self, ctx: TensorContext) -> bool:
+        """:meth:`frozen` at ``ctx.step``. A symbolic step (TensorFlow's graph path) is
+        traced apart for the warm-up (its ``ctx.step_range`` lies before
+        ``freeze_step``) and from ``freeze_step`` on (no range, or one after it)."""
+        if isinstance(ctx.step, numbers.Integral):
+            return self.frozen(ctx.step)
+        return ctx.step_range is None or ctx.step_range[0] >= self.freeze_step
+
+    @staticmethod
+    @functools.lru_cache(maxsize=16)
+    def correction_table(beta: float, cap: int | None, dtype: str) -> np.ndarray:
+        """Adam's bias correction ``1 / (1 - beta ** min(t, cap))`` for ``t = 0, 1, ...``
+        as :meth:`direction` computes it (Python floats; entry 0 unused), up to the
+        first ``t`` from which it is constant in ``dtype`` (it decreases to 1, or stops
+        at ``cap``): the last entry holds for every later ``t``. ValueError beyond
+        ``MAX_CORRECTION_TABLE`` entries (``beta`` too close to 1)."""
+        rounded = np.float32 if dtype == "float32" else np.float64
+        values = [1.0]
+        while True:
+            t = len(values)
+            value = 1.0 / (1.0 - beta ** (t if cap is None else min(t, cap)))
+            values.append(value)
+            if (cap is not None and t >= cap) or rounded(value) == 1.0:
+                table = np.array(values, np.float64)
+                table.flags.writeable = False  # cached: shared by every caller
+                return table
+            if len(values) >= MAX_CORRECTION_TABLE:
+                raise ValueError(f"1-bit Adam's bias correction with beta={beta} reaches its limit after more "
+                                 f"than {MAX_CORRECTION_TABLE} steps: too many to tabulate for a symbolic step")
+
     # -- Adam's arithmetic, one order of operations for every backend ---------------------------
     def moments(self, ops: Ops, m: Array, v: Array, g: Array) -> tuple[Array, Array]:
-        """Adam's ``(beta1 m + (1 - beta1) g, beta2 v + (1 - beta2) g^2)``."""
-        return m * self.beta1 + g * (1.0 - self.beta1), v * self.beta2 + (g * g) * (1.0 - self.beta2)
+        """Adam's ``(beta1 m + (1 - beta1) g, beta2 v + (1 - beta2) g^2)`` (``g^2``
+        rounded before it is scaled, inside a graph too: :meth:`Ops.hold`)."""
+        return m * self.beta1 + g * (1.0 - self.beta1), v * self.beta2 + ops.hold(g * g) * (1.0 - self.beta2)
 
     def direction(self, ops: Ops, m: Array, v: Array, step: int) -> Array:
         """Adam's update direction at 0-based ``step``: ``m_hat / (sqrt(v_hat) + eps)``
         (see the class docstring for the bias correction). Divisions by a scalar are
         multiplications by its reciprocal, which every backend and device rounds alike."""
-        if self.bias_correction:
+        if self.bias_correction and not isinstance(step, numbers.Integral):
+            # a symbolic step (TensorFlow's graph path): the factors below, looked up in
+            # tables of their Python values (so that they round alike)
+            m = m * self._symbolic_correction(ops, m, self.beta1, step + 1, None)
+            v = v * self._symbolic_correction(ops, v, self.beta2, step + 1, self.freeze_step)
+        elif self.bias_correction:
             t = step + 1
             m = m * (1.0 / (1.0 - self.beta1 ** t))
             v = v * (1.0 / (1.0 - self.beta2 ** min(t, self.freeze_step)))
@@ -180,24 +222,37 @@ class OnebitAdam(Compressor):
         # v is not zero: it still reaches the direction.
         return ops.where(v == 0, ops.zeros(ops.numel(v), ops.dtype(direction), direction), direction)
 
+    def _symbolic_correction(self, ops: Ops, like: Array, beta: float, t: Any, cap: int | None) -> Array:
+        """The 0-d factor ``1 / (1 - beta ** min(t, cap))`` in ``like``'s dtype at a
+        symbolic 1-based step ``t`` (:meth:`correction_table`)."""
+        dtype = ops.dtype(like)
+        values = self.correction_table(beta, cap, dtype)
+        return ops.cast(ops.from_numpy(values, like)[ops.minimum(t, len(values) - 1)], dtype)
+
     # -- the worker's message --------------------------------------------------------------------
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         """Warm-up: the gradient ``x`` (in the input dtype). Compression stage: the 1-bit
         form of this worker's ``beta1 m + (1 - beta1) x`` plus its worker error (state
         left in ``ctx.scratch`` by the ``onebit_adam`` memory; zero without it)."""
-        if not self.frozen(ctx.step):
+        if not self.frozen_at(ctx):
             return Payload.of(ops, ops.cast(x, ctx.in_dtype) if ctx.in_dtype != ctx.dtype else x)
         state = _scratch(ctx)
+        # a missing field is a zero one, used all the same (x + 0 turns -0.0 into +0.0):
+        # TensorFlow's graph path keeps every field from the start, zero until written
         m = state.get("m")
-        momentum = x * (1.0 - self.beta1) if m is None else m * self.beta1 + x * (1.0 - self.beta1)
+        if m is None:
+            m = ops.zeros(ctx.numel, ctx.dtype, x)
+        # held (here and below): Grappler would otherwise add a chain of sums in its own
+        # order (AddN), and subtract C(buffer) from another rounding of the buffer
+        momentum = ops.hold(m * self.beta1 + x * (1.0 - self.beta1))
         error = state.get("worker_error")
-        buffer = momentum if error is None else momentum + error
+        buffer = ops.hold(momentum + (ops.zeros(ctx.numel, ctx.dtype, momentum) if error is None else error))
         words, _ = compress_signs(ops, buffer)
         state["worker_buffer"] = buffer
         return Payload.of(ops, words)
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
-        if not self.frozen(ctx.step):
+        if not self.frozen_at(ctx):
             return ops.cast(buffer, ctx.dtype) if ops.dtype(buffer) != ctx.dtype else buffer
         return expand_signs(ops, buffer, ctx.numel, ctx.dtype)
 
@@ -247,19 +302,20 @@ class OnebitAdamCommunicator(Communicator):
                             f"which keeps Adam's m and v; use memory='onebit_adam'")
         m = state["m"] if state["m"] is not None else ops.zeros(ctx.numel, ctx.dtype, payload.buffer)
         v = state["v"] if state["v"] is not None else ops.zeros(ctx.numel, ctx.dtype, payload.buffer)
-        if not compressor.frozen(ctx.step):
+        if not compressor.frozen_at(ctx):
             (summed,) = yield [Collective("allreduce", payload.buffer)]
-            g = compressor.decompress(ops, summed, ctx) * mean_factor(ctx.world_size)
+            # held: the mean rounds before Adam scales it, inside a graph too
+            g = ops.hold(compressor.decompress(ops, summed, ctx) * mean_factor(ctx.world_size))
             m, v = compressor.moments(ops, m, v, g)
             state["v_next"] = v
         else:
             (buffers,) = yield [Collective("allgather", payload.buffer, equal_sizes=True)]
             total = expand_signs(ops, buffers[0], ctx.numel, ctx.dtype)
-            for b in buffers[1:]:
-                total = total + expand_signs(ops, b, ctx.numel, ctx.dtype)
+            for b in buffers[1:]:  # in rank order, inside a graph too (ops.hold)
+                total = ops.hold(total + expand_signs(ops, b, ctx.numel, ctx.dtype))
             average = total * mean_factor(ctx.world_size)
-            error = state.get("server_error")
-            server_buffer = average if error is None else average + error
+            error = state.get("server_error")  # a missing one is zero, added all the same (see compress)
+            server_buffer = ops.hold(average + (ops.zeros(ctx.numel, ctx.dtype, average) if error is None else error))
             _, m = compress_signs(ops, server_buffer)
             state["server_error_next"] = server_buffer - m
         state["m_next"] = m
@@ -289,6 +345,11 @@ class OnebitAdamMemory(Memory):
     needs_transmitted = False
     #: the fields of its per-tensor state (checked when a checkpoint is loaded)
     state_fields = STATE_FIELDS
+    #: every field has one element per tensor element
+    tensor_sized_fields = STATE_FIELDS
+    #: a field not written yet reads as zeros (the errors in the warm-up): TensorFlow's
+    #: graph path keeps every field in a variable from the start
+    missing_fields_are_zero = True
 
     def __init__(self) -> None:
         super().__init__()

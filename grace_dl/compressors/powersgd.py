@@ -27,7 +27,6 @@ from typing import Any
 
 from ..core import Collective, Communicator, Compressor, Memory, TensorContext, mean_factor, run_alone
 from ..ops import DTYPE_ITEMSIZE, Array, Ops
-from ..ops.numpy_backend import NumpyOps
 from ..payload import Payload
 from ..registry import register
 
@@ -80,10 +79,12 @@ class PowerSGD(Compressor):
     the same tensor in the same step.
 
     The initial ``Q`` (at the first low-rank step, and every step without warm start)
-    is uniform in [-1, 1), drawn from the shared key and the step by the NumPy reference
-    backend's ``random_uniform`` and copied to the tensor's device (``m * r`` values; on
-    CUDA a synchronising host-to-device copy, once per tensor with warm start), so that
-    every worker and every backend starts from the same ``Q``.
+    is uniform in [-1, 1), drawn from the shared key and the step as the NumPy reference
+    backend's ``random_uniform`` draws (:meth:`~grace_dl.ops.Ops.reference_uniform`:
+    ``m * r`` values drawn on the host and copied to the tensor's device, on CUDA a
+    synchronising copy, once per tensor with warm start; inside ``tf.function`` drawn in
+    the graph from the step tensor), so that every worker and every backend starts from
+    the same ``Q``.
 
     Wire size per worker and step: low rank ``(n + m) * r * itemsize`` bytes (``P``
     then ``Q``, in the compute dtype: float32, or float64 for float64 input), dense
@@ -181,12 +182,12 @@ class PowerSGD(Compressor):
 
     # -- compression ----------------------------------------------------------------------------
     def _initial_q(self, ops: Ops, like: Array, ctx: TensorContext, m: int, r: int) -> Array:
-        # drawn by the reference backend so that every backend starts from the same Q
-        reference = NumpyOps()
-        u = reference.cast(reference.random_uniform(r * m, ctx.shared_key, ctx.step, None), ctx.dtype)
-        # scaled to [-1, 1) before the copy to the device: exact (* 2) and one rounding
-        # (- 1), the same in every backend's float arithmetic, in one array
-        return ops.from_numpy(u * 2.0 - 1.0, like)
+        # the reference backend's draws, so that every backend starts from the same Q (the
+        # step may be TensorFlow's step tensor: drawn in the graph, see Ops.reference_uniform)
+        u = ops.cast(ops.reference_uniform(r * m, ctx.shared_key, ctx.step, like), ctx.dtype)
+        # scaled to [-1, 1): exact (* 2) and one rounding (- 1), the same in every
+        # backend's float arithmetic (a fused multiply-add included)
+        return u * 2.0 - 1.0
 
     def compress_rounds(self, ops: Ops, x: Array, ctx: TensorContext):
         scratch = pipeline_scratch(ctx)

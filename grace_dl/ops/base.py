@@ -121,7 +121,9 @@ class Ops(abc.ABC):
     # -- creation -----------------------------------------------------------------------
     @abc.abstractmethod
     def zeros(self, n: int, dtype: str, like: Array) -> Array:
-        """A 1-D zero array of length ``n`` on ``like``'s device."""
+        """A 1-D zero array of length ``n`` on ``like``'s device. ``n`` is an int or a
+        0-d int array (read as an int; on TensorFlow inside ``tf.function``, a
+        symbolic length known when the graph runs)."""
 
     @abc.abstractmethod
     def arange(self, n: int, like: Array) -> Array:
@@ -313,6 +315,24 @@ class Ops(abc.ABC):
     @abc.abstractmethod
     def random_uniform(self, n: int, key: int, counter: int, like: Array) -> Array:
         """``n`` float32 draws from U[0, 1), determined by ``(key, counter)`` alone."""
+
+    def hold(self, x: Array) -> Array:
+        """``x`` itself, computed as written: a graph compiler may not fold the
+        arithmetic before it into the arithmetic after it (TensorFlow's Grappler turns
+        ``(x * c1) * c2`` into ``x * (c1 * c2)``, another rounding than eagerly). For a
+        product of products with constants that must round as on every backend.
+        Default: ``x``."""
+        return x
+
+    def reference_uniform(self, n: int, key: int, counter: int, like: Array) -> Array:
+        """``n`` float32 draws from U[0, 1): those of the NumPy backend's
+        :meth:`random_uniform` (NumPy's Philox-4x64 stream of ``(key, counter)``) bit for
+        bit on every backend, on ``like``'s device, for methods whose workers on
+        different backends must draw alike (PowerSGD's initial ``Q``). Default: drawn by
+        NumPy on the host and copied (a host-to-device copy on a GPU)."""
+        from .numpy_backend import NumpyOps
+
+        return self.from_numpy(NumpyOps().random_uniform(n, key, counter, None), like)
 
     @abc.abstractmethod
     def random_choice(self, n: int, k: int, key: int, counter: int, like: Array) -> Array:

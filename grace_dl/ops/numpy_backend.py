@@ -370,6 +370,9 @@ class NumpyOps(Ops):
             np.multiply(draws.view(np.int32), np.float32(2.0**-24), out=out[start:stop], dtype=np.float32)
         return out
 
+    def reference_uniform(self, n, key, counter, like):
+        return self.random_uniform(n, key, counter, like)  # this backend's draws are the reference
+
     def uniform_ints(self, n, bits, key, counter, like):
         # a draw u is (w >> 8) / 2**24 for a 32-bit word w (random_uniform), so
         # u * 2**bits truncated is w >> (32 - bits), with no float pass

@@ -15,22 +15,34 @@ State lives in ``tf.Variable``s, created when a tensor is first traced (under
 ``tf.init_scope``, as plain resource variables, so that a method built inside a
 ``tf.function`` that is retraced can create them again): per tensor, its step counter,
 whether its memory holds state yet, its memory fields (residual, momentum, velocity,
-PowerSGD's error and Q ...) and its byte counts. The step counter is a tensor inside the
-graph: methods draw their random numbers from ``(key, step)`` with it, exactly as
-eagerly. A memory's first step differs from the later ones (nothing to add back; PowerSGD
-draws its initial Q): the pipeline is traced twice, once without state and once with
-it, and a ``tf.cond`` on the state flag picks one at run time, so that results are those
-of the eager pipeline bit for bit. ``Grace.state_dict`` reads the variables back, and
-``load_state_dict`` writes them, so checkpoints and resumes work as eagerly.
+PowerSGD's error and Q, 1-bit Adam's moments and errors ...) and its byte counts. The
+step counter is a tensor inside the graph: methods draw their random numbers from
+``(key, step)`` with it, exactly as eagerly (PowerSGD's ``Q``, drawn as NumPy's Philox
+stream, :meth:`~grace_dl.ops.Ops.reference_uniform`, also without warm start). A
+memory's first step differs from the later ones (nothing to add back; PowerSGD draws
+its initial Q): the pipeline is traced twice, once without state and once with it,
+and a ``tf.cond`` on the state flag picks one at run time, so that results are those
+of the eager pipeline bit for bit (a memory whose missing fields read as zeros, 1-bit
+Adam's, keeps every field in a variable from the start and is traced once).
+``Grace.state_dict`` reads the variables back, and ``load_state_dict`` writes them, so
+checkpoints and resumes work as eagerly.
 
 Schedules that decide on the step in Python (DGC's warm-up of sparsity, PowerSGD's
-``start_iter``, the ``warmup_steps`` policy) hold only before a horizon: the steps before
-it are traced with their int values, grouped where they trace alike (a run of dense
-steps is traced once), and a ``tf.switch_case`` on the step picks the group, so that
-the step tensor is used only from the horizon on (:func:`early_groups`). Methods whose
-pipeline needs Python values of the data, or of every step (a size exchange read on
-the host, PowerSGD without warm start), keep the ``tf.py_function`` path;
-:func:`graph_path_blocker` says which and why.
+``start_iter``, 1-bit Adam's ``freeze_step``, the ``warmup_steps`` policy) hold only
+before a horizon: the steps before it are split into runs that decide alike
+(:func:`early_groups`), each traced once, and a ``tf.switch_case`` on the step picks
+the run. A run whose steps leave the step out of their arithmetic (exchanged dense) is
+traced with its first int step; any other with the step tensor and
+``TensorContext.step_range``, from which the method looks what its schedule gives each
+step up in tables of the int steps' values (DGC's k and sample rank, so that k varies
+at run time however long the warm-up; 1-bit Adam's bias corrections). Collectives
+whose sizes depend on the data (DGC's and the threshold methods' allgathers,
+broadcasts of such payloads) take sizes known when the graph runs. TensorFlow's graph
+optimizer (Grappler) reassociates products with constants and chains of sums, which
+would round otherwise than eagerly: :meth:`~grace_dl.ops.Ops.hold` (a ``Snapshot``)
+keeps each gradient, and the sums and products of a method that need it, as written.
+Every registered method traces (no ``tf.py_function``) except those
+:func:`graph_path_blocker` names.
 
 Byte counts (``method.stats``) are kept in variables on this path: totals per tensor,
 and per step a ring of the last :data:`STEP_HISTORY` steps of each tensor (its step and
@@ -42,27 +54,28 @@ left out, with a warning).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import resource_variable_ops
 
+from ..compressors.topk import k_for
 from ..core import _COMPUTE_DTYPE, Grace, Pending
 from ..ops import DTYPE_ITEMSIZE
 from ..transport.base import allgather_traffic, allreduce_traffic
 
 #: compressors whose pipeline traces with a tensor step (tested against the eager
-#: pipeline); others run in a ``tf.py_function``
+#: pipeline); others (sketch, until its hash traces) run in a ``tf.py_function``
 GRAPH_COMPRESSORS = frozenset({
     "none", "fp16", "bf16", "topk", "randomk", "dgc", "powersgd", "qsgd", "terngrad", "signsgd", "efsignsgd",
     "onebit", "signum", "threshold", "natural", "natural_dithering", "stc", "sbc", "adaptive_threshold",
-    "sidco", "chunk", "gtopk",
+    "sidco", "chunk", "gtopk", "onebit_adam",
 })
 #: memories whose state the graph path keeps in variables
-GRAPH_MEMORIES = frozenset({"none", "residual", "signum_momentum", "dgc_momentum", "powersgd", "gtopk"})
-#: most warm-up steps of DGC traced one by one (each step its own density)
-MAX_WARMUP_TRACES = 32
+GRAPH_MEMORIES = frozenset({"none", "residual", "signum_momentum", "dgc_momentum", "powersgd", "gtopk",
+                            "onebit_adam"})
 #: steps of per-step byte counts kept per tensor until ``method.stats`` reads them
 #: (a ring of rows of five int64: 40 bytes a step)
 STEP_HISTORY = 1024
@@ -82,14 +95,12 @@ def graph_path_blocker(grace: Grace) -> str | None:
             return f"compressor {cname!r} is not traced on the graph path"
         if mname not in GRAPH_MEMORIES:
             return f"memory {mname!r} is not traced on the graph path"
-        if cname == "dgc" and compressor.ratio < 0.25 and compressor.warmup_steps > MAX_WARMUP_TRACES:
-            return (f"dgc's warm-up of {compressor.warmup_steps} steps would trace as many pipelines "
-                    f"(the graph path traces at most {MAX_WARMUP_TRACES})")
-        if cname == "powersgd" and not compressor.warm_start:
-            return "powersgd without warm start draws a new Q on the host at every step"
-        if getattr(communicator, "registry_name", "") == "broadcast" and compressor.payload_nbytes(
-                8, "float32") is None:
-            return "a broadcast of data-dependent size reads the sizes on the host"
+        if cname == "onebit_adam" and compressor.bias_correction:
+            try:  # the symbolic step looks Adam's bias corrections up in tables
+                for beta, cap in ((compressor.beta1, None), (compressor.beta2, compressor.freeze_step)):
+                    compressor.correction_table(beta, cap, "float64")
+            except ValueError as err:
+                return str(err)
     return None
 
 
@@ -170,6 +181,12 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
         # the handshake checks loaded state against the tensor before the slot takes it
         _handshake(grace, ops, tensor, template.context(grace.steps.get(name, 0)), in_dtype)
         slot = table[name] = _TensorSlot(grace, name, memory)
+        for r in [grace._main] + [r for _, r in grace.policies.overrides]:
+            if getattr(type(r.memory), "missing_fields_are_zero", False):
+                # every field from the start (zero until written), so that steps which
+                # write different fields (1-bit Adam's warm-up keeps no errors) trace alike
+                for key in r.memory.state_fields:
+                    slot.field(key, np.zeros(numel, template.fields["dtype"]))
     with tf.init_scope():
         step0 = int(slot.step.numpy())
 
@@ -177,16 +194,20 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
     x = ops.flatten(tensor)
     if in_dtype != compute_dtype:
         x = ops.cast(x, compute_dtype)
+    # the gradient as the caller's graph computed it: Grappler may not fold the method's
+    # products with constants into those that made it (the eager pipeline gets it whole)
+    x = ops.hold(x)
     step_t = slot.step.read_value()
     has_state = slot.has_state.read_value()
 
-    def run(step: Any, state: dict[str, Any] | None, route: Any) -> tuple[Any, Any, list[Any], Any]:
+    def run(step: Any, state: dict[str, Any] | None, route: Any,
+            step_range: tuple[int, int] | None = None) -> tuple[Any, Any, list[Any], Any]:
         memory = route.memory
         if state is None:
             memory.state.pop(name, None)
         else:
             memory.state[name] = state
-        ctx = template.context(step)
+        ctx = template.context(step, step_range)
         pending = Pending(ops, ctx, in_dtype, template.dense_nbytes)
         try:
             flat = _drive(grace, ops, grace._pipeline(ops, x, ctx, pending, route), pending, ctx)
@@ -205,14 +226,22 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
         # the memory holds state after this step iff it wrote some, as eagerly
         return flat, counts, values, tf.constant(bool(written))
 
-    def with_state(step: Any, route: Any) -> Any:
-        return lambda: run(step, {k: v.read_value() for k, v in slot.fields.items()}, route)
+    def with_state(step: Any, route: Any, step_range: tuple[int, int] | None = None) -> Any:
+        return lambda: run(step, {k: v.read_value() for k, v in slot.fields.items()}, route, step_range)
 
     stateful = bool(getattr(type(memory), "state_fields", True))
+
+    def zero_fields(route: Any) -> bool:
+        # a memory whose missing fields read as zeros has every field in a variable,
+        # zero while it holds no state: every step reads them (no constant zeros that
+        # Grappler would fold away, -0.0 signs and all)
+        return bool(getattr(type(route.memory), "missing_fields_are_zero", False))
 
     def late() -> Any:
         if not stateful:
             return run(step_t, {}, route)
+        if zero_fields(route):
+            return with_state(step_t, route)()
         # the first step of this name: traced with its int step (PowerSGD draws its
         # initial Q on the host from it); afterwards steady, with the step tensor (also
         # for a tensor whose memory keeps nothing, such as PowerSGD's dense vectors).
@@ -221,12 +250,17 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
         first = tf.logical_and(tf.logical_not(has_state), tf.equal(step_t, first_step))
         return tf.cond(first, lambda: run(first_step, None, route), with_state(step_t, route))
 
-    def early(start: int, route: Any) -> Any:
-        # a step before the horizon: traced with an int step (every step of the group
-        # traces alike), with state or without it as the memory has it
+    def early(start: int, stop: int, route: Any, symbolic: bool) -> Any:
+        # steps before the horizon: traced with the step tensor, which takes the steps of
+        # [start, stop) (symbolic), or with the int start (the group's steps leave the
+        # step out of their arithmetic); with state or without it as the memory has it
+        step, step_range = (step_t, (start, stop)) if symbolic else (start, None)
         if not getattr(type(route.memory), "state_fields", True):
-            return lambda: run(start, {}, route)
-        return lambda: tf.cond(has_state, with_state(start, route), lambda: run(start, None, route))
+            return lambda: run(step, {}, route, step_range)
+        if zero_fields(route):
+            return with_state(step, route, step_range)
+        return lambda: tf.cond(has_state, with_state(step, route, step_range),
+                               lambda: run(step, None, route, step_range))
 
     fresh_fields_closed = False
     closed_fields: list[str] = []
@@ -239,10 +273,10 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
             # not add any (the branches must return alike)
             fresh_fields_closed, closed_fields = True, list(slot.fields)
             if len(groups) == 1:
-                return early(groups[0][0], groups[0][2])()
-            group_of = tf.constant(np.repeat(np.arange(len(groups)), [b - a for a, b, _ in groups]), tf.int32)
+                return early(*groups[0])()
+            group_of = tf.constant(np.repeat(np.arange(len(groups)), [b - a for a, b, _, _ in groups]), tf.int32)
             return tf.switch_case(tf.gather(group_of, tf.minimum(step_t, horizon - 1)),
-                                  [early(a, r) for a, _, r in groups])
+                                  [early(*group) for group in groups])
 
         flat, counts, values, wrote = tf.cond(step_t >= horizon, late, before)
     for variable, value in zip(slot.fields.values(), values):
@@ -258,50 +292,61 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
     return tf.reshape(flat, shape)
 
 
-def _step_decision(compressor: Any, shape: tuple[int, ...], step: int) -> Any:
+def _step_decision(compressor: Any, shape: tuple[int, ...], step: int) -> tuple[Any, bool]:
     """What a compressor decides in Python from ``step`` (part of the key of a group of
     early steps), and whether that step's pipeline leaves the step out of its arithmetic."""
     cname = getattr(compressor, "registry_name", "")
+    numel = math.prod(shape)
     if cname == "dgc":
-        return ("density", compressor.density(step)), False
+        if k_for(compressor.density(step), numel) >= numel:
+            return ("dgc", "every element"), True  # the step decides nothing else
+        # a warm-up step: the step tensor looks its counts up (DGC._counts_in_range)
+        return ("dgc", step < compressor.warmup_horizon), False
     if cname == "powersgd":
         plan = compressor.plan(shape, step)
         return ("plan", plan), plan is None  # exchanged dense: the step is not used
+    if cname == "onebit_adam":
+        return ("frozen", compressor.frozen(step)), False  # the step enters the bias correction
     return None, False
 
 
 def _schedule_horizon(compressor: Any) -> int:
     """The first step from which ``compressor`` decides nothing from the step in Python."""
     cname = getattr(compressor, "registry_name", "")
-    if cname == "dgc" and compressor.warmup_steps and compressor.ratio < 0.25:
-        return compressor.warmup_steps
+    if cname == "dgc":
+        return compressor.warmup_horizon
     if cname == "powersgd":
         return compressor.start_iter
+    if cname == "onebit_adam":
+        return compressor.freeze_step
     return 0
 
 
 def early_groups(grace: Grace, name: str, numel: int,
-                 shape: tuple[int, ...]) -> tuple[int, list[tuple[int, int, Any]]]:
+                 shape: tuple[int, ...]) -> tuple[int, list[tuple[int, int, Any, bool]]]:
     """``(horizon, groups)``: from step ``horizon`` on, tensor ``name`` takes one route
     and its pipeline decides nothing from the step in Python (it is traced once, with
-    the step tensor). ``groups`` split the steps before it into ``(start, stop, route)``
-    that trace alike: a run of steps exchanged dense (where the step does not enter the
-    arithmetic), or a single step (DGC's warm-up: each its own density)."""
+    the step tensor). ``groups`` split the steps before it into ``(start, stop, route,
+    symbolic)`` runs of steps that take one route and decide alike in Python: a run
+    that leaves the step out of its arithmetic (exchanged dense, say) is traced with
+    its int ``start`` (``symbolic`` False), any other run with the step tensor and
+    ``TensorContext.step_range = (start, stop)`` (DGC's warm-up looks its counts up at
+    the step: one trace for the whole warm-up, however long)."""
     policies = grace.policies
     routes = [grace._main] + [r for _, r in policies.overrides]
     horizon = max([policies.warmup_steps] + [_schedule_horizon(r.compressor) for r in routes])
-    groups: list[tuple[int, int, Any]] = []
+    groups: list[tuple[int, int, Any, bool]] = []
     last = None
     for step in range(horizon):
         route = grace.route(name, numel, step)
         decision, step_free = _step_decision(route.compressor, shape, step)
         step_free = step_free or route is grace._dense
-        key = (id(route), decision)
-        if step_free and last == key:
-            groups[-1] = (groups[-1][0], step + 1, route)
+        key = (id(route), decision, step_free)
+        if last == key:
+            groups[-1] = (groups[-1][0], step + 1, route, not step_free)
         else:
-            groups.append((step, step + 1, route))
-        last = key if step_free else None
+            groups.append((step, step + 1, route, not step_free))
+        last = key
     return horizon, groups
 
 
@@ -411,6 +456,9 @@ def push(grace: Grace) -> None:
             for key, value in loaded.items():
                 variable = slot.field(key, np.asarray(value))
                 variable.assign(np.asarray(value).reshape(variable.shape))
+            for key, variable in slot.fields.items():
+                if key not in loaded:  # not in the checkpoint: nothing of an earlier run stays
+                    variable.assign(tf.zeros_like(variable))
             slot.has_state.assign(bool(loaded))
 
 

@@ -212,15 +212,18 @@ class HorovodTFGrace(Grace):
     calls :meth:`decompress`. Horovod traces this inside a ``tf.function`` (even when
     called eagerly). Two paths (:attr:`graph_path` says which this method takes):
 
-    * the graph path (most methods, :mod:`grace_dl.tensorflow.graph`): the pipeline is
-      traced into the graph with the TF ops backend, its collectives are Horovod graph
-      ops and its state lives in ``tf.Variable`` objects;
-    * the ``tf.py_function`` path (methods whose pipeline needs Python values of the
-      step, such as sketch's per-step seed or PowerSGD without warm start): each
-      gradient's pipeline runs eagerly at every step, with its state kept as eager tensors. The pipelines of one step are ordered
-      by a shared resource (automatic control dependencies chain them in program order),
-      so every worker issues its collectives in the same order, which Horovod's blocking
-      eager collectives need.
+    * the graph path (every registered method but sketch, with any schedule:
+      :mod:`grace_dl.tensorflow.graph`): the pipeline is traced into the graph with the
+      TF ops backend, its collectives are Horovod graph ops and its state lives in
+      ``tf.Variable`` objects;
+    * the ``tf.py_function`` path (what :func:`~grace_dl.tensorflow.graph.graph_path_blocker`
+      names: sketch, whose hash is not traced yet, a compressor or memory from outside
+      the registry, 1-bit Adam with a beta too close to 1 to tabulate its bias
+      correction): each gradient's pipeline runs eagerly at every step, with its state
+      kept as eager tensors. The pipelines of one step are ordered by a shared
+      resource (automatic control dependencies chain them in program order), so every
+      worker issues its collectives in the same order, which Horovod's blocking eager
+      collectives need.
 
     With ``policies.fusion_bytes > 0``, small gradients share buckets on the graph path
     (:mod:`grace_dl.tensorflow.fusion`, the plan of :mod:`grace_dl.fusion`).

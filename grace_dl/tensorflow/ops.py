@@ -43,6 +43,14 @@ _NAMES: dict[tf.DType, str] = {v: k for k, v in _TF_DTYPES.items()}
 _MASK63 = (1 << 63) - 1
 
 
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, (tf.Tensor, tf.Variable))
+
+
+def _eager(value: Any) -> bool:
+    return hasattr(value, "numpy")  # an EagerTensor (or a variable) has a value now
+
+
 def _tfd(name: str) -> tf.DType:
     try:
         return _TF_DTYPES[name]
@@ -177,9 +185,11 @@ class TFOps(Ops):
             return tf.constant(np.asarray(a))
 
     # -- creation -------------------------------------------------------------------------
-    def zeros(self, n: int, dtype: str, like: Any) -> tf.Tensor:
+    def zeros(self, n: Any, dtype: str, like: Any) -> tf.Tensor:
+        # a symbolic n (inside tf.function): a length known when the graph runs
+        length = tf.reshape(tf.cast(n, tf.int64), [1]) if _is_tensor(n) and not _eager(n) else [int(n)]
         with _on(like):
-            return tf.zeros([int(n)], dtype=_tfd(dtype))
+            return tf.zeros(length, dtype=_tfd(dtype))
 
     def arange(self, n: int, like: Any) -> tf.Tensor:
         with _on(like):
@@ -231,8 +241,11 @@ class TFOps(Ops):
         return np.asarray(x.numpy()).item()
 
     # -- selection ----------------------------------------------------------------------
-    def kth_largest(self, x: Any, k: int) -> tf.Tensor:
-        return tf.math.top_k(x, k=int(k), sorted=True).values[int(k) - 1]
+    def kth_largest(self, x: Any, k: Any) -> tf.Tensor:
+        """The ``k``-th largest element; ``k`` may be a 0-d int tensor (a count that
+        varies at run time inside ``tf.function``, 1 <= k <= len(x))."""
+        k = tf.cast(k, tf.int32) if _is_tensor(k) else int(k)
+        return tf.math.top_k(x, k=k, sorted=True).values[k - 1]
 
     def nonzero(self, mask: Any) -> tf.Tensor:
         return tf.where(tf.reshape(mask, [-1]))[:, 0]  # int64, ascending
@@ -252,8 +265,12 @@ class TFOps(Ops):
 
         ``tf.math.top_k`` orders equal values by ascending index, so its first ``k`` are
         exactly the protocol's set, without the data-dependent lengths of the generic
-        version (which therefore would not trace in ``tf.function``).
+        version (which therefore would not trace in ``tf.function``). ``k`` may be a 0-d
+        int tensor (a count that varies at run time inside ``tf.function``, 1 <= k <=
+        len(x)).
         """
+        if _is_tensor(k):  # a count that varies at run time (1 <= k <= len(x))
+            return tf.sort(tf.math.top_k(x, k=tf.cast(k, tf.int32), sorted=True, index_type=tf.int64).indices)
         k = int(k)
         if k <= 0:
             return self.zeros(0, "int64", x)
@@ -392,6 +409,22 @@ class TFOps(Ops):
         with _on(like):
             return tf.random.stateless_uniform([int(n)], seed=self._seed(key, counter), dtype=tf.float32)
 
+    def hold(self, x: Any) -> tf.Tensor:
+        # a Snapshot: Grappler neither folds constants across it nor removes it (an
+        # Identity would be removed first); eagerly nothing is folded, x is returned
+        if tf.executing_eagerly():
+            return x
+        return tf.raw_ops.Snapshot(input=x)
+
+    def reference_uniform(self, n: int, key: int, counter: Any, like: Any) -> tf.Tensor:
+        """NumPy's draws (:meth:`Ops.reference_uniform`); a ``counter`` that is a tensor
+        (the step counter inside ``tf.function``) computes NumPy's Philox-4x64 stream in
+        the graph (:func:`philox4x64_uniform`), an int draws on the host as eagerly."""
+        if isinstance(counter, (tf.Tensor, tf.Variable)):
+            with _on(like):
+                return philox4x64_uniform(int(n), int(key), counter)
+        return super().reference_uniform(n, key, counter, like)
+
     def random_choice(self, n: int, k: int, key: int, counter: int, like: Any) -> tf.Tensor:
         # the k largest of n i.i.d. uniform keys form a uniform random k-subset
         with _on(like):
@@ -418,3 +451,60 @@ class TFOps(Ops):
     def topk_magnitude_indices(self, x: Any, k: int) -> tf.Tensor:
         # the sampled path decides on the host, which tf.function cannot
         return self.topk_indices(self.abs(x), k)
+
+
+# NumPy's Philox-4x64-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"):
+# the round multipliers and the Weyl constants that bump the key between rounds
+_PHILOX_M = (0xD2E7470EE14C6C93, 0xCA5A826395121157)
+_PHILOX_W = (0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B)
+_LOW32 = 0xFFFFFFFF
+
+
+def _mulhilo64(a: int, b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The high and low 64-bit words of the 128-bit product ``a * b`` (uint64), from
+    32-bit halves: TensorFlow has no 64x64 -> 128-bit multiply."""
+    u64 = tf.uint64
+    a0, a1 = tf.constant(a & _LOW32, u64), tf.constant(a >> 32, u64)
+    low32, shift = tf.constant(_LOW32, u64), tf.constant(32, u64)
+    b0, b1 = tf.bitwise.bitwise_and(b, low32), tf.bitwise.right_shift(b, shift)
+    p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
+    # the middle column: the carry out of the low word (each term < 2**32, their sum < 2**34)
+    middle = (tf.bitwise.right_shift(p00, shift) + tf.bitwise.bitwise_and(p01, low32)
+              + tf.bitwise.bitwise_and(p10, low32))
+    high = p11 + tf.bitwise.right_shift(p01, shift) + tf.bitwise.right_shift(p10, shift) + tf.bitwise.right_shift(
+        middle, shift)
+    return high, tf.constant(a, u64) * b  # the low word: uint64 products wrap
+
+
+def philox4x64_uniform(n: int, key: int, counter: tf.Tensor) -> tf.Tensor:
+    """``n`` float32 draws of ``Generator(Philox(key=key, counter=counter)).random(n,
+    dtype=float32)`` (the NumPy backend's ``random_uniform``), bit for bit, computed with
+    TensorFlow ops, so that ``counter`` may be a tensor inside ``tf.function``.
+
+    NumPy's Philox increments its 256-bit counter before each block of four 64-bit
+    words (block ``i`` uses ``counter + 1 + i``, which stays below ``2**64`` for an int64
+    counter); each word gives two draws, its low 32 bits first, and a draw ``w`` is
+    ``(w >> 8) * 2**-24``. ``key`` is an int below ``2**128``."""
+    if not 0 <= key < 1 << 128:
+        raise ValueError(f"a Philox key must lie in [0, 2**128), got {key}")
+    u64 = tf.uint64
+    words = -(-n // 2)
+    blocks = -(-words // 4)
+    base = tf.cast(tf.cast(counter, tf.int64), u64)  # the counter's low word (a non-negative step)
+    zero = tf.zeros([blocks], u64)
+    c0 = base + tf.cast(tf.range(1, blocks + 1, dtype=tf.int64), u64)
+    c1, c2, c3 = zero, zero, zero
+    k0, k1 = key & (1 << 64) - 1, key >> 64
+    for round_ in range(10):
+        if round_:
+            k0, k1 = (k0 + _PHILOX_W[0]) & (1 << 64) - 1, (k1 + _PHILOX_W[1]) & (1 << 64) - 1
+        hi0, lo0 = _mulhilo64(_PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo64(_PHILOX_M[1], c2)
+        c0, c1, c2, c3 = (tf.bitwise.bitwise_xor(tf.bitwise.bitwise_xor(hi1, c1), tf.constant(k0, u64)), lo1,
+                          tf.bitwise.bitwise_xor(tf.bitwise.bitwise_xor(hi0, c3), tf.constant(k1, u64)), lo0)
+    stream = tf.reshape(tf.stack([c0, c1, c2, c3], axis=1), [-1])[:words]
+    # each word: (low 32 bits) >> 8, then the high 32 bits >> 8, both below 2**24
+    low = tf.bitwise.right_shift(tf.bitwise.bitwise_and(stream, tf.constant(_LOW32, u64)), tf.constant(8, u64))
+    high = tf.bitwise.right_shift(stream, tf.constant(40, u64))
+    draws = tf.reshape(tf.stack([low, high], axis=1), [-1])[:n]
+    return tf.cast(draws, tf.float32) * tf.constant(2.0 ** -24, tf.float32)  # exact: below 2**24 times a power of 2

@@ -14,6 +14,7 @@ tf.get_logger().setLevel("ERROR")  # the checks build many small functions on pu
 
 sys.path.insert(0, os.path.dirname(__file__))
 import grace_dl.tensorflow as grace  # noqa: E402
+from grace_dl.compressors.topk import TopK  # noqa: E402
 from common import check_methods_against_simulator, stage_params  # noqa: E402
 
 
@@ -132,14 +133,20 @@ def check_gradient_tape(steps: int = 3) -> int:
 
     rank, size = hvd.rank(), hvd.size()
     checked = 0
+    # every method with its defaults, and settings that the graph path traces apart: a
+    # Q drawn from the step tensor, k varying at run time over a warm-up longer than the
+    # run, broadcasts of sizes known only when the graph runs
+    cases = [(name, stage_params(name)) for name in grace.list_methods()]
+    cases += [("powersgd", {"rank": 2, "warm_start": False}), ("dgc", {"ratio": 0.05, "warmup_steps": 40}),
+              ("threshold", {"communicator": "broadcast"}), ("dgc", {"communicator": "broadcast"})]
     for mode in ("eager", "function"):
-        for name in grace.list_methods():
+        for case, (name, params) in enumerate(cases):
             real_vars = _model_vars()
             names = _variable_names(real_vars)
-            method = getattr(grace, name)(**stage_params(name))
+            method = getattr(grace, name)(**params)
             last_fed = _recording(method)
             step_fn = tf.function(_tape_step) if mode == "function" else _tape_step
-            sim = grace.LocalSimulator(getattr(grace, name)(**stage_params(name)), size)
+            sim = grace.LocalSimulator(getattr(grace, name)(**params), size)
             for step in range(steps):
                 x, y = _batch(rank, step)
                 with tf.GradientTape() as tape:
@@ -152,7 +159,7 @@ def check_gradient_tape(steps: int = 3) -> int:
                     same = (fed[n].tobytes() == local[n].tobytes() if mode == "eager"
                             else np.allclose(fed[n], local[n], rtol=1e-5, atol=1e-6))
                     assert same, f"{name} ({mode}): {n} was fed another gradient than the tape's"
-                everyone = {n: hvd.allgather(tf.constant(fed[n][None]), name=f"fed.{mode}.{name}.{step}.{i}")
+                everyone = {n: hvd.allgather(tf.constant(fed[n][None]), name=f"fed.{mode}.{case}.{step}.{i}")
                             for i, n in enumerate(names)}
                 grads = [{n: tf.constant(everyone[n][r].numpy()) for n in names} for r in range(size)]
                 expected = sim.step(grads)[rank]
@@ -161,7 +168,7 @@ def check_gradient_tape(steps: int = 3) -> int:
                     if got.tobytes() != want.tobytes():
                         raise AssertionError(f"{name} ({mode}) step {step}: {n} differs from the simulator "
                                              f"by {np.abs(got - want).max()}")
-            gathered = hvd.allgather(tf.reshape(real_vars[0], [1, -1]), name=f"same.{mode}.{name}")
+            gathered = hvd.allgather(tf.reshape(real_vars[0], [1, -1]), name=f"same.{mode}.{case}")
             assert np.array_equal(gathered[0].numpy(), gathered[1].numpy()), f"{name}: ranks differ"
             assert method.stats.payload > 0 and method.stats.tensors == 3 * steps
             checked += 1
@@ -214,6 +221,12 @@ def check_checkpoint_resume(k: int = 3) -> None:
     say("checkpoint at k, restore, step 2k: identical to an uninterrupted run (topk, efsignsgd, qsgd)")
 
 
+class UnregisteredTopK(TopK):
+    """Top-k under a name the graph path does not know: it runs in a tf.py_function."""
+
+    registry_name = "unregistered_topk"
+
+
 def check_none_gradients() -> None:
     """A variable whose gradient is None on one rank only (its loss does not use it there)
     ends, on every rank, in an error naming the variable, within seconds: at the first
@@ -229,11 +242,12 @@ def check_none_gradients() -> None:
         w = tf.Variable(tf.ones([4, 3]), name=f"none{i}_w")
         b = tf.Variable(tf.zeros([3]), name=f"none{i}_b")
         x = tf.constant(np.ones((2, 4), np.float32))
-        # the later-step case on the py_function path (PowerSGD without warm start), where the
-        # check runs at every step; on the graph path (topk) that rank alone traces the step
-        # again and its check waits 30 s for the others, then ends the job
-        # (tests/multirank/late_none_gradient.py)
-        method = grace.powersgd(warm_start=False) if from_step else grace.topk(ratio=0.5)
+        # the later-step case on the py_function path (a compressor from outside the
+        # registry), where the check runs at every step; on the graph path (topk) that rank
+        # alone traces the step again and its check waits 30 s for the others, then ends
+        # the job (tests/multirank/late_none_gradient.py)
+        method = grace.HorovodTFGrace(UnregisteredTopK(ratio=0.5)) if from_step else grace.topk(ratio=0.5)
+        assert method.graph_path == (not from_step), (from_step, method.graph_path)
 
         def step(drop):
             with tf.GradientTape() as tape:
