@@ -663,7 +663,8 @@ _GRAPH_SCRIPT = textwrap.dedent("""
     configs += [("dgc+warmup", "dgc", {"ratio": 0.05, "warmup_steps": 3}),
                 ("powersgd+start_iter", "powersgd", {"rank": 2, "start_iter": 2}),
                 ("topk+warmup_policy", "topk", {"ratio": 0.1, "policies": {"warmup_steps": 2}}),
-                ("dgc+warmup_policy", "dgc", {"ratio": 0.05, "warmup_steps": 2, "policies": {"warmup_steps": 1}})]
+                ("dgc+warmup_policy", "dgc", {"ratio": 0.05, "warmup_steps": 2, "policies": {"warmup_steps": 1}}),
+                ("sketch+one_round", "sketch", {"second_round": False})]
     for name, factory, kwargs in configs:
         method = getattr(grace, factory)(**kwargs)
         # 1. what a DistributedGradientTape step traces: no py_function on the graph path
@@ -718,9 +719,10 @@ def test_graph_path_traces_without_py_function():
     assert proc.returncode == 0, proc.stderr[-3000:]
     paths = {line.split()[1]: line.split()[2:] for line in proc.stdout.splitlines() if line.startswith("PATH")}
     scheduled = ("dgc+warmup", "powersgd+start_iter", "topk+warmup_policy", "dgc+warmup_policy")
-    assert set(paths) == set(grace_dl.list_methods()) | set(scheduled), proc.stdout
+    variants = ("sketch+one_round",)
+    assert set(paths) == set(grace_dl.list_methods()) | set(scheduled) | set(variants), proc.stdout
     for must in ("topk", "gtopk", "dgc", "powersgd", "qsgd", "fp16", "randomk", "signsgd", "efsignsgd", "onebit",
-                 "terngrad", "threshold") + scheduled:
+                 "terngrad", "threshold", "sketch") + scheduled + variants:
         assert paths[must][0] == "True", (must, paths[must])
     for name, (on_graph, pyfunc, *collectives) in paths.items():
         if on_graph == "True":

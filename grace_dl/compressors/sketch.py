@@ -55,14 +55,36 @@ class Sketch(Compressor):
     workers). Without it, the payload is the sketch itself and decompression returns
     the estimates at the top ``k``.
 
-    Hashing: for row ``r`` at step ``t``, one ``random_uniform`` draw per element from
-    the shared key and the counter ``derive_key("sketch", t, r)`` (the same on every
-    worker, fresh at every step) gives a 22-bit sort key and a sign bit; sorting the keys
-    (index as tie-break) gives a random permutation ``pi``, and element ``i`` goes to
-    bucket ``pi(i) mod cols`` with its sign. Every bucket thus holds ``floor(n/cols)`` or
-    ``ceil(n/cols)`` elements (two elements share a bucket with probability below
-    ``1/cols``), and bucket sums are added in a fixed pairwise order. Random draws differ
-    across backends, so payloads are reproducible per backend, not across backends.
+    Hashing: the tensor is cut into ``B = ceil(n / cols)`` blocks of ``cols``
+    consecutive elements (the last one padded with zeros). In row ``r`` at step ``t``,
+    block ``q`` gets a shift ``h_r(q)`` in ``[0, cols)`` and a sign ``s_r(q)``; its
+    element ``c`` goes to bucket ``(c + h_r(q)) mod cols`` with sign ``s_r(q)``, so each
+    block is rotated and the rotations are added (in a fixed pairwise order over the
+    blocks). Shifts and signs come from Carter-Wegman polynomial hashing (Wegman and
+    Carter 1981) of the block id: polynomials of degree 3 over the prime field
+    ``p = 2**31 - 1``, 4-wise independent, whose coefficients are drawn for each step
+    from the shared key (the same on every worker, fresh at every step; a shift
+    combines two hashes, ``(h1 * p + h2) mod cols``, so that its bias is below
+    ``cols / p**2``). All of it is integer arithmetic with products below ``2**62``
+    and a sum in one order, so payloads are bit-identical on every backend and device,
+    and the same inside ``tf.function`` (where the step is a tensor). It costs a few
+    passes over the tensor (NumPy: ~20x a copy at 2.5e7 elements for the round trip,
+    peak memory about twice the tensor), where sorting a random key per element per
+    row cost ~1800x.
+
+    What the hash keeps of the count sketch (Charikar et al. 2002): every bucket holds
+    exactly one element of each block (``floor(n/cols)`` or ``ceil(n/cols)``: balanced);
+    two elements of one block never share a bucket, and two of different blocks share
+    one with probability ``1/cols`` per row (universal), independently across rows and
+    steps; the signs are 4-wise independent. That is what the estimate's guarantee
+    rests on (unbiased per row, variance at most ``||x||^2 / cols``, the median over
+    rows concentrating it). The trade-off is structure within a row: the blocks move
+    rigidly, so when elements ``i`` and ``j`` collide so do ``i + d`` and ``j + d`` (in
+    the same blocks), and a block's colliding elements share one relative sign. Each
+    coordinate's estimate keeps the guarantee above, but errors are correlated along
+    runs of consecutive coordinates: for heavy hitters in runs of 100 the mean error
+    below is that of scattered ones (and of the sorted random permutation this hash
+    replaced: 0.144), its spread over seeds about 4x larger (0.017 against 0.004).
 
     Sizes (itemsize ``s``; ``cols = max(1, min(n, floor(sketch_ratio * n)))``)::
 
@@ -82,13 +104,15 @@ class Sketch(Compressor):
     aggregate; the residual memory keeps its previous state.
 
     Measured (NumPy, 4 workers in the simulator, one step without memory, n = 100,000,
-    error ``||mean - aggregate||^2 / ||mean||^2``; bytes sent per worker)::
+    error ``||mean - aggregate||^2 / ||mean||^2``, mean over 5 seeds; bytes sent per
+    worker; hitters: 1000 spikes of magnitude 1-2 in noise of 0.1, scattered or in 10
+    runs of 100 consecutive coordinates)::
 
-        method                            sent     Gaussian   1000 heavy hitters
-        sketch (defaults, k = 1000)       318 KB   0.970      0.140
-        sketch (second_round=False)       300 KB   1.137      0.208
-        topk ratio=0.01 (k = 1000)         24 KB   0.915      0.097
-        topk ratio=0.0795, allgather      191 KB   0.620      0.063
+        method                            sent     Gaussian   hitters   hitters in runs
+        sketch (defaults, k = 1000)       318 KB   0.970      0.140     0.140
+        sketch (second_round=False)       300 KB   1.137      0.214     0.212
+        topk ratio=0.01 (k = 1000)         24 KB   0.915      0.096     0.096
+        topk ratio=0.0795, allgather      191 KB   0.620      0.062     0.062
 
     So the recovery is close to top-k at the same ``k`` but costs about 13x its bytes
     at 4 workers; at equal bytes top-k is far more accurate. The sketch's bytes do not

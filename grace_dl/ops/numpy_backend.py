@@ -875,6 +875,8 @@ def _rotated_block_sum(x: np.ndarray, width: int, shifts: list, negate: list) ->
         start = (j0 - shifts[k]) % width
         if start + length <= avail:  # contiguous in the block: read in place, negate lazily
             return x[base + start:base + start + length], negate[k], False
+        if start >= avail and start + length <= width:  # all padding
+            return zeros[:length], negate[k], False
         buf = get(length)
         _rotated_into(buf, x[base:base + avail], width, start, negate[k])
         return buf, False, True
@@ -916,13 +918,15 @@ def _rotated_block_sum(x: np.ndarray, width: int, shifts: list, negate: list) ->
             return combine(a, value(level - 1, k + half, j0, length))
         return plus_zero(a)
 
+    zeros = np.zeros(tile, x.dtype)
     for j0 in range(0, width, tile):
-        length = min(tile, width - j0)
+        j1 = min(width, j0 + tile)
+        length = j1 - j0
         result, negated, owned = value(len(levels), 0, j0, length)
         if negated:
-            np.negative(result, out=out[j0:j0 + length])
+            np.negative(result, out=out[j0:j1])
         else:
-            out[j0:j0 + length] = result
+            out[j0:j1] = result
         if owned:
             pool.append(result.base)
     return out

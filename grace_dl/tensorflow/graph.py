@@ -51,7 +51,7 @@ from ..transport.base import allgather_traffic, allreduce_traffic
 GRAPH_COMPRESSORS = frozenset({
     "none", "fp16", "bf16", "topk", "randomk", "dgc", "powersgd", "qsgd", "terngrad", "signsgd", "efsignsgd",
     "onebit", "signum", "threshold", "natural", "natural_dithering", "stc", "sbc", "adaptive_threshold",
-    "sidco", "chunk", "gtopk",
+    "sidco", "chunk", "gtopk", "sketch",
 })
 #: memories whose state the graph path keeps in variables
 GRAPH_MEMORIES = frozenset({"none", "residual", "signum_momentum", "dgc_momentum", "powersgd", "gtopk"})
