@@ -4,6 +4,7 @@ the N-worker simulator, and parity with torch and TensorFlow."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -654,8 +655,10 @@ def test_tensorflow_payloads_and_tracing(name, kw):
 
         @tf.function(input_signature=[tf.TensorSpec([n], tf.float32)])
         def graph(v):
-            buf = c.compress(t_ops, v, ctx).buffer
-            return buf, c.decompress(t_ops, buf, ctx)
+            # the step as a tensor, as on the graph path: the sketch hashes on the device
+            traced = dataclasses.replace(ctx, step=tf.constant(ctx.step, tf.int64))
+            buf = c.compress(t_ops, v, traced).buffer
+            return buf, c.decompress(t_ops, buf, traced)
 
         buf, out = graph(tf.constant(x))
         assert buf.numpy().tobytes() == eager.numpy().tobytes()

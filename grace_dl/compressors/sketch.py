@@ -8,6 +8,7 @@ import numpy as np
 
 from ..core import Collective, Compressor, Rounds, TensorContext, derive_key, run_alone
 from ..ops import DTYPE_ITEMSIZE, Array, Ops
+from ..ops.numpy_backend import NumpyOps
 from ..payload import Payload
 from ..registry import register
 from .chunk import check_world_size, decode_shared_ids, encode_shared_ids, id_digits
@@ -16,6 +17,8 @@ from .topk import MAX_INT32_INDEX, check_ratio, k_for
 #: the Mersenne prime 2**31 - 1: the field of the hashes (a product of two elements and a
 #: step reduced into it fit int64 exactly on every backend)
 _PRIME = (1 << 31) - 1
+#: the hashes of a step known on the host are computed by NumPy (a few dozen integers)
+_HOST = NumpyOps()
 
 
 #: polynomial degree of the block hashes: degree 3 is 4-wise independent (Wegman and
@@ -151,10 +154,12 @@ class Sketch(Compressor):
 
     def _hashes(self, ops: Ops, like: Array, ctx: TensorContext) -> tuple[Array, Array]:
         """``(shifts, negate)``, ``(rows, blocks)`` arrays: int64 in ``[0, cols)`` and bool.
-        Computed on the backend from ``ctx.step``, which inside ``tf.function`` is a
-        tensor."""
+        NumPy arrays computed on the host where the step is an int; inside
+        ``tf.function``, where it is a tensor, the same arithmetic on the backend."""
         n, cols, rows = ctx.numel, self._cols(ctx.numel), self.rows
         blocks = -(-n // cols)
+        if isinstance(ctx.step, (int, np.integer)):
+            ops, like = _HOST, None
         coef = ops.from_numpy(_coefficients(ctx.shared_key, rows), like)
         step = ops.mod(ops.zeros(1, "int64", like) + ctx.step, _PRIME)
         # this step's coefficients: a pairwise independent draw per step

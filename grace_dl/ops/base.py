@@ -25,6 +25,8 @@ import abc
 import math
 from typing import Any, Sequence
 
+import numpy as np
+
 Array = Any  # a backend's array type: numpy.ndarray, torch.Tensor or tf.Tensor
 
 DTYPE_ITEMSIZE = {
@@ -686,18 +688,32 @@ class Ops(abc.ABC):
         (sign bit flipped, padding included) where the bool ``negate[q]``. The blocks
         are added in a fixed pairwise order: while more than one is left, an odd count
         gets a +0.0 block appended, and block ``k`` of the first half is added to block
-        ``k + half``. ``shifts``: int64 in ``[0, width)``. A NaN result's sign and
+        ``k + half``. ``shifts``: int64 in ``[0, width)`` and ``negate``: bool, each a
+        NumPy array (host values: the rotation is done with slices, no index arrays and
+        no copy to a device) or, where they are computed inside ``tf.function``, an
+        array of this backend. A NaN result's sign and
         payload are unspecified (a backend may add a negated block as a subtraction)."""
         n = self.numel(x)
-        blocks = self.numel(shifts)
+        host = isinstance(shifts, np.ndarray)
+        blocks = shifts.shape[0] if host else self.numel(shifts)
         if blocks * width > n:
             x = self.concat([x, self.zeros(blocks * width - n, self.dtype(x), x)])
-        column = self.reshape(self.arange(width, x), (1, width))
-        source = column - self.reshape(shifts, (blocks, 1))  # out[q, j] = block q at (j - shift) mod width
-        source = self.where(source < 0, source + width, source)
-        source = source + self.reshape(self.arange(blocks, x) * width, (blocks, 1))
-        y = self.reshape(self.gather(x, self.reshape(source, (-1,))), (blocks, width))
-        y = self.reshape(self.where(self.reshape(negate, (blocks, 1)), -y, y), (-1,))
+        if host:  # slices: no index arrays, nothing copied to a device
+            flipped = -x
+            parts = []
+            for q, (shift, neg) in enumerate(zip(shifts.tolist(), negate.tolist())):
+                src, base = (flipped if neg else x), q * width
+                if shift:  # the block's last `shift` elements come first
+                    parts.append(src[base + width - shift:base + width])
+                parts.append(src[base:base + width - shift])
+            y = self.concat(parts)
+        else:
+            column = self.reshape(self.arange(width, x), (1, width))
+            source = column - self.reshape(shifts, (blocks, 1))  # out[q, j] = block q at (j - shift) mod width
+            source = self.where(source < 0, source + width, source)
+            source = source + self.reshape(self.arange(blocks, x) * width, (blocks, 1))
+            y = self.reshape(self.gather(x, self.reshape(source, (-1,))), (blocks, width))
+            y = self.reshape(self.where(self.reshape(negate, (blocks, 1)), -y, y), (-1,))
         count = blocks
         while count > 1:
             if count % 2:
@@ -713,7 +729,8 @@ class Ops(abc.ABC):
         ``r`` of ``rows[r, (c + shifts[r, q]) mod width]``, negated (sign bit flipped)
         where the bool ``negate[r, q]``: the inverse of :meth:`rotated_block_sum`'s
         placement, one row of ``shifts`` and ``negate`` (``(R, B)``, ``B = ceil(n /
-        width)``) per row of the 2-D ``rows`` ``(R, width)``.
+        width)``; NumPy arrays or this backend's, as there) per row of the 2-D ``rows``
+        ``(R, width)``.
 
         The median is selected by the comparator network of :func:`median_network` on
         the values ordered as IEEE 754's totalOrder (-inf < ... < -0.0 < +0.0 < ... <
@@ -722,21 +739,31 @@ class Ops(abc.ABC):
         bit (a NaN is that quiet NaN) whatever they hold. For an even ``R``, ``(a + b) *
         0.5`` of the two middle values."""
         r, width = self.shape(rows)
-        blocks = self.shape(shifts)[1]
+        host = isinstance(shifts, np.ndarray)
+        blocks = shifts.shape[1] if host else self.shape(shifts)[1]
         dtype = self.dtype(rows)
         keys = order_keys(self, self.reshape(rows, (-1,)))
         inf_key, nan_key = (0x7F800000, 0x7FC00000) if dtype == "float32" else (0x7FF << 52, 0x7FF8 << 48)
         keys = self.where((keys > inf_key) | (keys < -1 - inf_key), keys * 0 + nan_key, keys)  # NaN: +qNaN
+        flipped = self.where(keys > inf_key, keys, -1 - keys)  # the key of -v (-NaN is NaN too)
         column = self.reshape(self.arange(width, rows), (1, width))
         values = []
         for j in range(r):
+            if host:  # slices: no index arrays, nothing copied to a device
+                parts = []
+                for shift, neg in zip(shifts[j].tolist(), negate[j].tolist()):
+                    row = (flipped if neg else keys)[j * width:(j + 1) * width]
+                    parts.append(row[shift:])  # element c reads (c + shift) mod width
+                    if shift:
+                        parts.append(row[:shift])
+                values.append(self.concat(parts)[:n])
+                continue
             source = column + self.reshape(shifts[j], (blocks, 1))
             source = self.where(source < width, source, source - width)
-            k = self.reshape(self.gather(keys[j * width:(j + 1) * width], self.reshape(source, (-1,))),
-                             (blocks, width))
-            flip = self.reshape(negate[j], (blocks, 1)) & (k <= inf_key)  # -NaN is NaN too
-            k = self.where(flip, -1 - k, k)  # the key of -v
-            values.append(self.reshape(k, (-1,))[:n])
+            source = self.reshape(source, (-1,))
+            k = self.reshape(self.gather(keys[j * width:(j + 1) * width], source), (blocks, width))
+            k_flipped = self.reshape(self.gather(flipped[j * width:(j + 1) * width], source), (blocks, width))
+            values.append(self.reshape(self.where(self.reshape(negate[j], (blocks, 1)), k_flipped, k), (-1,))[:n])
         steps, middle = median_network(r)
         for i, j, low, high in steps:
             a, b = values[i], values[j]

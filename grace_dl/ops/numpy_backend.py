@@ -827,6 +827,16 @@ class NumpyOps(Ops):
 #: elements per tile of the count-sketch kernels: a tile's handful of buffers (256 KiB
 #: each for float32) stays in the cache while every block or row passes through it
 _SKETCH_TILE = 1 << 16
+#: the smallest tile: below it, calls cost more than the elements they process
+_SKETCH_MIN_TILE = 1 << 12
+
+
+def _sketch_tile(width: int, n: int) -> int:
+    """Tile length for a tensor of ``n`` elements in blocks of ``width``: at most 1/64
+    of the tensor, so that a tile's buffers stay a small part of the peak memory."""
+    return min(width, _SKETCH_TILE, max(_SKETCH_MIN_TILE, n >> 6))
+
+
 #: narrower blocks take the protocol's vectorised steps: tiles of a few elements would
 #: cost a call each
 _SKETCH_MIN_WIDTH = 256
@@ -863,7 +873,7 @@ def _rotated_block_sum(x: np.ndarray, width: int, shifts: list, negate: list) ->
         levels.append((count, (count + 1) // 2))
         count = (count + 1) // 2
     out = np.empty(width, x.dtype)
-    tile = min(width, _SKETCH_TILE)
+    tile = _sketch_tile(width, n)
     pool: list = []
 
     def get(length: int) -> np.ndarray:
@@ -966,7 +976,7 @@ def _rotated_block_median(rows: np.ndarray, n: int, shifts: list, negate: list) 
         (steps[-1][0] == middle[0] and not steps[-1][3]) or (steps[-1][1] == middle[0] and not steps[-1][2])) else None
     out = np.empty(n, rows.dtype)
     out_work = out.view(work)
-    tile = min(width, _SKETCH_TILE)
+    tile = _sketch_tile(width, n)
     pool: list = []
 
     def get(length: int) -> np.ndarray:
