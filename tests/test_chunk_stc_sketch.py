@@ -4,6 +4,7 @@ the N-worker simulator, and parity with torch and TensorFlow."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 import grace_dl
 from grace_dl.compressors.chunk import (Chunk, decode_shared_ids, encode_shared_ids, id_digits,
                                         row_pairwise_sum)
-from grace_dl.compressors.sketch import _median
+from grace_dl.ops.base import Ops
 from grace_dl.compressors.stc import position_bits
 from grace_dl.ops.numpy_backend import NumpyOps
 
@@ -354,27 +355,114 @@ def heavy(n, hitters, seed, noise=0.05):
     return x, idx
 
 
+class ProtocolOps(NumpyOps):
+    """NumPy with the protocol's own (vectorised) count-sketch kernels, as TensorFlow and
+    CUDA run them: the reference the tiled NumPy kernels must match bit for bit."""
+
+    rotated_block_sum = Ops.rotated_block_sum
+    rotated_block_median = Ops.rotated_block_median
+
+
 def test_median_network_matches_numpy():
     rng = np.random.default_rng(0)
     for r in range(1, 8):
-        rows = [rng.standard_normal(100).astype(np.float32) for _ in range(r)]
-        rows[0][:10] = rows[-1][:10]  # ties
-        np.testing.assert_array_equal(_median(ops, rows), np.median(np.stack(rows), 0).astype(np.float32))
+        for width in (100, 1000):  # the protocol's steps, and NumPy's tiles
+            rows = rng.standard_normal((r, width)).astype(np.float32)
+            rows[0][:10] = rows[-1][:10]  # ties
+            none = np.zeros((r, 1), np.int64)
+            for backend in (ops, ProtocolOps()):
+                got = backend.rotated_block_median(rows, width, none, none.astype(bool))
+                np.testing.assert_array_equal(got, np.median(rows, 0).astype(np.float32))
 
 
-def test_sketch_hashes_are_permutations_shared_by_workers_and_fresh_each_step():
-    c = comp("sketch")
-    x = normal(1000)
-    hashes = c._hashes(ops, x, make_ctx(1000, step=3, rank=0, world_size=4))
-    other = c._hashes(ops, x, make_ctx(1000, step=3, rank=2, world_size=4))
-    later = c._hashes(ops, x, make_ctx(1000, step=4))
-    assert len(hashes) == 5
-    for (perm, sign), (perm2, sign2), (perm3, _) in zip(hashes, other, later):
-        assert np.array_equal(np.sort(perm), np.arange(1000))
-        assert set(np.unique(sign)) == {-1.0, 1.0} and 400 < (sign > 0).sum() < 600
-        assert np.array_equal(perm, perm2) and np.array_equal(sign, sign2)
-        assert not np.array_equal(perm, perm3)
-    assert not np.array_equal(hashes[0][0], hashes[1][0])  # rows hash independently
+def total_order_median_bits(values, negate):
+    """The median's bits as the protocol defines it, sorting order keys in Python."""
+    v = -np.array(values, np.float32) if negate else np.array(values, np.float32)
+    bits = v.view(np.int32).astype(np.int64)
+    keys = sorted(0x7FC00000 if np.isnan(f) else (b if b >= 0 else -1 - (b & 0x7FFFFFFF)) for f, b in zip(v, bits))
+    m = keys[len(keys) // 2]
+    return m if m >= 0 else (-1 - m) | -(1 << 31)
+
+
+def test_median_orders_signed_zeros_and_makes_nan_the_positive_quiet_nan():
+    columns = [[0.0, -0.0, -0.0, 1.0, 0.0], [-0.0, -0.0, 0.0, -1.0, 2.0], [np.nan, 1.0, 2.0, 3.0, -np.inf],
+               [-np.nan, -np.nan, 0.5, 1.0, 2.0], [np.inf, -np.inf, np.nan, 0.0, -0.0], [-0.0, 0.0, 0.0, -0.0, 5.0],
+               [-np.nan, -np.nan, -np.nan, 1.0, 2.0]]
+    for width in (len(columns), 300):  # the protocol's steps, and NumPy's tiles
+        rows = np.ones((5, width), np.float32)
+        rows[:, :len(columns)] = np.array(columns, np.float32).T
+        for negate in (False, True):
+            want = [total_order_median_bits(col, negate) for col in columns]
+            for backend in (ops, ProtocolOps()):
+                got = backend.rotated_block_median(rows, width, np.zeros((5, 1), np.int64), np.full((5, 1), negate))
+                assert got[:len(columns)].view(np.int32).tolist() == want
+    assert [total_order_median_bits(col, False) for col in columns][-1] == 0x7FC00000  # NaN: the quiet NaN
+
+
+@pytest.mark.parametrize("n,kw", [(1, {}), (97, {"rows": 3}), (5000, {}), (20011, {"rows": 4, "sketch_ratio": 0.3}),
+                                  (300001, {}), (300001, {"rows": 6, "sketch_ratio": 0.021}),
+                                  (70000, {"rows": 2, "sketch_ratio": 1.0})])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sketch_numpy_tiles_match_the_protocol_kernels(n, kw, dtype):
+    c = comp("sketch", **kw)
+    reference = ProtocolOps()
+    x = normal(n, seed=n, dtype=dtype)
+    x[: n // 3] = np.round(x[: n // 3], 1)
+    sparse = np.where(np.arange(n) % 89 == 0, x, 0).astype(dtype)  # zero buckets: the estimates' key path
+    for v in (x, sparse):
+        ctx = make_ctx(n, dtype=dtype, step=n)
+        hashes = c._hashes(ops, v, ctx)
+        sketch = c._sketch(ops, v, ctx, hashes)
+        assert sketch.tobytes() == c._sketch(reference, v, ctx, hashes).tobytes()
+        assert c._estimate(ops, sketch, ctx, hashes).tobytes() == c._estimate(reference, sketch, ctx, hashes).tobytes()
+        sketch[: len(sketch) // 7] = 0.0  # zero buckets next to non-zero ones, then NaN and Inf
+        sketch[1] = -0.0
+        assert c._estimate(ops, sketch, ctx, hashes).tobytes() == c._estimate(reference, sketch, ctx, hashes).tobytes()
+        sketch[2], sketch[-1] = np.nan, -np.inf
+        assert c._estimate(ops, sketch, ctx, hashes).tobytes() == c._estimate(reference, sketch, ctx, hashes).tobytes()
+
+
+def bucket_map(c, n, shifts, negate):
+    """Bucket and sign of every element of every row, from the hash's definition."""
+    cols = c._cols(n)
+    i = np.arange(n)
+    q, col = i // cols, i % cols
+    return (col[None, :] + np.asarray(shifts)[:, q]) % cols, np.where(np.asarray(negate)[:, q], -1.0, 1.0)
+
+
+def test_sketch_hashes_are_shared_by_workers_and_fresh_each_step():
+    c = comp("sketch", sketch_ratio=0.01)
+    x = normal(10000)
+    shifts, negate = c._hashes(ops, x, make_ctx(10000, step=3, rank=0, world_size=4))
+    other = c._hashes(ops, x, make_ctx(10000, step=3, rank=2, world_size=4))
+    later = c._hashes(ops, x, make_ctx(10000, step=4))
+    assert shifts.shape == negate.shape == (5, 100) and shifts.dtype == np.int64 and negate.dtype == bool
+    assert 0 <= shifts.min() and shifts.max() < 100
+    assert np.array_equal(shifts, other[0]) and np.array_equal(negate, other[1])
+    assert not np.array_equal(shifts, later[0]) and not np.array_equal(negate, later[1])
+    assert all(len(set(row.tolist())) > 50 for row in shifts)  # rows and blocks hash independently
+    assert 150 < negate.sum() < 350
+
+
+def test_sketch_buckets_are_universal_and_signs_pairwise_independent():
+    """Carter-Wegman on the block ids: two elements of one block never share a bucket,
+    two of different blocks do with probability 1/cols; sign products average to 0."""
+    n, cols = 1000, 50
+    c = comp("sketch", sketch_ratio=cols / n, rows=5)
+    pairs = [(0, 1), (3, 953), (10, 60), (49, 50), (999, 0), (400, 410)]  # same block: (0, 1), (400, 410)
+    hits, products = np.zeros(len(pairs)), np.zeros(len(pairs))
+    steps = 2000
+    for step in range(steps):
+        buckets, signs = bucket_map(c, n, *c._hashes(ops, normal(1), make_ctx(n, step=step)))
+        for p, (i, j) in enumerate(pairs):
+            hits[p] += np.sum(buckets[:, i] == buckets[:, j])
+            products[p] += np.sum(signs[:, i] * signs[:, j])
+    rate, trials = hits / (5 * steps), 5 * steps
+    assert rate[0] == 0 and rate[5] == 0
+    for p in (1, 2, 3, 4):  # 1/cols = 0.02 over 10000 trials: sd 0.0014
+        assert abs(rate[p] - 1 / cols) < 0.006, (pairs[p], rate[p])
+        assert abs(products[p] / trials) < 0.05
+    assert products[0] == trials  # one block, one sign
 
 
 def test_sketch_is_linear_and_buckets_hold_the_signed_sums():
@@ -386,12 +474,11 @@ def test_sketch_is_linear_and_buckets_hold_the_signed_sums():
     sx, sy, sxy = (c._sketch(ops, v, ctx, hashes) for v in (x, y, x + y))
     np.testing.assert_allclose(sx + sy, sxy, rtol=0, atol=1e-12)
     cols = 50
-    perm, sign = hashes[0]
-    bucket = np.empty(n, np.int64)
-    bucket[perm] = np.arange(n) % cols
-    want = np.bincount(bucket, weights=sign * x, minlength=cols)
-    np.testing.assert_allclose(sx[:cols], want, atol=1e-12)
-    assert set(np.bincount(bucket, minlength=cols)) == {20}  # balanced buckets
+    buckets, signs = bucket_map(c, n, *hashes)
+    for r in range(5):
+        want = np.bincount(buckets[r], weights=signs[r] * x, minlength=cols)
+        np.testing.assert_allclose(sx[r * cols:(r + 1) * cols], want, atol=1e-12)
+        assert set(np.bincount(buckets[r], minlength=cols)) == {20}  # balanced buckets
 
 
 def test_sketch_one_worker_recovers_heavy_hitters_exactly():
@@ -517,7 +604,8 @@ def test_training_reaches_the_uncompressed_loss(name, kw, margin):
 
 # -- other backends -----------------------------------------------------------------------------
 DETERMINISTIC = [("chunk", {}), ("chunk", {"ratio": 0.3, "chunk_size": 10}), ("stc", {"ratio": 0.1}),
-                 ("sbc", {"ratio": 0.1}), ("sbc", {})]
+                 ("sbc", {"ratio": 0.1}), ("sbc", {}), ("sketch", {"ratio": 0.1}),
+                 ("sketch", {"ratio": 0.1, "second_round": False}), ("sketch", {"rows": 4, "sketch_ratio": 0.3})]
 
 
 @pytest.mark.parametrize("name,kw", DETERMINISTIC)
@@ -550,32 +638,34 @@ def test_torch_sketch_runs_in_the_simulator():
     np.testing.assert_allclose(out.numpy()[idx], x[idx] * 0.5, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name,kw", DETERMINISTIC + [("sketch", {"ratio": 0.1}),
-                                                     ("sketch", {"ratio": 0.1, "second_round": False})])
+@pytest.mark.parametrize("name,kw", DETERMINISTIC)
 def test_tensorflow_payloads_and_tracing(name, kw):
     tf = pytest.importorskip("tensorflow")
     from grace_dl.tensorflow.ops import TFOps
 
     t_ops = TFOps()
     c = comp(name, **kw)
-    n = 301
-    x = normal(n, seed=4)
-    x[:50] = np.round(x[:50], 1)
-    ctx = make_ctx(n)
-    eager = c.compress(t_ops, tf.constant(x), ctx).buffer
-    eager_out = c.decompress(t_ops, eager, ctx)
+    # 3001 elements: blocks wide enough for NumPy's tiled count-sketch kernels at sketch_ratio 0.3
+    for n in (301, 3001) if name == "sketch" else (301,):
+        x = normal(n, seed=4)
+        x[:50] = np.round(x[:50], 1)
+        ctx = make_ctx(n)
+        eager = c.compress(t_ops, tf.constant(x), ctx).buffer
+        eager_out = c.decompress(t_ops, eager, ctx)
 
-    @tf.function(input_signature=[tf.TensorSpec([n], tf.float32)])
-    def graph(v):
-        buf = c.compress(t_ops, v, ctx).buffer
-        return buf, c.decompress(t_ops, buf, ctx)
+        @tf.function(input_signature=[tf.TensorSpec([n], tf.float32)])
+        def graph(v):
+            # the step as a tensor, as on the graph path: the sketch hashes on the device
+            traced = dataclasses.replace(ctx, step=tf.constant(ctx.step, tf.int64))
+            buf = c.compress(t_ops, v, traced).buffer
+            return buf, c.decompress(t_ops, buf, traced)
 
-    buf, out = graph(tf.constant(x))
-    assert buf.numpy().tobytes() == eager.numpy().tobytes()
-    assert out.numpy().tobytes() == eager_out.numpy().tobytes()
-    if c.deterministic:
-        assert eager.numpy().tobytes() == c.compress(ops, x, ctx).buffer.tobytes()
-        assert eager_out.numpy().tobytes() == c.decompress(ops, c.compress(ops, x, ctx).buffer, ctx).tobytes()
+        buf, out = graph(tf.constant(x))
+        assert buf.numpy().tobytes() == eager.numpy().tobytes()
+        assert out.numpy().tobytes() == eager_out.numpy().tobytes()
+        if c.deterministic:
+            assert eager.numpy().tobytes() == c.compress(ops, x, ctx).buffer.tobytes()
+            assert eager_out.numpy().tobytes() == c.decompress(ops, c.compress(ops, x, ctx).buffer, ctx).tobytes()
 
 
 def test_tensorflow_scatter_keeps_negative_zero():

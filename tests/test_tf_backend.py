@@ -686,11 +686,10 @@ GRAPH_VARIANTS = [
     ("dgc+broadcast", "dgc", {"communicator": "broadcast"}),
     ("topk+warmup_policy", "topk", {"ratio": 0.1, "policies": {"warmup_steps": 2}}),
     ("dgc+warmup_policy", "dgc", {"ratio": 0.05, "warmup_steps": 2, "policies": {"warmup_steps": 1}}),
+    ("sketch+one_round", "sketch", {"second_round": False}),
 ]
 #: steps run, and the step before which the state is reloaded, where not (4, 2)
 GRAPH_HORIZONS = {"dgc+long_warmup": (38, 20)}
-#: methods still off the graph path, with the reason (a strict xfail: remove it once traced)
-NOT_TRACED_YET = {"sketch": "sketch's hash is not traced yet (another change puts sketch on the graph path)"}
 
 _GRAPH_SCRIPT = textwrap.dedent("""
     import json
@@ -786,7 +785,7 @@ def test_graph_path_traces_without_py_function():
     out = _graph_run()[1]
     assert set(paths) == set(grace_dl.list_methods()) | {label for label, _, _ in GRAPH_VARIANTS}, out
     for must in ("topk", "gtopk", "dgc", "powersgd", "qsgd", "fp16", "randomk", "signsgd", "efsignsgd", "onebit",
-                 "terngrad", "threshold", "onebit_adam") + tuple(label for label, _, _ in GRAPH_VARIANTS):
+                 "terngrad", "threshold", "onebit_adam", "sketch") + tuple(label for label, _, _ in GRAPH_VARIANTS):
         assert paths[must][0] == "True", (must, paths[must])
     for name, (on_graph, pyfunc, *collectives) in paths.items():
         if on_graph == "True":
@@ -796,10 +795,8 @@ def test_graph_path_traces_without_py_function():
             assert pyfunc == "pyfunc", (name, pyfunc)
 
 
-def _every_traced_config() -> list[Any]:
-    labels = list(grace_dl.list_methods()) + [label for label, _, _ in GRAPH_VARIANTS]
-    return [pytest.param(label, marks=pytest.mark.xfail(reason=NOT_TRACED_YET[label], strict=True))
-            if label in NOT_TRACED_YET else label for label in labels]
+def _every_traced_config() -> list[str]:
+    return list(grace_dl.list_methods()) + [label for label, _, _ in GRAPH_VARIANTS]
 
 
 @pytest.mark.parametrize("label", _every_traced_config())

@@ -25,6 +25,8 @@ import abc
 import math
 from typing import Any, Sequence
 
+import numpy as np
+
 Array = Any  # a backend's array type: numpy.ndarray, torch.Tensor or tf.Tensor
 
 DTYPE_ITEMSIZE = {
@@ -823,3 +825,152 @@ class Ops(abc.ABC):
         least as wide): a float32 tensor's sum in float64 without a backend having to
         store its float64 copy."""
         return self.tree_sum(self.cast(x, dtype))
+
+    # -- count-sketch kernels
+    # The count sketch's hash puts element ``c`` of block ``q`` (blocks of ``width``
+    # consecutive elements) in bucket ``(c + shift[q]) mod width``, negated where
+    # ``negate[q]``: a rotation of each block. These two primitives are its sketch row and
+    # its estimates; the defaults are vectorised (index arrays of the tensor's size), a
+    # backend may work through them in cache-sized tiles.
+
+    def mod(self, x: Array, m: int) -> Array:
+        """``x mod m`` elementwise for a non-negative int32/int64 array ``x`` and a Python
+        int ``m > 0`` (exact; the backend's own integer remainder)."""
+        return x % m
+
+    def rotated_block_sum(self, x: Array, width: int, shifts: Array, negate: Array) -> Array:
+        """The ``width``-element signed sum of the rotated blocks of 1-D float ``x``.
+
+        ``x`` is padded with +0.0 to ``B * width`` elements, ``B = len(shifts)`` (which
+        must be ``ceil(n / width)``), and cut into ``B`` blocks; block ``q`` is rotated
+        so that its element ``c`` lands at ``(c + shifts[q]) mod width``, and negated
+        (sign bit flipped, padding included) where the bool ``negate[q]``. The blocks
+        are added in a fixed pairwise order: while more than one is left, an odd count
+        gets a +0.0 block appended, and block ``k`` of the first half is added to block
+        ``k + half``. ``shifts``: int64 in ``[0, width)`` and ``negate``: bool, each a
+        NumPy array (host values: the rotation is done with slices, no index arrays and
+        no copy to a device) or, where they are computed inside ``tf.function``, an
+        array of this backend. A NaN result's sign and
+        payload are unspecified (a backend may add a negated block as a subtraction)."""
+        n = self.numel(x)
+        host = isinstance(shifts, np.ndarray)
+        blocks = shifts.shape[0] if host else self.numel(shifts)
+        if blocks * width > n:
+            x = self.concat([x, self.zeros(blocks * width - n, self.dtype(x), x)])
+        if host:  # slices: no index arrays, nothing copied to a device
+            flipped = -x
+            parts = []
+            for q, (shift, neg) in enumerate(zip(shifts.tolist(), negate.tolist())):
+                src, base = (flipped if neg else x), q * width
+                if shift:  # the block's last `shift` elements come first
+                    parts.append(src[base + width - shift:base + width])
+                parts.append(src[base:base + width - shift])
+            y = self.concat(parts)
+        else:
+            column = self.reshape(self.arange(width, x), (1, width))
+            source = column - self.reshape(shifts, (blocks, 1))  # out[q, j] = block q at (j - shift) mod width
+            source = self.where(source < 0, source + width, source)
+            source = source + self.reshape(self.arange(blocks, x) * width, (blocks, 1))
+            y = self.reshape(self.gather(x, self.reshape(source, (-1,))), (blocks, width))
+            y = self.reshape(self.where(self.reshape(negate, (blocks, 1)), -y, y), (-1,))
+        count = blocks
+        while count > 1:
+            if count % 2:
+                y = self.concat([y, self.zeros(width, self.dtype(x), x)])
+                count += 1
+            count //= 2
+            y = y[:count * width] + y[count * width:]
+        return y
+
+    def rotated_block_median(self, rows: Array, n: int, shifts: Array, negate: Array) -> Array:
+        """Count-sketch estimates: ``n`` elements of ``rows``' float dtype, element
+        ``i = q * width + c`` (block ``q``, offset ``c``) the median over the ``R`` rows
+        ``r`` of ``rows[r, (c + shifts[r, q]) mod width]``, negated (sign bit flipped)
+        where the bool ``negate[r, q]``: the inverse of :meth:`rotated_block_sum`'s
+        placement, one row of ``shifts`` and ``negate`` (``(R, B)``, ``B = ceil(n /
+        width)``; NumPy arrays or this backend's, as there) per row of the 2-D ``rows``
+        ``(R, width)``.
+
+        The median is selected by the comparator network of :func:`median_network` on
+        the values ordered as IEEE 754's totalOrder (-inf < ... < -0.0 < +0.0 < ... <
+        +inf: the bits as a sign-magnitude integer), with every NaN, negated or not,
+        taken as the positive quiet NaN above +inf; so it is one of the values bit for
+        bit (a NaN is that quiet NaN) whatever they hold. For an even ``R``, ``(a + b) *
+        0.5`` of the two middle values."""
+        r, width = self.shape(rows)
+        host = isinstance(shifts, np.ndarray)
+        blocks = shifts.shape[1] if host else self.shape(shifts)[1]
+        dtype = self.dtype(rows)
+        keys = order_keys(self, self.reshape(rows, (-1,)))
+        inf_key, nan_key = (0x7F800000, 0x7FC00000) if dtype == "float32" else (0x7FF << 52, 0x7FF8 << 48)
+        keys = self.where((keys > inf_key) | (keys < -1 - inf_key), keys * 0 + nan_key, keys)  # NaN: +qNaN
+        flipped = self.where(keys > inf_key, keys, -1 - keys)  # the key of -v (-NaN is NaN too)
+        column = self.reshape(self.arange(width, rows), (1, width))
+        values = []
+        for j in range(r):
+            if host:  # slices: no index arrays, nothing copied to a device
+                parts = []
+                for shift, neg in zip(shifts[j].tolist(), negate[j].tolist()):
+                    row = (flipped if neg else keys)[j * width:(j + 1) * width]
+                    parts.append(row[shift:])  # element c reads (c + shift) mod width
+                    if shift:
+                        parts.append(row[:shift])
+                values.append(self.concat(parts)[:n])
+                continue
+            source = column + self.reshape(shifts[j], (blocks, 1))
+            source = self.where(source < width, source, source - width)
+            source = self.reshape(source, (-1,))
+            k = self.reshape(self.gather(keys[j * width:(j + 1) * width], source), (blocks, width))
+            k_flipped = self.reshape(self.gather(flipped[j * width:(j + 1) * width], source), (blocks, width))
+            values.append(self.reshape(self.where(self.reshape(negate[j], (blocks, 1)), k_flipped, k), (-1,))[:n])
+        steps, middle = median_network(r)
+        for i, j, low, high in steps:
+            a, b = values[i], values[j]
+            if low:
+                values[i] = self.minimum(a, b)
+            if high:
+                values[j] = self.where(a < b, b, a)
+        if len(middle) == 1:
+            return from_order_keys(self, values[middle[0]], dtype)
+        return (from_order_keys(self, values[middle[0]], dtype) + from_order_keys(self, values[middle[1]], dtype)) * 0.5
+
+
+def median_network(count: int) -> tuple[list[tuple[int, int, bool, bool]], tuple[int, ...]]:
+    """The comparator network that :meth:`Ops.rotated_block_median` selects a median of
+    ``count`` values with: ``(steps, middle)``. Each step ``(i, j, low, high)`` puts the
+    lower of positions ``i < j`` at ``i`` (computed only if ``low``) and the higher at
+    ``j`` (only if ``high``: outputs that no later step reads are skipped); ``middle``
+    names the position of the median (two for an even count). Five values take
+    Devillard's seven comparators (ten min/max, where a full sort takes twenty), three
+    take three; other counts an odd-even transposition sort."""
+    if count == 5:
+        pairs = [(0, 1), (3, 4), (0, 3), (1, 4), (1, 2), (2, 3), (1, 2)]
+        middle: tuple[int, ...] = (2,)
+    elif count == 3:
+        pairs, middle = [(0, 1), (1, 2), (0, 1)], (1,)
+    else:
+        pairs = [(i, i + 1) for rnd in range(count) for i in range(rnd % 2, count - 1, 2)]
+        middle = (count // 2,) if count % 2 else (count // 2 - 1, count // 2)
+    live = set(middle)
+    steps = []
+    for i, j in reversed(pairs):
+        low, high = i in live, j in live
+        if low or high:
+            steps.append((i, j, low, high))
+            live |= {i, j}
+    return steps[::-1], middle
+
+
+def order_keys(ops: Ops, x: Array) -> Array:
+    """Integers ordered as 1-D float32/float64 ``x`` is by IEEE 754's totalOrder (int32
+    for float32, int64 for float64): the bits of a non-negative float, ``-1 - m`` for a
+    negative one with magnitude bits ``m``. The key of ``-v`` is ``-1 - key(v)``."""
+    itype, top = ("int32", 0x7FFFFFFF) if ops.dtype(x) == "float32" else ("int64", 0x7FFFFFFFFFFFFFFF)
+    bits = ops.bitcast(x, itype)
+    return ops.where(bits < 0, -1 - ops.bitwise_and(bits, top), bits)
+
+
+def from_order_keys(ops: Ops, keys: Array, dtype: str) -> Array:
+    """The floats of ``dtype`` (float32 or float64) whose :func:`order_keys` are ``keys``."""
+    sign = -(1 << 31) if dtype == "float32" else -(1 << 63)
+    return ops.bitcast(ops.where(keys < 0, ops.bitwise_or(-1 - keys, sign), keys), dtype)

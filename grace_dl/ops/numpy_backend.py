@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import Ops, level_bits
+from .base import Ops, level_bits, median_network
 
 _NP_DTYPES = {
     "float16": np.float16,
@@ -1019,6 +1019,24 @@ class NumpyOps(Ops):
         values = np.arange(-1, 3).astype(dtype) * scale  # (c - 1) * s
         return self.take_fields(words[:code_words], n, 2, values)
 
+    @staticmethod
+    def _order_keys_of(a: np.ndarray) -> np.ndarray:
+        """order keys of float32/float64 ``a`` (or float bits of keys: the map is its own
+        inverse) as int32/int64."""
+        itype = np.int32 if a.dtype in (np.float32, np.int32) else np.int64
+        bits = a.view(itype)
+        return bits ^ ((bits >> (8 * a.dtype.itemsize - 1)) & np.iinfo(itype).max)
+
+    def rotated_block_sum(self, x, width, shifts, negate):
+        if width < _SKETCH_MIN_WIDTH or x.dtype not in (np.float32, np.float64):
+            return super().rotated_block_sum(x, width, shifts, negate)
+        return _rotated_block_sum(x, width, np.asarray(shifts).tolist(), np.asarray(negate).tolist())
+
+    def rotated_block_median(self, rows, n, shifts, negate):
+        if rows.shape[1] < _SKETCH_MIN_WIDTH or rows.dtype not in (np.float32, np.float64):
+            return super().rotated_block_median(rows, n, shifts, negate)
+        return _rotated_block_median(rows, n, np.asarray(shifts).tolist(), np.asarray(negate).tolist())
+
     def clipped_ternary_codes(self, x, clip, bound, u):
         c = np.asarray(clip).reshape(-1)[0]
         if c != c or (x.shape[0] and not (np.isfinite(x.min()) and np.isfinite(x.max()))):
@@ -1043,6 +1061,260 @@ class NumpyOps(Ops):
             out -= neg.view(np.uint8)  # twice: NumPy's uint8 shift is ~10x slower
             out -= neg.view(np.uint8)
         return codes
+
+
+#: elements per tile of the count-sketch kernels: a tile's handful of buffers (256 KiB
+#: each for float32) stays in the cache while every block or row passes through it
+_SKETCH_TILE = 1 << 16
+#: the smallest tile: below it, calls cost more than the elements they process
+_SKETCH_MIN_TILE = 1 << 12
+
+
+def _sketch_tile(width: int, n: int) -> int:
+    """Tile length for a tensor of ``n`` elements in blocks of ``width``: at most 1/64
+    of the tensor, so that a tile's buffers stay a small part of the peak memory."""
+    return min(width, _SKETCH_TILE, max(_SKETCH_MIN_TILE, n >> 6))
+
+
+#: narrower blocks take the protocol's vectorised steps: tiles of a few elements would
+#: cost a call each
+_SKETCH_MIN_WIDTH = 256
+
+
+def _rotated_into(out: np.ndarray, block: np.ndarray, width: int, start: int, negate: bool) -> None:
+    """``out[i] = block[(start + i) mod width]`` (negated where ``negate``), ``block`` being
+    the first ``len(block) <= width`` elements of a block padded with +0.0 to ``width``."""
+    length, avail, pos = out.shape[0], block.shape[0], 0
+    while pos < length:
+        take = min(length - pos, width - start)
+        real = max(0, min(start + take, avail) - start)
+        if real:
+            if negate:
+                np.negative(block[start:start + real], out=out[pos:pos + real])
+            else:
+                out[pos:pos + real] = block[start:start + real]
+        if real < take:
+            out[pos + real:pos + take] = -0.0 if negate else 0.0
+        pos += take
+        start = 0
+
+
+def _rotated_block_sum(x: np.ndarray, width: int, shifts: list, negate: list) -> np.ndarray:
+    """:meth:`Ops.rotated_block_sum`, a tile of ``_SKETCH_TILE`` columns at a time: the
+    pairwise order over the blocks is evaluated depth first, so a tile holds one buffer
+    per level of it and the tensor is read once. A block's slice that needs no rotation
+    within the tile is read in place and its sign applied by the addition it enters
+    (``b - a`` for ``(-a) + b``: the same value, with a NaN's sign left unspecified)."""
+    n, blocks = x.shape[0], len(shifts)
+    levels = []  # (count, half) of each level of the pairwise order
+    count = blocks
+    while count > 1:
+        levels.append((count, (count + 1) // 2))
+        count = (count + 1) // 2
+    out = np.empty(width, x.dtype)
+    tile = _sketch_tile(width, n)
+    pool: list = []
+
+    def get(length: int) -> np.ndarray:
+        return (pool.pop() if pool else np.empty(tile, x.dtype))[:length]
+
+    def leaf(k: int, j0: int, length: int) -> tuple:
+        base = k * width
+        avail = min(width, n - base)
+        start = (j0 - shifts[k]) % width
+        if start + length <= avail:  # contiguous in the block: read in place, negate lazily
+            return x[base + start:base + start + length], negate[k], False
+        if start >= avail and start + length <= width:  # all padding
+            return zeros[:length], negate[k], False
+        buf = get(length)
+        _rotated_into(buf, x[base:base + avail], width, start, negate[k])
+        return buf, False, True
+
+    def combine(a: tuple, b: tuple) -> tuple:
+        (xa, na, oa), (xb, nb, ob) = a, b
+        dst = xa if oa else (xb if ob else get(xa.shape[0]))
+        if not (na or nb):
+            np.add(xa, xb, out=dst)
+        elif not nb:
+            np.subtract(xb, xa, out=dst)
+        elif not na:
+            np.subtract(xa, xb, out=dst)
+        elif dst is xb:  # (-b) - a
+            np.negative(xb, out=dst)
+            np.subtract(dst, xa, out=dst)
+        else:  # (-a) - b
+            np.negative(xa, out=dst)
+            np.subtract(dst, xb, out=dst)
+        if ob and dst is not xb:
+            pool.append(xb.base)
+        return dst, False, True
+
+    def plus_zero(a: tuple) -> tuple:  # the appended +0.0 block (-0.0 becomes +0.0)
+        xa, na, oa = a
+        dst = xa if oa else get(xa.shape[0])
+        if na:
+            np.subtract(0.0, xa, out=dst)
+        else:
+            np.add(xa, 0.0, out=dst)
+        return dst, False, True
+
+    def value(level: int, k: int, j0: int, length: int) -> tuple:
+        if level == 0:
+            return leaf(k, j0, length)
+        count, half = levels[level - 1]
+        a = value(level - 1, k, j0, length)
+        if k + half < count:
+            return combine(a, value(level - 1, k + half, j0, length))
+        return plus_zero(a)
+
+    zeros = np.zeros(tile, x.dtype)
+    for j0 in range(0, width, tile):
+        j1 = min(width, j0 + tile)
+        length = j1 - j0
+        result, negated, owned = value(len(levels), 0, j0, length)
+        if negated:
+            np.negative(result, out=out[j0:j1])
+        else:
+            out[j0:j1] = result
+        if owned:
+            pool.append(result.base)
+    return out
+
+
+def _rotated_block_median(rows: np.ndarray, n: int, shifts: list, negate: list) -> np.ndarray:
+    """:meth:`Ops.rotated_block_median`, a segment of a block at a time (cut where a
+    tile ends or a row's rotation wraps, so that every row's values are one slice of
+    ``rows`` or of its negation). Where the rows hold no NaN and no zero, float order
+    is the total order and the network runs ``np.minimum`` / ``np.maximum`` on the
+    floats; otherwise on the integer order keys (NaN made the positive quiet NaN)."""
+    r, width = rows.shape
+    itype = np.int32 if rows.dtype == np.float32 else np.int64
+    sign_shift = 8 * rows.dtype.itemsize - 1
+    top = itype(np.iinfo(itype).max)
+    zeros = rows.size - np.count_nonzero(rows)
+    blocks = len(shifts[0])
+    # float order is the total order but for the sign of zero: with few zero buckets, the
+    # elements that read one are selected again on keys afterwards
+    fast = not np.isnan(rows.min()) and zeros * blocks <= n // 16
+    if fast:
+        plus, minus, work = rows, np.negative(rows), rows.dtype
+    else:
+        inf_key, nan_key = (0x7F800000, 0x7FC00000) if itype == np.int32 else (0x7FF << 52, 0x7FF8 << 48)
+        bits = rows.view(itype)
+        plus = bits >> sign_shift
+        plus &= top
+        plus ^= bits  # order keys: a negative float's magnitude bits inverted
+        nan = (plus > inf_key) | (plus < -1 - inf_key)
+        plus[nan] = nan_key
+        minus = np.invert(plus)  # the key of -v, but a NaN stays the positive NaN
+        minus[nan] = nan_key
+        work = itype
+    steps, middle = median_network(r)
+    # the step that writes the (odd count's) median, and only it, if it is the last one
+    last = len(steps) - 1 if len(middle) == 1 and steps and (
+        (steps[-1][0] == middle[0] and not steps[-1][3]) or (steps[-1][1] == middle[0] and not steps[-1][2])) else None
+    out = np.empty(n, rows.dtype)
+    out_work = out.view(work)
+    tile = _sketch_tile(width, n)
+    pool: list = []
+
+    def get(length: int) -> np.ndarray:
+        return (pool.pop() if pool else np.empty(tile, work))[:length]
+
+    def to_float_bits(key: np.ndarray, dest: np.ndarray) -> None:
+        tmp = get(key.shape[0])
+        np.right_shift(key, sign_shift, out=tmp)
+        tmp &= top
+        np.bitwise_xor(key, tmp, out=dest)
+        pool.append(tmp.base)
+
+    for q in range(len(shifts[0])):
+        base = q * width
+        avail = min(width, n - base)
+        cuts = set(range(0, avail, tile)) | {avail}
+        cuts |= {(width - shifts[j][q]) % width for j in range(r)}
+        cuts = sorted(c for c in cuts if c <= avail)
+        for c0, c1 in zip(cuts, cuts[1:]):
+            length = c1 - c0
+            v = []
+            for j in range(r):
+                start = (c0 + shifts[j][q]) % width
+                v.append((minus if negate[j][q] else plus)[j, start:start + length])
+            owned = [False] * r
+            dest = out_work[base + c0:base + c1]
+            for number, (i, j, low, high) in enumerate(steps):
+                a, b, oa, ob = v[i], v[j], owned[i], owned[j]
+                if number == last and work is not itype:  # the median itself: straight into the output
+                    (np.minimum if low else np.maximum)(a, b, out=dest)
+                    break
+                if low and high:
+                    lo = get(length)
+                    np.minimum(a, b, out=lo)
+                    hi = b if ob else (a if oa else get(length))
+                    np.maximum(a, b, out=hi)
+                    if oa and hi is not a:
+                        pool.append(a.base)
+                    v[i], v[j], owned[i], owned[j] = lo, hi, True, True
+                elif low:
+                    dst = a if oa else (b if ob else get(length))
+                    np.minimum(a, b, out=dst)
+                    if ob and dst is not b:
+                        pool.append(b.base)
+                    v[i], v[j], owned[i], owned[j] = dst, None, True, False
+                else:
+                    dst = b if ob else (a if oa else get(length))
+                    np.maximum(a, b, out=dst)
+                    if oa and dst is not a:
+                        pool.append(a.base)
+                    v[i], v[j], owned[i], owned[j] = None, dst, False, True
+            if len(middle) == 1:
+                if work is itype:
+                    to_float_bits(v[middle[0]], dest)
+                elif last is None:
+                    dest[...] = v[middle[0]]
+            else:
+                halves = []
+                for m in middle:
+                    if work is itype:
+                        f = get(length)
+                        to_float_bits(v[m], f)
+                        halves.append(f.view(rows.dtype))
+                    else:
+                        halves.append(v[m])
+                d = dest.view(rows.dtype)
+                np.add(halves[0], halves[1], out=d)
+                d *= 0.5
+                if work is itype:
+                    pool.extend(h.view(itype).base for h in halves)
+            for arr, own in zip(v, owned):
+                if own:
+                    pool.append(arr.base)
+    if fast and zeros:
+        shift_arr, negate_arr = np.array(shifts, np.int64), np.array(negate, np.bool_)
+        zr, zj = np.divmod(np.flatnonzero(rows.reshape(-1) == 0), width)
+        idx = (np.arange(blocks)[None, :] * width + (zj[:, None] - shift_arr[zr]) % width).reshape(-1)
+        idx = np.unique(idx[idx < n])
+        out[idx] = _rotated_median_at(rows, idx, shift_arr, negate_arr)
+    return out
+
+
+def _rotated_median_at(rows: np.ndarray, idx: np.ndarray, shifts: np.ndarray, negate: np.ndarray) -> np.ndarray:
+    """:meth:`Ops.rotated_block_median` at the elements ``idx`` only (no NaN in ``rows``)."""
+    r, width = rows.shape
+    q, c = idx // width, idx % width
+    values = []
+    for j in range(r):
+        v = rows[j, (c + shifts[j, q]) % width]
+        values.append(NumpyOps._order_keys_of(np.where(negate[j, q], -v, v)))
+    steps, middle = median_network(r)
+    for i, j, low, high in steps:
+        a, b = values[i], values[j]
+        if low:
+            values[i] = np.minimum(a, b)
+        if high:
+            values[j] = np.maximum(a, b)
+    got = [NumpyOps._order_keys_of(values[m]).view(rows.dtype) for m in middle]  # the map is an involution
+    return got[0] if len(got) == 1 else (got[0] + got[1]) * rows.dtype.type(0.5)
 
 
 #: elements up to which :meth:`NumpyOps.topk_magnitude_indices` selects on ``abs(x)``

@@ -67,11 +67,11 @@ from ..ops import DTYPE_ITEMSIZE
 from ..transport.base import allgather_traffic, allreduce_traffic
 
 #: compressors whose pipeline traces with a tensor step (tested against the eager
-#: pipeline); others (sketch, until its hash traces) run in a ``tf.py_function``
+#: pipeline); others (methods from outside the registry) run in a ``tf.py_function``
 GRAPH_COMPRESSORS = frozenset({
     "none", "fp16", "bf16", "topk", "randomk", "dgc", "powersgd", "qsgd", "terngrad", "signsgd", "efsignsgd",
     "onebit", "signum", "threshold", "natural", "natural_dithering", "stc", "sbc", "adaptive_threshold",
-    "sidco", "chunk", "gtopk", "onebit_adam",
+    "sidco", "chunk", "gtopk", "onebit_adam", "sketch",
 })
 #: memories whose state the graph path keeps in variables
 GRAPH_MEMORIES = frozenset({"none", "residual", "signum_momentum", "dgc_momentum", "powersgd", "gtopk",

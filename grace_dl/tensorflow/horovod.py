@@ -212,12 +212,12 @@ class HorovodTFGrace(Grace):
     calls :meth:`decompress`. Horovod traces this inside a ``tf.function`` (even when
     called eagerly). Two paths (:attr:`graph_path` says which this method takes):
 
-    * the graph path (every registered method but sketch, with any schedule:
+    * the graph path (every registered method, with any schedule:
       :mod:`grace_dl.tensorflow.graph`): the pipeline is traced into the graph with the
       TF ops backend, its collectives are Horovod graph ops and its state lives in
       ``tf.Variable`` objects;
     * the ``tf.py_function`` path (what :func:`~grace_dl.tensorflow.graph.graph_path_blocker`
-      names: sketch, whose hash is not traced yet, a compressor or memory from outside
+      names: a compressor or memory from outside
       the registry, 1-bit Adam with a beta too close to 1 to tabulate its bias
       correction): each gradient's pipeline runs eagerly at every step, with its state
       kept as eager tensors. The pipelines of one step are ordered by a shared

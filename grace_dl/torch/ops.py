@@ -599,6 +599,16 @@ class TorchOps(Ops):
             return torch.from_numpy(_NUMPY.abs_tree_sum(_np(x), scale))
         return super().abs_tree_sum(x, scale)
 
+    def rotated_block_sum(self, x, width, shifts, negate):
+        if _on_cpu(x) and isinstance(shifts, np.ndarray):  # NumPy's tiles on a view
+            return torch.from_numpy(_NUMPY.rotated_block_sum(_np(x), width, shifts, negate))
+        return super().rotated_block_sum(x, width, shifts, negate)
+
+    def rotated_block_median(self, rows, n, shifts, negate):
+        if _on_cpu(rows) and isinstance(shifts, np.ndarray):
+            return torch.from_numpy(_NUMPY.rotated_block_median(_np(rows), n, shifts, negate))
+        return super().rotated_block_median(rows, n, shifts, negate)
+
     def count_true_array(self, mask):
         return torch.count_nonzero(mask)
 
