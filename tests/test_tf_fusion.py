@@ -4,20 +4,15 @@ The two-rank case through hvd.DistributedGradientTape is in tests/multirank/hvd_
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from helpers import run_horovod_tf_script
 
 tf = pytest.importorskip("tensorflow")
 
 import grace_dl.tensorflow as grace_tf  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 _FUSED_SCRIPT = textwrap.dedent("""
     import numpy as np
@@ -72,13 +67,8 @@ def test_fused_graph_step_matches_the_fused_simulator():
     in a tf.function on one rank: results, state (also after a resume from the
     simulator's checkpoint), step counters and byte counts equal the fused simulator's,
     bit for bit, with the simulator's bucket names (PowerSGD keeps its matrices apart)."""
-    if importlib.util.find_spec("horovod") is None:
-        pytest.skip("horovod is not installed (run scripts/setup.sh)")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", _FUSED_SCRIPT], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("FUSED-SAME") == 5, proc.stdout
+    out = run_horovod_tf_script(_FUSED_SCRIPT)
+    assert out.count("FUSED-SAME") == 5, out
 
 
 def test_fusion_is_refused_where_it_cannot_run():

@@ -4,18 +4,13 @@ totals, per tensor and per step, across a resume and a rewind to an earlier chec
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from helpers import run_horovod_tf_script
 
 pytest.importorskip("tensorflow")
 
-REPO = Path(__file__).resolve().parents[1]
 
 _STATS_SCRIPT = textwrap.dedent("""
     import warnings
@@ -121,11 +116,6 @@ def test_graph_path_stats_per_step_match_the_eager_pipeline():
     then count twice, as eagerly); with fusion, the fused simulator's per-bucket and
     per-step counts; with a ring shorter than the steps between reads, the overwritten
     steps are left out of per_step with a warning while the totals keep them."""
-    if importlib.util.find_spec("horovod") is None:
-        pytest.skip("horovod is not installed (run scripts/setup.sh)")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", _STATS_SCRIPT], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("STATS-")]
-    assert len(lines) == 8, proc.stdout
+    out = run_horovod_tf_script(_STATS_SCRIPT)
+    lines = [line for line in out.splitlines() if line.startswith("STATS-")]
+    assert len(lines) == 8, out

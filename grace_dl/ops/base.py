@@ -923,16 +923,10 @@ class Ops(abc.ABC):
             k = self.reshape(self.gather(keys[j * width:(j + 1) * width], source), (blocks, width))
             k_flipped = self.reshape(self.gather(flipped[j * width:(j + 1) * width], source), (blocks, width))
             values.append(self.reshape(self.where(self.reshape(negate[j], (blocks, 1)), k_flipped, k), (-1,))[:n])
-        steps, middle = median_network(r)
-        for i, j, low, high in steps:
-            a, b = values[i], values[j]
-            if low:
-                values[i] = self.minimum(a, b)
-            if high:
-                values[j] = self.where(a < b, b, a)
+        middle = run_median_network(values, self.minimum, lambda a, b: self.where(a < b, b, a))
         if len(middle) == 1:
-            return from_order_keys(self, values[middle[0]], dtype)
-        return (from_order_keys(self, values[middle[0]], dtype) + from_order_keys(self, values[middle[1]], dtype)) * 0.5
+            return from_order_keys(self, middle[0], dtype)
+        return (from_order_keys(self, middle[0], dtype) + from_order_keys(self, middle[1], dtype)) * 0.5
 
 
 def median_network(count: int) -> tuple[list[tuple[int, int, bool, bool]], tuple[int, ...]]:
@@ -959,6 +953,20 @@ def median_network(count: int) -> tuple[list[tuple[int, int, bool, bool]], tuple
             steps.append((i, j, low, high))
             live |= {i, j}
     return steps[::-1], middle
+
+
+def run_median_network(values: list[Any], minimum: Any, maximum: Any) -> list[Any]:
+    """The middle value(s) of :func:`median_network` run on ``values`` (a list, reordered
+    in place), with ``minimum(a, b)`` and ``maximum(a, b)`` as its comparators: one
+    value for an odd count, the two middle ones for an even count."""
+    steps, middle = median_network(len(values))
+    for i, j, low, high in steps:
+        a, b = values[i], values[j]
+        if low:
+            values[i] = minimum(a, b)
+        if high:
+            values[j] = maximum(a, b)
+    return [values[m] for m in middle]
 
 
 def order_keys(ops: Ops, x: Array) -> Array:

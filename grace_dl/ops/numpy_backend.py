@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import Ops, level_bits, median_network
+from .base import Ops, level_bits, median_network, run_median_network
 
 _NP_DTYPES = {
     "float16": np.float16,
@@ -1306,14 +1306,8 @@ def _rotated_median_at(rows: np.ndarray, idx: np.ndarray, shifts: np.ndarray, ne
     for j in range(r):
         v = rows[j, (c + shifts[j, q]) % width]
         values.append(NumpyOps._order_keys_of(np.where(negate[j, q], -v, v)))
-    steps, middle = median_network(r)
-    for i, j, low, high in steps:
-        a, b = values[i], values[j]
-        if low:
-            values[i] = np.minimum(a, b)
-        if high:
-            values[j] = np.maximum(a, b)
-    got = [NumpyOps._order_keys_of(values[m]).view(rows.dtype) for m in middle]  # the map is an involution
+    got = [NumpyOps._order_keys_of(v).view(rows.dtype)  # the map is an involution
+           for v in run_median_network(values, np.minimum, np.maximum)]
     return got[0] if len(got) == 1 else (got[0] + got[1]) * rows.dtype.type(0.5)
 
 
