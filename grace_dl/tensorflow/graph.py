@@ -25,8 +25,8 @@ and a ``tf.cond`` on the state flag picks one at run time, so that results are t
 of the eager pipeline bit for bit. Memories whose first step is a steady step from
 fields filled with ``-0.0`` or ``+0.0`` (residual, Signum's and DGC's momentum; see
 :data:`_ONE_TRACE_FILL`), and a memory whose missing fields read as zeros (1-bit
-Adam's), keep every field in a variable from the start and are traced once: both
-branches of a ``tf.cond`` run through the executor on every step.
+Adam's), keep every field in a variable from the start and are traced once (the
+executor still visits a ``tf.cond``'s untaken branch, as dead ops).
 ``Grace.state_dict`` reads the variables back, and ``load_state_dict`` writes them, so
 checkpoints and resumes work as eagerly.
 
