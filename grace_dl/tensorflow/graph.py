@@ -22,8 +22,11 @@ stream, :meth:`~grace_dl.ops.Ops.reference_uniform`, also without warm start). A
 memory's first step differs from the later ones (nothing to add back; PowerSGD draws
 its initial Q): the pipeline is traced twice, once without state and once with it,
 and a ``tf.cond`` on the state flag picks one at run time, so that results are those
-of the eager pipeline bit for bit (a memory whose missing fields read as zeros, 1-bit
-Adam's, keeps every field in a variable from the start and is traced once).
+of the eager pipeline bit for bit. Memories whose first step is a steady step from
+fields filled with ``-0.0`` or ``+0.0`` (residual, Signum's and DGC's momentum; see
+:data:`_ONE_TRACE_FILL`), and a memory whose missing fields read as zeros (1-bit
+Adam's), keep every field in a variable from the start and are traced once (the
+executor still visits a ``tf.cond``'s untaken branch, as dead ops).
 ``Grace.state_dict`` reads the variables back, and ``load_state_dict`` writes them, so
 checkpoints and resumes work as eagerly.
 
@@ -224,7 +227,7 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
                                f"the graph path cannot trace it")
         values = [written[k] if k in written else v.read_value() for k, v in slot.fields.items()]
         # the memory holds state after this step iff it wrote some, as eagerly
-        return flat, counts, values, tf.constant(bool(written))
+        return flat, counts, values, tf.constant(len(written) > 0)
 
     def with_state(step: Any, route: Any, step_range: tuple[int, int] | None = None) -> Any:
         return lambda: run(step, {k: v.read_value() for k, v in slot.fields.items()}, route, step_range)
@@ -237,11 +240,27 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
         # Grappler would fold away, -0.0 signs and all)
         return bool(getattr(type(route.memory), "missing_fields_are_zero", False))
 
+    def one_trace(step: Any, route: Any, step_range: tuple[int, int] | None = None) -> Any:
+        # a memory whose first step is a steady step from filled fields (see
+        # _ONE_TRACE_FILL): traced once, its fields read through the state flag
+        fill = one_trace_fill(route.memory)
+        if fill is None:
+            return None
+
+        def traced() -> Any:
+            for key in route.memory.state_fields:
+                slot.field(key, np.zeros(numel, compute_dtype))
+            return run(step, _OneTraceState(slot.fields, has_state, fill), route, step_range)
+        return traced
+
     def late() -> Any:
         if not stateful:
             return run(step_t, {}, route)
         if zero_fields(route):
             return with_state(step_t, route)()
+        single = one_trace(step_t, route)
+        if single is not None:
+            return single()
         # the first step of this name: traced with its int step (PowerSGD draws its
         # initial Q on the host from it); afterwards steady, with the step tensor (also
         # for a tensor whose memory keeps nothing, such as PowerSGD's dense vectors).
@@ -259,6 +278,9 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
             return lambda: run(step, {}, route, step_range)
         if zero_fields(route):
             return with_state(step, route, step_range)
+        single = one_trace(step, route, step_range)
+        if single is not None:
+            return single
         return lambda: tf.cond(has_state, with_state(step, route, step_range),
                                lambda: run(step, None, route, step_range))
 
@@ -290,6 +312,58 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
     if in_dtype != compute_dtype:
         flat = ops.cast(flat, in_dtype)
     return tf.reshape(flat, shape)
+
+
+#: memories whose first step gives the bits of a steady step from fields that read as
+#: the fill (by registry name), so that the graph path traces them once instead of a
+#: ``tf.cond`` between a first and a steady step (both of whose branches the executor
+#: visits on every step). ``residual``: ``residual * beta + x * gamma`` and
+#: ``residual + x`` from ``-0.0`` give ``x * gamma`` and ``x`` bitwise (``-0.0 * beta``
+#: is ``-0.0`` for a finite ``beta >= 0``, and ``-0.0 + y`` is ``y`` for every ``y``,
+#: zeros of both signs, NaN and Inf included). ``signum_momentum``: likewise
+#: ``-0.0 * momentum + fresh``. ``dgc_momentum`` reads missing fields as ``+0.0`` zeros
+#: in every formula, so ``+0.0``. An update that skips a non-finite step keeps the
+#: stored field, which eagerly is ``+0.0`` zeros at the first step:
+#: :class:`_OneTraceState` gives the fill only to the compensation's read.
+_ONE_TRACE_FILL = {"residual": -0.0, "signum_momentum": -0.0, "dgc_momentum": 0.0}
+
+
+def one_trace_fill(memory: Any) -> float | None:
+    """The fill from which ``memory``'s steady step gives its first step's bits (see
+    :data:`_ONE_TRACE_FILL`), or None where the graph path must trace both steps."""
+    fill = _ONE_TRACE_FILL.get(getattr(type(memory), "registry_name", ""))
+    if fill is None:
+        return None
+    if type(memory).registry_name == "residual" and not math.isfinite(memory.beta):
+        return None  # -0.0 * inf is NaN
+    return fill
+
+
+class _OneTraceState(dict):
+    """The state of one tensor for a step traced once for a memory's first and later
+    steps: while the state flag is false (no state yet, or a checkpoint without it) a
+    field's first read (the compensation's) gives ``fill`` and later reads (what a
+    skipped update keeps) ``+0.0`` zeros, as eagerly; otherwise the stored field. What
+    the memory writes this step is the dict's own items."""
+
+    def __init__(self, fields: dict[str, tf.Variable], has_state: Any, fill: float):
+        super().__init__()
+        self._fields, self._has_state, self._fill = fields, has_state, fill
+        self._read: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return True  # state to read, whether or not the memory wrote some yet
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        variable = self._fields.get(key)
+        if variable is None:
+            return default
+        fill = self._fill if key not in self._read else 0.0
+        self._read.add(key)
+        stored = variable.read_value()
+        return tf.where(self._has_state, stored, tf.fill(tf.shape(stored), tf.constant(fill, stored.dtype)))
 
 
 def _step_decision(compressor: Any, shape: tuple[int, ...], step: int) -> tuple[Any, bool]:
