@@ -463,8 +463,8 @@ class NumpyOps(Ops):
         if not isinstance(threshold, (int, float)):
             threshold = np.asarray(threshold).reshape(-1)[0]
         t = x.dtype.type(threshold)
-        keep = np.abs(x)
-        keep = ~(keep < t)  # true for NaN
+        keep = np.abs(x) < t
+        np.logical_not(keep, out=keep)  # true for NaN; in place: one temporary fewer
         if not t > 0:  # a threshold of 0 (or NaN) passes zeros too: drop them
             keep &= x != 0
         return np.flatnonzero(keep)
