@@ -289,3 +289,21 @@ def test_sorted_values_at_reads_the_sorted_array(backend, kind, n):
     count = backend.count_true_array(torch.from_numpy(mask) if backend is T else mask)
     assert int(count) == int(np.count_nonzero(mask)) and _as_np(count).dtype == np.int64
 
+
+
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+@pytest.mark.parametrize("k", [2, 4])  # a subset, and the complement path (2k > n)
+def test_random_choice_draws_every_subset_equally_often(backend, k):
+    # uniform marginals are not enough: each of the C(6, k) = 15 subsets must be as likely
+    # (the subset is made of sorted draws with duplicates topped up, which a bias in the
+    # top-up or in the spacing of the sorted draws would show)
+    like = torch.zeros(1) if backend is T else None
+    n, draws = 6, 3000
+    seen: dict[tuple[int, ...], int] = {}
+    for counter in range(draws):
+        subset = tuple(_as_np(backend.random_choice(n, k, 4, counter, like)).tolist())
+        seen[subset] = seen.get(subset, 0) + 1
+    assert len(seen) == 15 and all(len(s) == k for s in seen)
+    expected = draws / 15
+    chi2 = sum((c - expected) ** 2 / expected for c in seen.values())
+    assert chi2 < 36.1  # the 0.999 quantile of chi-square with 14 degrees of freedom

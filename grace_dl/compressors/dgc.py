@@ -281,8 +281,14 @@ class DGCMomentum(Memory):
 
     def _keep(self, ops: Ops, u: Array, masked_u: Array, v: Array, ctx: TensorContext) -> None:
         """Store the new momentum (``u`` masked) and velocity, or keep the previous ones
-        whole when ``u`` or ``v`` holds a NaN or an Inf."""
-        finite = ops.all_finite(u) & ops.all_finite(v)
+        whole when ``u`` or ``v`` holds a NaN or an Inf.
+
+        Only ``v`` is checked: it covers ``u``. The stored velocity is always finite
+        (zeros at first, a checkpoint's are checked, a non-finite update is never kept),
+        so where ``u`` is NaN or infinite the compensated velocity (the stored one plus
+        ``u``, and ``g``) is too, and so is what is kept of it, sent or not (``inf - inf``
+        is NaN). One pass over the tensor fewer."""
+        finite = ops.all_finite(v)
         state = self.state.setdefault(ctx.name, {})
         previous_u = self._previous(ops, "momentum", u, ctx)
         previous_v = self._previous(ops, "velocity", v, ctx)

@@ -58,8 +58,7 @@ class RandomK(Compressor):
 
     def residual(self, ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> Array:
         # x - decompress(payload) bit for bit, touching only the k sent elements
-        idx = self._indices(ops, x, ctx)
-        return ops.index_update(x, idx, ops.gather(x, idx) - payload.buffer)
+        return ops.index_subtract(x, self._indices(ops, x, ctx), payload.buffer)
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
         return k_for(self.ratio, numel) * DTYPE_ITEMSIZE[dtype]

@@ -118,19 +118,44 @@ def draws_for_distinct(n: int, k: int, have: int = 0) -> int:
     return int(expected * 1.02 + 3.0 * math.sqrt(k - have) + 16)
 
 
-def _first_distinct(generator: np.random.Generator, n: int, k: int) -> np.ndarray:
-    """The first ``k`` distinct values of a stream of uniform draws from ``range(n)``,
-    ascending: a uniform random ``k``-subset (each new distinct value is uniform over
-    those not yet drawn), in ``O(k log k)`` rather than a permutation of ``n``."""
-    draws = generator.integers(0, n, size=draws_for_distinct(n, k), dtype=np.int64)
-    while True:
-        values, first = np.unique(draws, return_index=True)
-        if values.shape[0] >= k:
-            break
-        more = generator.integers(0, n, size=draws_for_distinct(n, k, values.shape[0]), dtype=np.int64)
-        draws = np.concatenate([draws, more])
-    if values.shape[0] > k:  # keep the k drawn first
-        values = values[first <= np.partition(first, k - 1)[k - 1]]
+def sorted_random_subset(generator: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """A uniform random ``k``-subset of ``range(n)`` (``1 <= k``, ``2 * k <= n``) as
+    ascending int64, in ``O(k)`` without a sort.
+
+    ``k`` uniform draws are made already sorted: the partial sums of ``k + 1``
+    exponential spacings, divided by their total, are distributed as the order
+    statistics of ``k`` uniforms on [0, 1) (Devroye 1986, Non-Uniform Random Variate
+    Generation, V.2), and ``floor(n u)`` keeps the order. By symmetry the distinct
+    values among them, given their count, are a uniform subset of that size; the
+    missing ones are further uniform draws that are not yet present, taken in the
+    order drawn, so the whole is a uniform ``k``-subset. Duplicates are few when
+    ``k`` is small against ``n`` (about ``k**2 / 2n``): the top-up is small."""
+    points = np.cumsum(generator.standard_exponential(k + 1))
+    values = (points[:k] * (n / points[k])).astype(np.int64)  # non-decreasing: no sort needed
+    np.minimum(values, n - 1, out=values)  # a rounded-up product may reach n
+    if k > 1:
+        new = np.empty(k, np.bool_)
+        new[0] = True
+        np.not_equal(values[1:], values[:-1], out=new[1:])
+        values = values[new]
+    while values.shape[0] < k:
+        need = k - values.shape[0]
+        # enough draws for the missing ones, with a margin, where a draw is already
+        # present with probability len(values) / n (at most a half)
+        extra = generator.integers(0, n, size=draws_for_distinct(n, k, values.shape[0]), dtype=np.int64)
+        at = np.searchsorted(values, extra)
+        fresh = extra[values[np.minimum(at, values.shape[0] - 1)] != extra]
+        if fresh.shape[0] <= 256:  # the usual few: a loop costs less than NumPy's calls
+            seen: dict[int, None] = {}
+            for value in fresh.tolist():
+                seen.setdefault(value)
+                if len(seen) == need:
+                    break
+            added = np.array(sorted(seen), np.int64)
+        else:
+            _, first = np.unique(fresh, return_index=True)  # each fresh value once, at its first draw
+            added = np.sort(fresh[np.sort(first)[:need]])
+        values = np.insert(values, np.searchsorted(values, added), added)
     return values
 
 
@@ -348,10 +373,6 @@ class NumpyOps(Ops):
         fields[:, :bits] = stream
         return np.packbits(fields, axis=1, bitorder="little").view(f"<u{width}").reshape(-1).astype(np.int64)
 
-    @staticmethod
-    def _generator(key, counter):
-        return np.random.Generator(np.random.Philox(key=int(key), counter=int(counter)))
-
     def random_uniform(self, n, key, counter, like):
         # the values of Generator(Philox(key, counter)).random(n, dtype=float32), made from
         # the raw 64-bit stream: each word gives two 32-bit draws, low half first, and a
@@ -393,12 +414,13 @@ class NumpyOps(Ops):
             return np.zeros(0, dtype=np.int64)
         if k >= n:
             return np.arange(n, dtype=np.int64)
-        generator = self._generator(key, counter)
+        # the thread's Philox with its state set (not a new one: ~10x the draws' own cost)
+        generator = np.random.Generator(_philox(int(key), int(counter)))
         if 2 * k > n:  # draw the n - k left out: fewer draws, then one pass over n
             keep = np.ones(n, dtype=np.bool_)
-            keep[_first_distinct(generator, n, n - k)] = False
+            keep[sorted_random_subset(generator, n, n - k)] = False
             return np.flatnonzero(keep).astype(np.int64, copy=False)
-        return _first_distinct(generator, n, k)
+        return sorted_random_subset(generator, n, k)
 
     # -- selection kernels
     def count_true(self, mask):
@@ -441,8 +463,8 @@ class NumpyOps(Ops):
         if not isinstance(threshold, (int, float)):
             threshold = np.asarray(threshold).reshape(-1)[0]
         t = x.dtype.type(threshold)
-        keep = np.abs(x)
-        keep = ~(keep < t)  # true for NaN
+        keep = np.abs(x) < t
+        np.logical_not(keep, out=keep)  # true for NaN; in place: one temporary fewer
         if not t > 0:  # a threshold of 0 (or NaN) passes zeros too: drop them
             keep &= x != 0
         return np.flatnonzero(keep)

@@ -370,6 +370,10 @@ class TorchOps(Ops):
             return torch.zeros(0, dtype=torch.int64, device=device)
         if k >= n:
             return torch.arange(n, dtype=torch.int64, device=device)
+        if device.type == "cpu":
+            # NumPy's draws, wrapped without a copy: the same indices as the NumPy backend,
+            # made in O(k) without a sort (torch's sort and dedup took ~3x as long)
+            return torch.from_numpy(_NUMPY.random_choice(n, k, key, counter, None))
         g = self._generator(key, counter, device)
         if 2 * k > n:  # draw the n - k left out: fewer draws, then one pass over n
             keep = torch.ones(n, dtype=torch.bool, device=device)
