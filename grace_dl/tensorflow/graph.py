@@ -404,6 +404,7 @@ class _OneTraceState(dict):
         super().__init__()
         self._fields, self._has_state, self._fill, self._primed = fields, has_state, fill, primed
         self._read: set[str] = set()
+        self._stored: dict[str, Any] = {}  # one read of each variable per step
 
     def __bool__(self) -> bool:
         return True  # state to read, whether or not the memory wrote some yet
@@ -414,7 +415,9 @@ class _OneTraceState(dict):
         variable = self._fields.get(key)
         if variable is None:
             return default
-        stored = variable.read_value()
+        stored = self._stored.get(key)
+        if stored is None:
+            stored = self._stored[key] = variable.read_value()
         if key in self._primed:  # holds the first step's value while there is no state
             return stored
         fill = self._fill if key not in self._read else 0.0
