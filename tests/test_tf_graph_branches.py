@@ -1,9 +1,10 @@
 """The TF graph path traces a memory's step once where its first step is a steady step
-from filled fields (residual, Signum's and DGC's momentum): no ``tf.cond`` between a
-first and a steady step in the traced step, and the results, state and resumes of the
-eager pipeline bit for bit, with the cases where a fill could show: gradients with
-``-0.0`` elements, a non-finite first step (whose skipped update keeps ``+0.0`` zeros
-eagerly) and a checkpoint without the tensor's state loaded after steps."""
+from filled fields (residual, Signum's and DGC's momentum, PowerSGD's error and the ``Q``
+drawn for that step): no ``tf.cond`` between a first and a steady step in the traced
+step, and the results, state and resumes of the eager pipeline bit for bit, with the
+cases where a fill could show: gradients with ``-0.0`` elements, a non-finite first step
+(whose skipped update keeps ``+0.0`` zeros eagerly) and a checkpoint without the
+tensor's state loaded after steps."""
 
 from __future__ import annotations
 

@@ -272,9 +272,9 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
         single = one_trace(step_t, route)
         if single is not None:
             return single()
-        # the first step of this name: traced with its int step (PowerSGD draws its
-        # initial Q on the host from it); afterwards steady, with the step tensor (also
-        # for a tensor whose memory keeps nothing, such as PowerSGD's dense vectors).
+        # a memory traced twice (gtopk's; methods from outside the registry): the first
+        # step of this name traced with its int step, afterwards steady, with the step
+        # tensor (also for a tensor whose memory keeps nothing).
         # tf.cond traces first first: it creates the field variables that steady reads
         first_step = max(step0, horizon)
         first = tf.logical_and(tf.logical_not(has_state), tf.equal(step_t, first_step))
