@@ -44,8 +44,33 @@ METHODS = {
     "threshold_broadcast": ("threshold", {"threshold": 0.01, "communicator": "broadcast"}),
     "onebit_adam": ("onebit_adam", {"freeze_step": 3}),
 }
+#: Horovod's own steps (no grace-dl method): ``none_two_rounds`` is ``none`` whose every
+#: allreduce first waits for a dependent allreduce of two elements of the same gradient
+#: (TF only), the step of a method that makes two dependent rounds per step (PowerSGD's
+#: ``P`` then ``Q``) with no compression work: the floor of such a method's step time
+HOROVOD_BASELINES = ("none", "none_two_rounds")
+METHODS["none_two_rounds"] = None
 #: the methods timed by default
 DEFAULT_METHODS = ("none", "topk", "dgc", "powersgd", "qsgd")
+
+
+class TwoRoundsTF:
+    """Horovod's TF ``Compression.none`` behind a dependent first round (see
+    :data:`HOROVOD_BASELINES`): what it returns to Horovod's allreduce waits (a control
+    dependency) for an allreduce of two of the gradient's elements."""
+
+    @staticmethod
+    def compress(tensor):
+        import horovod.tensorflow as hvd
+        import tensorflow as tf
+
+        first = hvd.allreduce(tf.reshape(tensor, [-1])[:2], op=hvd.Sum)
+        with tf.control_dependencies([first]):
+            return tf.identity(tensor), None
+
+    @staticmethod
+    def decompress(tensor, ctx):
+        return tensor
 
 
 def digits(rank: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,6 +101,10 @@ def tf_model(name: str):
 
 def _compression(grace, hvd, method: str, fusion: int, py_function: bool = False):
     spec = METHODS[method]
+    if method == "none_two_rounds":
+        if not hvd.__name__.startswith("horovod.tensorflow"):
+            raise ValueError("none_two_rounds is a TF baseline (--framework tf)")
+        return TwoRoundsTF
     if spec is None:
         return hvd.Compression.none
     compression = getattr(grace, spec[0])(policies={"fusion_bytes": fusion}, **spec[1])
@@ -183,7 +212,7 @@ def main() -> None:
     builder = build_tf if args.framework == "tf" else build_torch
     fusions = [int(f) for f in args.fusion.split(",")]
     cases = [(method, fusion, False) for method in args.methods.split(",")
-             for fusion in ([0] if METHODS[method] is None else fusions)]
+             for fusion in ([0] if method in HOROVOD_BASELINES else fusions)]
     cases += [(method, 0, True) for method in args.py_function.split(",") if method]
     rows = []
     for model_name in args.models.split(","):
@@ -205,7 +234,7 @@ def main() -> None:
         for case in cases:
             method, fusion, on_py_function = case
             medians = built[case][2]
-            label = f"{method},fusion={fusion}" if len(fusions) > 1 and METHODS[method] else method
+            label = f"{method},fusion={fusion}" if len(fusions) > 1 and method not in HOROVOD_BASELINES else method
             if on_py_function:
                 label += " (py_function)"
             rows.append((model_name, built[case][1], label, min(medians) * 1e3, min(medians) / base,

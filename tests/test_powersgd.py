@@ -398,3 +398,30 @@ def test_numpy_orthonormalize_rows_takes_the_protocol_steps(dtype, rank, length)
     if rank > 1:  # and the rows come out orthonormal
         q = ops.orthonormalize_rows(rng.standard_normal((rank, length)).astype(dtype), 1e-8)
         np.testing.assert_allclose(q @ q.T, np.eye(rank), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_tf_orthonormalize_rows_takes_the_protocol_steps(dtype):
+    """TFOps' Gram-Schmidt (fewer graph ops) gives the protocol's bits, eagerly and
+    traced, a zero row, a dependent row and a NaN first row included."""
+    tf = pytest.importorskip("tensorflow")
+    from grace_dl.ops.base import Ops
+    from grace_dl.tensorflow import TFOps
+
+    ops = TFOps()
+    traced = tf.function(lambda rows: ops.orthonormalize_rows(rows, 1e-8))
+    protocol = tf.function(lambda rows: Ops.orthonormalize_rows(ops, rows, 1e-8))
+    rng = np.random.default_rng(11)
+    for rank, length in ((1, 7), (3, 33)):
+        for case in range(4):
+            rows = rng.standard_normal((rank, length)).astype(dtype)
+            if case == 1:
+                rows[0] = 0.0
+            if case == 2:
+                rows[-1] = rows[0] * 3
+            if case == 3:
+                rows[0, 1] = np.nan  # every row after it turns NaN either way
+            x = tf.constant(rows)
+            want = Ops.orthonormalize_rows(ops, x, 1e-8).numpy()
+            for got in (ops.orthonormalize_rows(x, 1e-8).numpy(), traced(x).numpy(), protocol(x).numpy()):
+                assert got.tobytes() == want.tobytes(), (rank, case)

@@ -1,9 +1,10 @@
 """The TF graph path traces a memory's step once where its first step is a steady step
-from filled fields (residual, Signum's and DGC's momentum): no ``tf.cond`` between a
-first and a steady step in the traced step, and the results, state and resumes of the
-eager pipeline bit for bit, with the cases where a fill could show: gradients with
-``-0.0`` elements, a non-finite first step (whose skipped update keeps ``+0.0`` zeros
-eagerly) and a checkpoint without the tensor's state loaded after steps."""
+from filled fields (residual, Signum's and DGC's momentum, PowerSGD's error and the ``Q``
+drawn for that step): no ``tf.cond`` between a first and a steady step in the traced
+step, and the results, state and resumes of the eager pipeline bit for bit, with the
+cases where a fill could show: gradients with ``-0.0`` elements, a non-finite first step
+(whose skipped update keeps ``+0.0`` zeros eagerly) and a checkpoint without the
+tensor's state loaded after steps."""
 
 from __future__ import annotations
 
@@ -95,3 +96,75 @@ def test_memory_step_traced_once_and_bit_identical():
     counts = {line.split()[1]: int(line.split()[2]) for line in proc.stdout.splitlines() if line.startswith("CONDS")}
     assert counts == {"topk": 0, "efsignsgd": 0, "signum": 0, "dgc": 0}, counts
     assert proc.stdout.count("SAME") == 8, proc.stdout
+
+
+_POWERSGD_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    import tensorflow as tf
+    import horovod.tensorflow as hvd
+    import grace_dl.tensorflow as grace
+
+    hvd.init()
+
+    def conditionals(concrete):
+        kinds = {"If", "StatelessIf"}
+        count = sum(op.type in kinds for op in concrete.graph.get_operations())
+        for function in concrete.graph._functions.values():
+            count += sum(node.op in kinds for node in function.definition.node_def)
+        return count
+
+    rng = np.random.default_rng(5)
+    shapes = {"w": (16, 12), "b": (12,)}  # low rank, and a vector always sent dense
+    series = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(7)]
+    series[0]["w"][::3] = -0.0  # a -0.0 error fill of the wrong sign would show
+    nan_first = [dict(g) for g in series]
+    nan_first[0]["w"] = nan_first[0]["w"].copy()
+    nan_first[0]["w"][2, 7] = np.nan
+    cases = [("default", {"rank": 2}, series), ("nan-first", {"rank": 2}, nan_first),
+             ("no-error-feedback", {"rank": 1, "error_feedback": False}, series),
+             ("no-warm-start", {"rank": 2, "warm_start": False}, series)]
+    for label, kwargs, grads in cases:
+        traced = grace.powersgd(**kwargs).bind(grace.HorovodTFTransport())
+        eager = grace.powersgd(**kwargs).bind(grace.HorovodTFTransport())
+        step = tf.function(lambda w, b: [traced.graph_step(w, "w"), traced.graph_step(b, "b")])
+        specs = [tf.TensorSpec(shapes[k], tf.float32) for k in ("w", "b")]
+        print("CONDS", label, conditionals(step.get_concrete_function(*specs)), flush=True)
+        for i, g in enumerate(grads):
+            if i == 3:  # a checkpoint without the tensors' state: Q drawn afresh at this step
+                empty = eager.state_dict()
+                empty["memory"] = {}
+                eager.load_state_dict(empty)
+                traced.load_state_dict(empty)
+            if i == 5:  # a resume from the eager state
+                traced.load_state_dict(eager.state_dict())
+            mine = [t.numpy() for t in step(tf.constant(g["w"]), tf.constant(g["b"]))]
+            want = [eager.step(tf.constant(g[k]), k).numpy() for k in ("w", "b")]
+            for a, b in zip(mine, want):
+                assert a.tobytes() == b.tobytes(), (label, i)
+            theirs, ours = eager.state_dict()["memory"], traced.state_dict()["memory"]
+            assert ours.keys() == theirs.keys(), (label, i, ours.keys(), theirs.keys())
+            for name, fields in theirs.items():
+                assert ours[name].keys() == fields.keys(), (label, i, name)
+                for field, value in fields.items():
+                    assert ours[name][field].tobytes() == value.tobytes(), (label, i, name, field)
+        assert traced.stats.as_dict() == eager.stats.as_dict(), label
+        print("SAME", label, flush=True)
+""")
+
+
+def test_powersgd_step_traced_once_and_bit_identical():
+    """PowerSGD's memory: its first step is a steady step from a ``-0.0`` error and the
+    ``Q`` drawn for that step, which the ``Q`` variable holds while the tensor has no
+    state (drawn again on loading a checkpoint without it): the traced step holds no
+    If node, and gives the eager pipeline's results, state and byte counts bit for bit
+    with a NaN first step, without error feedback or warm start, across a checkpoint
+    without the tensors' state and a resume."""
+    if importlib.util.find_spec("horovod") is None:
+        pytest.skip("horovod is not installed (run scripts/setup.sh)")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", _POWERSGD_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    counts = {line.split()[1]: int(line.split()[2]) for line in proc.stdout.splitlines() if line.startswith("CONDS")}
+    assert counts == {"default": 0, "nan-first": 0, "no-error-feedback": 0, "no-warm-start": 0}, counts
+    assert proc.stdout.count("SAME") == 4, proc.stdout

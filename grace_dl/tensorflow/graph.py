@@ -23,10 +23,13 @@ memory's first step differs from the later ones (nothing to add back; PowerSGD d
 its initial Q): the pipeline is traced twice, once without state and once with it,
 and a ``tf.cond`` on the state flag picks one at run time, so that results are those
 of the eager pipeline bit for bit. Memories whose first step is a steady step from
-fields filled with ``-0.0`` or ``+0.0`` (residual, Signum's and DGC's momentum; see
-:data:`_ONE_TRACE_FILL`), and a memory whose missing fields read as zeros (1-bit
-Adam's), keep every field in a variable from the start and are traced once (the
-executor still visits a ``tf.cond``'s untaken branch, as dead ops).
+fields filled with ``-0.0`` or ``+0.0`` (residual, Signum's and DGC's momentum,
+PowerSGD's error; see :data:`_ONE_TRACE_FILL`), and a memory whose missing fields read
+as zeros (1-bit Adam's), keep every field in a variable from the start and are traced
+once (the executor still visits a ``tf.cond``'s untaken branch, as dead ops).
+PowerSGD's ``Q`` variable holds, while the tensor has no state, the ``Q`` drawn on the
+host for its next step (:func:`primed_fields`), so that its first step too is traced
+once, without a draw in the graph.
 ``Grace.state_dict`` reads the variables back, and ``load_state_dict`` writes them, so
 checkpoints and resumes work as eagerly.
 
@@ -125,6 +128,10 @@ class _TensorSlot:
         self.unread = int(grace.steps.get(name, 0))
         self.safe = safe
         self.memory = memory  # the memory of the tensor's route from its schedule's horizon on
+        # fields that hold, while the memory has no state, what its first step starts from
+        # (PowerSGD's Q drawn for that step), by key: the draw for a step (see primed_fields)
+        self.primed: dict[str, Any] = {}
+        self.horizon = 0  # the tensor's first step past its schedule's horizon
         self.fields: dict[str, tf.Variable] = {}
         for key, value in loaded.items():
             self.field(key, np.asarray(value))
@@ -190,6 +197,7 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
                 # write different fields (1-bit Adam's warm-up keeps no errors) trace alike
                 for key in r.memory.state_fields:
                     slot.field(key, np.zeros(numel, template.fields["dtype"]))
+    slot.horizon = horizon
     with tf.init_scope():
         step0 = int(slot.step.numpy())
 
@@ -248,9 +256,12 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
             return None
 
         def traced() -> Any:
-            for key in route.memory.state_fields:
-                slot.field(key, np.zeros(numel, compute_dtype))
-            return run(step, _OneTraceState(slot.fields, has_state, fill), route, step_range)
+            initial = one_trace_fields(route, template, shape, max(step0, horizon))
+            for key, value in initial.items():
+                slot.field(key, value)
+            primed = primed_fields(route, template, shape)
+            slot.primed.update(primed)
+            return run(step, _OneTraceState(slot.fields, has_state, fill, frozenset(primed)), route, step_range)
         return traced
 
     def late() -> Any:
@@ -261,9 +272,9 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
         single = one_trace(step_t, route)
         if single is not None:
             return single()
-        # the first step of this name: traced with its int step (PowerSGD draws its
-        # initial Q on the host from it); afterwards steady, with the step tensor (also
-        # for a tensor whose memory keeps nothing, such as PowerSGD's dense vectors).
+        # a memory traced twice (gtopk's; methods from outside the registry): the first
+        # step of this name traced with its int step, afterwards steady, with the step
+        # tensor (also for a tensor whose memory keeps nothing).
         # tf.cond traces first first: it creates the field variables that steady reads
         first_step = max(step0, horizon)
         first = tf.logical_and(tf.logical_not(has_state), tf.equal(step_t, first_step))
@@ -322,10 +333,11 @@ def trace_step(grace: Grace, tensor: Any, name: str) -> Any:
 #: is ``-0.0`` for a finite ``beta >= 0``, and ``-0.0 + y`` is ``y`` for every ``y``,
 #: zeros of both signs, NaN and Inf included). ``signum_momentum``: likewise
 #: ``-0.0 * momentum + fresh``. ``dgc_momentum`` reads missing fields as ``+0.0`` zeros
-#: in every formula, so ``+0.0``. An update that skips a non-finite step keeps the
-#: stored field, which eagerly is ``+0.0`` zeros at the first step:
-#: :class:`_OneTraceState` gives the fill only to the compensation's read.
-_ONE_TRACE_FILL = {"residual": -0.0, "signum_momentum": -0.0, "dgc_momentum": 0.0}
+#: in every formula, so ``+0.0``. ``powersgd``: its error as the residual's (``x +
+#: error``), its ``Q`` read as stored (:func:`primed_fields`). An update that skips a
+#: non-finite step keeps the stored field, which eagerly is ``+0.0`` zeros at the first
+#: step: :class:`_OneTraceState` gives the fill only to the compensation's read.
+_ONE_TRACE_FILL = {"residual": -0.0, "signum_momentum": -0.0, "dgc_momentum": 0.0, "powersgd": -0.0}
 
 
 def one_trace_fill(memory: Any) -> float | None:
@@ -339,6 +351,47 @@ def one_trace_fill(memory: Any) -> float | None:
     return fill
 
 
+def one_trace_fields(route: Any, template: Any, shape: tuple[int, ...], first_step: int) -> dict[str, np.ndarray]:
+    """The initial values of the fields that a memory traced once (see
+    :data:`_ONE_TRACE_FILL`) keeps in variables for a tensor of ``shape``: every one of
+    its ``state_fields`` as zeros, except for PowerSGD, which keeps only what it writes:
+    its error (with error feedback) and its warm-start ``Q`` (with warm start), the
+    latter holding the ``Q`` drawn for ``first_step`` (see :func:`primed_fields`),
+    and nothing for a tensor that it always exchanges dense."""
+    numel, dtype = template.fields["numel"], template.fields["dtype"]
+    memory = route.memory
+    if type(memory).registry_name != "powersgd":
+        return {key: np.zeros(numel, dtype) for key in memory.state_fields}
+    if route.compressor.plan(tuple(shape)) is None:
+        return {}
+    fields = {"error": np.zeros(numel, dtype)} if memory.error_feedback else {}
+    fields.update({key: draw(first_step) for key, draw in primed_fields(route, template, shape).items()})
+    return fields
+
+
+def primed_fields(route: Any, template: Any, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The fields of a memory traced once whose variable holds, while the tensor has no
+    state, what its first step starts from, read as stored whatever the state flag
+    says: by key, a function of the step that gives that value. PowerSGD with warm
+    start: ``"q"``, the initial ``Q`` drawn for the step on the host as eagerly
+    (:meth:`~grace_dl.ops.Ops.reference_uniform`), so that its first step is a steady
+    step from that ``Q`` (and a ``-0.0`` error), traced once with no draw in the graph."""
+    from ..ops.numpy_backend import NumpyOps
+
+    compressor = route.compressor
+    if getattr(type(route.memory), "registry_name", "") != "powersgd" or not compressor.warm_start:
+        return {}
+    plan = compressor.plan(tuple(shape))
+    if plan is None:
+        return {}
+    _, m, r = plan
+    like = np.zeros(1, template.fields["dtype"])
+
+    def draw(step: int) -> np.ndarray:
+        return np.asarray(compressor._initial_q(NumpyOps(), like, template.context(int(step)), m, r))
+    return {"q": draw}
+
+
 class _OneTraceState(dict):
     """The state of one tensor for a step traced once for a memory's first and later
     steps: while the state flag is false (no state yet, or a checkpoint without it) a
@@ -346,10 +399,12 @@ class _OneTraceState(dict):
     skipped update keeps) ``+0.0`` zeros, as eagerly; otherwise the stored field. What
     the memory writes this step is the dict's own items."""
 
-    def __init__(self, fields: dict[str, tf.Variable], has_state: Any, fill: float):
+    def __init__(self, fields: dict[str, tf.Variable], has_state: Any, fill: float,
+                 primed: frozenset[str] = frozenset()):
         super().__init__()
-        self._fields, self._has_state, self._fill = fields, has_state, fill
+        self._fields, self._has_state, self._fill, self._primed = fields, has_state, fill, primed
         self._read: set[str] = set()
+        self._stored: dict[str, Any] = {}  # one read of each variable per step
 
     def __bool__(self) -> bool:
         return True  # state to read, whether or not the memory wrote some yet
@@ -360,9 +415,13 @@ class _OneTraceState(dict):
         variable = self._fields.get(key)
         if variable is None:
             return default
+        stored = self._stored.get(key)
+        if stored is None:
+            stored = self._stored[key] = variable.read_value()
+        if key in self._primed:  # holds the first step's value while there is no state
+            return stored
         fill = self._fill if key not in self._read else 0.0
         self._read.add(key)
-        stored = variable.read_value()
         return tf.where(self._has_state, stored, tf.fill(tf.shape(stored), tf.constant(fill, stored.dtype)))
 
 
@@ -531,7 +590,12 @@ def push(grace: Grace) -> None:
                 variable = slot.field(key, np.asarray(value))
                 variable.assign(np.asarray(value).reshape(variable.shape))
             for key, variable in slot.fields.items():
-                if key not in loaded:  # not in the checkpoint: nothing of an earlier run stays
+                if key in loaded:
+                    continue
+                if key in slot.primed:  # what the next step starts from without state
+                    step = max(grace.steps.get(name, 0), slot.horizon)
+                    variable.assign(slot.primed[key](step).reshape(variable.shape))
+                else:  # not in the checkpoint: nothing of an earlier run stays
                     variable.assign(tf.zeros_like(variable))
             slot.has_state.assign(bool(loaded))
 
