@@ -564,3 +564,31 @@ def test_round_batching_posts_one_allreduce_per_round_with_the_same_results(monk
 def test_round_batch_bytes_is_checked():
     with pytest.raises(ValueError, match="round_batch_bytes must be an int >= 0"):
         grace.HorovodCompression(grace.powersgd(rank=1).grace, round_batch_bytes=-1)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_round_batching_raises_a_pipelines_error_without_waiting_for_it(background):
+    hvd = pytest.importorskip("horovod.torch")
+    hvd.init()
+    compression = grace.powersgd(rank=1)
+    compression.background = background
+    model = mlp()
+    opt = grace.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                     named_parameters=model.named_parameters(), compression=compression)
+    _step_like_horovod_hooks(opt, model, 0)
+    assert compression._batcher is not None
+    compressor = compression.grace.compressor
+    original = compressor.compress_rounds
+
+    def failing(ops, x, ctx):  # 0.weight's gradient comes last: the others' batch waits for it
+        if ctx.name == "0.weight":
+            raise FloatingPointError("boom in 0.weight")
+        return original(ops, x, ctx)
+
+    compressor.compress_rounds = failing
+    with pytest.raises(FloatingPointError, match="boom in 0.weight"):
+        _step_like_horovod_hooks(opt, model, 1)
+    del compressor.compress_rounds
+    opt._handles.clear()  # Horovod's own record of the failed step
+    _step_like_horovod_hooks(opt, model, 2)  # the next step batches again and completes
+    assert not compression._batcher.broken and compression.grace.steps["2.weight"] == 3

@@ -245,6 +245,9 @@ class RoundBatcher:
             size += nbytes
         self._group_of = {name: i for i, group in enumerate(self.groups) for name in group}
         self._live: list[dict[str, Any]] = [{} for _ in self.groups]  # group -> name -> its pending this step
+        #: a pipeline of this step failed: its group would wait for it forever, so every
+        #: held allreduce goes out alone (as without batching) until :meth:`reset`
+        self.broken = False
 
     def started(self, pending: Any) -> None:
         """Record a pipeline started in this step."""
@@ -256,6 +259,11 @@ class RoundBatcher:
         """Post the round of every group whose unfinished pipelines have all asked for it,
         and at once the held allreduces of pipelines in ``in_flight`` outside every group
         (a tensor the plan did not list)."""
+        if self.broken:
+            for pending in in_flight:
+                for item in _unposted(pending):
+                    transport.post_batch([item], item.name)
+            return
         for index, group in enumerate(self.groups):
             live = self._live[index]
             if len(live) < len(group):
@@ -278,6 +286,7 @@ class RoundBatcher:
     def reset(self) -> None:
         """Forget this step's pipelines (after an error)."""
         self._live = [{} for _ in self.groups]
+        self.broken = False
 
 
 def _horovod_caller(tensor: torch.Tensor) -> tuple[str, Any]:
@@ -639,7 +648,13 @@ class HorovodCompression:
         if factor != 1.0:
             tensor = tensor * (1.0 / factor)
         self.progress()
-        ticket = self._fuser.start(tensor, name)
+        try:
+            ticket = self._fuser.start(tensor, name)
+        except BaseException:
+            if self._batcher is not None:  # its group will never be complete in this step
+                self._batcher.broken = True
+                self._batcher.post_ready(self.grace.transport, self._in_flight)
+            raise
         pending = ticket.started
         if ticket.opened and not pending.done:
             self._in_flight.append(pending)
@@ -688,6 +703,8 @@ class HorovodCompression:
                 # it would stop backward at a different tensor on each rank and leave
                 # Horovod's collectives of the others half posted
                 self._failed[id(pending)] = (pending, err)
+                if self._batcher is not None:
+                    self._batcher.broken = True
                 continue
             if not pending.done:
                 still.append(pending)
@@ -728,7 +745,11 @@ class HorovodCompression:
             self._fuser.abandon()
         elif not pending.done:
             self._in_flight = [p for p in self._in_flight if p is not pending]
-        return self._fuser.finish(ticket)
+        out = self._fuser.finish(ticket)
+        batcher = self._batcher
+        if batcher is not None and batcher.broken and all(p.done for p in self._in_flight):
+            batcher.reset()  # the failed step's pipelines are over: the next step batches again
+        return out
 
     def decompress(self, tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Finish the exchange started by :meth:`compress` (waiting for the background
