@@ -70,7 +70,7 @@ _FINISH_POLL_S = 0.001
 
 #: The default of :class:`HorovodCompression`'s ``round_batch_bytes``: the allreduces of
 #: every pipeline of a step travel as one Horovod allreduce per round (see
-#: :class:`RoundBatcher`; measured in docs/bench.md, "One allreduce per round").
+#: :class:`RoundBatcher`; measured in docs/bench.md, "One Horovod allreduce per round").
 DEFAULT_ROUND_BATCH_BYTES = sys.maxsize
 
 #: the key, in the first parameter group of an optimizer's ``state_dict()``, under which
@@ -253,7 +253,10 @@ class RoundBatcher:
         """Record a pipeline started in this step."""
         index = self._group_of.get(pending.ctx.name)
         if index is not None:
-            self._live[index][pending.ctx.name] = pending
+            live = self._live[index]
+            if pending.ctx.name in live:  # a pipeline starts once per step: the others are a past step's
+                live = self._live[index] = {}
+            live[pending.ctx.name] = pending
 
     def post_ready(self, transport: HorovodTorchTransport, in_flight: list[Any]) -> None:
         """Post the round of every group whose unfinished pipelines have all asked for it,
