@@ -509,3 +509,86 @@ def test_skip_placeholder_allreduces_leaves_other_optimizers_alone():
     like = _HorovodLike(mlp(), grace.topk(ratio=0.3))
     assert not adapter.skip_placeholder_allreduces(like)
     assert "_allreduce_grad_async" not in vars(like)
+
+
+# -- one Horovod allreduce per round ------------------------------------------------------------
+@pytest.mark.parametrize("background", [False, True])
+def test_round_batching_posts_one_allreduce_per_round_with_the_same_results(monkeypatch, background):
+    hvd = pytest.importorskip("horovod.torch")
+    hvd.init()
+    posted: list[str] = []
+    stock_allreduce = hvd.allreduce_async
+
+    def counting_allreduce(tensor, *args, **kwargs):
+        posted.append(kwargs["name"])
+        return stock_allreduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(hvd, "allreduce_async", counting_allreduce)
+    runs = {}
+    # 0: one allreduce per pipeline and round (the reference); 150 bytes: two groups (the
+    # biases' bucket, 44 bytes, with 2.weight, 96, then 0.weight, 192); the default: the whole step
+    for batch_bytes in (0, 150, None):
+        compression = grace.powersgd(rank=1, policies={"fusion_bytes": 256})
+        if batch_bytes is not None:
+            compression.round_batch_bytes = batch_bytes
+        compression.background = background
+        assert compression.fresh_copy().round_batch_bytes == compression.round_batch_bytes
+        model = mlp()
+        opt = grace.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                         named_parameters=model.named_parameters(), compression=compression)
+        counts, weights = [], []
+        for step in range(3):
+            before = len(posted)
+            _step_like_horovod_hooks(opt, model, step)
+            counts.append(len(posted) - before)
+            weights.append([p.detach().clone() for p in model.parameters()])
+        runs[batch_bytes] = counts, weights, compression.state_dict(), compression.grace.stats.sent
+    # switched between steps, it takes effect at the next one
+    for batch_bytes, allreduces in ((0, 5), (150, 4), (compression.round_batch_bytes, 2)):
+        compression.round_batch_bytes = batch_bytes
+        before = len(posted)
+        _step_like_horovod_hooks(opt, model, 3)
+        assert len(posted) - before == allreduces, batch_bytes
+    # two low-rank matrices (a P and a Q round each) and one fused bucket of the biases (one
+    # round): five allreduces per step alone, two batched (P with the bucket, then Q)
+    assert runs[0][0][1:] == [5, 5]
+    assert runs[None][0][1:] == [2, 2]
+    assert runs[150][0][1:] == [4, 4]
+    for batch_bytes in (150, None):
+        for a, b in zip(runs[0][1], runs[batch_bytes][1]):
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), batch_bytes
+        assert_same_state(runs[0][2], runs[batch_bytes][2])
+        assert runs[0][3] == runs[batch_bytes][3], "bytes are counted per collective the method asked for"
+
+
+def test_round_batch_bytes_is_checked():
+    with pytest.raises(ValueError, match="round_batch_bytes must be an int >= 0"):
+        grace.HorovodCompression(grace.powersgd(rank=1).grace, round_batch_bytes=-1)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_round_batching_raises_a_pipelines_error_without_waiting_for_it(background):
+    hvd = pytest.importorskip("horovod.torch")
+    hvd.init()
+    compression = grace.powersgd(rank=1)
+    compression.background = background
+    model = mlp()
+    opt = grace.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                     named_parameters=model.named_parameters(), compression=compression)
+    _step_like_horovod_hooks(opt, model, 0)
+    assert compression._batcher is not None
+    compressor = compression.grace.compressor
+    original = compressor.compress_rounds
+
+    def failing(ops, x, ctx):  # 0.weight's gradient comes last: the others' batch waits for it
+        if ctx.name == "0.weight":
+            raise FloatingPointError("boom in 0.weight")
+        return original(ops, x, ctx)
+
+    compressor.compress_rounds = failing
+    with pytest.raises(FloatingPointError, match="boom in 0.weight"):
+        _step_like_horovod_hooks(opt, model, 1)
+    del compressor.compress_rounds
+    opt._handles.clear()  # Horovod's own record of the failed step
+    _step_like_horovod_hooks(opt, model, 2)  # the next step batches again and completes
+    assert not compression._batcher.broken and compression.grace.steps["2.weight"] == 3

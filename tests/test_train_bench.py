@@ -181,6 +181,9 @@ def test_every_launch_is_bounded_in_time(tmp_path):
     (["--method", "ddp:topk,background=1"], "topk has no parameter 'background'"),
     (["--method", "hvd:topk,placeholders=2"], "placeholders is 0 or 1, got 2"),
     (["--method", "ddp:topk,placeholders=1"], "topk has no parameter 'placeholders'"),
+    (["--method", "hvd:powersgd,round_batch=-1"], "round_batch is the round batch size in bytes, an int >= 0"),
+    (["--method", "ddp:powersgd,round_batch=0"], "powersgd has no parameter 'round_batch'"),
+    (["--method", "hvd:topk,tree=/nonexistent"], "tree is a directory holding another copy of grace_dl"),
     (["--link", "fast"], "link 'fast': expected 'unshaped' or a positive rate"),
     (["--link", "0mbit"], "positive rate"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
@@ -212,6 +215,7 @@ def test_rates_and_specs_parse():
     assert parse_method("ddp:post_local_sgd,period=4,switch_step=3").params == (("period", 4), ("switch_step", 3))
     assert dict(parse_method("hvd:none,optimizer=adam").params) == {"optimizer": "adam"}
     assert parse_method("hvd:onebit_adam,freeze_step=5").grace
+    assert dict(parse_method("hvd:powersgd,round_batch=0").params) == {"round_batch": 0}
     assert netns.tbf_burst_bytes(1e9) == 1_250_000 and netns.tbf_burst_bytes(1e6) == 2 * 65536
 
 
@@ -252,6 +256,22 @@ def test_two_rank_run_reports_the_methods_own_bytes(tmp_path):
         assert len(r["step_times"]) == 2 and r["median"] > 0 and r["fraction"] > 0
     assert data["ceiling"]["median"] > 0
     assert (tmp_path / "step_time.png").exists()
+
+
+def test_a_method_runs_on_the_copy_of_grace_dl_its_tree_names(tmp_path):
+    root = runner.PACKAGE_ROOT
+    spec = parse_method(f"hvd:powersgd,rank=4,tree={root}")
+    assert spec.label.endswith(f",tree={root}")
+    ((cmd, env),) = runner.job_commands(spec, {"launcher": "none"}, 2, None)
+    config = json.loads(cmd[-1])
+    assert "tree" not in config["method"]["params"], "another copy's worker must not see the key"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == root and env[runner.TREE_VAR] == root
+    other = tmp_path / "copy"
+    (other / "grace_dl" / "trainbench").mkdir(parents=True)
+    (other / "grace_dl" / "trainbench" / "worker.py").write_text("")
+    ((cmd, env),) = runner.job_commands(parse_method(f"hvd:topk,tree={other}"), {"launcher": "none"}, 2, None)
+    # python -m imports from its working directory first: the launch runs there
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(other) and env[runner.TREE_VAR] == str(other)
 
 
 @pytest.mark.multirank

@@ -13,6 +13,8 @@ background thread, which runs the pipelines and posts the collectives while the 
 thread goes on with backward; ``decompress`` (in the optimizer's ``step()``) waits for it.
 From the second step on, Horovod no longer allreduces the placeholders either: see
 :func:`skip_placeholder_allreduces`.
+The allreduces of all pipelines of a step go to Horovod as one per round (PowerSGD:
+one for every ``P``, then one for every ``Q``): see :class:`RoundBatcher`.
 
 Stock Horovod's ``Compressor.compress`` receives no tensor name, but per-tensor state
 (error feedback) needs one. It is read from Horovod's optimizer frame (``self`` and
@@ -30,6 +32,8 @@ grace-dl method, whose ``state_dict()`` also carries the method's state (see the
 
 from __future__ import annotations
 
+import hashlib
+import math
 import queue
 import sys
 import threading
@@ -43,6 +47,7 @@ import torch
 from ..checks import adaptive_optimizer_message, check_optimizer_momentum
 from ..core import Grace
 from ..fusion import Fuser
+from ..ops import DTYPE_ITEMSIZE
 from ..transport.base import Transport, horovod_membership
 from .checks import claim_owner, explain_mixed_compression
 from .ops import TorchOps
@@ -63,6 +68,11 @@ _POLL_S = 0.005
 #: collectives only (then a later pipeline's second round waits for the earlier ones)
 _FINISH_POLL_S = 0.001
 
+#: The default of :class:`HorovodCompression`'s ``round_batch_bytes``: the allreduces of
+#: every pipeline of a step travel as one Horovod allreduce per round (see
+#: :class:`RoundBatcher`; measured in docs/bench.md, "One Horovod allreduce per round").
+DEFAULT_ROUND_BATCH_BYTES = sys.maxsize
+
 #: the key, in the first parameter group of an optimizer's ``state_dict()``, under which
 #: :func:`DistributedOptimizer` keeps the method's state
 STATE_KEY = "grace_dl"
@@ -82,11 +92,35 @@ class HorovodTorchTransport(Transport):
 
         self.hvd = hvd
         self._ps, self.rank, self.size = horovod_membership(hvd, process_set)
+        #: hold allreduces (but bfloat16's) as :class:`_Deferred` handles until
+        #: :meth:`post_batch` posts them together (set by :class:`HorovodCompression`)
+        self.defer_allreduces = False
 
     def allreduce_async(self, buf, name):
         if buf.dtype == torch.bfloat16:
             return ("sum", self.allgather_async(buf, name, equal_sizes=True))
+        if self.defer_allreduces:
+            return ("deferred", _Deferred(buf, name))
         return ("reduce", self.hvd.allreduce_async(buf, name=name, op=self.hvd.Sum, **self._ps))
+
+    def post_batch(self, deferred: list["_Deferred"], name: str) -> None:
+        """Post the held allreduces ``deferred`` as one Horovod allreduce per dtype (their
+        flat buffers concatenated in the given order, which every worker must share)
+        under ``name``; each then reads its slice of the sum. The sum is elementwise, so
+        every element gets the value its own allreduce would have given."""
+        by_dtype: dict[torch.dtype, list[_Deferred]] = {}
+        for item in deferred:
+            by_dtype.setdefault(item.buf.dtype, []).append(item)
+        for dtype, items in by_dtype.items():
+            offset = 0
+            for item in items:
+                item.offset = offset
+                offset += item.buf.numel()
+            flat = torch.cat([item.buf.reshape(-1) for item in items]) if len(items) > 1 else items[0].buf.reshape(-1)
+            label = name if len(by_dtype) == 1 else f"{name}.{str(dtype).rpartition('.')[2]}"
+            batch = _Batch(self.hvd.allreduce_async(flat, name=label, op=self.hvd.Sum, **self._ps))
+            for item in items:
+                item.batch = batch
 
     def allgather_async(self, buf, name, equal_sizes=False):
         flat = buf.reshape(-1)
@@ -109,6 +143,9 @@ class HorovodTorchTransport(Transport):
         kind = handle[0]
         if kind in ("reduce", "bits"):
             return self.hvd.poll(handle[1])
+        if kind == "deferred":
+            batch = handle[1].batch
+            return batch is not None and (batch.result is not None or self.hvd.poll(batch.handle))
         if kind == "sum":
             return self.ready(handle[1])
         _, data, sizes, _, _ = handle
@@ -117,6 +154,15 @@ class HorovodTorchTransport(Transport):
     def wait(self, handle):
         if handle[0] == "reduce":
             return self.hvd.synchronize(handle[1])
+        if handle[0] == "deferred":
+            item = handle[1]
+            if item.batch is None:
+                raise RuntimeError(f"allreduce {item.name!r} is held for a batch that was never posted (a tensor "
+                                   f"of its batch did not come in this step)")
+            if item.batch.result is None:
+                item.batch.result = self.hvd.synchronize(item.batch.handle)
+            numel = item.buf.numel()
+            return item.batch.result[item.offset:item.offset + numel]
         if handle[0] == "bits":
             return self.hvd.synchronize(handle[1]).view(torch.bfloat16)
         if handle[0] == "sum":
@@ -131,6 +177,119 @@ class HorovodTorchTransport(Transport):
             flat = flat.view(dtype)
         counts = [mine] * self.size if sizes is None else self.hvd.synchronize(sizes).tolist()
         return list(torch.split(flat, counts))
+
+
+class _Deferred:
+    """An allreduce a pipeline asked for, held until its round's batch is posted."""
+
+    __slots__ = ("buf", "name", "batch", "offset")
+
+    def __init__(self, buf: torch.Tensor, name: str):
+        self.buf = buf
+        self.name = name
+        self.batch: _Batch | None = None
+        self.offset = 0
+
+
+class _Batch:
+    """One Horovod allreduce carrying several held allreduces; its result once waited for."""
+
+    __slots__ = ("handle", "result")
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+        self.result: torch.Tensor | None = None
+
+
+def _unposted(pending: Any) -> list[_Deferred]:
+    """The held allreduces of ``pending``'s current round not yet in a batch."""
+    return [h[1] for h in pending.handles if h[0] == "deferred" and h[1].batch is None]
+
+
+class RoundBatcher:
+    """One Horovod allreduce per round for a group of pipelines, instead of one per
+    pipeline and round.
+
+    Each allreduce is a negotiation between the workers in Horovod's background thread,
+    and a collective posted alone is often negotiated alone, one cycle after another:
+    PowerSGD over the 21 matrices of a ResNet-18 made 42 of them per step, each with its
+    own wait, where torch's ``powerSGD_hook`` makes two (all ``P`` factors in one
+    allreduce, then all ``Q``). Here the pipelines of a step are split into groups of
+    consecutive pipelines (in the order their gradients come, until adding the next would
+    pass ``batch_bytes`` of gradient; one group for the whole step by default), and the
+    allreduces a pipeline asks for are held (:class:`_Deferred`) until every unfinished
+    pipeline of its group has asked for its next round; then they are posted as one
+    allreduce per dtype (their buffers concatenated in group order), and every pipeline
+    reads its slice of the result. The decision depends only on what the pipelines ask
+    for, never on timing, so every worker batches the same collectives in the same order.
+    The sum is elementwise, so results are those of separate allreduces, bit for bit.
+    Allgathers, broadcasts and bfloat16 allreduces (allgathers on Horovod) are posted at
+    once, as before; a pipeline that waits on one holds back its group's batch.
+
+    Args:
+        pipelines: ``(pipeline name, gradient bytes)`` of a step, in ready order (a
+            bucket's name for fused tensors).
+        batch_bytes: the largest group in gradient bytes; a pipeline of that many bytes or
+            more is a group of its own.
+    """
+
+    def __init__(self, pipelines: list[tuple[str, int]], batch_bytes: int):
+        self.batch_bytes = batch_bytes
+        self.groups: list[list[str]] = []
+        size = 0
+        for name, nbytes in pipelines:
+            if not self.groups or size + nbytes > batch_bytes:
+                self.groups.append([])
+                size = 0
+            self.groups[-1].append(name)
+            size += nbytes
+        self._group_of = {name: i for i, group in enumerate(self.groups) for name in group}
+        self._live: list[dict[str, Any]] = [{} for _ in self.groups]  # group -> name -> its pending this step
+        #: a pipeline of this step failed: its group would wait for it forever, so every
+        #: held allreduce goes out alone (as without batching) until :meth:`reset`
+        self.broken = False
+
+    def started(self, pending: Any) -> None:
+        """Record a pipeline started in this step."""
+        index = self._group_of.get(pending.ctx.name)
+        if index is not None:
+            live = self._live[index]
+            if pending.ctx.name in live:  # a pipeline starts once per step: the others are a past step's
+                live = self._live[index] = {}
+            live[pending.ctx.name] = pending
+
+    def post_ready(self, transport: HorovodTorchTransport, in_flight: list[Any]) -> None:
+        """Post the round of every group whose unfinished pipelines have all asked for it,
+        and at once the held allreduces of pipelines in ``in_flight`` outside every group
+        (a tensor the plan did not list)."""
+        if self.broken:
+            for pending in in_flight:
+                for item in _unposted(pending):
+                    transport.post_batch([item], item.name)
+            return
+        for index, group in enumerate(self.groups):
+            live = self._live[index]
+            if len(live) < len(group):
+                continue  # some pipelines have not started in this step
+            waiting = [live[name] for name in group if not live[name].done]
+            if not waiting:
+                self._live[index] = {}  # the group is done for this step
+                continue
+            rounds = [_unposted(p) for p in waiting]
+            if all(rounds):
+                held = [item for items in rounds for item in items]
+                names = [item.name for item in held]
+                digest = hashlib.blake2b("\0".join(names).encode(), digest_size=4).hexdigest()
+                transport.post_batch(held, f"grace.batch[{names[0]}..{names[-1]};{len(names)};{digest}]")
+        for pending in in_flight:
+            if pending.ctx.name not in self._group_of:
+                for item in _unposted(pending):
+                    transport.post_batch([item], item.name)
+
+    def reset(self) -> None:
+        """Forget this step's pipelines (after an error)."""
+        self._live = [{} for _ in self.groups]
+        self.broken = False
 
 
 def _horovod_caller(tensor: torch.Tensor) -> tuple[str, Any]:
@@ -396,6 +555,11 @@ class HorovodCompression:
     (one per gradient, each a negotiation round between the workers) is skipped, unless
     ``placeholder_allreduce`` (see :func:`skip_placeholder_allreduces`).
 
+    The allreduces of a step's pipelines travel as one Horovod allreduce per round (all
+    ``P`` factors of PowerSGD in one, then all ``Q``), unless ``round_batch_bytes`` says
+    otherwise (see :class:`RoundBatcher`); results are bit for bit those of one allreduce
+    per pipeline and round.
+
     Args:
         grace: the method (a :class:`~grace_dl.core.Grace`); bound to a
             :class:`HorovodTorchTransport` on first use.
@@ -404,12 +568,24 @@ class HorovodCompression:
         placeholder_allreduce: let Horovod allreduce the placeholder of every gradient
             at every step, as before grace-dl skipped them (default False; for
             measurements).
+        round_batch_bytes: batch the allreduces of groups of consecutive pipelines of up
+            to this many gradient bytes into one Horovod allreduce per round; 0 posts each
+            pipeline's own, as before (default None: :data:`DEFAULT_ROUND_BATCH_BYTES`, the
+            whole step in one group). May be changed between steps.
     """
 
-    def __init__(self, grace: Grace, background: bool | None = None, placeholder_allreduce: bool = False):
+    def __init__(self, grace: Grace, background: bool | None = None, placeholder_allreduce: bool = False,
+                 round_batch_bytes: int | None = None):
         self.grace = grace
         self.background = DEFAULT_BACKGROUND if background is None else bool(background)
         self.placeholder_allreduce = bool(placeholder_allreduce)
+        if round_batch_bytes is None:
+            round_batch_bytes = DEFAULT_ROUND_BATCH_BYTES
+        if isinstance(round_batch_bytes, bool) or not isinstance(round_batch_bytes, int) or round_batch_bytes < 0:
+            raise ValueError(f"round_batch_bytes must be an int >= 0, got {round_batch_bytes!r}")
+        self.round_batch_bytes = round_batch_bytes
+        self._plan: Any = None  # (name, shape, dtype) of the optimizer's gradients, in ready order
+        self._batcher: RoundBatcher | None = None
         self._checked_optimizer: Any = None
         self._in_flight: list[Any] = []  # pipelines started and not finished, oldest first
         # id(pending) -> (pending, what its pipeline raised in progress()); holding the
@@ -470,14 +646,47 @@ class HorovodCompression:
         """Start the pipeline of ``tensor`` (its bucket's, once complete); sets ``job.ticket``."""
         if plan is not None:
             self._fuser.plan(plan)
+            self._plan, self._batcher = plan, None
+        self._use_batcher()
         if factor != 1.0:
             tensor = tensor * (1.0 / factor)
         self.progress()
-        ticket = self._fuser.start(tensor, name)
+        try:
+            ticket = self._fuser.start(tensor, name)
+        except BaseException:
+            if self._batcher is not None:  # its group will never be complete in this step
+                self._batcher.broken = True
+                self._batcher.post_ready(self.grace.transport, self._in_flight)
+            raise
         pending = ticket.started
         if ticket.opened and not pending.done:
             self._in_flight.append(pending)
+            if self._batcher is not None:
+                self._batcher.started(pending)
+                self._batcher.post_ready(self.grace.transport, self._in_flight)
         job.ticket = ticket
+
+    def _use_batcher(self) -> None:
+        """Group this step's pipelines for :class:`RoundBatcher` (once per plan and
+        ``round_batch_bytes``; between steps, when no pipeline is in flight)."""
+        transport = self.grace.transport
+        wanted = self.round_batch_bytes if isinstance(transport, HorovodTorchTransport) and self._plan else 0
+        current = 0 if self._batcher is None else self._batcher.batch_bytes
+        if wanted == current or any(not p.done for p in self._in_flight):
+            return
+        self._batcher = None
+        if wanted:
+            pipelines, seen = [], set()
+            for name, shape, dtype in self._plan:
+                bucket = self._fuser.bucket_of(name)
+                key = name if bucket is None else bucket.name
+                if key not in seen:
+                    seen.add(key)
+                    numel = math.prod(shape) if bucket is None else bucket.numel
+                    pipelines.append((key, numel * DTYPE_ITEMSIZE[dtype]))
+            self._batcher = RoundBatcher(pipelines, wanted)
+        if isinstance(transport, HorovodTorchTransport):
+            transport.defer_allreduces = self._batcher is not None
 
     def progress(self) -> None:
         """Move on every started pipeline whose collectives have completed: its next
@@ -497,15 +706,21 @@ class HorovodCompression:
                 # it would stop backward at a different tensor on each rank and leave
                 # Horovod's collectives of the others half posted
                 self._failed[id(pending)] = (pending, err)
+                if self._batcher is not None:
+                    self._batcher.broken = True
                 continue
             if not pending.done:
                 still.append(pending)
         self._in_flight = still
+        if self._batcher is not None:
+            self._batcher.post_ready(transport, still)
 
     def _reset(self) -> None:
         """Forget this step's pipelines after an error (the next step starts afresh)."""
         self._in_flight, self._failed = [], {}
         self._fuser.abandon()
+        if self._batcher is not None:
+            self._batcher.reset()
 
     def _finish(self, job: _Job) -> torch.Tensor:
         """The aggregated gradient of ``job`` (before Horovod's postscale)."""
@@ -519,12 +734,12 @@ class HorovodCompression:
         failed = self._failed.get(id(pending)) if pending is not None else None
         if failed is not None:
             raise failed[1]
-        if pending is not None and _FINISH_POLL_S > 0:
+        if pending is not None and (_FINISH_POLL_S > 0 or self._batcher is not None):
             # Waiting on this pipeline's collectives alone would leave the others' later
             # rounds (PowerSGD's second allreduce) unposted until their own turn, one round
             # trip after another: wait by posting every round that becomes ready instead
             while not pending.done and any(p is pending for p in self._in_flight):
-                time.sleep(_FINISH_POLL_S)
+                time.sleep(_FINISH_POLL_S or 0.001)
                 self.progress()
             failed = self._failed.get(id(pending))
             if failed is not None:
@@ -533,7 +748,11 @@ class HorovodCompression:
             self._fuser.abandon()
         elif not pending.done:
             self._in_flight = [p for p in self._in_flight if p is not pending]
-        return self._fuser.finish(ticket)
+        out = self._fuser.finish(ticket)
+        batcher = self._batcher
+        if batcher is not None and batcher.broken and all(p.done for p in self._in_flight):
+            batcher.reset()  # the failed step's pipelines are over: the next step batches again
+        return out
 
     def decompress(self, tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Finish the exchange started by :meth:`compress` (waiting for the background
@@ -577,7 +796,8 @@ class HorovodCompression:
         ``placeholder_allreduce``, and empty
         state, for another optimizer (:meth:`grace_dl.core.Grace.fresh_copy`)."""
         return HorovodCompression(self.grace.fresh_copy(), background=self.background,
-                                  placeholder_allreduce=self.placeholder_allreduce)
+                                  placeholder_allreduce=self.placeholder_allreduce,
+                                  round_batch_bytes=self.round_batch_bytes)
 
     def state_dict(self) -> dict[str, Any]:
         """The method's state (error feedback, step counters), as NumPy arrays and ints."""

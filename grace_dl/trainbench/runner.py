@@ -33,6 +33,8 @@ from . import netns, report
 from .spec import PRESETS, MethodSpec, Preset, parse_method, parse_rate, rate_label
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the directory that holds grace_dl/
+#: the environment variable naming the copy of grace_dl a launch runs (see :func:`_env`)
+TREE_VAR = "GRACE_DL_BENCH_TREE"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,9 +83,12 @@ def settings(args: argparse.Namespace) -> tuple[Preset, list[MethodSpec], list[f
     return preset, methods, rates
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def _env(extra: dict[str, str] | None = None, tree: str | None = None) -> dict[str, str]:
+    """The environment of a launched process: grace_dl imported from this copy (or from
+    ``tree``, a method's ``tree=``), one thread per rank."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (tree or PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    env[TREE_VAR] = tree or PACKAGE_ROOT  # the launch's working directory: ``python -m`` imports from there first
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")
     env.update(extra or {})
@@ -129,7 +134,7 @@ def launch(commands: list[tuple[list[str], dict[str, str]]], log: Path, timeout:
                 out.write("$ " + " ".join(cmd) + "\n")
                 out.flush()
                 procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                              start_new_session=True, cwd=PACKAGE_ROOT))
+                                              start_new_session=True, cwd=env.get(TREE_VAR, PACKAGE_ROOT)))
             while True:
                 codes = [p.poll() for p in procs]
                 failed = [c for c in codes if c not in (None, 0)]
@@ -153,16 +158,18 @@ def job_commands(spec: MethodSpec | None, config: dict[str, Any], np: int,
     worker = [sys.executable, "-m", "grace_dl.trainbench.worker"]
     if spec is None:
         return [(wrap(worker + [json.dumps(config)]), _env())]
-    config = dict(config, launcher=spec.launcher, method=spec.as_dict())
+    method = spec.as_dict()
+    tree = method["params"].pop("tree", None)  # another copy of grace_dl: its worker never sees the key
+    config = dict(config, launcher=spec.launcher, method=method)
     if spec.launcher == "hvd":
         horovodrun = shutil.which("horovodrun", path=_env()["PATH"])
         if horovodrun is None:
             raise FileNotFoundError("horovodrun not found (install Horovod: scripts/setup.sh)")
-        return [(wrap([horovodrun, "-np", str(np), "--gloo", *worker, json.dumps(config)]), _env())]
+        return [(wrap([horovodrun, "-np", str(np), "--gloo", *worker, json.dumps(config)]), _env(tree=tree))]
     port = str(_free_port())
     return [(wrap(worker + [json.dumps(config)]),
              _env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(np), "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": "lo"})) for r in range(np)]
+                   "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": "lo"}, tree=tree)) for r in range(np)]
 
 
 def _slug(text: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,13 @@ class MethodSpec:
     and under ``hvd`` ``background=0|1``, whether its pipelines run on a background thread
     (:class:`grace_dl.torch.HorovodCompression`'s ``background``; default the adapter's),
     and ``placeholders=0|1``, whether Horovod allreduces grace-dl's empty placeholder of
-    every gradient at every step (``placeholder_allreduce``; default 0: only at the first).
+    every gradient at every step (``placeholder_allreduce``; default 0: only at the first),
+    and ``round_batch=BYTES``, the adapter's ``round_batch_bytes`` (0: one Horovod
+    allreduce per pipeline and round, as before :class:`grace_dl.torch.horovod.RoundBatcher`;
+    default the adapter's: one per round for the whole step). ``tree=PATH`` runs a grace-dl
+    method's ranks on another copy of the library (the directory holding its ``grace_dl``,
+    such as a checkout of an earlier commit), so that before and after a change run in one
+    invocation.
 
     ``local_sgd`` and ``post_local_sgd`` are local SGD (``hvd:local_sgd,period=4``,
     ``ddp:post_local_sgd,period=4,switch_step=2``; parameters those of
@@ -108,16 +115,23 @@ def parse_method(text: str) -> MethodSpec:
                           f"{', '.join(builtins + LOCAL_SGD_NAMES)} or a grace-dl method "
                           f"({', '.join(sorted(compressors))})")
     known = compressors[name].params
-    extra = ("fusion", "optimizer", "background", "placeholders") if launcher == "hvd" else ("fusion", "optimizer")
+    extra = (("fusion", "optimizer", "tree", "background", "placeholders", "round_batch") if launcher == "hvd"
+             else ("fusion", "optimizer", "tree"))
     bad = [k for k, _ in params if k not in known and k not in extra]
     if bad:
         raise ConfigError(f"method {text!r}: {name} has no parameter {bad[0]!r} "
                           f"(it takes {', '.join(known) or 'none'}); every grace-dl method also takes fusion=BYTES "
                           f"and optimizer={'|'.join(OPTIMIZERS)}"
-                          + (", and under hvd background=0|1 and placeholders=0|1" if launcher == "hvd" else ""))
-    fusion = dict(params).get("fusion")
-    if fusion is not None and (isinstance(fusion, bool) or not isinstance(fusion, int) or fusion < 0):
-        raise ConfigError(f"method {text!r}: fusion is the bucket size in bytes, an int >= 0, got {fusion!r}")
+                          + (", and under hvd background=0|1, placeholders=0|1 and round_batch=BYTES" if launcher == "hvd"
+                             else ""))
+    tree = dict(params).get("tree")
+    if tree is not None and not os.path.isfile(os.path.join(str(tree), "grace_dl", "trainbench", "worker.py")):
+        raise ConfigError(f"method {text!r}: tree is a directory holding another copy of grace_dl (with "
+                          f"grace_dl/trainbench/worker.py), got {tree!r}")
+    for key, what in (("fusion", "the bucket size"), ("round_batch", "the round batch size")):
+        value = dict(params).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"method {text!r}: {key} is {what} in bytes, an int >= 0, got {value!r}")
     for flag in ("background", "placeholders"):
         value = dict(params).get(flag)
         if value is not None and value not in (0, 1):  # True/False are 1/0 too

@@ -61,6 +61,7 @@ def _grace_method(spec: dict[str, Any]):
     fusion = params.pop("fusion", None)
     background = params.pop("background", None)
     placeholders = params.pop("placeholders", None)
+    round_batch = params.pop("round_batch", None)
     if fusion is not None:
         params["policies"] = {"fusion_bytes": int(fusion)}
     method = getattr(grace, spec["name"])(**params)
@@ -68,6 +69,8 @@ def _grace_method(spec: dict[str, Any]):
         method.background = bool(background)
     if placeholders is not None:
         method.placeholder_allreduce = bool(placeholders)
+    if round_batch is not None:
+        method.round_batch_bytes = int(round_batch)
     return method
 
 
