@@ -568,6 +568,11 @@ class NumpyOps(Ops):
             off = np.negative(on)
         return self.select_bits(words, n, on, off)
 
+    def unpack_scaled_signs(self, words, n, dtype):
+        raw = np.ascontiguousarray(words, dtype="<i4")
+        scale = raw[-(-int(n) // 32):].view(_np_dtype(dtype))[:1]
+        return self.select_bits(raw, n, scale, np.negative(scale))
+
     def full(self, n, value, dtype, like):
         return np.full(int(n), value, dtype=_np_dtype(dtype))
 

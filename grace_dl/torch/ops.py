@@ -487,6 +487,16 @@ class TorchOps(Ops):
                 return torch.from_numpy(_NUMPY.unpack_signs(_np(words), n, dtype, _np(scale)))
         return super().unpack_signs(words, n, dtype, scale)
 
+    def pack_signs_abs_sum(self, x, scale):
+        if _on_cpu(x):  # one crossing: the scale stays a NumPy array between its two kernels
+            return torch.from_numpy(_NUMPY.pack_signs_abs_sum(_np(x), scale))
+        return super().pack_signs_abs_sum(x, scale)
+
+    def unpack_scaled_signs(self, words, n, dtype):
+        if dtype in ("float32", "float64") and _on_cpu(words):
+            return torch.from_numpy(_NUMPY.unpack_scaled_signs(_np(words), n, dtype))
+        return super().unpack_scaled_signs(words, n, dtype)
+
     def full(self, n, value, dtype, like):
         return torch.full((int(n),), value, dtype=_td(dtype), device=like.device)
 
