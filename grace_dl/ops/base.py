@@ -336,6 +336,14 @@ class Ops(abc.ABC):
 
         return self.from_numpy(NumpyOps().random_uniform(n, key, counter, None), like)
 
+    def reference_uniform_signed(self, n: int, key: int, counter: int, dtype: str, like: Array) -> Array:
+        """``cast(reference_uniform(n, key, counter, like), dtype) * 2 - 1``: the same
+        draws scaled to [-1, 1) in float ``dtype`` (PowerSGD's initial ``Q``, Vogels et
+        al. 2019). The product is exact and the difference rounds once, so the bits are
+        the same on every backend, with or without a fused multiply-add. One call, so
+        that a backend may do the arithmetic where the draws are made."""
+        return self.cast(self.reference_uniform(n, key, counter, like), dtype) * 2.0 - 1.0
+
     @abc.abstractmethod
     def random_choice(self, n: int, k: int, key: int, counter: int, like: Array) -> Array:
         """``k`` distinct ascending int64 indices drawn uniformly from ``range(n)``,

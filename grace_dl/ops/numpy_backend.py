@@ -373,6 +373,11 @@ class NumpyOps(Ops):
     def reference_uniform(self, n, key, counter, like):
         return self.random_uniform(n, key, counter, like)  # this backend's draws are the reference
 
+    def reference_uniform_signed(self, n, key, counter, dtype, like):
+        u = self.random_uniform(n, key, counter, like).astype(_np_dtype(dtype), copy=False)
+        np.multiply(u, u.dtype.type(2), out=u)  # exact
+        return np.subtract(u, u.dtype.type(1), out=u)
+
     def uniform_ints(self, n, bits, key, counter, like):
         # a draw u is (w >> 8) / 2**24 for a 32-bit word w (random_uniform), so
         # u * 2**bits truncated is w >> (32 - bits), with no float pass

@@ -191,6 +191,16 @@ class TorchOps(Ops):
             return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).to(like.device)
         return torch.from_numpy(a.copy()).to(like.device)
 
+    def reference_uniform(self, n, key, counter, like):
+        if like.device.type == "cpu":  # NumPy's fresh array as it is: no copy, no device move
+            return torch.from_numpy(_NUMPY.random_uniform(n, key, counter, None))
+        return super().reference_uniform(n, key, counter, like)
+
+    def reference_uniform_signed(self, n, key, counter, dtype, like):
+        if like.device.type == "cpu" and dtype in ("float32", "float64"):
+            return torch.from_numpy(_NUMPY.reference_uniform_signed(n, key, counter, dtype, None))
+        return super().reference_uniform_signed(n, key, counter, dtype, like)
+
     def zeros(self, n, dtype, like):
         return torch.zeros(int(n), dtype=_td(dtype), device=like.device)
 
