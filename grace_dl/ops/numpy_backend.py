@@ -53,6 +53,33 @@ def kth_largest_value(x: np.ndarray, k: int) -> Any:
     return np.partition(x, n - k)[n - k]
 
 
+def _group_max_topk(x: np.ndarray, k: int) -> np.ndarray | None:
+    """Ascending indices of the ``k`` largest elements of 1-D float ``x`` (``8 k <= n``),
+    or None where the caller must select otherwise. The candidates are the elements not
+    below ``t``, the k-th largest of the maxima of ``2 k`` disjoint groups (strided, so
+    one elementwise reduction finds them): at least ``k`` elements (those maxima) are
+    not below ``t``, so the candidates hold every element at or above the k-th largest,
+    about ``1.4 k`` of them on a normal tensor, with no sample that can mislead. None
+    where ``t`` or the k-th candidate is NaN, where a tie straddles the k-th value, or
+    where the candidates are over a quarter of ``x`` (many equal values)."""
+    n = x.shape[0]
+    groups = 2 * k
+    if not (0 < k and 4 * groups <= n):
+        return None
+    per_group = n // groups
+    maxima = np.maximum.reduce(x[:groups * per_group].reshape(per_group, groups), axis=0)
+    t = kth_largest_value(maxima, k)
+    if t != t:
+        return None
+    candidates = np.flatnonzero(~(x < t))  # NaN is "not below"
+    if candidates.shape[0] > n // 4:
+        return None
+    values = x[candidates]
+    kth = kth_largest_value(values, k)
+    chosen = np.flatnonzero(~(values < kth))
+    return candidates[chosen] if chosen.shape[0] == k else None
+
+
 _PHILOX = threading.local()
 _WORD = (1 << 64) - 1
 
@@ -489,7 +516,9 @@ class NumpyOps(Ops):
         if x.shape[0] <= _SMALL_TOPK and x.dtype.kind == "f":
             # a small tensor's magnitudes cost less than the protocol's sampling steps
             # around them (the same set: topk_indices of abs(x), NaN ranking as +inf)
-            return self.topk_indices(np.abs(x), k)
+            mags = np.abs(x)
+            idx = _group_max_topk(mags, k)
+            return self.topk_indices(mags, k) if idx is None else idx
         return super().topk_magnitude_indices(x, k)
 
     def _sampled_topk_indices(self, x: np.ndarray, k: int) -> np.ndarray | None:
