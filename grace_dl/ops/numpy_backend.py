@@ -452,6 +452,9 @@ class NumpyOps(Ops):
         k = idx.shape[0]
         buffer = np.empty(k * (1 + x.dtype.itemsize // 4), np.int32)
         buffer[:k] = idx  # one converting pass instead of a cast and a concatenation
+        if k < _SMALL_SPARSE:  # a gathered copy costs less than take's out= handling
+            buffer[k:] = x[idx].view(np.int32)
+            return buffer
         # the values gathered straight into the buffer (mode "clip" writes unbuffered;
         # the indices come from a selection, so none is out of range)
         np.take(x, idx, out=buffer[k:].view(x.dtype), mode="clip")
@@ -462,6 +465,9 @@ class NumpyOps(Ops):
         k = buffer.shape[0] // (1 + np.dtype(np_dtype).itemsize // 4)
         out = np.zeros(int(n), np_dtype)
         values = buffer[k:].view(np_dtype)
+        if k < _SMALL_SPARSE:  # few indices: int32 ones as they are, in one assignment
+            out[buffer[:k]] = values
+            return out
         # int64 indices (NumPy's fancy assignment is ~3x slower with int32 ones), widened
         # a block at a time: a dense payload's int64 copy would be as large as the tensor
         for start in range(0, k, _RANDOM_BLOCK):
@@ -1360,6 +1366,10 @@ def _rotated_median_at(rows: np.ndarray, idx: np.ndarray, shifts: np.ndarray, ne
 #: elements up to which :meth:`NumpyOps.topk_magnitude_indices` selects on ``abs(x)``
 #: (a temporary of 256 KiB of float32 at most)
 _SMALL_TOPK = 1 << 16
+#: sparse payloads of fewer elements are packed and scattered with plain fancy indexing
+#: (their per-call work is most of the time; the large-payload paths save memory and
+#: NumPy's slower int32 fancy assignment)
+_SMALL_SPARSE = 1 << 12
 
 #: draws per block of :meth:`NumpyOps.random_uniform` (even: whole 64-bit words)
 _RANDOM_BLOCK = 1 << 20
