@@ -102,7 +102,8 @@ def _philox(key: int, counter: int) -> np.random.Philox:
         }
     state = _PHILOX.state
     words = state["state"]["counter"]
-    words[0], words[1], words[2], words[3] = counter & _WORD, (counter >> 64) & _WORD, (counter >> 128) & _WORD, counter >> 192
+    words[0], words[1] = counter & _WORD, (counter >> 64) & _WORD
+    words[2], words[3] = (counter >> 128) & _WORD, counter >> 192
     words = state["state"]["key"]
     words[0], words[1] = key & _WORD, key >> 64
     generator.state = state
