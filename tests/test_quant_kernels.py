@@ -63,6 +63,44 @@ def test_numpy_kernels_equal_the_protocol_defaults(case):
     assert ops.unpack_signs(words, n, dtype).tobytes() == np.where(x >= 0, 1.0, -1.0).astype(dtype).tobytes()
 
 
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 10001])
+def test_scaled_sign_payload_kernels_equal_their_defaults(n):
+    # EF-signSGD's fused primitives: the payload is pack_signs of the scaled L1 norm, and
+    # the expansion reads its scale from the words after the signs (float64: two words)
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    for dtype in ("float32", "float64"):
+        x = _floats(n, n + 5, dtype, True)
+        want = Ops.pack_signs(ops, x, Ops.abs_tree_sum(ops, x, 1 / n))
+        buffer = ops.pack_signs_abs_sum(x, 1 / n)
+        assert buffer.dtype == np.int32 and buffer.tobytes() == want.tobytes()
+        assert Ops.pack_signs_abs_sum(ops, x, 1 / n).tobytes() == want.tobytes()
+        assert T.pack_signs_abs_sum(torch.from_numpy(x.copy()), 1 / n).numpy().tobytes() == want.tobytes()
+        scale = ops.abs_tree_sum(x, 1 / n)
+        expanded = np.where(x >= 0, scale, -scale).astype(dtype)
+        for backend, words in ((ops, buffer), (T, torch.from_numpy(buffer.copy()))):
+            got = backend.unpack_scaled_signs(words, n, dtype)
+            assert np.asarray(got).tobytes() == expanded.tobytes()
+            assert np.asarray(Ops.unpack_scaled_signs(backend, words, n, dtype)).tobytes() == expanded.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_signed_reference_draws_equal_the_default(dtype):
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    like = torch.zeros(1)
+    want = (ops.random_uniform(301, 7, 3, None).astype(dtype) * 2.0 - 1.0).tobytes()
+    assert ops.reference_uniform_signed(301, 7, 3, dtype, None).tobytes() == want
+    assert Ops.reference_uniform_signed(ops, 301, 7, 3, dtype, None).tobytes() == want
+    assert T.reference_uniform_signed(301, 7, 3, dtype, like).numpy().tobytes() == want
+    assert Ops.reference_uniform_signed(T, 301, 7, 3, dtype, like).numpy().tobytes() == want
+    assert T.reference_uniform(301, 7, 3, like).numpy().tobytes() == ops.random_uniform(301, 7, 3, None).tobytes()
+
+
 @pytest.mark.parametrize("n", [2, 3, 4095, 4097, 65536, 65537, 131073])
 def test_tree_sums_through_the_workspace_equal_the_default_and_stay_put(n):
     # tensors up to 2**17 elements sum in a per-thread workspace: the results are the

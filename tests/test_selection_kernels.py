@@ -122,6 +122,7 @@ def test_nonzero_magnitude_at_least_is_the_reference_selection(backend, dtype):
     x = rng.standard_normal(5000).astype(dtype)
     x[rng.random(5000) < 0.2] = 0
     x[[3, 10, 4000]] = [np.nan, -np.inf, np.inf]
+    x[11] = np.copysign(np.nan, -1.0)  # a NaN with its sign bit set passes too
     x[[20, 21]] = [dtype(0.5), dtype(-0.5)]  # ties at the threshold are selected
     arr = torch.from_numpy(x) if backend is T else x
     for threshold in [0.0, 0.5, 1e-30, 2.0, np.inf]:

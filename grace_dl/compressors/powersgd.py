@@ -184,10 +184,9 @@ class PowerSGD(Compressor):
     def _initial_q(self, ops: Ops, like: Array, ctx: TensorContext, m: int, r: int) -> Array:
         # the reference backend's draws, so that every backend starts from the same Q (the
         # step may be TensorFlow's step tensor: drawn in the graph, see Ops.reference_uniform)
-        u = ops.cast(ops.reference_uniform(r * m, ctx.shared_key, ctx.step, like), ctx.dtype)
         # scaled to [-1, 1): exact (* 2) and one rounding (- 1), the same in every
         # backend's float arithmetic (a fused multiply-add included)
-        return u * 2.0 - 1.0
+        return ops.reference_uniform_signed(r * m, ctx.shared_key, ctx.step, ctx.dtype, like)
 
     def compress_rounds(self, ops: Ops, x: Array, ctx: TensorContext):
         scratch = pipeline_scratch(ctx)

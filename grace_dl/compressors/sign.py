@@ -64,11 +64,15 @@ class _SignCompressor(Compressor):
         # the size follows from the context: no length or dtype query per call
         return Payload(words, 4 * self._words(ctx.numel, ctx.dtype))
 
-    def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
+    def _check_words(self, ops: Ops, buffer: Array, ctx: TensorContext) -> None:
+        """ValueError unless ``buffer`` holds this payload's number of words."""
         expected = self._words(ctx.numel, ctx.dtype)
         if ops.numel(buffer) != expected:
             raise ValueError(f"payload has {ops.numel(buffer)} words, {type(self).__name__} of {ctx.numel} "
                              f"{ctx.dtype} elements expects {expected}")
+
+    def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
+        self._check_words(ops, buffer, ctx)
         scales = (from_words(ops, buffer[-(-ctx.numel // 32):], ctx.dtype, self.scales) if self.scales
                   else None)
         # the whole buffer: the expansion reads the sign words and ignores the scales after them
@@ -145,11 +149,14 @@ class EFSignSGD(_SignCompressor):
     def __init__(self) -> None:
         pass
 
-    def _scales(self, ops, x, ctx):
-        return ops.abs_tree_sum(x, 1.0 / ctx.numel)
+    # the scale and the signs packed, and expanded, each by one primitive: on a small
+    # tensor the per-call work, not the elements, is most of the round trip
+    def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
+        return Payload(ops.pack_signs_abs_sum(x, 1.0 / ctx.numel), 4 * self._words(ctx.numel, ctx.dtype))
 
-    def _expand(self, ops, words, scales, ctx):
-        return ops.unpack_signs(words, ctx.numel, ctx.dtype, scales)
+    def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
+        self._check_words(ops, buffer, ctx)
+        return ops.unpack_scaled_signs(buffer, ctx.numel, ctx.dtype)
 
 
 @register("compressor", "onebit", paper="Seide et al. 2014, 1-Bit Stochastic Gradient Descent and "

@@ -336,6 +336,14 @@ class Ops(abc.ABC):
 
         return self.from_numpy(NumpyOps().random_uniform(n, key, counter, None), like)
 
+    def reference_uniform_signed(self, n: int, key: int, counter: int, dtype: str, like: Array) -> Array:
+        """``cast(reference_uniform(n, key, counter, like), dtype) * 2 - 1``: the same
+        draws scaled to [-1, 1) in float ``dtype`` (PowerSGD's initial ``Q``, Vogels et
+        al. 2019). The product is exact and the difference rounds once, so the bits are
+        the same on every backend, with or without a fused multiply-add. One call, so
+        that a backend may do the arithmetic where the draws are made."""
+        return self.cast(self.reference_uniform(n, key, counter, like), dtype) * 2.0 - 1.0
+
     @abc.abstractmethod
     def random_choice(self, n: int, k: int, key: int, counter: int, like: Array) -> Array:
         """``k`` distinct ascending int64 indices drawn uniformly from ``range(n)``,
@@ -465,6 +473,22 @@ class Ops(abc.ABC):
         if scale is None:
             return self.select_bits(words, n, self.full(1, 1.0, dtype, words), self.full(1, -1.0, dtype, words))
         return self.select_bits(words, n, scale, -scale)
+
+    def pack_signs_abs_sum(self, x: Array, scale: float) -> Array:
+        """``pack_signs(x, abs_tree_sum(x, scale))``: the sign words of 1-D float ``x``
+        followed by the words of its L1 norm times ``scale`` in the fixed order (with
+        ``scale = 1 / n``, EF-signSGD's payload, Karimireddy et al. 2019). One call, so
+        that a backend running another's kernels crosses to them once."""
+        return self.pack_signs(x, self.abs_tree_sum(x, scale))
+
+    def unpack_scaled_signs(self, words: Array, n: int, dtype: str) -> Array:
+        """Inverse of :meth:`pack_signs_abs_sum`: :meth:`unpack_signs` of ``words`` with
+        the scale read from the words after the ``ceil(n / 32)`` sign words (one value
+        of float ``dtype``, 4 or 8 bytes)."""
+        scale = self.bitcast(words[-(-n // 32):], dtype)
+        if self.numel(scale) != 1:
+            scale = scale[:1]
+        return self.unpack_signs(words, n, dtype, scale)
 
     def select_bits(self, words: Array, n: int, on: Array, off: Array) -> Array:
         """An ``n``-element array holding ``on`` where bit ``i`` of ``words`` (the layout
