@@ -340,6 +340,8 @@ class NumpyOps(Ops):
                 shifts = np.arange(per, dtype=np.uint8) * np.uint8(bits)
                 u = ((u[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)[:n]
             return u[:n].astype(np.int64)
+        if bits <= 7:
+            return _unpack_groups_in_words(raw, n, bits).astype(np.int64)
         if bits <= 16:
             return _unpack_groups_of_eight(raw, n, bits)
         width = 4 if bits <= 32 else 8
@@ -619,6 +621,21 @@ class NumpyOps(Ops):
         return sums / counts.astype(x.dtype)
 
     def take_fields(self, words, n, bits, values):
+        if bits < 8 and bits not in (1, 2, 4):  # 3, 5, 6, 7: fields unpacked to bytes
+            fields = _unpack_groups_in_words(np.ascontiguousarray(words, dtype="<i4").view(np.uint8), int(n), bits)
+            values = np.asarray(values)
+            if fields.shape[0] >= _PAIR_TAKE_MIN and values.dtype.itemsize == 4:
+                # two fields per lookup, as for 8-bit fields: the table padded to 256 entries
+                full = np.zeros(256, values.dtype)
+                full[:values.shape[0]] = values
+                pairs = _pair_table(full)
+                whole = fields.shape[0] // 2
+                out = np.empty(fields.shape[0], values.dtype)
+                np.take(pairs, fields[:2 * whole].view("<u2"), out=out[:2 * whole].view(pairs.dtype), mode="clip")
+                if 2 * whole < fields.shape[0]:
+                    out[-1] = values[fields[-1]]
+                return out
+            return np.take(values, fields)
         if bits not in (1, 2, 4, 8):
             return super().take_fields(words, n, bits, values)
         per = 8 // bits
@@ -890,6 +907,89 @@ class NumpyOps(Ops):
                 np.multiply(grid, scales[first:first + whole, None], out=grid)
             if whole * d < stop - start:
                 np.multiply(block[whole * d:], scales[first + whole], out=block[whole * d:])
+        return out
+
+    def dither_bucket_words(self, x, levels, bucket_size, key, counter):
+        x = np.asarray(x)
+        if x.dtype != np.float32 or x.ndim != 1:
+            return super().dither_bucket_words(x, levels, bucket_size, key, counter)
+        # a block of whole buckets at a time, a multiple of 32 elements (whole words of
+        # codes), while its draws, ratios and codes are in the cache; the draws continue
+        # one Philox stream, so they are random_uniform's
+        n, d, bits = x.shape[0], bucket_size, level_bits(levels)
+        buckets = -(-n // d)
+        out = np.empty(buckets + -(-n * bits // 32), np.int32)
+        if out.shape[0] > buckets:
+            out[-1] = 0  # the bits past the last code
+        norms = out[:buckets].view(np.float32)
+        words = out[buckets:]
+        step = 32 // math.gcd(d, 32)  # rows per block: a multiple of this
+        rows = min(buckets, max(step, _FUSED_BLOCK // d // step * step))
+        if not rows:
+            return out
+        generator = _philox(int(key), int(counter))
+        noise, ratio = np.empty(rows * d, np.float32), np.empty(rows * d, np.float32)
+        # codes are packed a run of blocks at a time: packing costs per call, not per element
+        run = max(rows, _PACK_RUN // (rows * d) * rows)
+        codes = np.empty(min(buckets, run) * d, np.int32)
+        for first_of_run in range(0, buckets, run):
+            run_rows = min(run, buckets - first_of_run)
+            run_start = first_of_run * d
+            for first in range(first_of_run, first_of_run + run_rows, rows):
+                r = min(rows, first_of_run + run_rows - first)
+                start, size = first * d, r * d
+                valid = min(n - start, size)
+                raw = generator.random_raw(-(-size // 2)).view("<u4")[:size]
+                np.right_shift(raw, np.uint32(8), out=raw)
+                np.multiply(raw.view(np.int32), np.float32(2.0 ** -24), out=noise[:size], dtype=np.float32)
+                if valid == size:
+                    grid = x[start:start + size].reshape(r, d)
+                else:  # the short last bucket, zero-padded
+                    grid = np.zeros((r, d), np.float32)
+                    grid.reshape(-1)[:valid] = x[start:]
+                y = ratio[:size].reshape(r, d)
+                np.abs(grid, out=y)
+                block_norms = norms[first:first + r]
+                np.max(y, axis=1, out=block_norms)  # NaN propagates; inf stays inf
+                finite = np.isfinite(block_norms)
+                if not finite.all():  # NaN or +-inf in the bucket: the positive quiet NaN
+                    block_norms.view(np.int32)[~finite] = np.int32(0x7FC00000)
+                safe = np.where(block_norms == 0, np.float32(1), block_norms)  # a NaN norm: NaN ratios
+                np.divide(grid, safe[:, None], out=y)
+                _dither_codes_block(ratio[:size], noise[:size], levels, codes[start - run_start:start - run_start + size])
+            valid = min(n - run_start, run_rows * d)
+            packed = self.pack_uint(codes[:valid], bits)
+            w = run_start * bits // 32
+            words[w:w + packed.shape[0]] = packed
+        return out
+
+    def dither_bucket_values(self, words, n, levels, bucket_size, dtype):
+        bits = level_bits(levels)
+        if dtype != "float32" or bits > 8:
+            return super().dither_bucket_values(words, n, levels, bucket_size, dtype)
+        n, d = int(n), bucket_size
+        buckets = -(-n // d)
+        words = np.ascontiguousarray(words, dtype="<i4")
+        norms = words[:buckets].view(np.float32)
+        table = self.dither_values(np.arange(1 << bits), levels, dtype)
+        codes = words[buckets:]
+        out = np.empty(n, np.float32)
+        # runs of whole buckets and whole words: the levels looked up, times the norms
+        step = 32 // math.gcd(d, 32)
+        rows = min(buckets, max(step, _PACK_RUN // d // step * step))
+        for first in range(0, buckets, max(rows, 1)):
+            r = min(rows, buckets - first)
+            start = first * d
+            stop = min(n, start + r * d)
+            block = out[start:stop]
+            w = start * bits // 32
+            block[...] = self.take_fields(codes[w:w + -(-(stop - start) * bits // 32)], stop - start, bits, table)
+            whole = (stop - start) // d
+            if whole:
+                grid = block[:whole * d].reshape(whole, d)
+                np.multiply(grid, norms[first:first + whole, None], out=grid)
+            if whole * d < stop - start:
+                np.multiply(block[whole * d:], norms[first + whole], out=block[whole * d:])
         return out
 
     def scale_buckets(self, x, scales, bucket_size):
@@ -1325,6 +1425,9 @@ _CACHE_BLOCK = 1 << 15
 #: elements per block of the fused kernels that draw, quantize and pack (their two
 #: dozen NumPy calls per block cost about as much as a block's passes below this)
 _FUSED_BLOCK = 1 << 15
+#: codes packed per call by the fused kernels that pack a run of blocks (a pack costs ~30
+#: NumPy calls: at 2**20 codes their overhead is below 0.05 ns per code)
+_PACK_RUN = 1 << 20
 
 #: field j of byte value b for fields of 1, 2 and 4 bits, as (256, 8 / bits) index tables
 _BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits)) & ((1 << bits) - 1)
@@ -1602,6 +1705,8 @@ def _pack_groups_of_eight(v: np.ndarray, bits: int) -> np.ndarray:
     fields that overlap it, each shifted into place, in a type two bytes wider than a
     field. One pass over ``v``, then column operations on an eighth of the elements."""
     n = v.shape[0]
+    if bits <= 7:
+        return _pack_groups_in_words(v, bits)
     groups = -(-n // 8)
     wide = np.uint16 if bits <= 9 else np.uint32  # a field shifted left by up to 7 bits fits
     if n == groups * 8:
@@ -1621,6 +1726,72 @@ def _pack_groups_of_eight(v: np.ndarray, bits: int) -> np.ndarray:
             acc = term if acc is None else np.bitwise_or(acc, term, out=acc)
         np.copyto(grid[:, byte], acc, casting="unsafe")  # the low 8 bits
     return out[:4 * words]  # the bytes past the stream are zero (zero fields)
+
+
+#: masks of the low half of each 16-, 32- and 64-bit lane of a 64-bit word
+_LANE_MASKS = [(np.uint64(0x00FF00FF00FF00FF), 8), (np.uint64(0x0000FFFF0000FFFF), 16),
+               (np.uint64(0x00000000FFFFFFFF), 32)]
+
+
+def _pack_groups_in_words(v: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`_pack_groups_of_eight` for ``bits <= 7``, in contiguous passes: a group's
+    eight fields, one per byte of a 64-bit word, are merged pairwise into its low
+    ``8 bits`` bits (field ``j`` at bit ``bits * j``: the group's stream), and eight
+    groups' streams are shifted into ``bits`` 64-bit words, whose little-endian bytes are
+    the stream. (Strided byte columns cost ~6x a contiguous pass.)"""
+    n = v.shape[0]
+    supers = -(-n // 64)  # 64 fields: `bits` whole 64-bit words
+    words = -(-n * bits // 32)
+    lanes = np.zeros(supers * 64, np.uint8)
+    np.copyto(lanes[:n], v, casting="unsafe")
+    g = lanes.view("<u8")
+    high = np.empty_like(g)
+    for level, (mask, width) in enumerate(_LANE_MASKS):
+        # each lane of `width` bits holds two fields of (2**level) * bits bits: the high
+        # one moves down next to the low one
+        np.bitwise_and(g, ~mask, out=high)
+        np.right_shift(high, np.uint64(width - (bits << level)), out=high)
+        g &= mask
+        g |= high
+    groups = g.reshape(supers, 8)
+    out = np.zeros((supers, bits), "<u8")
+    for j in range(8):  # group j of a super starts at stream bit 8 bits j
+        word, shift = divmod(8 * bits * j, 64)
+        out[:, word] |= groups[:, j] << np.uint64(shift)
+        if shift + 8 * bits > 64:
+            out[:, word + 1] |= groups[:, j] >> np.uint64(64 - shift)
+    return out.reshape(-1).view(np.uint8)[:4 * words]
+
+
+def _unpack_groups_in_words(raw: np.ndarray, n: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`_pack_groups_in_words`: the ``n`` fields (``bits <= 7``) of the
+    stream bytes ``raw`` (missing bytes read as zero), one per uint8, in contiguous passes
+    but for one strided pass over an eighth of them."""
+    supers = -(-n // 64)
+    stream = np.zeros((supers, bits), "<u8")
+    have = min(raw.shape[0], supers * bits * 8)
+    stream.reshape(-1).view(np.uint8)[:have] = raw[:have]
+    lanes = np.empty((supers, 8), "<u8")
+    group_mask = np.uint64((1 << (8 * bits)) - 1)
+    for j in range(8):  # group j of a super: stream bits 8 bits j .. 8 bits (j + 1)
+        word, shift = divmod(8 * bits * j, 64)
+        g = lanes[:, j]
+        np.right_shift(stream[:, word], np.uint64(shift), out=g)
+        if shift + 8 * bits > 64:
+            g |= stream[:, word + 1] << np.uint64(64 - shift)
+        g &= group_mask
+    g = lanes.reshape(-1)
+    high = np.empty_like(g)
+    for level, (mask, width) in reversed(list(enumerate(_LANE_MASKS))):
+        # each lane of 2 * width bits holds two fields of (2**level) * bits bits, side by
+        # side: the high one moves up to the lane's upper half
+        part = (1 << (bits << level)) - 1
+        low = np.uint64(sum(part << (2 * width * i) for i in range(64 // (2 * width))))
+        np.bitwise_and(g, low << np.uint64(bits << level), out=high)
+        np.left_shift(high, np.uint64(width - (bits << level)), out=high)
+        g &= low
+        g |= high
+    return g.view(np.uint8)[:n]
 
 
 def _fields_of_groups(grid: np.ndarray, bits: int, out: np.ndarray) -> None:
@@ -1645,10 +1816,11 @@ def _fields_of_groups(grid: np.ndarray, bits: int, out: np.ndarray) -> None:
     out[...] = rows.T
 
 
-def _unpack_groups_of_eight(raw: np.ndarray, n: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`_pack_groups_of_eight`: ``n`` int64 fields from the bytes ``raw``."""
+def _unpack_groups_of_eight(raw: np.ndarray, n: int, bits: int, dtype: Any = np.int64) -> np.ndarray:
+    """Inverse of :func:`_pack_groups_of_eight`: ``n`` fields from the bytes ``raw``, as
+    ``dtype`` (default int64; any integer type that holds ``bits`` bits)."""
     groups = -(-n // 8)
-    out = np.empty((groups, 8), np.int64)
+    out = np.empty((groups, 8), dtype)
     whole = min(groups, raw.shape[0] // bits)  # groups whose bytes are all in raw
     if whole:
         _fields_of_groups(raw[:whole * bits].reshape(whole, bits), bits, out[:whole])

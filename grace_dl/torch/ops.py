@@ -574,6 +574,16 @@ class TorchOps(Ops):
             return torch.from_numpy(_NUMPY.bucket_level_words(_np(x), levels, bucket_size, key, counter))
         return super().bucket_level_words(x, levels, bucket_size, key, counter)
 
+    def dither_bucket_words(self, x, levels, bucket_size, key, counter):
+        if _on_cpu(x):  # NumPy's draws and kernel on a view, as random_uniform draws NumPy's
+            return torch.from_numpy(_NUMPY.dither_bucket_words(_np(x), levels, bucket_size, key, counter))
+        return super().dither_bucket_words(x, levels, bucket_size, key, counter)
+
+    def dither_bucket_values(self, words, n, levels, bucket_size, dtype):
+        if _on_cpu(words):
+            return torch.from_numpy(_NUMPY.dither_bucket_values(_np(words), n, levels, bucket_size, dtype))
+        return super().dither_bucket_values(words, n, levels, bucket_size, dtype)
+
     def bucket_level_values(self, words, n, levels, bucket_size, dtype):
         if _on_cpu(words):
             return torch.from_numpy(_NUMPY.bucket_level_values(_np(words), n, levels, bucket_size, dtype))
