@@ -323,7 +323,7 @@ class NumpyOps(Ops):
                 u = packed
             return u.view("<i4").astype(np.int32, copy=False)
         if bits <= 16:
-            return _pack_groups_of_eight(v, bits).view("<i4").astype(np.int32, copy=False)
+            return _pack_groups_in_words(v, bits).view("<i4").astype(np.int32, copy=False)
         # any other width: the little-endian bits of each value, cut to `bits`, as one stream
         width = 4 if bits <= 32 else 8
         u = v.astype(f"<u{width}")
@@ -340,10 +340,8 @@ class NumpyOps(Ops):
                 shifts = np.arange(per, dtype=np.uint8) * np.uint8(bits)
                 u = ((u[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)[:n]
             return u[:n].astype(np.int64)
-        if bits <= 7:
-            return _unpack_groups_in_words(raw, n, bits).astype(np.int64)
         if bits <= 16:
-            return _unpack_groups_of_eight(raw, n, bits)
+            return _unpack_groups_in_words(raw, n, bits).astype(np.int64)
         width = 4 if bits <= 32 else 8
         stream = np.unpackbits(raw, count=n * bits, bitorder="little").reshape(n, bits)
         fields = np.zeros((n, 8 * width), np.uint8)
@@ -1698,135 +1696,90 @@ def _nine_bit_fields_high(raw: np.ndarray, out: np.ndarray) -> None:
     grid &= np.uint32(0xFF800000)
 
 
-def _pack_groups_of_eight(v: np.ndarray, bits: int) -> np.ndarray:
-    """The bit stream of ``bits``-wide fields (``bits <= 16``) as the bytes of
-    ``ceil(n * bits / 32)`` int32 words (the tail zero): eight
-    fields make ``bits`` bytes, and byte ``b`` of a group is the or of the (at most three)
-    fields that overlap it, each shifted into place, in a type two bytes wider than a
-    field. One pass over ``v``, then column operations on an eighth of the elements."""
-    n = v.shape[0]
-    if bits <= 7:
-        return _pack_groups_in_words(v, bits)
-    groups = -(-n // 8)
-    wide = np.uint16 if bits <= 9 else np.uint32  # a field shifted left by up to 7 bits fits
-    if n == groups * 8:
-        cols = v.astype(wide).reshape(groups, 8)
-    else:
-        cols = np.zeros((groups, 8), wide)
-        np.copyto(cols.reshape(-1)[:n], v, casting="unsafe")
-    words = -(-n * bits // 32)
-    out = np.zeros(-(-max(groups * bits, 4 * words) // 4) * 4, np.uint8)
-    grid = out[:groups * bits].reshape(groups, bits)
-    for byte in range(bits):
-        low = 8 * byte  # the stream bit at this byte's bit 0
-        acc = None
-        for j in range(low // bits, min(8, (low + 8 - 1) // bits + 1)):
-            shift = bits * j - low  # where field j's bit 0 falls relative to the byte
-            term = cols[:, j] << wide(shift) if shift >= 0 else cols[:, j] >> wide(-shift)
-            acc = term if acc is None else np.bitwise_or(acc, term, out=acc)
-        np.copyto(grid[:, byte], acc, casting="unsafe")  # the low 8 bits
-    return out[:4 * words]  # the bytes past the stream are zero (zero fields)
+#: masks of the low half of each 16-, 32- and 64-bit lane of a 64-bit word, with the
+#: lane widths
+_LANE_MASKS = [(np.uint64(0x00FF00FF00FF00FF), 16), (np.uint64(0x0000FFFF0000FFFF), 32),
+               (np.uint64(0x00000000FFFFFFFF), 64)]
 
 
-#: masks of the low half of each 16-, 32- and 64-bit lane of a 64-bit word
-_LANE_MASKS = [(np.uint64(0x00FF00FF00FF00FF), 8), (np.uint64(0x0000FFFF0000FFFF), 16),
-               (np.uint64(0x00000000FFFFFFFF), 32)]
+def _lane_layout(bits: int) -> tuple[type, int]:
+    """Fields of ``bits <= 16`` bits start one to a lane of a 64-bit word: the lane's
+    type (uint8 up to 8 bits, else uint16) and the first merge level (0: bytes)."""
+    return (np.uint8, 0) if bits <= 8 else (np.uint16, 1)
 
 
 def _pack_groups_in_words(v: np.ndarray, bits: int) -> np.ndarray:
-    """:func:`_pack_groups_of_eight` for ``bits <= 7``, in contiguous passes: a group's
-    eight fields, one per byte of a 64-bit word, are merged pairwise into its low
-    ``8 bits`` bits (field ``j`` at bit ``bits * j``: the group's stream), and eight
-    groups' streams are shifted into ``bits`` 64-bit words, whose little-endian bytes are
-    the stream. (Strided byte columns cost ~6x a contiguous pass.)"""
+    """:meth:`NumpyOps.pack_uint` for ``bits <= 16``: the bit stream of the fields as the
+    bytes of ``ceil(n * bits / 32)`` int32 words (the tail zero), in contiguous passes: the
+    fields, one to a byte (up to 8 bits) or a 16-bit lane of a 64-bit word, are merged
+    pairwise until the word holds one group of 8 (or 4) fields in its low bits, field
+    ``j`` at bit ``bits * j`` (the group's stream), and the groups of 64 fields are
+    shifted into ``bits`` 64-bit words, whose little-endian bytes are the stream.
+    (Strided byte columns cost ~6x a contiguous pass.) Fields must be below
+    ``2**bits``."""
     n = v.shape[0]
+    lane, first = _lane_layout(bits)
+    per_word = 8 // np.dtype(lane).itemsize  # fields per 64-bit word
     supers = -(-n // 64)  # 64 fields: `bits` whole 64-bit words
     words = -(-n * bits // 32)
-    lanes = np.zeros(supers * 64, np.uint8)
+    lanes = np.zeros(supers * 64, lane)
     np.copyto(lanes[:n], v, casting="unsafe")
     g = lanes.view("<u8")
     high = np.empty_like(g)
-    for level, (mask, width) in enumerate(_LANE_MASKS):
-        # each lane of `width` bits holds two fields of (2**level) * bits bits: the high
-        # one moves down next to the low one
+    field = bits
+    for mask, width in _LANE_MASKS[first:]:
+        # each lane of `width` bits holds two fields of `field` bits, in its halves: the
+        # high one moves down next to the low one
         np.bitwise_and(g, ~mask, out=high)
-        np.right_shift(high, np.uint64(width - (bits << level)), out=high)
+        np.right_shift(high, np.uint64(width // 2 - field), out=high)
         g &= mask
         g |= high
-    groups = g.reshape(supers, 8)
+        field *= 2
+    group_bits = bits * per_word
+    groups = g.reshape(supers, 64 // per_word)
     out = np.zeros((supers, bits), "<u8")
-    for j in range(8):  # group j of a super starts at stream bit 8 bits j
-        word, shift = divmod(8 * bits * j, 64)
+    for j in range(64 // per_word):  # group j of a super starts at stream bit group_bits j
+        word, shift = divmod(group_bits * j, 64)
         out[:, word] |= groups[:, j] << np.uint64(shift)
-        if shift + 8 * bits > 64:
+        if shift + group_bits > 64:
             out[:, word + 1] |= groups[:, j] >> np.uint64(64 - shift)
     return out.reshape(-1).view(np.uint8)[:4 * words]
 
 
 def _unpack_groups_in_words(raw: np.ndarray, n: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`_pack_groups_in_words`: the ``n`` fields (``bits <= 7``) of the
-    stream bytes ``raw`` (missing bytes read as zero), one per uint8, in contiguous passes
-    but for one strided pass over an eighth of them."""
+    """Inverse of :func:`_pack_groups_in_words`: the ``n`` fields (``bits <= 16``) of the
+    stream bytes ``raw`` (missing bytes read as zero), as uint8 (up to 8 bits) or uint16,
+    in contiguous passes but for one strided pass over an eighth (a quarter) of them."""
+    lane, first = _lane_layout(bits)
+    per_word = 8 // np.dtype(lane).itemsize
     supers = -(-n // 64)
     stream = np.zeros((supers, bits), "<u8")
     have = min(raw.shape[0], supers * bits * 8)
     stream.reshape(-1).view(np.uint8)[:have] = raw[:have]
-    lanes = np.empty((supers, 8), "<u8")
-    group_mask = np.uint64((1 << (8 * bits)) - 1)
-    for j in range(8):  # group j of a super: stream bits 8 bits j .. 8 bits (j + 1)
-        word, shift = divmod(8 * bits * j, 64)
+    group_bits = bits * per_word
+    lanes = np.empty((supers, 64 // per_word), "<u8")
+    group_mask = np.uint64((1 << group_bits) - 1) if group_bits < 64 else np.uint64(2**64 - 1)
+    for j in range(64 // per_word):
+        word, shift = divmod(group_bits * j, 64)
         g = lanes[:, j]
         np.right_shift(stream[:, word], np.uint64(shift), out=g)
-        if shift + 8 * bits > 64:
+        if shift + group_bits > 64:
             g |= stream[:, word + 1] << np.uint64(64 - shift)
         g &= group_mask
     g = lanes.reshape(-1)
     high = np.empty_like(g)
-    for level, (mask, width) in reversed(list(enumerate(_LANE_MASKS))):
-        # each lane of 2 * width bits holds two fields of (2**level) * bits bits, side by
-        # side: the high one moves up to the lane's upper half
-        part = (1 << (bits << level)) - 1
-        low = np.uint64(sum(part << (2 * width * i) for i in range(64 // (2 * width))))
-        np.bitwise_and(g, low << np.uint64(bits << level), out=high)
-        np.left_shift(high, np.uint64(width - (bits << level)), out=high)
+    levels = _LANE_MASKS[first:]
+    field = bits << (len(levels) - 1)
+    for _, width in reversed(levels):
+        # each lane of `width` bits holds two fields of `field` bits side by side: the
+        # high one moves up to the lane's upper half
+        part = (1 << field) - 1
+        low = np.uint64(sum(part << (width * i) for i in range(64 // width)))
+        np.bitwise_and(g, low << np.uint64(field), out=high)
+        np.left_shift(high, np.uint64(width // 2 - field), out=high)
         g &= low
         g |= high
-    return g.view(np.uint8)[:n]
+        field //= 2
+    return g.view(lane)[:n]
 
 
-def _fields_of_groups(grid: np.ndarray, bits: int, out: np.ndarray) -> None:
-    """Fields of ``(groups, bits)`` stream bytes into the ``(groups, 8)`` int64 ``out``:
-    field ``j`` of every group as one contiguous row (the or of the bytes it spans,
-    shifted into place), the rows transposed into ``out`` in one pass."""
-    wide = np.uint16 if bits <= 9 else np.uint32
-    mask = wide((1 << bits) - 1)
-    columns = np.ascontiguousarray(grid.T).astype(wide)  # byte b of every group: row b
-    rows = np.empty((8, grid.shape[0]), wide)
-    for j in range(8):
-        first = bits * j  # the field's bit 0 in the group's stream
-        acc = rows[j]
-        for i, byte in enumerate(range(first // 8, (first + bits - 1) // 8 + 1)):
-            shift = 8 * byte - first  # where the byte's bit 0 falls relative to the field
-            shifter = np.left_shift if shift >= 0 else np.right_shift
-            if i == 0:
-                shifter(columns[byte], wide(abs(shift)), out=acc)
-            else:
-                np.bitwise_or(acc, shifter(columns[byte], wide(abs(shift))), out=acc)
-        np.bitwise_and(acc, mask, out=acc)
-    out[...] = rows.T
-
-
-def _unpack_groups_of_eight(raw: np.ndarray, n: int, bits: int, dtype: Any = np.int64) -> np.ndarray:
-    """Inverse of :func:`_pack_groups_of_eight`: ``n`` fields from the bytes ``raw``, as
-    ``dtype`` (default int64; any integer type that holds ``bits`` bits)."""
-    groups = -(-n // 8)
-    out = np.empty((groups, 8), dtype)
-    whole = min(groups, raw.shape[0] // bits)  # groups whose bytes are all in raw
-    if whole:
-        _fields_of_groups(raw[:whole * bits].reshape(whole, bits), bits, out[:whole])
-    if whole < groups:  # the last groups, their missing bytes zero
-        tail = np.zeros((groups - whole) * bits, np.uint8)
-        rest = raw[whole * bits:groups * bits]
-        tail[:rest.shape[0]] = rest
-        _fields_of_groups(tail.reshape(groups - whole, bits), bits, out[whole:])
-    return out.reshape(-1)[:n]
