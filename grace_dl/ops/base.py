@@ -755,10 +755,11 @@ class Ops(abc.ABC):
         float64), then the :meth:`dither_codes` of ``x / norm`` packed with
         :meth:`pack_uint` at :func:`level_bits` bits each. A bucket's norm is its largest
         magnitude, the positive quiet NaN where it holds NaN or +-inf; the divisor is the
-        norm, 1 where the norm is 0 (a NaN norm makes every ratio of its bucket NaN). The grid is ``x`` zero-padded to whole buckets, the
-        draws the first ``buckets * bucket_size`` of :meth:`random_uniform` with ``key``
-        and ``counter`` (cast to ``x``'s dtype); the padding's codes are dropped. One
-        call, so that a backend can draw, dither and pack a block at a time."""
+        norm, 1 where the norm is 0 (a NaN norm makes every ratio of its bucket NaN). The
+        grid is ``x`` zero-padded to whole buckets, the draws the first
+        ``buckets * bucket_size`` of :meth:`random_uniform` with ``key`` and ``counter``
+        (cast to ``x``'s dtype); the padding's codes are dropped. One call, so that a
+        backend can draw, dither and pack a block at a time."""
         n, d = self.numel(x), bucket_size
         dtype, bits = self.dtype(x), level_bits(levels)
         itype, mbits, ebits = ("int32", 23, 8) if dtype == "float32" else ("int64", 52, 11)
