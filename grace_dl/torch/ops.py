@@ -113,6 +113,10 @@ def _topk_indices_cpu(ops: Ops, x: torch.Tensor, k: int) -> torch.Tensor:
     straddles the boundary, no NaN at it): those ``k`` are the answer. Otherwise the
     generic tie-breaking path runs."""
     n = x.numel()
+    if n >= NumpyOps.SAMPLED_TOPK_MIN_NUMEL and 8 * k <= n and x.dtype in (torch.float32, torch.float64):
+        # NumPy's selection past a sampled threshold, on a view: torch.topk copies the
+        # whole tensor into (value, int64 index) pairs, 4x its size in float32
+        return torch.from_numpy(_NUMPY.topk_indices(_np(x), k))
     if 2 * k <= n:
         values, idx = torch.topk(x, k, sorted=False)
         kth = values.min()  # NaN if a NaN was selected: the check below then fails
