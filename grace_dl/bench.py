@@ -137,7 +137,9 @@ def _make_case(method: str, numel: int, backend: str, params: dict[str, Any] | N
         raise ConfigError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     del data
     shape = _shape_for(numel)
-    ctx = TensorContext(name="bench", shape=shape, numel=numel, dtype="float32", in_dtype="float32", step=0,
+    # a method with a dense warm-up (1-bit Adam) is timed in its compression stage
+    step = comp.freeze_step if hasattr(comp, "payload_nbytes_at") and hasattr(comp, "freeze_step") else 0
+    ctx = TensorContext(name="bench", shape=shape, numel=numel, dtype="float32", in_dtype="float32", step=step,
                         shared_key=derive_key(0, "bench"), worker_key=derive_key(0, "bench", 0), rank=0,
                         world_size=1)
     return _Case(comp, get_ops(x), x, ctx, shape, sync, copy)
@@ -184,6 +186,8 @@ def bench(method: str, numel: int, *, backend: str = "numpy", repeats: int = 5,
     t_copy = _best_time(case.copy_synced, repeats)
     comp, ops, shape = case.comp, case.ops, case.shape
     formula = comp.payload_nbytes(numel, "float32", "float32")
+    if hasattr(comp, "payload_nbytes_at"):  # the size depends on the step (1-bit Adam's warm-up)
+        formula = comp.payload_nbytes_at(numel, case.ctx.step, "float32", "float32")
     if hasattr(comp, "payload_nbytes_for_shape"):  # low rank: the size depends on the matrix shape
         formula = comp.payload_nbytes_for_shape(shape, "float32", 0)
     elif formula is None and hasattr(comp, "payload_nbytes_for"):

@@ -571,13 +571,61 @@ def test_bucket_levels_kernel_across_its_row_blocks():
 
 @pytest.mark.parametrize("n", [1 << 16, (1 << 16) + 1, 200_003])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_take_fields_of_long_8_bit_streams(n, dtype):
-    # NumPy looks float32 fields up two at a time from n = 2**16 on
-    fields = np.random.default_rng(n).integers(0, 256, n)
-    values = np.random.default_rng(1).standard_normal(256).astype(dtype)
+@pytest.mark.parametrize("bits", [8, 5, 7])
+def test_take_fields_of_long_streams(n, dtype, bits):
+    # NumPy looks float32 fields up two at a time from n = 2**16 on (fields narrower
+    # than a byte through a table padded to 256 entries)
+    fields = np.random.default_rng(n).integers(0, 1 << bits, n)
+    values = np.random.default_rng(1).standard_normal(1 << bits).astype(dtype)
     values[3] = -0.0
-    got = ops.take_fields(ops.pack_uint(fields, 8), n, 8, values)
+    got = ops.take_fields(ops.pack_uint(fields, bits), n, bits, values)
     assert got.dtype == np.dtype(dtype) and got.tobytes() == values[fields].tobytes()
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+@pytest.mark.parametrize("n", [63, 64, 65, 4097])
+def test_narrow_fields_pack_and_unpack_as_the_generic_bit_stream(bits, n):
+    # NumPy packs 64 fields narrower than a byte into `bits` 64-bit words; garbage past
+    # the stream must not reach the fields
+    v = np.random.default_rng(bits * n).integers(0, 1 << bits, n)
+    words = ops.pack_uint(v, bits)
+    assert words.tobytes() == Ops.pack_uint(ops, v, bits).tobytes()
+    padded = np.concatenate([words, np.array([-1, -1], np.int32)])
+    assert np.array_equal(ops.unpack_uint(padded, n, bits), v)
+
+
+@pytest.mark.parametrize("levels,bucket", [(8, 512), (3, 7), (1, 1), (126, 33), (15, 100), (7, 64)])
+@pytest.mark.parametrize("n", [0, 1, 31, 1000, 70_001])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dither_bucket_words_and_values_equal_the_defaults(levels, bucket, n, dtype):
+    # the NumPy kernel draws, takes the max-norms, dithers and packs a block at a time;
+    # the default does the protocol's steps a chunk at a time
+    x = _floats(n, n + levels, dtype, True)
+    if n > 600:
+        x[500:540] = 0.0  # a zero bucket (divided by 1), and subnormal ratios
+        x[540:560] = 1e-42
+    with np.errstate(all="ignore"):
+        got = ops.dither_bucket_words(x, levels, bucket, 2**70 + 5, 3)
+        want = Ops.dither_bucket_words(ops, x, levels, bucket, 2**70 + 5, 3)
+        assert got.dtype == np.int32 and got.tobytes() == want.tobytes()
+        values = ops.dither_bucket_values(want, n, levels, bucket, dtype)
+        assert same_bits(values, Ops.dither_bucket_values(ops, want, n, levels, bucket, dtype))
+
+
+def test_torch_dither_bucket_kernels_match_numpy():
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    T = TorchOps()
+    for n, dtype in [(0, "float32"), (5000, "float32"), (1023, "float64")]:
+        x = _floats(n, 3, dtype, True)
+        with np.errstate(all="ignore"):
+            want = ops.dither_bucket_words(x, 8, 512, 9, 1)
+            assert T.dither_bucket_words(torch.from_numpy(x), 8, 512, 9, 1).numpy().tobytes() == want.tobytes()
+            via_default = Ops.dither_bucket_words(T, torch.from_numpy(x), 8, 512, 9, 1)
+            assert via_default.numpy().tobytes() == want.tobytes()
+            back = T.dither_bucket_values(torch.from_numpy(want), n, 8, 512, dtype)
+            assert same_bits(back.numpy(), ops.dither_bucket_values(want, n, 8, 512, dtype))
 
 
 @pytest.mark.parametrize("levels,bucket", [(127, 512), (3, 7), (300, 100), (15, 512), (1, 1), (127, 33)])

@@ -211,6 +211,9 @@ class NaturalDithering(BucketedLevels, Compressor):
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         _format(ctx.dtype)  # float32 or float64
+        if self.p == "inf":  # draws, norms, dithering and packing in one primitive, a block at a time
+            return Payload.of(ops, ops.dither_bucket_words(x, self.levels, self.bucket_size, ctx.worker_key,
+                                                           ctx.step))
         n, d = ctx.numel, self.bucket_size
         buckets = -(-n // d)
         u = ops.random_uniform(buckets * d, ctx.worker_key, ctx.step, x)
@@ -241,21 +244,7 @@ class NaturalDithering(BucketedLevels, Compressor):
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         _format(ctx.dtype)  # float32 or float64
-        n, d, s = ctx.numel, self.bucket_size, self.levels
-        buckets = -(-n // d)
-        norm_words = words_for(ctx.dtype, buckets)
-        norms = from_words(ops, buffer[:norm_words], ctx.dtype, buckets)
-        # every code's level, looked up: dither_values of all 2**bits codes, so the table
-        # holds the bits of dither_values (a code past 2 s, from a corrupt buffer, too)
-        table = ops.dither_values(ops.arange(1 << self.bits, norms), s, ctx.dtype)
-        parts = []
-        for start, stop in chunk_bounds(n, math.lcm(d, 32)):
-            first = norm_words + start * self.bits // 32
-            words = buffer[first:first + words_for("bool", (stop - start) * self.bits)]
-            value = ops.take_fields(words, stop - start, self.bits, table)
-            # one rounding per element, as the product of the padded grid with the norms
-            parts.append(ops.scale_buckets(value, norms[start // d:-(-stop // d)], d))
-        return parts[0] if len(parts) == 1 else ops.concat(parts)
+        return ops.dither_bucket_values(buffer, ctx.numel, self.levels, self.bucket_size, ctx.dtype)
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
         return layout_nbytes(self._layout(numel, dtype))

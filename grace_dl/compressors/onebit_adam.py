@@ -56,10 +56,16 @@ def compress_signs(ops: Ops, x: Array) -> tuple[Array, Array]:
     ``sqrt(tree_sum(x * x) / n)``, added in the fixed order of :meth:`Ops.tree_sum`,
     so that the buffer is bit-identical on every backend; a zero ``x`` has scale 0 and
     decompresses to zero."""
-    n = ops.numel(x)
-    scale = ops.sqrt(ops.tree_sum(x * x, 1.0 / n))
+    buffer, words, scale = _sign_payload(ops, x)
+    return buffer, ops.select_bits(words, ops.numel(x), scale, -scale)
+
+
+def _sign_payload(ops: Ops, x: Array) -> tuple[Array, Array, Array]:
+    """``(buffer, sign words, scale)`` of :func:`compress_signs`, without its
+    decompression (a full-size array the worker's compression does not need)."""
+    scale = ops.sqrt(ops.tree_sum(x * x, 1.0 / ops.numel(x)))
     words = ops.pack_signs(x)
-    return ops.concat([words, to_words(ops, scale)]), ops.select_bits(words, n, scale, -scale)
+    return ops.concat([words, to_words(ops, scale)]), words, scale
 
 
 def expand_signs(ops: Ops, buffer: Array, numel: int, dtype: str) -> Array:
@@ -238,18 +244,22 @@ class OnebitAdam(Compressor):
             return Payload.of(ops, ops.cast(x, ctx.in_dtype) if ctx.in_dtype != ctx.dtype else x)
         state = _scratch(ctx)
         # a missing field is a zero one, used all the same (x + 0 turns -0.0 into +0.0):
-        # TensorFlow's graph path keeps every field from the start, zero until written
+        # TensorFlow's graph path keeps every field from the start, zero until written;
+        # eagerly, the scalar 0.0 below is added as it is written
         m = state.get("m")
-        if m is None:
-            m = ops.zeros(ctx.numel, ctx.dtype, x)
-        # held (here and below): Grappler would otherwise add a chain of sums in its own
-        # order (AddN), and subtract C(buffer) from another rounding of the buffer
-        momentum = ops.hold(m * self.beta1 + x * (1.0 - self.beta1))
+        # held: Grappler would otherwise add a chain of sums in its own order (AddN), and
+        # subtract C(buffer) from another rounding of the buffer
         error = state.get("worker_error")
-        buffer = ops.hold(momentum + (ops.zeros(ctx.numel, ctx.dtype, momentum) if error is None else error))
-        words, _ = compress_signs(ops, buffer)
+        # one expression, so that NumPy adds the error into the momentum's temporary
+        buffer = ops.hold(ops.hold(self._worker_momentum(ops, m, x)) + (0.0 if error is None else error))
+        words, _, _ = _sign_payload(ops, buffer)
         state["worker_buffer"] = buffer
         return Payload.of(ops, words)
+
+    def _worker_momentum(self, ops: Ops, m: Array | None, x: Array) -> Array:
+        # a missing m adds as the scalar 0.0: the rounding of a zero field (-0.0 becomes
+        # +0.0) without a full-size array of zeros
+        return (x * (1.0 - self.beta1) + 0.0) if m is None else m * self.beta1 + x * (1.0 - self.beta1)
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         if not self.frozen_at(ctx):

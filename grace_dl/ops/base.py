@@ -772,6 +772,63 @@ class Ops(abc.ABC):
             parts.append(self.scale_buckets(code, scales, d))
         return parts[0] if len(parts) == 1 else self.concat(parts)
 
+    def dither_bucket_words(self, x: Array, levels: int, bucket_size: int, key: int, counter: int) -> Array:
+        """Natural dithering's payload (Horvath et al. 2019) with max-norms, of 1-D
+        float32/float64 ``x`` of ``n`` elements, as int32 words: the
+        ``ceil(n / bucket_size)`` norms (their bits, one word per float32, two per
+        float64), then the :meth:`dither_codes` of ``x / norm`` packed with
+        :meth:`pack_uint` at :func:`level_bits` bits each. A bucket's norm is its largest
+        magnitude, the positive quiet NaN where it holds NaN or +-inf; the divisor is the
+        norm, 1 where the norm is 0 (a NaN norm makes every ratio of its bucket NaN). The
+        grid is ``x`` zero-padded to whole buckets, the draws the first
+        ``buckets * bucket_size`` of :meth:`random_uniform` with ``key`` and ``counter``
+        (cast to ``x``'s dtype); the padding's codes are dropped. One call, so that a
+        backend can draw, dither and pack a block at a time."""
+        n, d = self.numel(x), bucket_size
+        dtype, bits = self.dtype(x), level_bits(levels)
+        itype, mbits, ebits = ("int32", 23, 8) if dtype == "float32" else ("int64", 52, 11)
+        buckets = -(-n // d)
+        u = self.random_uniform(buckets * d, key, counter, x)
+        quiet_nan = ((1 << (ebits + 1)) - 1) << (mbits - 1)
+        norm_parts, word_parts = [], []
+        # whole buckets and a multiple of 32 elements per chunk, so that the parts are the
+        # norms and the code words of the whole tensor
+        for start, stop in chunk_bounds(n, math.lcm(d, 32)):
+            size = stop - start
+            rows = -(-size // d)
+            part = x if size == n else x[start:stop]
+            if rows * d != size:
+                part = self.concat([part, self.zeros(rows * d - size, dtype, x)])
+            grid = self.reshape(part, (rows, d))
+            # 0 * (NaN or inf) is NaN: a bucket holding either gets a NaN norm
+            norms = self.max(self.abs(grid), axis=1) + self.sum(grid * 0, axis=1)
+            norms = self.where(norms != norms, self.bitcast(self.zeros(rows, itype, x) + quiet_nan, dtype), norms)
+            safe = self.where(norms > 0, norms, norms * 0 + 1)
+            y = self.flatten(grid / self.reshape(safe, (rows, 1)))
+            code = self.dither_codes(y, self.cast(u[start:start + rows * d], dtype), levels)
+            norm_parts.append(self.bitcast(norms, "int32"))
+            word_parts.append(self.pack_uint(code[:size] if rows * d != size else code, bits))
+        return self.concat(norm_parts + word_parts)
+
+    def dither_bucket_values(self, words: Array, n: int, levels: int, bucket_size: int, dtype: str) -> Array:
+        """Inverse of :meth:`dither_bucket_words` (any norms): the ``n`` values
+        ``dither_values(c_i) * norm`` in ``dtype`` (float32 or float64), with ``c_i`` the
+        ``i``-th code and ``norm`` that of its bucket, one rounding per element."""
+        d, bits = bucket_size, level_bits(levels)
+        buckets = -(-n // d)
+        norm_words = buckets * DTYPE_ITEMSIZE[dtype] // 4
+        norms = self.bitcast(words[:norm_words], dtype)
+        # every code's level, looked up: dither_values of all 2**bits codes (a code past
+        # 2 levels, from a corrupt buffer, too)
+        table = self.dither_values(self.arange(1 << bits, norms), levels, dtype)
+        parts = []
+        for start, stop in chunk_bounds(n, math.lcm(d, 32)):
+            first = norm_words + start * bits // 32
+            part = words[first:first + -(-(stop - start) * bits // 32)]
+            value = self.take_fields(part, stop - start, bits, table)
+            parts.append(self.scale_buckets(value, norms[start // d:-(-stop // d)], d))
+        return parts[0] if len(parts) == 1 else self.concat(parts)
+
     def clip_scales(self, stats: Array, clip_sigma: float) -> Array:
         """TernGrad's scalars (Wen et al. 2017) from :meth:`peak_rms`'s ``[p, r]`` of a
         float32 or float64 tensor: the 3-element array ``[b, s, q]`` of ``stats``' dtype,

@@ -383,7 +383,7 @@ class NumpyOps(Ops):
                 u = packed
             return u.view("<i4").astype(np.int32, copy=False)
         if bits <= 16:
-            return _pack_groups_of_eight(v, bits).view("<i4").astype(np.int32, copy=False)
+            return _pack_groups_in_words(v, bits).view("<i4").astype(np.int32, copy=False)
         # any other width: the little-endian bits of each value, cut to `bits`, as one stream
         width = 4 if bits <= 32 else 8
         u = v.astype(f"<u{width}")
@@ -401,7 +401,7 @@ class NumpyOps(Ops):
                 u = ((u[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)[:n]
             return u[:n].astype(np.int64)
         if bits <= 16:
-            return _unpack_groups_of_eight(raw, n, bits)
+            return _unpack_groups_in_words(raw, n, bits).astype(np.int64)
         width = 4 if bits <= 32 else 8
         stream = np.unpackbits(raw, count=n * bits, bitorder="little").reshape(n, bits)
         fields = np.zeros((n, 8 * width), np.uint8)
@@ -701,6 +701,21 @@ class NumpyOps(Ops):
         return sums / counts.astype(x.dtype)
 
     def take_fields(self, words, n, bits, values):
+        if bits < 8 and bits not in (1, 2, 4):  # 3, 5, 6, 7: fields unpacked to bytes
+            fields = _unpack_groups_in_words(np.ascontiguousarray(words, dtype="<i4").view(np.uint8), int(n), bits)
+            values = np.asarray(values)
+            if fields.shape[0] >= _PAIR_TAKE_MIN and values.dtype.itemsize == 4:
+                # two fields per lookup, as for 8-bit fields: the table padded to 256 entries
+                full = np.zeros(256, values.dtype)
+                full[:values.shape[0]] = values
+                pairs = _pair_table(full)
+                whole = fields.shape[0] // 2
+                out = np.empty(fields.shape[0], values.dtype)
+                np.take(pairs, fields[:2 * whole].view("<u2"), out=out[:2 * whole].view(pairs.dtype), mode="clip")
+                if 2 * whole < fields.shape[0]:
+                    out[-1] = values[fields[-1]]
+                return out
+            return np.take(values, fields)
         if bits not in (1, 2, 4, 8):
             return super().take_fields(words, n, bits, values)
         per = 8 // bits
@@ -972,6 +987,89 @@ class NumpyOps(Ops):
                 np.multiply(grid, scales[first:first + whole, None], out=grid)
             if whole * d < stop - start:
                 np.multiply(block[whole * d:], scales[first + whole], out=block[whole * d:])
+        return out
+
+    def dither_bucket_words(self, x, levels, bucket_size, key, counter):
+        x = np.asarray(x)
+        if x.dtype != np.float32 or x.ndim != 1:
+            return super().dither_bucket_words(x, levels, bucket_size, key, counter)
+        # a block of whole buckets at a time, a multiple of 32 elements (whole words of
+        # codes), while its draws, ratios and codes are in the cache; the draws continue
+        # one Philox stream, so they are random_uniform's
+        n, d, bits = x.shape[0], bucket_size, level_bits(levels)
+        buckets = -(-n // d)
+        out = np.empty(buckets + -(-n * bits // 32), np.int32)
+        if out.shape[0] > buckets:
+            out[-1] = 0  # the bits past the last code
+        norms = out[:buckets].view(np.float32)
+        words = out[buckets:]
+        step = 32 // math.gcd(d, 32)  # rows per block: a multiple of this
+        rows = min(buckets, max(step, _FUSED_BLOCK // d // step * step))
+        if not rows:
+            return out
+        generator = _philox(int(key), int(counter))
+        noise, ratio = np.empty(rows * d, np.float32), np.empty(rows * d, np.float32)
+        # codes are packed a run of blocks at a time: packing costs per call, not per element
+        run = max(rows, _PACK_RUN // (rows * d) * rows)
+        codes = np.empty(min(buckets, run) * d, np.int32)
+        for first_of_run in range(0, buckets, run):
+            run_rows = min(run, buckets - first_of_run)
+            run_start = first_of_run * d
+            for first in range(first_of_run, first_of_run + run_rows, rows):
+                r = min(rows, first_of_run + run_rows - first)
+                start, size = first * d, r * d
+                valid = min(n - start, size)
+                raw = generator.random_raw(-(-size // 2)).view("<u4")[:size]
+                np.right_shift(raw, np.uint32(8), out=raw)
+                np.multiply(raw.view(np.int32), np.float32(2.0 ** -24), out=noise[:size], dtype=np.float32)
+                if valid == size:
+                    grid = x[start:start + size].reshape(r, d)
+                else:  # the short last bucket, zero-padded
+                    grid = np.zeros((r, d), np.float32)
+                    grid.reshape(-1)[:valid] = x[start:]
+                y = ratio[:size].reshape(r, d)
+                np.abs(grid, out=y)
+                block_norms = norms[first:first + r]
+                np.max(y, axis=1, out=block_norms)  # NaN propagates; inf stays inf
+                finite = np.isfinite(block_norms)
+                if not finite.all():  # NaN or +-inf in the bucket: the positive quiet NaN
+                    block_norms.view(np.int32)[~finite] = np.int32(0x7FC00000)
+                safe = np.where(block_norms == 0, np.float32(1), block_norms)  # a NaN norm: NaN ratios
+                np.divide(grid, safe[:, None], out=y)
+                _dither_codes_block(ratio[:size], noise[:size], levels, codes[start - run_start:start - run_start + size])
+            valid = min(n - run_start, run_rows * d)
+            packed = self.pack_uint(codes[:valid], bits)
+            w = run_start * bits // 32
+            words[w:w + packed.shape[0]] = packed
+        return out
+
+    def dither_bucket_values(self, words, n, levels, bucket_size, dtype):
+        bits = level_bits(levels)
+        if dtype != "float32" or bits > 8:
+            return super().dither_bucket_values(words, n, levels, bucket_size, dtype)
+        n, d = int(n), bucket_size
+        buckets = -(-n // d)
+        words = np.ascontiguousarray(words, dtype="<i4")
+        norms = words[:buckets].view(np.float32)
+        table = self.dither_values(np.arange(1 << bits), levels, dtype)
+        codes = words[buckets:]
+        out = np.empty(n, np.float32)
+        # runs of whole buckets and whole words: the levels looked up, times the norms
+        step = 32 // math.gcd(d, 32)
+        rows = min(buckets, max(step, _PACK_RUN // d // step * step))
+        for first in range(0, buckets, max(rows, 1)):
+            r = min(rows, buckets - first)
+            start = first * d
+            stop = min(n, start + r * d)
+            block = out[start:stop]
+            w = start * bits // 32
+            block[...] = self.take_fields(codes[w:w + -(-(stop - start) * bits // 32)], stop - start, bits, table)
+            whole = (stop - start) // d
+            if whole:
+                grid = block[:whole * d].reshape(whole, d)
+                np.multiply(grid, norms[first:first + whole, None], out=grid)
+            if whole * d < stop - start:
+                np.multiply(block[whole * d:], norms[first + whole], out=block[whole * d:])
         return out
 
     def scale_buckets(self, x, scales, bucket_size):
@@ -1411,6 +1509,9 @@ _CACHE_BLOCK = 1 << 15
 #: elements per block of the fused kernels that draw, quantize and pack (their two
 #: dozen NumPy calls per block cost about as much as a block's passes below this)
 _FUSED_BLOCK = 1 << 15
+#: codes packed per call by the fused kernels that pack a run of blocks (a pack costs ~30
+#: NumPy calls: at 2**20 codes their overhead is below 0.05 ns per code)
+_PACK_RUN = 1 << 20
 
 #: field j of byte value b for fields of 1, 2 and 4 bits, as (256, 8 / bits) index tables
 _BYTE_FIELDS = {bits: (np.arange(256)[:, None] >> (np.arange(8 // bits) * bits)) & ((1 << bits) - 1)
@@ -1681,66 +1782,90 @@ def _nine_bit_fields_high(raw: np.ndarray, out: np.ndarray) -> None:
     grid &= np.uint32(0xFF800000)
 
 
-def _pack_groups_of_eight(v: np.ndarray, bits: int) -> np.ndarray:
-    """The bit stream of ``bits``-wide fields (``bits <= 16``) as the bytes of
-    ``ceil(n * bits / 32)`` int32 words (the tail zero): eight
-    fields make ``bits`` bytes, and byte ``b`` of a group is the or of the (at most three)
-    fields that overlap it, each shifted into place, in a type two bytes wider than a
-    field. One pass over ``v``, then column operations on an eighth of the elements."""
+#: masks of the low half of each 16-, 32- and 64-bit lane of a 64-bit word, with the
+#: lane widths
+_LANE_MASKS = [(np.uint64(0x00FF00FF00FF00FF), 16), (np.uint64(0x0000FFFF0000FFFF), 32),
+               (np.uint64(0x00000000FFFFFFFF), 64)]
+
+
+def _lane_layout(bits: int) -> tuple[type, int]:
+    """Fields of ``bits <= 16`` bits start one to a lane of a 64-bit word: the lane's
+    type (uint8 up to 8 bits, else uint16) and the first merge level (0: bytes)."""
+    return (np.uint8, 0) if bits <= 8 else (np.uint16, 1)
+
+
+def _pack_groups_in_words(v: np.ndarray, bits: int) -> np.ndarray:
+    """:meth:`NumpyOps.pack_uint` for ``bits <= 16``: the bit stream of the fields as the
+    bytes of ``ceil(n * bits / 32)`` int32 words (the tail zero), in contiguous passes: the
+    fields, one to a byte (up to 8 bits) or a 16-bit lane of a 64-bit word, are merged
+    pairwise until the word holds one group of 8 (or 4) fields in its low bits, field
+    ``j`` at bit ``bits * j`` (the group's stream), and the groups of 64 fields are
+    shifted into ``bits`` 64-bit words, whose little-endian bytes are the stream.
+    (Strided byte columns cost ~6x a contiguous pass.) Fields must be below
+    ``2**bits``."""
     n = v.shape[0]
-    groups = -(-n // 8)
-    wide = np.uint16 if bits <= 9 else np.uint32  # a field shifted left by up to 7 bits fits
-    if n == groups * 8:
-        cols = v.astype(wide).reshape(groups, 8)
-    else:
-        cols = np.zeros((groups, 8), wide)
-        np.copyto(cols.reshape(-1)[:n], v, casting="unsafe")
+    lane, first = _lane_layout(bits)
+    per_word = 8 // np.dtype(lane).itemsize  # fields per 64-bit word
+    supers = -(-n // 64)  # 64 fields: `bits` whole 64-bit words
     words = -(-n * bits // 32)
-    out = np.zeros(-(-max(groups * bits, 4 * words) // 4) * 4, np.uint8)
-    grid = out[:groups * bits].reshape(groups, bits)
-    for byte in range(bits):
-        low = 8 * byte  # the stream bit at this byte's bit 0
-        acc = None
-        for j in range(low // bits, min(8, (low + 8 - 1) // bits + 1)):
-            shift = bits * j - low  # where field j's bit 0 falls relative to the byte
-            term = cols[:, j] << wide(shift) if shift >= 0 else cols[:, j] >> wide(-shift)
-            acc = term if acc is None else np.bitwise_or(acc, term, out=acc)
-        np.copyto(grid[:, byte], acc, casting="unsafe")  # the low 8 bits
-    return out[:4 * words]  # the bytes past the stream are zero (zero fields)
+    lanes = np.zeros(supers * 64, lane)
+    np.copyto(lanes[:n], v, casting="unsafe")
+    g = lanes.view("<u8")
+    high = np.empty_like(g)
+    field = bits
+    for mask, width in _LANE_MASKS[first:]:
+        # each lane of `width` bits holds two fields of `field` bits, in its halves: the
+        # high one moves down next to the low one
+        np.bitwise_and(g, ~mask, out=high)
+        np.right_shift(high, np.uint64(width // 2 - field), out=high)
+        g &= mask
+        g |= high
+        field *= 2
+    group_bits = bits * per_word
+    groups = g.reshape(supers, 64 // per_word)
+    out = np.zeros((supers, bits), "<u8")
+    for j in range(64 // per_word):  # group j of a super starts at stream bit group_bits j
+        word, shift = divmod(group_bits * j, 64)
+        out[:, word] |= groups[:, j] << np.uint64(shift)
+        if shift + group_bits > 64:
+            out[:, word + 1] |= groups[:, j] >> np.uint64(64 - shift)
+    return out.reshape(-1).view(np.uint8)[:4 * words]
 
 
-def _fields_of_groups(grid: np.ndarray, bits: int, out: np.ndarray) -> None:
-    """Fields of ``(groups, bits)`` stream bytes into the ``(groups, 8)`` int64 ``out``:
-    field ``j`` of every group as one contiguous row (the or of the bytes it spans,
-    shifted into place), the rows transposed into ``out`` in one pass."""
-    wide = np.uint16 if bits <= 9 else np.uint32
-    mask = wide((1 << bits) - 1)
-    columns = np.ascontiguousarray(grid.T).astype(wide)  # byte b of every group: row b
-    rows = np.empty((8, grid.shape[0]), wide)
-    for j in range(8):
-        first = bits * j  # the field's bit 0 in the group's stream
-        acc = rows[j]
-        for i, byte in enumerate(range(first // 8, (first + bits - 1) // 8 + 1)):
-            shift = 8 * byte - first  # where the byte's bit 0 falls relative to the field
-            shifter = np.left_shift if shift >= 0 else np.right_shift
-            if i == 0:
-                shifter(columns[byte], wide(abs(shift)), out=acc)
-            else:
-                np.bitwise_or(acc, shifter(columns[byte], wide(abs(shift))), out=acc)
-        np.bitwise_and(acc, mask, out=acc)
-    out[...] = rows.T
+def _unpack_groups_in_words(raw: np.ndarray, n: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`_pack_groups_in_words`: the ``n`` fields (``bits <= 16``) of the
+    stream bytes ``raw`` (missing bytes read as zero), as uint8 (up to 8 bits) or uint16,
+    in contiguous passes but for one strided pass over an eighth (a quarter) of them."""
+    lane, first = _lane_layout(bits)
+    per_word = 8 // np.dtype(lane).itemsize
+    supers = -(-n // 64)
+    stream = np.zeros((supers, bits), "<u8")
+    have = min(raw.shape[0], supers * bits * 8)
+    stream.reshape(-1).view(np.uint8)[:have] = raw[:have]
+    group_bits = bits * per_word
+    lanes = np.empty((supers, 64 // per_word), "<u8")
+    group_mask = np.uint64((1 << group_bits) - 1) if group_bits < 64 else np.uint64(2**64 - 1)
+    for j in range(64 // per_word):
+        word, shift = divmod(group_bits * j, 64)
+        g = lanes[:, j]
+        np.right_shift(stream[:, word], np.uint64(shift), out=g)
+        if shift + group_bits > 64:
+            g |= stream[:, word + 1] << np.uint64(64 - shift)
+        g &= group_mask
+    g = lanes.reshape(-1)
+    high = np.empty_like(g)
+    levels = _LANE_MASKS[first:]
+    field = bits << (len(levels) - 1)
+    for _, width in reversed(levels):
+        # each lane of `width` bits holds two fields of `field` bits side by side: the
+        # high one moves up to the lane's upper half
+        part = (1 << field) - 1
+        low = np.uint64(sum(part << (width * i) for i in range(64 // width)))
+        np.bitwise_and(g, low << np.uint64(field), out=high)
+        np.left_shift(high, np.uint64(width // 2 - field), out=high)
+        g &= low
+        g |= high
+        field //= 2
+    return g.view(lane)[:n]
 
 
-def _unpack_groups_of_eight(raw: np.ndarray, n: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`_pack_groups_of_eight`: ``n`` int64 fields from the bytes ``raw``."""
-    groups = -(-n // 8)
-    out = np.empty((groups, 8), np.int64)
-    whole = min(groups, raw.shape[0] // bits)  # groups whose bytes are all in raw
-    if whole:
-        _fields_of_groups(raw[:whole * bits].reshape(whole, bits), bits, out[:whole])
-    if whole < groups:  # the last groups, their missing bytes zero
-        tail = np.zeros((groups - whole) * bits, np.uint8)
-        rest = raw[whole * bits:groups * bits]
-        tail[:rest.shape[0]] = rest
-        _fields_of_groups(tail.reshape(groups - whole, bits), bits, out[whole:])
-    return out.reshape(-1)[:n]

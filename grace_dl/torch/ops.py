@@ -115,6 +115,10 @@ def _topk_indices_cpu(ops: Ops, x: torch.Tensor, k: int) -> torch.Tensor:
     straddles the boundary, no NaN at it): those ``k`` are the answer. Otherwise the
     generic tie-breaking path runs."""
     n = x.numel()
+    if n >= NumpyOps.SAMPLED_TOPK_MIN_NUMEL and 8 * k <= n and x.dtype in (torch.float32, torch.float64):
+        # NumPy's selection past a sampled threshold, on a view: torch.topk copies the
+        # whole tensor into (value, int64 index) pairs, 4x its size in float32
+        return torch.from_numpy(_NUMPY.topk_indices(_np(x), k))
     if 2 * k <= n:
         values, idx = torch.topk(x, k, sorted=False)
         kth = values.min()  # NaN if a NaN was selected: the check below then fails
@@ -599,6 +603,16 @@ class TorchOps(Ops):
         if _on_cpu(x):  # NumPy's draws and kernel on a view, as random_uniform draws NumPy's
             return torch.from_numpy(_NUMPY.bucket_level_words(_np(x), levels, bucket_size, key, counter))
         return super().bucket_level_words(x, levels, bucket_size, key, counter)
+
+    def dither_bucket_words(self, x, levels, bucket_size, key, counter):
+        if _on_cpu(x):  # NumPy's draws and kernel on a view, as random_uniform draws NumPy's
+            return torch.from_numpy(_NUMPY.dither_bucket_words(_np(x), levels, bucket_size, key, counter))
+        return super().dither_bucket_words(x, levels, bucket_size, key, counter)
+
+    def dither_bucket_values(self, words, n, levels, bucket_size, dtype):
+        if _on_cpu(words):
+            return torch.from_numpy(_NUMPY.dither_bucket_values(_np(words), n, levels, bucket_size, dtype))
+        return super().dither_bucket_values(words, n, levels, bucket_size, dtype)
 
     def bucket_level_values(self, words, n, levels, bucket_size, dtype):
         if _on_cpu(words):
