@@ -137,7 +137,6 @@ def _topk_indices_cpu(ops: Ops, x: torch.Tensor, k: int) -> torch.Tensor:
     return Ops.topk_indices(ops, x, k)
 
 
-
 class TorchOps(Ops):
     """Ops over ``torch.Tensor``."""
 
