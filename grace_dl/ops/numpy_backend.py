@@ -437,6 +437,20 @@ class NumpyOps(Ops):
             out[buffer[start:stop].astype(np.int64)] = values[start:stop]
         return out
 
+    def scatter_sparse_sum(self, n, buffers, dtype):
+        np_dtype = _np_dtype(dtype)
+        words_per_pair = 1 + np.dtype(np_dtype).itemsize // 4
+        out = np.zeros(int(n), np_dtype)
+        for buffer in buffers:
+            k = buffer.shape[0] // words_per_pair
+            values = buffer[k:].view(np_dtype)
+            # in place, a block of int64 indices at a time (as scatter_sparse): indices are
+            # distinct within a buffer, so `+=` adds each value once, as out[i] + value
+            for start in range(0, k, _RANDOM_BLOCK):
+                stop = min(k, start + _RANDOM_BLOCK)
+                out[buffer[start:stop].astype(np.int64)] += values[start:stop]
+        return out
+
     def nonzero_magnitude_at_least(self, x, threshold):
         if not isinstance(threshold, (int, float)):
             threshold = np.asarray(threshold).reshape(-1)[0]
