@@ -15,7 +15,10 @@ from grace_dl.ops import get_ops
 from helpers import normal
 
 ops = get_ops(np.zeros(1, np.float32))
-N = 40
+# NumPy (and torch on the CPU) scale only the held elements where the indices are few
+# (a long array), the whole array otherwise (a short one)
+LENGTHS = (40, 400)
+SCALES = (1.0, 1 / 3)
 ALL_NEGATIVE_ZERO = 7  # every worker sends -0.0 here: the one documented difference (+0.0, not -0.0)
 
 
@@ -36,18 +39,22 @@ def worker_buffers(dtype: str, with_empty: bool) -> list[np.ndarray]:
             for idx, values in parts]
 
 
-def dense_sum(buffers: list[np.ndarray], dtype: str) -> np.ndarray:
-    total = ops.scatter_sparse(N, buffers[0], dtype)
+def dense_sum(buffers: list[np.ndarray], dtype: str, n: int) -> np.ndarray:
+    total = ops.scatter_sparse(n, buffers[0], dtype)
     for b in buffers[1:]:
-        total = total + ops.scatter_sparse(N, b, dtype)
+        total = total + ops.scatter_sparse(n, b, dtype)
     return total
 
 
-def assert_dense_sum(got: np.ndarray, buffers: list[np.ndarray], dtype: str) -> None:
-    want = dense_sum(buffers, dtype)
+def assert_dense_sum(got: np.ndarray, buffers: list[np.ndarray], dtype: str, n: int, scale: float) -> None:
+    """``got`` is the communicators' dense ``(d0 + d1 + ...) * scale``, but for the
+    documented sign of zero."""
+    want = dense_sum(buffers, dtype, n)
     every_worker_sent_it = all(b.size for b in buffers)
     assert want[ALL_NEGATIVE_ZERO] == 0 and np.signbit(want[ALL_NEGATIVE_ZERO]) == every_worker_sent_it
     want[ALL_NEGATIVE_ZERO] = 0.0  # +0.0 whether or not every worker sent -0.0 (the docstring's exception)
+    if scale != 1.0:
+        want = want * scale
     assert got.dtype == want.dtype and got.shape == want.shape
     nan = np.isnan(want)
     assert nan.any() and np.array_equal(np.isnan(got), nan)
@@ -61,9 +68,11 @@ def test_numpy_sum_equals_the_dense_sum(dtype, with_empty):
     from grace_dl.ops.base import Ops
 
     buffers = worker_buffers(dtype, with_empty)
-    assert_dense_sum(ops.scatter_sparse_sum(N, buffers, dtype), buffers, dtype)
-    # the protocol's default (gather, add, update) gives the same bits
-    assert_dense_sum(Ops.scatter_sparse_sum(ops, N, buffers, dtype), buffers, dtype)
+    for n in LENGTHS:
+        for scale in SCALES:
+            assert_dense_sum(ops.scatter_sparse_sum(n, buffers, dtype, scale), buffers, dtype, n, scale)
+            # the protocol's default (gather, add, update) gives the same bits
+            assert_dense_sum(Ops.scatter_sparse_sum(ops, n, buffers, dtype, scale), buffers, dtype, n, scale)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -73,8 +82,10 @@ def test_torch_sum_equals_the_dense_sum(dtype):
 
     for with_empty in (False, True):
         buffers = worker_buffers(dtype, with_empty)
-        got = TorchOps().scatter_sparse_sum(N, [torch.from_numpy(b) for b in buffers], dtype)
-        assert_dense_sum(got.numpy(), buffers, dtype)
+        for n in LENGTHS:
+            for scale in SCALES:
+                got = TorchOps().scatter_sparse_sum(n, [torch.from_numpy(b) for b in buffers], dtype, scale)
+                assert_dense_sum(got.numpy(), buffers, dtype, n, scale)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -85,14 +96,17 @@ def test_tf_sum_equals_the_dense_sum_eager_and_traced(dtype):
     t_ops = TFOps()
 
     # lengths known only when the graph runs (threshold methods' payloads)
+    n, scale = LENGTHS[0], SCALES[1]
+
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)] * 4)
     def graph(*bs):
-        return t_ops.scatter_sparse_sum(N, list(bs), dtype)
+        return t_ops.scatter_sparse_sum(n, list(bs), dtype, scale)
 
     buffers = worker_buffers(dtype, with_empty=False)
-    assert_dense_sum(t_ops.scatter_sparse_sum(N, [tf.constant(b) for b in buffers], dtype).numpy(), buffers, dtype)
+    got = t_ops.scatter_sparse_sum(n, [tf.constant(b) for b in buffers], dtype)
+    assert_dense_sum(got.numpy(), buffers, dtype, n, 1.0)
     buffers = worker_buffers(dtype, with_empty=True)
-    assert_dense_sum(graph(*[tf.constant(b) for b in buffers]).numpy(), buffers, dtype)
+    assert_dense_sum(graph(*[tf.constant(b) for b in buffers]).numpy(), buffers, dtype, n, scale)
 
 
 @pytest.mark.parametrize("method,kwargs", [("topk", {"ratio": 0.05}), ("dgc", {"ratio": 0.02}),

@@ -68,8 +68,9 @@ class ThresholdSparsifier(Compressor):
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         return ops.scatter_sparse(ctx.numel, buffer, ctx.dtype)
 
-    def decompress_sum(self, ops: Ops, buffers: list[Array], sent: Array, ctx: TensorContext) -> Array | None:
-        return sparse_decompress_sum(ops, buffers, ctx)
+    def decompress_sum(self, ops: Ops, buffers: list[Array], sent: Array, ctx: TensorContext,
+                       scale: float = 1.0) -> Array | None:
+        return sparse_decompress_sum(ops, buffers, ctx, scale)
 
     def residual(self, ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> Array:
         return sent_residual(ops, x, payload, ctx)
