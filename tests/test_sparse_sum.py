@@ -86,6 +86,10 @@ def test_torch_sum_equals_the_dense_sum(dtype):
             for scale in SCALES:
                 got = TorchOps().scatter_sparse_sum(n, [torch.from_numpy(b) for b in buffers], dtype, scale)
                 assert_dense_sum(got.numpy(), buffers, dtype, n, scale)
+                # the protocol's path, which torch takes off the CPU (a GPU)
+                from grace_dl.ops.base import Ops
+                got = Ops.scatter_sparse_sum(TorchOps(), n, [torch.from_numpy(b) for b in buffers], dtype, scale)
+                assert_dense_sum(got.numpy(), buffers, dtype, n, scale)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -129,3 +133,22 @@ def test_sparse_methods_aggregate_as_the_dense_path_does(method, kwargs, communi
         for r in range(size):
             assert outs[0][r]["g"].tobytes() == outs[1][r]["g"].tobytes(), (step, r)
     assert len(used) == 3
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_sparse_methods_aggregate_as_the_dense_path_does_on_torch_and_tf(backend):
+    """The same on the framework backends (eager), three workers, mean and sum."""
+    module = pytest.importorskip(backend)
+    convert = module.from_numpy if backend == "torch" else module.constant
+    for method, kwargs in [("topk", {"ratio": 0.05}), ("threshold", {"threshold": 1.5})]:
+        for aggregate in ("mean", "sum"):
+            sims = [grace_dl.LocalSimulator(grace_dl.make(method, aggregate=aggregate, **kwargs), 3)
+                    for _ in range(2)]
+            for w in sims[1].workers:
+                w.compressor.decompress_sum = lambda *a, **k: None  # the dense path
+            for step in range(2):
+                grads = [{"g": convert(normal(300, seed=10 * step + r))} for r in range(3)]
+                outs = [sim.step(grads) for sim in sims]
+                for r in range(3):
+                    got, want = (np.asarray(out[r]["g"]) for out in outs)
+                    assert got.tobytes() == want.tobytes(), (method, aggregate, step, r)
