@@ -5,7 +5,9 @@ dense array and the dense arrays added (the path of methods without the hook).
 Two simulated workers (``LocalSimulator``), both variants interleaved in one process;
 each figure is the process's CPU time (``time.process_time``, so that time spent
 descheduled on a shared machine is not counted) of one simulator step divided by the
-two workers, best and mean of ``--repeats`` steps (fewer at 1e6 and above). Checks that
+two workers, best and median of ``--repeats`` steps (fewer at 1e6 and above; the
+process's CPU time includes the frameworks' background threads, whose rare long
+bursts make a mean meaningless). Checks that
 both variants give every worker the same bits.
 
     PYTHONPATH=. python benchmarks/sparse_aggregate.py --backend numpy
@@ -47,7 +49,7 @@ def main() -> None:
         torch.set_num_threads(1)
         convert = torch.from_numpy
     print(f"backend {args.backend}, {WORKERS} workers, load average {os.getloadavg()[0]:.1f}")
-    print("| method | elements | dense us (best / mean) | summed us (best / mean) | ratio best | ratio mean |")
+    print("| method | elements | dense us (best / median) | summed us (best / median) | ratio best | ratio median |")
     print("|---|---:|---:|---:|---:|---:|")
     for method, params in METHODS:
         for n in map(int, args.size):
@@ -70,11 +72,11 @@ def main() -> None:
                 a, b = (np.asarray(out[r]["g"]) for out in outs)
                 assert a.tobytes() == b.tobytes(), f"{method} {n}: the two paths differ on worker {r}"
             best = {v: min(t) for v, t in times.items()}
-            mean = {v: sum(t) / len(t) for v, t in times.items()}
+            median = {v: float(np.median(t)) for v, t in times.items()}
             label = f"{method} {params['ratio']}"
-            print(f"| {label} | {n:.0e} | {best['dense']:.0f} / {mean['dense']:.0f} | "
-                  f"{best['summed']:.0f} / {mean['summed']:.0f} | {best['dense'] / best['summed']:.2f} | "
-                  f"{mean['dense'] / mean['summed']:.2f} |")
+            print(f"| {label} | {n:.0e} | {best['dense']:.0f} / {median['dense']:.0f} | "
+                  f"{best['summed']:.0f} / {median['summed']:.0f} | {best['dense'] / best['summed']:.2f} | "
+                  f"{median['dense'] / median['summed']:.2f} |")
 
 
 if __name__ == "__main__":
