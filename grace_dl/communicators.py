@@ -3,7 +3,7 @@ decompressed tensors are aggregated (mean, sum or majority vote)."""
 
 from __future__ import annotations
 
-from .core import Collective, Communicator, Compressor, TensorContext, decompress_all, mean_factor
+from .core import Collective, Communicator, Compressor, TensorContext, mean_factor
 from .ops import Ops
 from .payload import Payload
 from .registry import register
@@ -49,8 +49,7 @@ class Allgather(Communicator):
     def exchange(self, ops: Ops, payload: Payload, compressor: Compressor, ctx: TensorContext):
         equal = _fixed_size(compressor, ctx)
         (buffers,) = yield [Collective("allgather", payload.buffer, equal_sizes=equal)]
-        # this worker's own part was decompressed already where the memory needed it
-        return self._combine(ops, decompress_all(compressor, ops, buffers, payload.buffer, ctx), ctx.world_size)
+        return self._combine_buffers(ops, compressor, buffers, payload.buffer, ctx)
 
 
 @register("communicator", "broadcast",
@@ -80,4 +79,4 @@ class Broadcast(Communicator):
                        tag=f"root{root}", root=root)
             for root in range(ctx.world_size)
         ]
-        return self._combine(ops, decompress_all(compressor, ops, buffers, payload.buffer, ctx), ctx.world_size)
+        return self._combine_buffers(ops, compressor, buffers, payload.buffer, ctx)

@@ -199,6 +199,18 @@ class Compressor(abc.ABC):
         """A flat dense ``ctx.dtype`` array of ``ctx.numel`` elements from a payload
         buffer (or, for summable methods, from the sum of several)."""
 
+    def decompress_sum(self, ops: Ops, buffers: list[Array], sent: Array, ctx: TensorContext,
+                       scale: float = 1.0) -> Array | None:
+        """The sum, in rank order, of the decompressions of every worker's buffer of an
+        allgather (``buffers``; this worker's own is ``sent``) times ``scale`` (the
+        mean's factor; 1.0 for a sum), computed without decompressing each buffer into a
+        dense array, or None where the compressor has no such shortcut (the default):
+        the communicator then decompresses each buffer (:func:`decompress_all`) and adds
+        the dense arrays. Used for the ``"mean"`` and ``"sum"`` aggregates; must equal
+        ``(d0 + d1 + ...) * scale`` bit for bit, up to a sign of zero that the
+        overriding method's docstring states."""
+        return None
+
     def compress_rounds(self, ops: Ops, x: Array, ctx: TensorContext) -> Rounds:
         """Compress ``x`` where compression itself needs collectives (a generator, see
         :class:`Collective`); returns the :class:`Payload`. Bytes of these collectives
@@ -364,6 +376,20 @@ class Communicator(abc.ABC):
     def exchange(self, ops: Ops, payload: Payload, compressor: Compressor, ctx: TensorContext) -> Rounds:
         """Exchange ``payload`` (a generator yielding :class:`Collective` lists, see
         there) and return the aggregated flat tensor."""
+
+    def _combine_buffers(self, ops: Ops, compressor: Compressor, buffers: list[Array], sent: Array,
+                         ctx: TensorContext) -> Array:
+        """The aggregate of every worker's payload buffer (rank order; this worker's own
+        is ``sent``): the compressor's :meth:`~Compressor.decompress_sum` where it has
+        one and the aggregate is a sum or mean, else each buffer decompressed
+        (:func:`decompress_all`) and combined."""
+        if self.aggregate != "majority":
+            scale = mean_factor(ctx.world_size) if self.aggregate == "mean" else 1.0
+            total = compressor.decompress_sum(ops, buffers, sent, ctx, scale)
+            if total is not None:
+                return total
+        # this worker's own part was decompressed already where the memory needed it
+        return self._combine(ops, decompress_all(compressor, ops, buffers, sent, ctx), ctx.world_size)
 
     def _combine(self, ops: Ops, dense: list[Array], world_size: int) -> Array:
         total = dense[0]

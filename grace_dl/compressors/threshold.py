@@ -30,7 +30,7 @@ from ..ops import DTYPE_ITEMSIZE, Array, Ops
 from ..payload import Payload, layout_nbytes, pack_words
 from ..registry import register
 from .sign import pairwise_sum
-from .topk import MAX_INT32_INDEX, check_ratio, sent_residual, sparse_compress
+from .topk import MAX_INT32_INDEX, check_ratio, sent_residual, sparse_compress, sparse_decompress_sum
 
 
 def magnitudes(ops: Ops, x: Array, dtype: str) -> Array:
@@ -67,6 +67,10 @@ class ThresholdSparsifier(Compressor):
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         return ops.scatter_sparse(ctx.numel, buffer, ctx.dtype)
+
+    def decompress_sum(self, ops: Ops, buffers: list[Array], sent: Array, ctx: TensorContext,
+                       scale: float = 1.0) -> Array | None:
+        return sparse_decompress_sum(ops, buffers, ctx, scale)
 
     def residual(self, ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> Array:
         return sent_residual(ops, x, payload, ctx)

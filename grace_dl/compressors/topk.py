@@ -82,6 +82,20 @@ def sent_residual(ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> A
     return ops.index_subtract(x, idx, values)
 
 
+def sparse_decompress_sum(ops: Ops, buffers: list[Array], ctx: TensorContext, scale: float = 1.0) -> Array | None:
+    """:meth:`~grace_dl.core.Compressor.decompress_sum` for sparse payloads (int32
+    indices and values, :func:`sparse_payload`): one +0.0 array to which each worker's
+    values are added at its indices in rank order, then times ``scale``
+    (:meth:`~grace_dl.ops.Ops.scatter_sparse_sum`),
+    instead of a dense decompression per worker and the sum of those. Equal to the dense
+    sum bit for bit except that an element every worker sent as -0.0 sums to +0.0
+    (-0.0 in the dense sum). None for a single buffer, where there is nothing to add
+    (the dense path then keeps every bit)."""
+    if len(buffers) < 2:
+        return None
+    return ops.scatter_sparse_sum(ctx.numel, buffers, ctx.dtype, scale)
+
+
 @register("compressor", "topk", paper="Aji & Heafield 2017, Sparse Communication for Distributed "
           "Gradient Descent; Stich et al. 2018, Sparsified SGD with Memory",
           summary="Keep the k largest-magnitude elements; residual error feedback, allgather.")
@@ -110,6 +124,10 @@ class TopK(Compressor):
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         return ops.scatter_sparse(ctx.numel, buffer, ctx.dtype)
+
+    def decompress_sum(self, ops: Ops, buffers: list[Array], sent: Array, ctx: TensorContext,
+                       scale: float = 1.0) -> Array | None:
+        return sparse_decompress_sum(ops, buffers, ctx, scale)
 
     def residual(self, ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> Array:
         return sent_residual(ops, x, payload, ctx)

@@ -411,6 +411,33 @@ class Ops(abc.ABC):
         k = self.length(buffer) // (1 + DTYPE_ITEMSIZE[dtype] // 4)
         return self.scatter(n, self.cast(buffer[:k], "int64"), self.bitcast(buffer[k:], dtype))
 
+    def scatter_sparse_sum(self, n: int, buffers: list[Array], dtype: str, scale: float = 1.0) -> Array:
+        """The sum of the :meth:`scatter_sparse` arrays of ``buffers`` (at least one),
+        without building them, times ``scale``: a length-``n`` array of ``dtype``
+        filled with +0.0 to which each buffer's values are added at its indices, buffer
+        after buffer (``total[i] = total[i] + value``), then ``total * scale`` (the
+        mean's factor; default 1.0: no multiplication). Indices are distinct within a
+        buffer and may repeat across buffers.
+
+        Bit for bit the element-wise sum ``d0 + d1 + ...`` of the dense arrays (absent
+        elements +0.0), except for the sign of a zero: where every buffer holds the
+        element and each holds -0.0, the dense sum is -0.0 and this one +0.0 (the start
+        array's +0.0 is added in); everywhere else the two are equal: both add the same
+        values in the same order, and the dense sum's extra +0.0 terms (for absent
+        elements) change nothing but a -0.0 into +0.0 (NaN stays NaN, infinities add alike).
+        Costs one ``n``-element fill plus ``k`` element updates per buffer, where the
+        dense sum costs two ``n``-element passes per buffer; backends may scale only
+        the elements that buffers hold (+0.0 times a positive ``scale`` is +0.0)."""
+        words_per_pair = 1 + DTYPE_ITEMSIZE[dtype] // 4
+        total = self.zeros(n, dtype, buffers[0])
+        for buffer in buffers:
+            k = self.length(buffer) // words_per_pair
+            if isinstance(k, int) and k == 0:
+                continue  # nothing to add (torch cannot view an empty slice as a wider dtype)
+            idx = self.cast(buffer[:k], "int64")
+            total = self.index_update(total, idx, self.gather(total, idx) + self.bitcast(buffer[k:], dtype))
+        return total if scale == 1.0 else total * scale
+
     #: below this many elements, :meth:`topk_magnitude_indices` selects directly
     SAMPLED_TOPK_MIN_NUMEL: int = 1 << 12
     #: expected number of sampled elements above the sampled threshold (the sample's

@@ -505,6 +505,37 @@ class NumpyOps(Ops):
             out[buffer[start:stop].astype(np.int64)] = values[start:stop]
         return out
 
+    def scatter_sparse_sum(self, n, buffers, dtype, scale=1.0):
+        np_dtype = _np_dtype(dtype)
+        words_per_pair = 1 + np.dtype(np_dtype).itemsize // 4
+        out = np.zeros(int(n), np_dtype)
+        counts = [buffer.shape[0] // words_per_pair for buffer in buffers]
+        # scale only the elements the buffers hold where their int64 indices are few to
+        # keep (+0.0 times a positive factor stays +0.0): no pass over the whole array
+        sparse_scale = scale != 1.0 and 0.0 < scale < float("inf") and 8 * sum(counts) <= out.shape[0]
+        touched = []
+        for buffer, k in zip(buffers, counts):
+            values = buffer[k:].view(np_dtype)
+            # in place, a block of int64 indices at a time (as scatter_sparse): indices are
+            # distinct within a buffer, so `+=` adds each value once, as out[i] + value
+            for start in range(0, k, _RANDOM_BLOCK):
+                stop = min(k, start + _RANDOM_BLOCK)
+                idx = buffer[start:stop].astype(np.int64)
+                out[idx] += values[start:stop]
+                if sparse_scale:
+                    touched.append(idx)
+        if scale != 1.0:
+            factor = out.dtype.type(scale)  # as `out * scale`: the factor rounded to out's dtype
+            if sparse_scale:
+                # every product read before any is written: an index held by several
+                # buffers is scaled once
+                scaled = [out[idx] * factor for idx in touched]
+                for idx, values in zip(touched, scaled):
+                    out[idx] = values
+            else:
+                np.multiply(out, factor, out=out)
+        return out
+
     def nonzero_magnitude_at_least(self, x, threshold):
         if not isinstance(threshold, (int, float)):
             threshold = np.asarray(threshold).reshape(-1)[0]

@@ -467,6 +467,16 @@ class TFOps(Ops):
     def index_update(self, x: Any, idx: Any, values: Any) -> tf.Tensor:
         return tf.tensor_scatter_nd_update(x, tf.reshape(idx, [-1, 1]), values)
 
+    def scatter_sparse_sum(self, n: int, buffers: list[Any], dtype: str, scale: float = 1.0) -> tf.Tensor:
+        # one scatter-add per buffer, in order (indices distinct within one, so each
+        # element gets total + value, as the protocol's gather, add and update would)
+        words_per_pair = 1 + DTYPE_ITEMSIZE[dtype] // 4
+        total = self.zeros(n, dtype, buffers[0])
+        for buffer in buffers:
+            k = self.length(buffer) // words_per_pair
+            total = tf.tensor_scatter_nd_add(total, tf.reshape(buffer[:k], [-1, 1]), self.bitcast(buffer[k:], dtype))
+        return total if scale == 1.0 else total * scale
+
     def topk_magnitude_indices(self, x: Any, k: int) -> tf.Tensor:
         # the sampled path decides on the host, which tf.function cannot
         return self.topk_indices(self.abs(x), k)

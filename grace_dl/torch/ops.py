@@ -463,6 +463,13 @@ class TorchOps(Ops):
             return out
         return super().scatter_sparse(n, buffer, dtype)
 
+    def scatter_sparse_sum(self, n, buffers, dtype, scale=1.0):
+        if dtype in ("float32", "float64") and all(_on_cpu(b) for b in buffers):
+            # NumPy adds in place on views of the buffers; elsewhere the protocol's
+            # gather, add and update (deterministic, unlike index_add_ on CUDA)
+            return torch.from_numpy(_NUMPY.scatter_sparse_sum(n, [_np(b) for b in buffers], dtype, scale))
+        return super().scatter_sparse_sum(n, buffers, dtype, scale)
+
     def nonzero_magnitude_at_least(self, x, threshold):
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
             # NumPy's comparisons and compaction on a view: ~3x faster than torch's
