@@ -592,3 +592,38 @@ def test_round_batching_raises_a_pipelines_error_without_waiting_for_it(backgrou
     opt._handles.clear()  # Horovod's own record of the failed step
     _step_like_horovod_hooks(opt, model, 2)  # the next step batches again and completes
     assert not compression._batcher.broken and compression.grace.steps["2.weight"] == 3
+
+
+def test_a_failed_steps_collectives_are_waited_for_before_the_next_step_posts(monkeypatch):
+    """Horovod refuses a collective named like one in progress: the next step waits for what
+    the failed step posted (and says so when the other workers never match it)."""
+    hvd = pytest.importorskip("horovod.torch")
+    import grace_dl.torch.horovod as adapter
+
+    hvd.init()
+    compression = grace.powersgd(rank=1)
+    compression.background = False
+    model = mlp()
+    opt = grace.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                     named_parameters=model.named_parameters(), compression=compression)
+    _step_like_horovod_hooks(opt, model, 0)
+    compressor = compression.grace.compressor
+    original = compressor.compress_rounds
+
+    def failing(ops, x, ctx):
+        if ctx.name == "0.weight":
+            raise FloatingPointError("boom in 0.weight")
+        return original(ops, x, ctx)
+
+    compressor.compress_rounds = failing
+    with pytest.raises(FloatingPointError, match="boom in 0.weight"):
+        _step_like_horovod_hooks(opt, model, 1)
+    del compressor.compress_rounds
+    opt._handles.clear()
+    abandoned = list(compression._abandoned)
+    assert abandoned, "the failed step had posted 2.weight's P alone; it is kept to be waited for"
+    transport = compression.grace.transport
+    monkeypatch.setattr(adapter, "_ABANDONED_WAIT_S", 0.05)
+    monkeypatch.setattr(transport, "ready", lambda handle: False)  # as if no other worker ever posts them
+    with pytest.raises(RuntimeError, match=r"collective\(s\) posted by a step whose compression failed"):
+        _step_like_horovod_hooks(opt, model, 2)

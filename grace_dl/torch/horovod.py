@@ -68,6 +68,10 @@ _POLL_S = 0.005
 #: collectives only (then a later pipeline's second round waits for the earlier ones)
 _FINISH_POLL_S = 0.001
 
+#: how long (seconds) the step after a failed one waits for the collectives the failed
+#: step had posted and never waited for, before saying that they never completed
+_ABANDONED_WAIT_S = 60.0
+
 #: The default of :class:`HorovodCompression`'s ``round_batch_bytes``: the allreduces of
 #: every pipeline of a step travel as one Horovod allreduce per round (see
 #: :class:`RoundBatcher`; measured in docs/bench.md, "One Horovod allreduce per round").
@@ -199,6 +203,11 @@ class _Batch:
     def __init__(self, handle: Any):
         self.handle = handle
         self.result: torch.Tensor | None = None
+
+
+def _posted(handle: Any) -> bool:
+    """Whether the collective of ``handle`` went to Horovod (a held allreduce goes with its batch)."""
+    return handle[0] != "deferred" or handle[1].batch is not None
 
 
 def _unposted(pending: Any) -> list[_Deferred]:
@@ -591,6 +600,8 @@ class HorovodCompression:
         # id(pending) -> (pending, what its pipeline raised in progress()); holding the
         # pending keeps its id from being reused by a later one
         self._failed: dict[int, tuple[Any, Exception]] = {}
+        # handles of collectives a failed step posted and never waited for (see _reset)
+        self._abandoned: list[Any] = []
         self._fuser = Fuser(grace)
         self._planned_for: Any = None  # the optimizer whose parameters the buckets were planned from
         self._worker: _Background | None = None
@@ -639,7 +650,11 @@ class HorovodCompression:
             self._worker.put(("start", job, tensor, name, factor, plan))
             return placeholder_for(tensor), (job, post)
         job = _Job(f"tensor {name!r}")
-        self._start(job, tensor, name, factor, plan)
+        try:
+            self._start(job, tensor, name, factor, plan)
+        except BaseException:
+            self._reset()  # raised out of backward: the step is over, and nothing finishes its pipelines
+            raise
         return placeholder_for(tensor), (job, post)
 
     def _start(self, job: _Job, tensor: torch.Tensor, name: str, factor: float, plan: Any) -> None:
@@ -647,6 +662,7 @@ class HorovodCompression:
         if plan is not None:
             self._fuser.plan(plan)
             self._plan, self._batcher = plan, None
+        self._settle_abandoned()
         self._use_batcher()
         if factor != 1.0:
             tensor = tensor * (1.0 / factor)
@@ -716,11 +732,44 @@ class HorovodCompression:
             self._batcher.post_ready(transport, still)
 
     def _reset(self) -> None:
-        """Forget this step's pipelines after an error (the next step starts afresh)."""
+        """Forget this step's pipelines after an error (the next step starts afresh);
+        the collectives they had posted are waited for when the next pipeline starts
+        (:meth:`_settle_abandoned`)."""
+        self._abandoned.extend(h for p in self._in_flight if not p.done for h in p.handles if _posted(h))
         self._in_flight, self._failed = [], {}
         self._fuser.abandon()
         if self._batcher is not None:
             self._batcher.reset()
+
+    def _settle_abandoned(self) -> None:
+        """Wait for the collectives a failed step posted and never waited for, before a
+        pipeline of the next step posts its own: they carry the same names, and Horovod
+        refuses a collective named like one still in progress. Their results are
+        dropped. RuntimeError if they do not complete within :data:`_ABANDONED_WAIT_S`
+        (the other workers never posted them: their step did not fail alike)."""
+        if not self._abandoned:
+            return
+        transport = self.grace.transport
+        deadline = time.monotonic() + _ABANDONED_WAIT_S
+        waiting, self._abandoned = self._abandoned, []
+        while waiting:
+            still = []
+            for handle in waiting:
+                if not transport.ready(handle):
+                    still.append(handle)
+                    continue
+                try:
+                    transport.wait(handle)
+                except Exception:  # noqa: BLE001  (the step it belonged to has already failed)
+                    pass
+            waiting = still
+            if waiting and time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{len(waiting)} collective(s) posted by a step whose compression failed did not complete "
+                    f"within {_ABANDONED_WAIT_S:g} s: the other workers did not post them (their step did not "
+                    f"fail alike), so their collectives and ours no longer match; restart from a checkpoint")
+            if waiting:
+                time.sleep(0.001)
 
     def _finish(self, job: _Job) -> torch.Tensor:
         """The aggregated gradient of ``job`` (before Horovod's postscale)."""
