@@ -245,6 +245,26 @@ class Compressor(abc.ABC):
         return f"{type(self).__name__}({params})"
 
 
+#: the key in ``ctx.scratch`` of the array a memory's compensate made in this step (see note_fresh)
+_FRESH_COMPENSATED = "fresh_compensated"
+
+
+def note_fresh(ctx: TensorContext, compensated: Array) -> Array:
+    """Note that ``compensated``, what a memory's ``compensate`` returns, is an array it
+    made in this step that nothing else refers to (not the gradient, not its state), so
+    that what it keeps after compression may be written into it (:func:`is_fresh`)
+    instead of into a full-size copy. Returns ``compensated``."""
+    ctx.scratch[_FRESH_COMPENSATED] = compensated
+    return compensated
+
+
+def is_fresh(ctx: TensorContext, x: Array) -> bool:
+    """Whether ``x`` is the array :func:`note_fresh` noted in this step: used no more
+    after the memory update, so the update may consume it (``consume=True`` of
+    :meth:`~grace_dl.ops.Ops.index_subtract`)."""
+    return ctx.scratch.get(_FRESH_COMPENSATED) is x
+
+
 #: the key in ``ctx.scratch`` of this worker's decompressed own payload (see decompress_own)
 _OWN_DECOMPRESSION = "own_decompression"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .core import Compressor, Memory, TensorContext
+from .core import Compressor, Memory, TensorContext, note_fresh
 from .ops import Array, Ops
 from .payload import Payload
 from .registry import register
@@ -60,8 +60,8 @@ class ResidualMemory(Memory):
             raise ValueError(f"tensor {ctx.name!r} has {ctx.numel} elements but its residual has "
                              f"{ops.numel(residual)}: two tensors share one name")
         if self.beta == 1.0 and self.gamma == 1.0:
-            return residual + x
-        return residual * self.beta + x * self.gamma
+            return note_fresh(ctx, residual + x)
+        return note_fresh(ctx, residual * self.beta + x * self.gamma)
 
     def update(self, ops: Ops, compensated: Array, transmitted: Array, ctx: TensorContext) -> None:
         self._keep(ops, compensated - transmitted, ctx)

@@ -251,6 +251,27 @@ def test_index_subtract_touches_only_the_indices_and_leaves_x_alone(backend):
         np.testing.assert_array_equal(_as_np(x), x_np)
 
 
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+@pytest.mark.parametrize("op", ["index_subtract", "index_update"])
+def test_consuming_index_updates_give_the_copys_values_in_xs_storage(backend, op):
+    """``consume=True`` (x never used again, e.g. DGC's momentum and velocity of the step)
+    writes into ``x`` instead of a full-size copy, with the same result."""
+    rng = np.random.default_rng(3)
+    x_np = rng.standard_normal(1000).astype(np.float32)
+    arr = (lambda a: torch.from_numpy(np.asarray(a))) if backend is T else np.asarray
+    idx = arr(np.sort(rng.choice(1000, 37, replace=False)).astype(np.int64))
+    values = arr(rng.standard_normal(37).astype(np.float32))
+    for f in (getattr(backend, op), lambda *a, **k: getattr(Ops, op)(backend, *a, **k)):
+        expected = _as_np(f(arr(x_np.copy()), idx, values))
+        x = arr(x_np.copy())
+        out = f(x, idx, values, consume=True)
+        np.testing.assert_array_equal(_as_np(out), expected)
+    x = arr(x_np.copy())
+    out = getattr(backend, op)(x, idx, values, consume=True)  # the backend's own kernel: in place
+    np.testing.assert_array_equal(_as_np(x), _as_np(out))
+    assert not np.array_equal(_as_np(x), x_np)
+
+
 @pytest.mark.parametrize("zeros", [0.0, 0.3, 0.99, 1.0])
 def test_kth_largest_with_many_zeros_is_the_partitions_answer(zeros):
     from grace_dl.ops.numpy_backend import kth_largest_value

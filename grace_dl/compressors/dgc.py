@@ -264,11 +264,14 @@ class DGCMomentum(Memory):
         if u is None:
             raise RuntimeError(f"update of tensor {ctx.name!r} without compensate first")
         idx, values = sent_elements(ops, compensated, payload, ctx)
-        v = ops.index_subtract(compensated, idx, values)
+        # u and the compensated velocity are this step's own arrays (compensate made
+        # them), used no more after this: updated in place, no full-size copies
+        v = ops.index_subtract(compensated, idx, values, consume=True)
         # u is cleared where the local decompression is non-zero
         u_sent = ops.gather(u, idx)
-        masked_u = ops.index_update(u, idx, ops.where(values != 0, ops.zeros(1, ctx.dtype, u), u_sent))  # +0 broadcast
-        self._keep(ops, u, masked_u, v, ctx)
+        masked_u = ops.index_update(u, idx, ops.where(values != 0, ops.zeros(1, ctx.dtype, u), u_sent),  # +0 broadcast
+                                    consume=True)
+        self._keep(ops, masked_u, masked_u, v, ctx)
 
     def update(self, ops: Ops, compensated: Array, transmitted: Array | None, ctx: TensorContext) -> None:
         u = self._pending.pop(ctx.name, None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..core import Compressor, TensorContext
+from ..core import Compressor, TensorContext, is_fresh
 from ..ops import DTYPE_ITEMSIZE, Array, Ops
 from ..payload import Payload
 from ..registry import register
@@ -58,7 +58,7 @@ class RandomK(Compressor):
 
     def residual(self, ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> Array:
         # x - decompress(payload) bit for bit, touching only the k sent elements
-        return ops.index_subtract(x, self._indices(ops, x, ctx), payload.buffer)
+        return ops.index_subtract(x, self._indices(ops, x, ctx), payload.buffer, consume=is_fresh(ctx, x))
 
     def payload_nbytes(self, numel: int, dtype: str = "float32", in_dtype: str | None = None) -> int:
         return k_for(self.ratio, numel) * DTYPE_ITEMSIZE[dtype]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..core import Compressor, TensorContext
+from ..core import Compressor, TensorContext, is_fresh
 from ..ops import DTYPE_ITEMSIZE, Array, Ops
 from ..payload import Payload, layout_nbytes, pack_words
 from ..registry import register
@@ -76,10 +76,11 @@ def sent_residual(ops: Ops, x: Array, payload: Payload, ctx: TensorContext) -> A
     """``x - decompress(payload)`` bit for bit, for a sparse payload compressed from
     ``x`` (int32 indices and values, :func:`sparse_payload`, or what
     :func:`remember_sent` noted): a copy of ``x`` in which each sent element becomes
-    itself minus the sent value. Touches ``k`` elements instead of building the dense
-    decompression and subtracting it."""
+    itself minus the sent value (``x`` itself where the memory made it in this step,
+    :func:`~grace_dl.core.is_fresh`). Touches ``k`` elements instead of building the
+    dense decompression and subtracting it."""
     idx, values = sent_elements(ops, x, payload, ctx)
-    return ops.index_subtract(x, idx, values)
+    return ops.index_subtract(x, idx, values, consume=is_fresh(ctx, x))
 
 
 def sparse_decompress_sum(ops: Ops, buffers: list[Array], ctx: TensorContext, scale: float = 1.0) -> Array | None:

@@ -376,9 +376,14 @@ class Ops(abc.ABC):
         one of the two arrays as is, without an elementwise pass."""
         return self.where(cond, a, b)
 
-    def index_update(self, x: Array, idx: Array, values: Array) -> Array:
+    def index_update(self, x: Array, idx: Array, values: Array, consume: bool = False) -> Array:
         """A copy of 1-D ``x`` with ``values`` at the distinct indices ``idx`` (``x``
-        itself is left alone)."""
+        itself is left alone).
+
+        Args:
+            consume: the caller never uses ``x`` again, so the result may be ``x``
+                updated in place (NumPy and torch do so: no full-size copy; default
+                False)."""
         n = self.numel(x)
         hit = self.scatter(n, idx, self.zeros(self.numel(idx), "int32", x) + 1) > 0
         return self.where(hit, self.scatter(n, idx, values), x)
@@ -391,12 +396,12 @@ class Ops(abc.ABC):
         a = self.abs(x)
         return self.nonzero(~(a < threshold) & ~(a <= 0))
 
-    def index_subtract(self, x: Array, idx: Array, values: Array) -> Array:
+    def index_subtract(self, x: Array, idx: Array, values: Array, consume: bool = False) -> Array:
         """A copy of 1-D ``x`` in which each element at the distinct indices ``idx``
         becomes itself minus the matching element of ``values``: ``index_update(x, idx,
-        gather(x, idx) - values)`` (``x`` itself is left alone). What error feedback
-        keeps of a sparse payload."""
-        return self.index_update(x, idx, self.gather(x, idx) - values)
+        gather(x, idx) - values)`` (``x`` itself is left alone, unless ``consume``: see
+        :meth:`index_update`). What error feedback keeps of a sparse payload."""
+        return self.index_update(x, idx, self.gather(x, idx) - values, consume=consume)
 
     def pack_sparse(self, x: Array, idx: Array) -> Array:
         """The sparse wire format in one int32 buffer: the int64 ``idx`` (each below

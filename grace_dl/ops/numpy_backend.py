@@ -473,8 +473,8 @@ class NumpyOps(Ops):
         # min and max propagate NaN and show an Inf: two reductions, no temporary array
         return np.bool_(np.isfinite(x.min()) and np.isfinite(x.max()))
 
-    def index_subtract(self, x, idx, values):
-        out = np.array(x, copy=True)
+    def index_subtract(self, x, idx, values, consume=False):
+        out = x if consume and x.flags.writeable else np.array(x, copy=True)
         out[idx] = np.take(x, idx) - values
         return out
 
@@ -559,8 +559,8 @@ class NumpyOps(Ops):
     def choose(self, cond, a, b):
         return a if bool(cond) else b
 
-    def index_update(self, x, idx, values):
-        out = np.array(x, copy=True)
+    def index_update(self, x, idx, values, consume=False):
+        out = x if consume and x.flags.writeable else np.array(x, copy=True)
         out[idx] = values
         return out
 

@@ -464,7 +464,7 @@ class TFOps(Ops):
             return None
         return bool(cond.numpy())
 
-    def index_update(self, x: Any, idx: Any, values: Any) -> tf.Tensor:
+    def index_update(self, x: Any, idx: Any, values: Any, consume: bool = False) -> tf.Tensor:
         return tf.tensor_scatter_nd_update(x, tf.reshape(idx, [-1, 1]), values)
 
     def scatter_sparse_sum(self, n: int, buffers: list[Any], dtype: str, scale: float = 1.0) -> tf.Tensor:

@@ -427,17 +427,16 @@ class TorchOps(Ops):
             return torch.where(cond, a, b)
         return a if bool(cond) else b
 
-    def index_update(self, x, idx, values):
+    def index_update(self, x, idx, values, consume=False):
         if x.dim() == 1 and idx.dim() == 1 and idx.dtype == torch.int64 and values.shape == idx.shape:
-            return x.clone().scatter_(0, idx, values)
-        return x.index_put((idx,), values)
+            return (x if consume else x.clone()).scatter_(0, idx, values)
+        return x.index_put_((idx,), values) if consume else x.index_put((idx,), values)
 
-    def index_subtract(self, x, idx, values):
+    def index_subtract(self, x, idx, values, consume=False):
         if _on_cpu(x, idx, values) and x.dtype in (torch.float32, torch.float64) and values.dtype == x.dtype:
             # NumPy on views: torch's single-threaded index_select is ~3x slower
-            return torch.from_numpy(_NUMPY.index_subtract(_np(x), _np(idx),
-                                                          _np(values)))
-        return super().index_subtract(x, idx, values)
+            return torch.from_numpy(_NUMPY.index_subtract(_np(x), _np(idx), _np(values), consume=consume))
+        return super().index_subtract(x, idx, values, consume=consume)
 
     def pack_sparse(self, x, idx):
         if _on_cpu(x, idx) and x.dtype in (torch.float32, torch.float64):
