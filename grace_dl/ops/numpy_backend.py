@@ -194,6 +194,21 @@ def sorted_random_subset(generator: np.random.Generator, n: int, k: int) -> np.n
     return values
 
 
+def _bucket_words_output(n: int, d: int, bits: int, dtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The int32 output of a kernel that writes one norm (of ``dtype``) per bucket of
+    ``d`` of ``n`` elements, then ``bits``-bit codes packed into words; returns (output,
+    its norms, its words, buckets per cache block: a multiple of the rows that fill whole
+    words of codes; 0 when there are no buckets)."""
+    buckets = -(-n // d)
+    norm_words = buckets * np.dtype(dtype).itemsize // 4
+    out = np.empty(norm_words + -(-n * bits // 32), np.int32)
+    if out.shape[0] > norm_words:
+        out[-1] = 0  # the bits past the last code
+    step = 32 // math.gcd(d, 32)
+    rows = min(buckets, max(step, _FUSED_BLOCK // d // step * step))
+    return out, out[:norm_words].view(dtype), out[norm_words:], rows
+
+
 class NumpyOps(Ops):
     """Ops over ``numpy.ndarray``."""
 
@@ -935,14 +950,7 @@ class NumpyOps(Ops):
         # the cache, and the draws continue one Philox stream, so they are random_uniform's
         n, d, bits = x.shape[0], bucket_size, level_bits(levels)
         buckets = -(-n // d)
-        norm_words = buckets * x.dtype.itemsize // 4
-        out = np.empty(norm_words + -(-n * bits // 32), np.int32)
-        if out.shape[0] > norm_words:
-            out[-1] = 0  # the bytes past the last code
-        norms = out[:norm_words].view(x.dtype)
-        words = out[norm_words:]
-        step = 32 // math.gcd(d, 32)  # rows per block: a multiple of this
-        rows = min(buckets, max(step, _FUSED_BLOCK // d // step * step))
+        out, norms, words, rows = _bucket_words_output(n, d, bits, x.dtype)
         if not rows:
             return out
         generator = _philox(int(key), int(counter))
@@ -1029,13 +1037,7 @@ class NumpyOps(Ops):
         # one Philox stream, so they are random_uniform's
         n, d, bits = x.shape[0], bucket_size, level_bits(levels)
         buckets = -(-n // d)
-        out = np.empty(buckets + -(-n * bits // 32), np.int32)
-        if out.shape[0] > buckets:
-            out[-1] = 0  # the bits past the last code
-        norms = out[:buckets].view(np.float32)
-        words = out[buckets:]
-        step = 32 // math.gcd(d, 32)  # rows per block: a multiple of this
-        rows = min(buckets, max(step, _FUSED_BLOCK // d // step * step))
+        out, norms, words, rows = _bucket_words_output(n, d, bits, x.dtype)
         if not rows:
             return out
         generator = _philox(int(key), int(counter))
