@@ -104,7 +104,8 @@ def test_ddp_hook():
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
 def test_horovod_tensorflow(controller):
-    # every method is traced twice per mode (a memory's first step apart): minutes on a busy machine
+    # every method is traced per mode (gtopk's memory twice: its first step and the steady
+    # one): minutes on a busy machine
     out = run(horovodrun(controller) + [sys.executable, str(HERE / "hvd_tf_checks.py")], expect_ok_lines=2,
               timeout=900)
     assert "bit-identical to the simulator" in out
