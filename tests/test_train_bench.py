@@ -274,6 +274,24 @@ def test_a_method_runs_on_the_copy_of_grace_dl_its_tree_names(tmp_path):
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(other) and env[runner.TREE_VAR] == str(other)
 
 
+def test_cycle_ms_sets_horovods_cycle_time_for_that_launch_only():
+    for text in ("hvd:none,cycle_ms=10", "hvd:topk,ratio=0.01,cycle_ms=2.5", "hvd:local_sgd,period=4,cycle_ms=10"):
+        spec = parse_method(text)
+        assert spec.label == text
+        ((cmd, env),) = runner.job_commands(spec, {"launcher": "none"}, 2, None)
+        assert env["HOROVOD_CYCLE_TIME"] == text.rpartition("=")[2]
+        assert "cycle_ms" not in json.loads(cmd[-1])["method"]["params"], "the worker builds the method without it"
+    ((cmd, env),) = runner.job_commands(parse_method("hvd:topk,ratio=0.01"), {"launcher": "none"}, 2, None)
+    assert env.get("HOROVOD_CYCLE_TIME") == os.environ.get("HOROVOD_CYCLE_TIME"), "Horovod's default otherwise"
+    with pytest.raises(ConfigError, match="for hvd methods only"):
+        parse_method("ddp:allreduce,cycle_ms=10")
+    for bad in ("0", "-1", "fast", "true"):
+        with pytest.raises(ConfigError, match="cycle_ms is Horovod's cycle time in milliseconds"):
+            parse_method(f"hvd:none,cycle_ms={bad}")
+    with pytest.raises(ConfigError, match="has no parameter 'cycles'"):
+        parse_method("hvd:topk,cycles=10")
+
+
 @pytest.mark.multirank
 def test_two_rank_post_local_sgd_reports_the_methods_own_bytes(tmp_path):
     pytest.importorskip("torch")

@@ -160,12 +160,14 @@ def job_commands(spec: MethodSpec | None, config: dict[str, Any], np: int,
         return [(wrap(worker + [json.dumps(config)]), _env())]
     method = spec.as_dict()
     tree = method["params"].pop("tree", None)  # another copy of grace_dl: its worker never sees the key
+    cycle_ms = method["params"].pop("cycle_ms", None)  # Horovod's, read from its environment
     config = dict(config, launcher=spec.launcher, method=method)
     if spec.launcher == "hvd":
         horovodrun = shutil.which("horovodrun", path=_env()["PATH"])
         if horovodrun is None:
             raise FileNotFoundError("horovodrun not found (install Horovod: scripts/setup.sh)")
-        return [(wrap([horovodrun, "-np", str(np), "--gloo", *worker, json.dumps(config)]), _env(tree=tree))]
+        extra = {"HOROVOD_CYCLE_TIME": f"{cycle_ms:g}"} if cycle_ms is not None else None
+        return [(wrap([horovodrun, "-np", str(np), "--gloo", *worker, json.dumps(config)]), _env(extra, tree=tree))]
     port = str(_free_port())
     return [(wrap(worker + [json.dumps(config)]),
              _env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(np), "MASTER_ADDR": "127.0.0.1",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -49,7 +50,9 @@ class MethodSpec:
     default the adapter's: one per round for the whole step). ``tree=PATH`` runs a grace-dl
     method's ranks on another copy of the library (the directory holding its ``grace_dl``,
     such as a checkout of an earlier commit), so that before and after a change run in one
-    invocation.
+    invocation. Every ``hvd`` method also takes ``cycle_ms=MS``, Horovod's cycle time for its
+    launch (``HOROVOD_CYCLE_TIME``; default Horovod's, 1 ms in 0.28), so that Horovod's
+    settings can be compared in one invocation too.
 
     ``local_sgd`` and ``post_local_sgd`` are local SGD (``hvd:local_sgd,period=4``,
     ``ddp:post_local_sgd,period=4,switch_step=2``; parameters those of
@@ -94,6 +97,22 @@ def parse_method(text: str) -> MethodSpec:
         if not eq or not key.strip():
             raise ConfigError(f"method {text!r}: expected KEY=VALUE after the name, got {item!r}")
         params.append((key.strip(), yaml.safe_load(value)))
+    cycle = [(k, v) for k, v in params if k == "cycle_ms"]
+    if not cycle:
+        return _parse(text, launcher, name, params)
+    value = cycle[-1][1]
+    if launcher != "hvd":
+        raise ConfigError(f"method {text!r}: cycle_ms is Horovod's cycle time (HOROVOD_CYCLE_TIME), for hvd "
+                          f"methods only")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"method {text!r}: cycle_ms is Horovod's cycle time in milliseconds, a number > 0, "
+                          f"got {value!r}")
+    spec = _parse(text, launcher, name, [(k, v) for k, v in params if k != "cycle_ms"])
+    return dataclasses.replace(spec, params=spec.params + (("cycle_ms", value),))
+
+
+def _parse(text: str, launcher: str, name: str, params: list[tuple[str, Any]]) -> MethodSpec:
+    """:func:`parse_method` after the parameters every launch of a launcher takes."""
     grace = name.startswith("grace.")
     if grace:
         name = name[len("grace."):]
