@@ -113,8 +113,19 @@ def test_random_draws_never_touch_the_global_torch_rng():
     assert len(torch.unique(c)) == 10 and torch.all(c[1:] > c[:-1])
 
 
+@pytest.fixture(params=[False, True], ids=["torch_pages", "numpy_pages"])
+def large_results_from_numpy(request, monkeypatch):
+    """Run a test twice: as it is, and with every result the torch backend allocates
+    taken from NumPy's memory (the path of results of 4 MiB and more)."""
+    if request.param:
+        import grace_dl.torch.ops as torch_ops
+
+        monkeypatch.setattr(torch_ops, "_HUGE_PAGE_MIN_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("method", grace_dl.list_methods())
-def test_simulator_on_torch_matches_numpy_for_deterministic_methods(method):
+def test_simulator_on_torch_matches_numpy_for_deterministic_methods(method, large_results_from_numpy):
     grads = [{"w": normal(300, seed=r).reshape(10, 30)} for r in range(3)]
     torch_grads = [{"w": torch.from_numpy(g["w"].copy())} for g in grads]
     ref = grace_dl.LocalSimulator(grace_dl.make(method), 3)
@@ -131,6 +142,31 @@ def test_simulator_on_torch_matches_numpy_for_deterministic_methods(method):
             assert same_bytes(a[0]["w"], b[0]["w"])
         else:
             assert np.abs(a[0]["w"] - b[0]["w"].numpy()).max() < 2 * np.abs(grads[0]["w"]).max() * 3
+
+
+def test_large_results_in_numpy_memory_have_torchs_own_bits(monkeypatch):
+    import grace_dl.torch.ops as torch_ops
+
+    rng = np.random.default_rng(11)
+    x = torch.from_numpy(rng.standard_normal(3000).astype(np.float32))
+    a, b = torch.from_numpy(rng.standard_normal((60, 3))), torch.from_numpy(rng.standard_normal((3, 50)))
+    idx = torch.tensor([0, 5, 2999], dtype=torch.int64)
+
+    def results():
+        return [t_ops.cast(x, "float16"), t_ops.cast(x, "bfloat16"), t_ops.cast(x, "float64"),
+                t_ops.zeros(3000, "float32", x), t_ops.scatter(3000, idx, x[idx]), t_ops.matmul(a, b),
+                t_ops.concat([x, x[:7]]), t_ops.index_update(x, idx, torch.ones(3))]
+
+    before = x.clone()
+    want = results()
+    monkeypatch.setattr(torch_ops, "_HUGE_PAGE_MIN_BYTES", 0)
+    got = results()
+    assert torch.equal(x, before)  # index_update's result is a copy, not x
+    for w, g in zip(want, got):
+        assert g.dtype == w.dtype and g.shape == w.shape and g.is_contiguous()
+        assert same_bytes(t_ops.to_numpy(w), g)
+        g.add_(1)  # writable, and its own memory
+    assert torch.equal(x, before)
 
 
 def test_state_restored_from_numpy_moves_to_torch():

@@ -52,6 +52,37 @@ _TORCH_SCATTER_MIN = 1 << 14
 _TORCH_SCATTER_BLOCK = 1 << 18
 
 
+#: CPU results of at least this many bytes are allocated by NumPy (see _empty_cpu)
+_HUGE_PAGE_MIN_BYTES = 1 << 22
+_NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+             torch.bfloat16: np.int16, torch.int32: np.int32, torch.int64: np.int64, torch.uint8: np.uint8,
+             torch.bool: np.bool_}
+
+
+def _large_cpu(numel: int, dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and numel * dtype.itemsize >= _HUGE_PAGE_MIN_BYTES and dtype in _NUMPY_OF
+
+
+def _empty_cpu(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+    """A CPU tensor of a large result, uninitialised (or zeroed), in memory NumPy
+    allocated. Above glibc's mmap threshold every allocation is fresh pages, and NumPy
+    asks the kernel for transparent huge pages for buffers of 4 MiB and more
+    (``madvise``), which torch's allocator does not: filling a 1e8-byte result then
+    takes ~6-8 ms instead of ~34 ms of 4 KiB page faults, and a zeroed one costs no
+    ``memset`` (``calloc``'s pages are zero). Callers use it for tensors of at least
+    :data:`_HUGE_PAGE_MIN_BYTES`; the bits written are the same either way."""
+    array = (np.zeros if zero else np.empty)(shape, _NUMPY_OF[dtype])
+    t = torch.from_numpy(array)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def _clone(x: torch.Tensor) -> torch.Tensor:
+    """``x.clone()``, into huge pages when large (see :func:`_empty_cpu`)."""
+    if _large_cpu(x.numel(), x.dtype, x.device) and x.is_contiguous():
+        return _empty_cpu(tuple(x.shape), x.dtype).copy_(x)
+    return x.clone()
+
+
 def _on_cpu(*xs: torch.Tensor) -> bool:
     """Whether NumPy can work on all of ``xs`` in place: CPU tensors of a dtype it has."""
     for x in xs:  # a loop and is_cpu: ~0.2 us a tensor, where all() over a generator took ~1-3 us
@@ -167,6 +198,8 @@ class TorchOps(Ops):
             return x
         if x.dtype == torch.float64 and target in (torch.float16, torch.bfloat16):
             return _narrow_float64(x, target)
+        if _large_cpu(x.numel(), target, x.device) and x.is_contiguous():
+            return _empty_cpu(tuple(x.shape), target).copy_(x)  # copy_ converts as .to() does
         return x.type(target)  # the same cast as .to(), with ~0.7 us less argument parsing
 
     def bitcast(self, x, dtype):
@@ -178,7 +211,11 @@ class TorchOps(Ops):
         return x.view(target)
 
     def concat(self, xs: Sequence[Any]):
-        return torch.cat([x if x.dim() == 1 else x.reshape(-1) for x in xs])
+        flat = [x if x.dim() == 1 else x.reshape(-1) for x in xs]
+        if flat and _large_cpu(sum(x.numel() for x in flat), flat[0].dtype, flat[0].device) and all(
+                x.dtype == flat[0].dtype and x.is_cpu and not x.requires_grad for x in flat):
+            return torch.cat(flat, out=_empty_cpu((sum(x.numel() for x in flat),), flat[0].dtype))
+        return torch.cat(flat)
 
     def to_numpy(self, x):
         x = x.detach().cpu()
@@ -205,7 +242,10 @@ class TorchOps(Ops):
         return super().reference_uniform_signed(n, key, counter, dtype, like)
 
     def zeros(self, n, dtype, like):
-        return torch.zeros(int(n), dtype=_td(dtype), device=like.device)
+        target = _td(dtype)
+        if _large_cpu(int(n), target, like.device):
+            return _empty_cpu((int(n),), target, zero=True)
+        return torch.zeros(int(n), dtype=target, device=like.device)
 
     def arange(self, n, like):
         return torch.arange(int(n), dtype=torch.int64, device=like.device)
@@ -281,7 +321,7 @@ class TorchOps(Ops):
         return x[idx]
 
     def scatter(self, n, idx, values):
-        out = torch.zeros(int(n), dtype=values.dtype, device=values.device)
+        out = self.zeros(n, _NAMES[values.dtype], values)
         if idx.dim() == 1 and idx.dtype == torch.int64 and values.shape == idx.shape:
             return out.scatter_(0, idx, values)  # ~10x faster than index_put on CPU
         out[idx] = values
@@ -291,6 +331,10 @@ class TorchOps(Ops):
         return torch.sort(x).values
 
     def matmul(self, a, b):
+        if (a.dim() == 2 and b.dim() == 2 and a.dtype == b.dtype and not (a.requires_grad or b.requires_grad)
+                and _large_cpu(a.shape[0] * b.shape[1], a.dtype, a.device)):
+            # a large product (PowerSGD's decompression): into huge pages, same BLAS call
+            return torch.matmul(a, b, out=_empty_cpu((a.shape[0], b.shape[1]), a.dtype))
         return torch.matmul(a, b)
 
     def transpose(self, x):
@@ -429,7 +473,7 @@ class TorchOps(Ops):
 
     def index_update(self, x, idx, values, consume=False):
         if x.dim() == 1 and idx.dim() == 1 and idx.dtype == torch.int64 and values.shape == idx.shape:
-            return (x if consume else x.clone()).scatter_(0, idx, values)
+            return (x if consume else _clone(x)).scatter_(0, idx, values)
         return x.index_put_((idx,), values) if consume else x.index_put((idx,), values)
 
     def index_subtract(self, x, idx, values, consume=False):
@@ -454,7 +498,7 @@ class TorchOps(Ops):
             # torch's scatter_ writes ~2x as fast as NumPy's fancy assignment; the int64
             # indices it needs are made a block at a time (a dense payload's would be
             # twice the tensor's size)
-            out = torch.zeros(int(n), dtype=_TORCH_DTYPES[dtype])
+            out = self.zeros(n, dtype, buffer)
             values = self.bitcast(buffer[k:], dtype)  # float64 at an odd word: a copy
             for start in range(0, k, _TORCH_SCATTER_BLOCK):
                 stop = min(k, start + _TORCH_SCATTER_BLOCK)
