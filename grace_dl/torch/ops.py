@@ -59,8 +59,16 @@ _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64, torch.float16
              torch.bool: np.bool_}
 
 
-def _large_cpu(numel: int, dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and numel * dtype.itemsize >= _HUGE_PAGE_MIN_BYTES and dtype in _NUMPY_OF
+#: the fewest elements a result of _HUGE_PAGE_MIN_BYTES can have (8-byte elements): a
+#: cheap first test on hot paths, where most tensors are small
+_LARGE_MIN_NUMEL = _HUGE_PAGE_MIN_BYTES >> 3
+
+
+def _large_cpu(numel: int, dtype: torch.dtype, like: torch.Tensor) -> bool:
+    """Whether a result of ``numel`` elements of ``dtype``, on ``like``'s device, goes to
+    :func:`_empty_cpu`."""
+    return (numel >= _LARGE_MIN_NUMEL and numel * dtype.itemsize >= _HUGE_PAGE_MIN_BYTES and like.is_cpu
+            and dtype in _NUMPY_OF)
 
 
 def _empty_cpu(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
@@ -78,7 +86,7 @@ def _empty_cpu(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -
 
 def _clone(x: torch.Tensor) -> torch.Tensor:
     """``x.clone()``, into huge pages when large (see :func:`_empty_cpu`)."""
-    if _large_cpu(x.numel(), x.dtype, x.device) and x.is_contiguous():
+    if _large_cpu(x.numel(), x.dtype, x) and x.is_contiguous():
         return _empty_cpu(tuple(x.shape), x.dtype).copy_(x)
     return x.clone()
 
@@ -198,7 +206,7 @@ class TorchOps(Ops):
             return x
         if x.dtype == torch.float64 and target in (torch.float16, torch.bfloat16):
             return _narrow_float64(x, target)
-        if _large_cpu(x.numel(), target, x.device) and x.is_contiguous():
+        if x.numel() >= _LARGE_MIN_NUMEL and _large_cpu(x.numel(), target, x) and x.is_contiguous():
             return _empty_cpu(tuple(x.shape), target).copy_(x)  # copy_ converts as .to() does
         return x.type(target)  # the same cast as .to(), with ~0.7 us less argument parsing
 
@@ -212,7 +220,7 @@ class TorchOps(Ops):
 
     def concat(self, xs: Sequence[Any]):
         flat = [x if x.dim() == 1 else x.reshape(-1) for x in xs]
-        if flat and _large_cpu(sum(x.numel() for x in flat), flat[0].dtype, flat[0].device) and all(
+        if flat and _large_cpu(sum(x.numel() for x in flat), flat[0].dtype, flat[0]) and all(
                 x.dtype == flat[0].dtype and x.is_cpu and not x.requires_grad for x in flat):
             return torch.cat(flat, out=_empty_cpu((sum(x.numel() for x in flat),), flat[0].dtype))
         return torch.cat(flat)
@@ -242,10 +250,10 @@ class TorchOps(Ops):
         return super().reference_uniform_signed(n, key, counter, dtype, like)
 
     def zeros(self, n, dtype, like):
-        target = _td(dtype)
-        if _large_cpu(int(n), target, like.device):
-            return _empty_cpu((int(n),), target, zero=True)
-        return torch.zeros(int(n), dtype=target, device=like.device)
+        n, target = int(n), _td(dtype)
+        if n >= _LARGE_MIN_NUMEL and _large_cpu(n, target, like):
+            return _empty_cpu((n,), target, zero=True)
+        return torch.zeros(n, dtype=target, device=like.device)
 
     def arange(self, n, like):
         return torch.arange(int(n), dtype=torch.int64, device=like.device)
@@ -332,7 +340,7 @@ class TorchOps(Ops):
 
     def matmul(self, a, b):
         if (a.dim() == 2 and b.dim() == 2 and a.dtype == b.dtype and not (a.requires_grad or b.requires_grad)
-                and _large_cpu(a.shape[0] * b.shape[1], a.dtype, a.device)):
+                and _large_cpu(a.shape[0] * b.shape[1], a.dtype, a)):
             # a large product (PowerSGD's decompression): into huge pages, same BLAS call
             return torch.matmul(a, b, out=_empty_cpu((a.shape[0], b.shape[1]), a.dtype))
         return torch.matmul(a, b)
