@@ -294,6 +294,18 @@ def test_bfloat16_words_kernel_equals_the_bit_formulation(case):
     assert Ops.bfloat16_words(ops, x).tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("n", [1, 16, 17, 95, 1000])
+def test_bfloat16_words_kernel_gives_one_passs_bits_in_small_blocks(monkeypatch, n):
+    import grace_dl.ops.numpy_backend as numpy_backend
+    from grace_dl.compressors.fp16 import bfloat16_bits, bfloat16_words
+
+    x = _floats(n, n, "float32", True)
+    x[n // 2] = np.float32(-np.nan)  # a NaN in a block of its own, away from the first
+    want = bfloat16_words(ops, bfloat16_bits(ops, x))
+    monkeypatch.setattr(numpy_backend, "_FUSED_BLOCK", 16)  # blocks, a short last one
+    assert ops.bfloat16_words(x).tobytes() == want.tobytes()
+
+
 def test_torch_bfloat16_words_match_numpy():
     torch = pytest.importorskip("torch")
     from grace_dl.torch.ops import TorchOps

@@ -884,14 +884,34 @@ class NumpyOps(Ops):
         return bits.view(np.float32)
 
     def bfloat16_words(self, x):
-        u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-        # round to nearest even on the dropped half; no finite value carries into the sign
-        halves = ((u + (np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1)))) >> 16).astype(np.uint16)
-        nan = np.isnan(x)
-        np.copyto(halves, ((u >> 16) & np.uint32(0x8000)).astype(np.uint16) | np.uint16(0x7FC0), where=nan)
-        if halves.shape[0] % 2:
-            halves = np.concatenate([halves, np.zeros(1, np.uint16)])
-        return halves.astype("<u2", copy=False).view("<i4").astype(np.int32, copy=False)
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        n = x.shape[0]
+        out = np.empty(-(-n // 2), np.int32)
+        halves = out.view("<u2")
+        if n % 2:
+            halves[-1] = 0  # the half after an odd count
+        u = x.view(np.uint32)
+        size = max(1, min(_FUSED_BLOCK, n))
+        t = np.empty(size, np.uint32)
+        # a block at a time, while it is in the cache (five passes; unblocked, each pass
+        # made a full-size temporary: 66 ms at 2.5e7 elements against ~20)
+        for a in range(0, n, size):
+            b = min(n, a + size)
+            r, ub = t[:b - a], u[a:b]
+            # round to nearest even on the dropped half (u + 0x7FFF + the kept half's last
+            # bit); no finite value carries into the sign. The high halves of the sums
+            # are the bfloat16 patterns (little-endian: every second uint16)
+            np.right_shift(ub, np.uint32(16), out=r)
+            np.bitwise_and(r, np.uint32(1), out=r)
+            r += np.uint32(0x7FFF)
+            r += ub
+            np.copyto(halves[a:b], r.view("<u2")[1::2])
+            peak = x[a:b].max()
+            if peak != peak:  # a NaN in the block (max propagates it): the quiet NaN, x's sign
+                nan = np.isnan(x[a:b])
+                sign = (ub[nan] >> np.uint32(16)).astype(np.uint16) & np.uint16(0x8000)
+                halves[a:b][nan] = sign | np.uint16(0x7FC0)
+        return out
 
     def dither_codes(self, y, u, levels):
         u = np.asarray(u)
