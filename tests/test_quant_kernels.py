@@ -124,6 +124,20 @@ def test_tree_sum_order_is_the_stated_tree():
     assert ops.tree_sum(x)[0] == want == Ops.tree_sum(ops, x)[0]
 
 
+@pytest.mark.parametrize("n", [2, 3, 16, 17, 33, 64, 100, 1000])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sign_means_made_a_block_at_a_time_are_the_tree_sums_bits(monkeypatch, n, dtype):
+    import grace_dl.ops.numpy_backend as numpy_backend
+
+    x = _floats(n, n, dtype, True)
+    x[n // 2] = -0.0  # counted with the non-negative side, as the protocol counts it
+    want = Ops.sign_means(ops, x)
+    monkeypatch.setattr(numpy_backend, "_SIGN_MEANS_BLOCKED_MIN", 2)
+    monkeypatch.setattr(numpy_backend, "_FUSED_BLOCK", 16)  # several blocks, short last ones
+    assert same_bits(ops.sign_means(x), want)
+    assert same_bits(ops.sign_means(np.abs(x)), Ops.sign_means(ops, np.abs(x)))  # one side empty
+
+
 def test_sign_means_of_one_sided_and_empty_sides():
     x = np.array([1.0, 2.0, 3.0, -0.0], np.float32)
     assert ops.sign_means(x).tolist() == [1.5, 0.0]
