@@ -126,16 +126,21 @@ def test_tree_sum_order_is_the_stated_tree():
 
 @pytest.mark.parametrize("n", [2, 3, 16, 17, 33, 64, 100, 1000])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_sign_means_made_a_block_at_a_time_are_the_tree_sums_bits(monkeypatch, n, dtype):
+def test_tree_sums_streamed_a_block_at_a_time_are_the_protocols_bits(monkeypatch, n, dtype):
     import grace_dl.ops.numpy_backend as numpy_backend
 
     x = _floats(n, n, dtype, True)
     x[n // 2] = -0.0  # counted with the non-negative side, as the protocol counts it
-    want = Ops.sign_means(ops, x)
-    monkeypatch.setattr(numpy_backend, "_SIGN_MEANS_BLOCKED_MIN", 2)
+    want = [Ops.sign_means(ops, x), Ops.sign_means(ops, np.abs(x)), Ops.tree_sum(ops, x, 1 / 3),
+            Ops.tree_sum(ops, np.abs(x)), Ops.tree_sum(ops, np.abs(x), 1 / 3)]
+    monkeypatch.setattr(numpy_backend, "_STREAMED_TREE_MIN", 2)
+    monkeypatch.setattr(numpy_backend, "_STREAMED_SIGN_MEANS_MIN", 2)
     monkeypatch.setattr(numpy_backend, "_FUSED_BLOCK", 16)  # several blocks, short last ones
-    assert same_bits(ops.sign_means(x), want)
-    assert same_bits(ops.sign_means(np.abs(x)), Ops.sign_means(ops, np.abs(x)))  # one side empty
+    got = [ops.sign_means(x), ops.sign_means(np.abs(x)),  # one side empty
+           ops.tree_sum(x, 1 / 3), ops.abs_tree_sum(x), ops.abs_tree_sum(x, 1 / 3)]
+    for g, w in zip(got, want):
+        assert g.shape == (1,) or g.shape == (2,)
+        assert same_bits(g, w)
 
 
 def test_sign_means_of_one_sided_and_empty_sides():
