@@ -117,6 +117,26 @@ def test_finite_count_choose_and_index_update(backend):
 
 @pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pack_magnitude_at_least_made_a_block_at_a_time_is_the_selections_payload(monkeypatch, backend, dtype):
+    import grace_dl.ops.numpy_backend as numpy_backend
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(1000).astype(dtype)
+    x[rng.random(1000) < 0.2] = 0
+    x[[3, 10, 400, 999]] = [np.nan, -np.inf, np.inf, -0.0]
+    x[11] = np.copysign(np.nan, -1.0)
+    x[100:200] = 0  # blocks with nothing selected
+    arr = torch.from_numpy(x) if backend is T else x
+    monkeypatch.setattr(numpy_backend, "_PACK_AT_LEAST_BLOCK", 16)  # 63 blocks, a short last one
+    monkeypatch.setattr(numpy_backend, "_PACK_AT_LEAST_BLOCKED_MIN", 1)
+    for threshold in [0.5, 1e-30, 2.0, np.inf]:
+        want = Ops.pack_magnitude_at_least(N, x, dtype(threshold))
+        got = _as_np(backend.pack_magnitude_at_least(arr, np.full(1, threshold, dtype)))
+        assert got.dtype == np.int32 and got.tobytes() == want.tobytes(), f"threshold {threshold}"
+
+
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nonzero_magnitude_at_least_is_the_reference_selection(backend, dtype):
     rng = np.random.default_rng(4)
     x = rng.standard_normal(5000).astype(dtype)

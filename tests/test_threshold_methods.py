@@ -96,6 +96,28 @@ def test_threshold_sends_exactly_the_elements_at_or_above_it(n, seed, level):
     assert np.array_equal(out, np.where(keep, x, 0))
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_threshold_packed_in_one_primitive_trains_to_the_same_bits(monkeypatch, backend):
+    # the large-tensor path (no noted int64 indices: the residual reads the payload)
+    # against the noted path, through the simulator's pipeline with its residual memory
+    import grace_dl.compressors.threshold as threshold
+
+    convert = (lambda a: a) if backend == "numpy" else pytest.importorskip("torch").from_numpy
+    grads = [[{"w": convert(normal(3000, seed=10 * s + r) * 0.02)} for r in range(2)] for s in range(3)]
+    for step in grads:  # NaN, Inf and elements at the threshold on some steps and ranks
+        step[0]["w"][[5, 6, 7]] = convert(np.array([np.nan, -np.inf, 0.01], np.float32))
+
+    def run():
+        sim = grace_dl.LocalSimulator(grace_dl.threshold(threshold=0.01), 2)
+        outs = [sim.step(step) for step in grads]
+        state = sim.workers[0].memory.state["w"]["residual"]
+        return [np.asarray(o[0]["w"]).tobytes() for o in outs], np.asarray(state).tobytes()
+
+    want = run()
+    monkeypatch.setattr(threshold, "PACKED_SELECTION_MIN", 0)
+    assert run() == want
+
+
 def test_threshold_compares_in_the_compute_dtype():
     level = 0.7  # not a float32: the threshold is rounded to the compute dtype, like the data
     x = np.array([np.float32(0.7), np.nextafter(np.float32(0.7), np.float32(0))], np.float32)

@@ -409,6 +409,13 @@ class Ops(abc.ABC):
         dtype). :meth:`scatter_sparse` reverses it."""
         return self.concat([self.cast(idx, "int32"), self.bitcast(self.gather(x, idx), "int32")])
 
+    def pack_magnitude_at_least(self, x: Array, threshold: Any) -> Array:
+        """:meth:`pack_sparse` of the elements :meth:`nonzero_magnitude_at_least` selects:
+        the payload of a fixed-threshold sparsifier in one primitive, so that a backend
+        can build it a block at a time without the int64 indices (twice the tensor's
+        size when most elements pass)."""
+        return self.pack_sparse(x, self.nonzero_magnitude_at_least(x, threshold))
+
     def scatter_sparse(self, n: int, buffer: Array, dtype: str) -> Array:
         """A length-``n`` zero array of ``dtype`` holding, at the indices of a
         :meth:`pack_sparse` buffer, its values (the count follows from the buffer's

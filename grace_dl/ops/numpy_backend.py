@@ -568,6 +568,42 @@ class NumpyOps(Ops):
             keep &= x != 0
         return np.flatnonzero(keep)
 
+    def pack_magnitude_at_least(self, x, threshold):
+        if not isinstance(threshold, (int, float)):
+            threshold = np.asarray(threshold).reshape(-1)[0]
+        n = x.shape[0]
+        if x.ndim != 1 or x.dtype not in (np.float32, np.float64) or n < _PACK_AT_LEAST_BLOCKED_MIN:
+            return super().pack_magnitude_at_least(x, threshold)
+        t = x.dtype.type(threshold)
+        if not t > 0:
+            return super().pack_magnitude_at_least(x, threshold)
+        # two passes a cache block at a time: count, then write each block's int32
+        # indices and values straight into the payload (the selection of
+        # nonzero_magnitude_at_least: magnitudes' bits compared as integers, NaN passes)
+        ints = np.dtype(np.int32 if x.dtype == np.float32 else np.int64)
+        level = np.asarray(t).view(ints)
+        size = _PACK_AT_LEAST_BLOCK
+        mags, mask = np.empty(size, x.dtype), np.empty(size, np.bool_)
+        starts = range(0, n, size)
+
+        def select(a: int) -> np.ndarray:
+            m = mask[:min(n, a + size) - a]
+            np.abs(x[a:a + m.shape[0]], out=mags[:m.shape[0]])
+            return np.greater_equal(mags[:m.shape[0]].view(ints), level, out=m)
+
+        counts = [int(np.count_nonzero(select(a))) for a in starts]
+        k = sum(counts)
+        buffer = np.empty(k * (1 + x.dtype.itemsize // 4), np.int32)
+        indices, values = buffer[:k], buffer[k:].view(x.dtype)
+        at = 0
+        for a, c in zip(starts, counts):
+            if c:
+                local = np.flatnonzero(select(a))
+                np.add(local, a, out=indices[at:at + c], casting="unsafe")  # below 2**31
+                np.take(x[a:a + size], local, out=values[at:at + c], mode="clip")
+                at += c
+        return buffer
+
     def read_flag(self, cond):
         return bool(cond)
 
@@ -1623,6 +1659,13 @@ _FUSED_BLOCK = 1 << 15
 #: is faster while it fits in the cache (abs_tree_sum: 1.09 against 1.35 ms at 4e6; 4.3
 #: against 2.5 ms at 8e6)
 _STREAMED_TREE_MIN = 1 << 23
+#: pack_magnitude_at_least works a block of this many elements at a time from
+#: _PACK_AT_LEAST_BLOCKED_MIN elements on: below it nonzero_magnitude_at_least's int64
+#: indices are small, and the one-pass version measured as fast or faster (threshold's
+#: round trip at 1e6 on NumPy: 2.3 ms against 5.2-5.4 ms blocked, the difference in
+#: which of the 8 MB buffers glibc hands back fresh pages; 2.1 against 1.9 on torch)
+_PACK_AT_LEAST_BLOCK = 1 << 16
+_PACK_AT_LEAST_BLOCKED_MIN = 1 << 22
 #: the same for sign_means, whose one-pass version makes four full-size temporaries
 #: (0.69 against 0.77 ms at 1e6; 8.3 against 1.9 ms at 2.4e6)
 _STREAMED_SIGN_MEANS_MIN = 1 << 21

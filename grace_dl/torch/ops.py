@@ -529,6 +529,14 @@ class TorchOps(Ops):
             return torch.from_numpy(_NUMPY.nonzero_magnitude_at_least(_np(x), float(threshold)))
         return super().nonzero_magnitude_at_least(x, threshold)
 
+    def pack_magnitude_at_least(self, x, threshold):
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            # NumPy's two passes on a view, no int64 indices (see NumpyOps)
+            if isinstance(threshold, torch.Tensor):
+                threshold = threshold.reshape(-1)[0].item()
+            return torch.from_numpy(_NUMPY.pack_magnitude_at_least(_np(x), threshold))
+        return super().pack_magnitude_at_least(x, threshold)
+
     def topk_magnitude_indices(self, x, k):
         if x.is_cuda:  # the sampled path decides on the host: sort on the device instead
             return self.topk_indices(torch.abs(x), k)
