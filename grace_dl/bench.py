@@ -119,10 +119,21 @@ def _shape_for(numel: int) -> tuple[int, ...]:
     return (side, side) if side * side == numel else (numel,)
 
 
+#: the reference copy of a tensor of at least this many bytes goes into a buffer made
+#: beforehand (see _make_case)
+_PREALLOCATED_COPY_MIN_BYTES = 32 << 20
+
+
 def _make_case(method: str, numel: int, backend: str, params: dict[str, Any] | None) -> _Case:
     comp = make(method, **(params or {})).compressor
     data = np.random.default_rng(0).standard_normal(numel).astype(np.float32)
     sync: Callable[[], None] = lambda: None  # noqa: E731
+    # above glibc's largest mmap threshold (32 MiB) every fresh buffer is new pages, whose
+    # faults cost 1-7x the copy itself depending on the page size and on what the
+    # allocator last freed (a 1e8-byte copy took 5-10 ms into NumPy's memory and ~40 ms
+    # into torch's, from row to row): there the reference copies into one buffer made
+    # and touched beforehand, the memory's own speed; below it, into a new one
+    preallocated = numel * 4 >= _PREALLOCATED_COPY_MIN_BYTES
     if backend in ("torch", "torch-cuda"):
         import torch
 
@@ -130,17 +141,13 @@ def _make_case(method: str, numel: int, backend: str, params: dict[str, Any] | N
         if backend == "torch-cuda":
             x = x.cuda()
             sync = torch.cuda.synchronize
-            copy = x.clone
+        if preallocated:
+            copy = functools.partial(torch.Tensor.copy_, torch.empty_like(x).copy_(x), x)
         else:
-            from .torch.ops import _clone
-
-            # a copy into memory allocated as grace-dl's own large CPU results are (NumPy's,
-            # with transparent huge pages): x.clone()'s 4 KiB pages cost ~5x as much at
-            # 2.5e7 elements (~40 ms against ~8) and would flatter every multiple
-            copy = functools.partial(_clone, x)
+            copy = x.clone
     elif backend == "numpy":
         x = data
-        copy = x.copy
+        copy = functools.partial(np.copyto, np.array(x), x) if preallocated else x.copy
     else:
         raise ConfigError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     del data
@@ -174,12 +181,12 @@ def _best_time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def _copy_time(times: list[float]) -> float:
-    """The reference copy's seconds: the median of its timings, not the best. A copy of a
-    tensor above the C allocator's mmap threshold (32 MB) usually lands on fresh pages and
-    pays their faults (a 1e8-byte torch clone: ~40 ms), but now and then on pages that
-    an earlier free left mapped (~5 ms); the best of ten copies then picks that rare case,
-    and every multiple of the row grows 8x (issue 12's quiet-machine table had terngrad at
-    14x in one run and 2x in the next from this alone)."""
+    """The reference copy's seconds: the median of its timings, not the best, which
+    picks the outliers: a copy into a new buffer above glibc's mmap threshold (32 MiB)
+    now and then lands on pages an earlier free left mapped (5 ms instead of ~40 ms for
+    a 1e8-byte torch clone), and the best of ten copies picked that case in about one
+    row in ten (issue 12's quiet-machine table had terngrad at 14x in one run and 2x
+    in the next from this alone); see also :func:`_make_case`."""
     return float(np.median(times))
 
 
@@ -202,7 +209,8 @@ def bench(method: str, numel: int, *, backend: str = "numpy", repeats: int = 5,
     payload_nbytes, out = case.round_trip()  # warm-up, and the payload whose size is reported
     t = _best_time(case.round_trip, repeats)
     number_copy = _calls_per_timing(case.copy_synced)
-    t_copy = _copy_time([_time_calls(case.copy_synced, number_copy) for _ in range(repeats)])
+    # at least nine copies (cheap next to a round trip), so that their median is steady
+    t_copy = _copy_time([_time_calls(case.copy_synced, number_copy) for _ in range(max(repeats, 9))])
     comp, ops, shape = case.comp, case.ops, case.shape
     formula = comp.payload_nbytes(numel, "float32", "float32")
     if hasattr(comp, "payload_nbytes_at"):  # the size depends on the step (1-bit Adam's warm-up)
