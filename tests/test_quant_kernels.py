@@ -141,6 +141,9 @@ def test_tree_sums_streamed_a_block_at_a_time_are_the_protocols_bits(monkeypatch
     for g, w in zip(got, want):
         assert g.shape == (1,) or g.shape == (2,)
         assert same_bits(g, w)
+    # EF-signSGD's payload: the signs packed block by block beside the streamed sum
+    packed = ops.pack_signs_abs_sum(x, 1 / n)
+    assert packed.dtype == np.int32 and packed.tobytes() == Ops.pack_signs_abs_sum(ops, x, 1 / n).tobytes()
 
 
 def test_sign_means_of_one_sided_and_empty_sides():
