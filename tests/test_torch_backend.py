@@ -69,6 +69,24 @@ def test_deterministic_payloads_are_bit_identical_to_numpy(name, dtype, n):
         assert np.allclose(out_b.numpy(), out_a, rtol=1e-5, atol=1e-5 * np.abs(x).max())
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kth_largest_is_numpys_and_torchs_kthvalue(dtype):
+    rng = np.random.default_rng(9)
+    for n, zeros, special in [(1, 0, False), (100, 0, False), (5000, 0.9, False), (5000, 0.1, True)]:
+        x = rng.standard_normal(n).astype(dtype)
+        x[rng.random(n) < zeros] = 0
+        x[: n // 10] = np.round(x[: n // 10])  # ties
+        if special:
+            x[[3, 7, 11]] = [np.nan, np.inf, -np.inf]
+        t = torch.from_numpy(x.copy())
+        for k in sorted(k for k in {1, 2, n // 3, n // 2, n - 1, n} if 1 <= k <= n):
+            got = t_ops.kth_largest(t, k)
+            assert got.dim() == 0 and got.dtype == t.dtype
+            assert same_bytes(np.asarray(np_ops.kth_largest(x, k)), got.reshape(()).numpy().copy())
+            if not special:  # torch's own kthvalue, as the CPU path used before
+                assert float(got) == float(torch.kthvalue(t, n - k + 1).values)
+
+
 def test_float64_narrowing_rounds_once_like_numpy():
     # values just above a float16 rounding midpoint: rounding via float32 lands on the
     # midpoint and then rounds to even, NumPy rounds once and goes up

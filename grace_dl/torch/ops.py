@@ -18,7 +18,7 @@ import torch
 
 from ..core import derive_key
 from ..ops.base import Ops
-from ..ops.numpy_backend import NumpyOps, draws_for_distinct
+from ..ops.numpy_backend import NumpyOps, draws_for_distinct, kth_largest_value
 
 _TORCH_DTYPES = {
     "float16": torch.float16,
@@ -169,7 +169,10 @@ def _topk_indices_cpu(ops: Ops, x: torch.Tensor, k: int) -> torch.Tensor:
         if n - below == k:
             return torch.sort(idx).values
     else:
-        kth = torch.kthvalue(x, n - k + 1).values
+        if x.dtype in (torch.float32, torch.float64):  # NumPy's introselect (see TorchOps.kth_largest)
+            kth = torch.from_numpy(np.asarray(kth_largest_value(_np(x), k)))
+        else:
+            kth = torch.kthvalue(x, n - k + 1).values
         idx = torch.nonzero(~(x < kth)).reshape(-1)
         if idx.numel() == k:
             return idx
@@ -305,6 +308,10 @@ class TorchOps(Ops):
     def kth_largest(self, x, k):
         if x.is_cuda:
             return torch.topk(x, k, sorted=True).values[k - 1]
+        if x.dtype in (torch.float32, torch.float64):
+            # NumPy's introselect on a view: torch.kthvalue takes 2x as long at 1e4
+            # elements and 16x at 1e5 (1.09 ms against 68 us); the same value
+            return torch.from_numpy(np.asarray(kth_largest_value(_np(x), k)))
         return torch.kthvalue(x, x.numel() - k + 1).values
 
     def topk_indices(self, x, k):
