@@ -131,13 +131,15 @@ def test_tree_sums_streamed_a_block_at_a_time_are_the_protocols_bits(monkeypatch
 
     x = _floats(n, n, dtype, True)
     x[n // 2] = -0.0  # counted with the non-negative side, as the protocol counts it
+    finite = np.nan_to_num(x, nan=0.5, posinf=2.0, neginf=-3.0)
     want = [Ops.sign_means(ops, x), Ops.sign_means(ops, np.abs(x)), Ops.tree_sum(ops, x, 1 / 3),
-            Ops.tree_sum(ops, np.abs(x)), Ops.tree_sum(ops, np.abs(x), 1 / 3)]
+            Ops.tree_sum(ops, np.abs(x)), Ops.tree_sum(ops, np.abs(x), 1 / 3), ops.peak_rms(finite)]
     monkeypatch.setattr(numpy_backend, "_STREAMED_TREE_MIN", 2)
     monkeypatch.setattr(numpy_backend, "_STREAMED_SIGN_MEANS_MIN", 2)
     monkeypatch.setattr(numpy_backend, "_FUSED_BLOCK", 16)  # several blocks, short last ones
     got = [ops.sign_means(x), ops.sign_means(np.abs(x)),  # one side empty
-           ops.tree_sum(x, 1 / 3), ops.abs_tree_sum(x), ops.abs_tree_sum(x, 1 / 3)]
+           ops.tree_sum(x, 1 / 3), ops.abs_tree_sum(x), ops.abs_tree_sum(x, 1 / 3),
+           ops.peak_rms(finite)]  # TernGrad's peak and root mean square, one pass unstreamed
     for g, w in zip(got, want):
         assert g.shape == (1,) or g.shape == (2,)
         assert same_bits(g, w)

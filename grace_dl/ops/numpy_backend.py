@@ -1289,6 +1289,23 @@ class NumpyOps(Ops):
         if n == 1:
             acc = x / safe
             np.multiply(acc, acc, out=acc)
+        elif n >= _STREAMED_TREE_MIN:  # streamed (_streamed_tree_sums): no h-element array
+            h = 1 << ((n - 1).bit_length() - 1)
+            size = min(_FUSED_BLOCK, h)
+            far_squares = np.empty(size, x.dtype)
+
+            def first_level(a: int, b: int, out: list[np.ndarray]) -> None:
+                first = out[0]
+                np.divide(x[a:b], safe, out=first)
+                np.multiply(first, first, out=first)
+                far = max(0, min(b, n - h) - a)
+                if far:
+                    second = far_squares[:far]
+                    np.divide(x[a + h:a + h + far], safe, out=second)
+                    np.multiply(second, second, out=second)
+                    first[:far] += second
+
+            acc = _streamed_tree_sums(h, size, first_level, x.dtype, 1)[0]
         else:
             h = 1 << ((n - 1).bit_length() - 1)
             acc = np.empty(h, x.dtype)
