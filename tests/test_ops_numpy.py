@@ -160,3 +160,20 @@ def test_sampled_topk_indices_equal_a_full_ranking(data, n, k):
     want = np.sort(np.lexsort((np.arange(n), -key.astype(np.float64)))[:k])
     got = ops.topk_indices(x, k)
     assert got.dtype == np.int64 and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [10, 5000, 100_000])
+def test_where_of_a_mask_and_zero_is_numpys_where(dtype, n):
+    # the bitwise path for where(mask, x, +0.0) (large arrays) against np.where, with
+    # -0.0, NaN and infinities in x and other fills that must take np.where itself
+    from grace_dl.ops.numpy_backend import NumpyOps
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(dtype)
+    x[:5] = [np.nan, -0.0, np.inf, -np.inf, 0.0]
+    mask = rng.random(n) < 0.3
+    for fill in (np.zeros(1, dtype), np.array([-0.0], dtype), np.ones(1, dtype)):
+        want = np.where(mask, x, fill)
+        got = NumpyOps().where(mask, x, fill)
+        assert got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes()

@@ -294,6 +294,16 @@ class NumpyOps(Ops):
         return np.exp(x)
 
     def where(self, cond, a, b):
+        if (type(cond) is np.ndarray and type(a) is np.ndarray and type(b) is np.ndarray
+                and cond.dtype == np.bool_ and cond.size >= _WHERE_MASK_MIN and a.shape == cond.shape
+                and a.dtype in (np.float32, np.float64) and b.size == 1 and b.dtype == a.dtype
+                and not b.view(f"i{a.itemsize}").any()):
+            # where(mask, x, +0.0) as x's bits anded with an all-ones or all-zeros word:
+            # np.where branches per element (30 against 15 ms at 2.5e7, random mask)
+            ints = np.dtype(f"i{a.itemsize}")
+            keep = np.negative(cond.view(np.uint8), dtype=ints)  # -1 where cond, else 0
+            np.bitwise_and(np.ascontiguousarray(a).view(ints), keep, out=keep)
+            return keep.view(a.dtype)
         return np.where(cond, a, b)
 
     def minimum(self, a, b):
@@ -1708,6 +1718,9 @@ _FUSED_BLOCK = 1 << 15
 #: is faster while it fits in the cache (abs_tree_sum: 1.09 against 1.35 ms at 4e6; 4.3
 #: against 2.5 ms at 8e6)
 _STREAMED_TREE_MIN = 1 << 23
+#: where(mask, x, +0.0) takes the bitwise path from this many elements (below it the
+#: call's own cost dominates either way)
+_WHERE_MASK_MIN = 1 << 12
 #: pack_magnitude_at_least works a block of this many elements at a time from
 #: _PACK_AT_LEAST_BLOCKED_MIN elements on: below it nonzero_magnitude_at_least's int64
 #: indices are small, and the one-pass version measured as fast or faster (threshold's
