@@ -1844,14 +1844,18 @@ def _bucket_levels_block(grid: np.ndarray, noise: np.ndarray, levels: int, norms
     # where(p > 0, p, p * 0 + 1) for p >= 0 or NaN: only a zero changes (NaN * 0 + 1 is
     # that NaN), so the zeros are set in place (where a row is all zero: rare, one
     # reduction finds out)
-    if not peak.all():
+    all_rows_nonzero = peak.all()
+    if not all_rows_nonzero:
         peak[peak == 0] = 1
     np.divide(grid, peak[:, None], out=unit)
     np.multiply(unit, unit, out=unit)
     np.sqrt(np.add.reduce(unit, axis=1, dtype=grid.dtype), out=norms)
     norms *= peak
     safe = norms
-    if not norms.all():  # a norm is +0, positive or NaN: as for the peak
+    # a norm is +0, positive or NaN: +0 only in a row whose peak was 0 (elsewhere the
+    # peak element's square is 1, so the norm is at least the peak, or NaN), so the
+    # check is needed only when a peak was
+    if not all_rows_nonzero and not norms.all():
         safe = norms.copy()
         safe[norms == 0] = 1
     np.divide(mag, safe[:, None], out=mag)
