@@ -341,6 +341,45 @@ def test_torch_bfloat16_words_match_numpy():
     assert Ops.bfloat16_words(T, torch.from_numpy(x)).numpy().tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("n", [1, 2, 17, 64, 1001, 40_001])
+def test_torch_bfloat16_conversion_gives_the_protocols_bits_on_any_bit_pattern(n):
+    # every float32 class, NaNs of both signs with payloads among them: torch's own
+    # conversion (where this CPU's probe admits it) must give NumPy's bits
+    torch = pytest.importorskip("torch")
+    from grace_dl.torch.ops import TorchOps
+
+    bits = np.random.default_rng(n).integers(0, 1 << 32, n, dtype=np.uint64).astype(np.uint32)
+    bits[:: 7] |= np.uint32(0x7F800000)  # many infinities and NaNs
+    x = bits.view(np.float32)
+    assert TorchOps().bfloat16_words(torch.from_numpy(x)).numpy().tobytes() == ops.bfloat16_words(x).tobytes()
+
+
+def test_torch_bfloat16_probe_rejects_a_conversion_that_flushes_subnormals(monkeypatch):
+    # a CPU's bfloat16 instruction may flush subnormals: the probe must then send every
+    # call to NumPy's kernel
+    torch = pytest.importorskip("torch")
+    import grace_dl.torch.ops as torch_ops
+
+    native = torch_ops._torch_bfloat16_words
+
+    def flushing(x):
+        words = native(x)
+        halves = words.view(torch.int16)[: x.numel()]
+        halves[(halves & 0x7F80) == 0] &= -0x8000  # subnormals to signed zero
+        return words
+
+    probe = torch_ops._torch_bfloat16_rounds_as_protocol.__wrapped__
+    subnormal = np.array([1e-40, 0.5], np.float32)
+    assert flushing(torch.from_numpy(subnormal)).numpy().tobytes() != ops.bfloat16_words(subnormal).tobytes()
+    monkeypatch.setattr(torch_ops, "_torch_bfloat16_words", flushing)
+    assert probe() is False
+    monkeypatch.setattr(torch_ops, "_torch_bfloat16_rounds_as_protocol", lambda: False)
+    x = _floats(1001, 9, "float32", True)
+    x[:2] = np.float32(1e-40), np.float32(-np.nan)
+    got = torch_ops.TorchOps().bfloat16_words(torch.from_numpy(x)).numpy()
+    assert got.tobytes() == ops.bfloat16_words(x).tobytes()
+
+
 @settings(max_examples=80, deadline=None)
 @given(case=cases, levels=st.sampled_from([1, 2, 3, 8, 30, 126]))
 def test_dither_kernels_equal_the_defaults(case, levels):

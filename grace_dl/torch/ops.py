@@ -11,6 +11,7 @@ with torch's own generator, seeded from the same key.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -89,6 +90,53 @@ def _clone(x: torch.Tensor) -> torch.Tensor:
     if _large_cpu(x.numel(), x.dtype, x) and x.is_contiguous():
         return _empty_cpu(tuple(x.shape), x.dtype).copy_(x)
     return x.clone()
+
+
+def _torch_bfloat16_words(x: torch.Tensor) -> torch.Tensor:
+    """:meth:`Ops.bfloat16_words` of 1-D float32 CPU ``x`` by torch's own conversion
+    (3x faster than NumPy's integer kernel at 1e6 elements and more), with NaN made the
+    protocol's signed quiet NaN: torch writes ``0xFFFF`` (vectorised) or ``0x7FC0``
+    (scalar) for every NaN. Used only where :func:`_torch_bfloat16_rounds_as_protocol`
+    found torch's finite rounding to be the protocol's."""
+    n = x.numel()
+    shape = (-(-n // 2),)
+    words = _empty_cpu(shape, torch.int32) if _large_cpu(shape[0], torch.int32, x) else torch.empty(shape, dtype=torch.int32)
+    halves = words.view(torch.bfloat16)
+    if n % 2:
+        halves[-1:].view(torch.int16).zero_()  # the half after an odd count
+        halves[:n].copy_(x)
+    else:
+        halves.copy_(x)
+    # the sum of the halves is NaN where one is (or where +inf meets -inf, which the
+    # exact pass below then finds harmless): one pass over the narrow result, 4x
+    # cheaper than a NaN-propagating max of x
+    if n and torch.isnan(halves.sum()):
+        nan = torch.isnan(x)
+        signs = torch.bitwise_right_shift(x[nan].view(torch.int32), 16).bitwise_and_(-0x8000)  # 0x8000 as int16
+        halves[:n].view(torch.int16)[nan] = signs.bitwise_or_(0x7FC0).to(torch.int16)
+    return words
+
+
+@functools.cache
+def _torch_bfloat16_rounds_as_protocol() -> bool:
+    """Whether torch's float32 -> bfloat16 conversion gives the protocol's patterns
+    (:meth:`Ops.bfloat16_words`: round to nearest even, subnormals kept, overflow to inf)
+    on this CPU, in its vectorised and its scalar code: checked once per process against
+    NumPy's kernel on probe values (ties both ways, subnormals, overflow, NaN), since a
+    CPU's own bfloat16 instruction may flush subnormals."""
+    probe = np.array([1.0, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1.0 + 2.0**-9, -(1.0 + 2.0**-8), 3.4e38, -3.4e38,
+                      3.3961776e38, 1e-40, -1e-40, 2.0**-149, 1.2e-38, 0.0, -0.0, np.inf, -np.inf, np.nan,
+                      65504.0, 0.1, -0.3], np.float32)
+    bits = probe.view(np.uint32).copy()
+    bits[-1] = 0xFFC00001  # a negative NaN with a payload
+    rng = np.random.default_rng(0)
+    randoms = rng.integers(0, 1 << 32, 4093, dtype=np.uint64).astype(np.uint32)  # every class, odd length
+    values = np.concatenate([bits, randoms, bits]).view(np.float32)
+    try:
+        got = _torch_bfloat16_words(torch.from_numpy(values)).numpy()
+    except (RuntimeError, TypeError):  # a torch build without a CPU bfloat16 conversion
+        return False
+    return bool(np.array_equal(got, _NUMPY.bfloat16_words(values)))
 
 
 def _on_cpu(*xs: torch.Tensor) -> bool:
@@ -647,6 +695,8 @@ class TorchOps(Ops):
 
     def bfloat16_words(self, x):
         if _on_cpu(x):
+            if x.dtype == torch.float32 and x.dim() == 1 and _torch_bfloat16_rounds_as_protocol():
+                return _torch_bfloat16_words(x)
             return torch.from_numpy(_NUMPY.bfloat16_words(_np(x)))
         return super().bfloat16_words(x)
 
