@@ -62,6 +62,27 @@ def test_topk_magnitude_indices_is_the_protocols_topk_of_abs(kind, n):
                                       generic)
 
 
+@pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "mostly_zero", "sorted"])
+@pytest.mark.parametrize("n", [7, 5000, 70_000])
+def test_tf_topk_magnitude_indices_in_the_graph_is_the_protocols_topk(kind, n):
+    # TF decides between the sampled candidates and the whole tensor inside the graph
+    # (tf.cond): eagerly and traced, each path must give the protocol's set
+    tf = pytest.importorskip("tensorflow")
+    from grace_dl.tensorflow.ops import TFOps
+
+    F = TFOps()
+    x = _data(kind, n, np.random.default_rng(n))
+    for k in sorted({1, 2, n // 100, n // 9, n // 2, n - 1} - {0}):
+        traced = tf.function(lambda v, k=k: F.topk_magnitude_indices(v, k), autograph=False)
+        if kind == "nonfinite":  # not sampled: TF's own top_k of |x|, as before sampling
+            expected = F.topk_indices(F.abs(tf.constant(x)), k).numpy()
+        else:
+            expected = _reference_topk_magnitude(x, k)
+        np.testing.assert_array_equal(F.topk_magnitude_indices(tf.constant(x), k).numpy(), expected,
+                                      err_msg=f"eager k={k}")
+        np.testing.assert_array_equal(traced(tf.constant(x)).numpy(), expected, err_msg=f"traced k={k}")
+
+
 @pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 0), (10, 3), (1000, 10), (1000, 700), (1000, 999), (10**6, 10**4)])
 def test_random_choice_draws_k_distinct_ascending_indices_from_the_key(backend, n, k):

@@ -459,6 +459,20 @@ class Ops(abc.ABC):
     #: sample of 800 takes 18 us in all where 256 hits sample the whole tensor, 70 us)
     SAMPLED_TOPK_HITS: int = 256
 
+    def topk_sample_plan(self, n: int, k: int) -> tuple[int, int] | None:
+        """The sample :meth:`topk_magnitude_indices` takes to find the top ``k`` of ``n``
+        elements: ``(stride, j)``, the threshold being the ``j``-th largest magnitude of
+        every ``stride``-th element; None where it selects on the whole tensor instead
+        (``k`` outside ``(0, n)``, ``n`` below :attr:`SAMPLED_TOPK_MIN_NUMEL`, or ``k``
+        above an eighth of ``n``)."""
+        if k <= 0 or k >= n or n < self.SAMPLED_TOPK_MIN_NUMEL or 8 * k > n:
+            return None
+        aim = min(self.SAMPLED_TOPK_HITS, max(8, n >> 14))
+        stride = max(1, n // min(n, -(-aim * n // k)))
+        s = -(-n // stride)  # the sample's length
+        hits = k * s / n  # expected sampled elements at or above the k-th largest
+        return stride, min(s, math.ceil(hits + 4.0 * math.sqrt(hits) + 8.0))
+
     def topk_magnitude_indices(self, x: Array, k: int) -> Array:
         """Ascending indices of the ``k`` elements of largest magnitude of 1-D float
         ``x``: the set of ``topk_indices(abs(x), k)`` (NaN ranks as +inf, ties go to
@@ -474,15 +488,11 @@ class Ops(abc.ABC):
         host (``item``), so backends that must not (TensorFlow inside ``tf.function``)
         override it with ``topk_indices(abs(x), k)``."""
         n = self.numel(x)
-        if k <= 0 or k >= n or n < self.SAMPLED_TOPK_MIN_NUMEL or 8 * k > n or not self.item(self.all_finite(x)):
+        plan = self.topk_sample_plan(n, k)
+        if plan is None or not self.item(self.all_finite(x)):
             return self.topk_indices(self.abs(x), k)
-        aim = min(self.SAMPLED_TOPK_HITS, max(8, n >> 14))
-        stride = max(1, n // min(n, -(-aim * n // k)))
-        sample = self.abs(x[::stride])
-        s = self.numel(sample)
-        hits = k * s / n  # expected sampled elements at or above the k-th largest
-        j = min(s, math.ceil(hits + 4.0 * math.sqrt(hits) + 8.0))
-        t = float(self.item(self.kth_largest(sample, j)))
+        stride, j = plan
+        t = float(self.item(self.kth_largest(self.abs(x[::stride]), j)))
         if t > 0:
             candidates = self.nonzero((x >= t) | (x <= -t))
             if self.numel(candidates) >= k:
@@ -789,6 +799,11 @@ class Ops(abc.ABC):
             word_parts.append(self.pack_uint(codes[:size] if rows * d != size else codes, bits))
         return self.concat(norm_parts + word_parts)
 
+    #: QSGD's codes of up to this many bits decode through a table (:meth:`take_fields`),
+    #: wider ones by arithmetic (``cast(c) - s``, the same bits: both are exact): a
+    #: backend whose gathers are slow sets 0
+    TABLE_DECODE_MAX_BITS: int = 8
+
     def bucket_level_values(self, words: Array, n: int, levels: int, bucket_size: int, dtype: str) -> Array:
         """Inverse of :meth:`bucket_level_words`: the ``n`` values ``(c_i - levels) *
         (norm / levels)`` in ``dtype`` (float32 or float64), with ``c_i`` the ``i``-th code
@@ -803,7 +818,7 @@ class Ops(abc.ABC):
             first = norm_words + start * bits // 32
             part = words[first:first + -(-(stop - start) * bits // 32)]
             scales = norms[start // d:-(-stop // d)] / s
-            if bits <= 8:  # code c decodes to c - s: a 2**bits-entry table
+            if bits <= self.TABLE_DECODE_MAX_BITS:  # code c decodes to c - s: a 2**bits-entry table
                 table = self.cast(self.arange(1 << bits, norms) - s, dtype)
                 code = self.take_fields(part, stop - start, bits, table)
             else:

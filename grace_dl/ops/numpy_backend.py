@@ -657,13 +657,8 @@ class NumpyOps(Ops):
         included), ties in index order, so the top k among them is the answer; else
         None (the caller selects on the whole array)."""
         n = x.shape[0]
-        aim = min(self.SAMPLED_TOPK_HITS, max(8, n >> 14))
-        stride = max(1, n // min(n, -(-aim * n // k)))
-        sample = x[::stride]
-        s = sample.shape[0]
-        hits = k * s / n  # expected sampled elements at or above the k-th largest
-        j = min(s, math.ceil(hits + 4.0 * math.sqrt(hits) + 8.0))
-        threshold = kth_largest_value(np.ascontiguousarray(sample), j)
+        stride, j = self.topk_sample_plan(n, k)
+        threshold = kth_largest_value(np.ascontiguousarray(x[::stride]), j)
         if threshold != threshold:  # NaN: too many NaN to gain anything
             return None
         candidates = np.flatnonzero(~(x < threshold))
