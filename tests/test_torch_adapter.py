@@ -424,6 +424,34 @@ def test_background_thread_gives_the_hook_pipelines_results(name, kwargs):
     assert any(n.startswith("fused[") for n in bg_state["steps"]), "nothing was fused"
 
 
+def test_background_thread_uses_the_training_threads_torch_thread_count():
+    # torch.set_num_threads on the training thread does not reach a new thread's BLAS
+    # (OpenMP's per-thread setting): PowerSGD's products on the compression thread ran on
+    # every core. The thread must apply torch's count to itself
+    import ctypes
+    import os
+
+    hvd = pytest.importorskip("horovod.torch")
+    hvd.init()
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+    if not os.path.exists(path):
+        pytest.skip("torch is not built with GNU OpenMP here")
+    omp_max_threads = ctypes.CDLL(path).omp_get_max_threads
+    if os.cpu_count() < 2:
+        pytest.skip("one core: every thread's default is one thread")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        compression = grace.topk(ratio=0.3)
+        like = _HorovodLike(mlp(), compression)
+        _step_like_horovod(like, 0)
+        assert compression._worker.call(omp_max_threads) == 1
+        torch.set_num_threads(2)  # a later change reaches the thread too
+        assert compression._worker.call(omp_max_threads) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_background_thread_error_is_raised_on_the_training_thread():
     hvd = pytest.importorskip("horovod.torch")
     hvd.init()
