@@ -98,6 +98,7 @@ def _torch_bfloat16_words(x: torch.Tensor) -> torch.Tensor:
     protocol's signed quiet NaN: torch writes ``0xFFFF`` (vectorised) or ``0x7FC0``
     (scalar) for every NaN. Used only where :func:`_torch_bfloat16_rounds_as_protocol`
     found torch's finite rounding to be the protocol's."""
+    x = x.detach()  # the words are data, never part of an autograd graph
     n = x.numel()
     shape = (-(-n // 2),)
     words = _empty_cpu(shape, torch.int32) if _large_cpu(shape[0], torch.int32, x) else torch.empty(shape, dtype=torch.int32)
