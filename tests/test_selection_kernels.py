@@ -80,6 +80,30 @@ def test_tf_topk_magnitude_indices_in_the_graph_is_the_protocols_topk(kind, n):
         np.testing.assert_array_equal(traced(tf.constant(x)).numpy(), expected, err_msg=f"traced k={k}")
 
 
+def test_topk_indices_rank_nan_as_inf_on_every_backend():
+    # the protocol's order: NaN ranks as +inf (ties to the lower index). TF's top_k does
+    # not rank NaN as the largest, so TF maps it first, eagerly and traced
+    tf = pytest.importorskip("tensorflow")
+    from grace_dl.tensorflow.ops import TFOps
+
+    F = TFOps()
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        n = int(rng.integers(2, 3000))
+        x = rng.standard_normal(n).astype(np.float32)
+        x[rng.integers(0, n, int(rng.integers(1, 4)))] = np.nan
+        if trial % 3 == 0:
+            x[rng.integers(0, n, 2)] = np.inf
+        k = int(rng.integers(1, n))
+        want = Ops.topk_indices(N, x, k)
+        np.testing.assert_array_equal(N.topk_indices(x, k), want)
+        np.testing.assert_array_equal(T.topk_indices(torch.from_numpy(x), k).numpy(), want)
+        np.testing.assert_array_equal(F.topk_indices(tf.constant(x), k).numpy(), want, err_msg=f"tf n={n} k={k}")
+    traced = tf.function(lambda v: F.topk_indices(v, 5), autograph=False)
+    x = np.array([1.0, np.nan, 3.0, np.inf, np.nan, -2.0, 0.5], np.float32)
+    np.testing.assert_array_equal(traced(tf.constant(x)).numpy(), Ops.topk_indices(N, x, 5))
+
+
 @pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 0), (10, 3), (1000, 10), (1000, 700), (1000, 999), (10**6, 10**4)])
 def test_random_choice_draws_k_distinct_ascending_indices_from_the_key(backend, n, k):

@@ -267,8 +267,11 @@ class TFOps(Ops):
         exactly the protocol's set, without the data-dependent lengths of the generic
         version (which therefore would not trace in ``tf.function``). ``k`` may be a 0-d
         int tensor (a count that varies at run time inside ``tf.function``, 1 <= k <=
-        len(x)).
+        len(x)). NaN ranks as +inf, as the protocol says: ``top_k`` alone does not rank
+        it as the largest.
         """
+        if tf.as_dtype(x.dtype).is_floating:
+            x = tf.where(tf.math.is_nan(x), tf.constant(np.inf, x.dtype), x)
         if _is_tensor(k):  # a count that varies at run time (1 <= k <= len(x))
             return tf.sort(tf.math.top_k(x, k=tf.cast(k, tf.int32), sorted=True, index_type=tf.int64).indices)
         k = int(k)
@@ -491,11 +494,9 @@ class TFOps(Ops):
         # elements: 848 -> 372 us, 1e6: 9.5 -> 3.3 ms)
         n = _static_len(x)
         plan = None if _is_tensor(k) or n is None else self.topk_sample_plan(n, int(k))
-        # NaN ranks as +inf (the protocol's order): TF's top_k does not rank NaN as the
-        # largest (for small k it dropped a NaN that NumPy and torch select)
-        magnitudes = tf.where(tf.math.is_nan(x), tf.constant(np.inf, x.dtype), tf.abs(x))
+        magnitudes = tf.abs(x)
         if plan is None:
-            return self.topk_indices(magnitudes, k)
+            return self.topk_indices(magnitudes, k)  # NaN ranks as +inf there
         (stride, j), k = plan, int(k)
         threshold = tf.math.top_k(magnitudes[::stride], k=j, sorted=True).values[j - 1]
         candidates = tf.where(magnitudes >= threshold)[:, 0]  # ascending int64
