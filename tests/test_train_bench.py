@@ -274,6 +274,22 @@ def test_a_method_runs_on_the_copy_of_grace_dl_its_tree_names(tmp_path):
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(other) and env[runner.TREE_VAR] == str(other)
 
 
+def test_rank_0_writes_its_figures_to_an_absolute_path_whatever_the_output(tmp_path, monkeypatch):
+    # a tree= launch runs in the other tree's directory: a relative --output must still
+    # name the place the runner reads rank 0's figures from
+    seen = []
+
+    def launch(commands, log, timeout):
+        seen.extend(json.loads(cmd[-1])["result"] for cmd, _ in commands)
+        return "not launched"
+
+    monkeypatch.setattr(runner, "launch", launch)
+    monkeypatch.chdir(tmp_path)
+    result = runner.run_job(parse_method("hvd:topk,ratio=0.01"), PRESETS["small"], 2, None, None, Path("out"), 1, None)
+    assert result.error == "not launched"
+    assert seen and all(os.path.isabs(p) and p.startswith(str(tmp_path / "out" / "logs")) for p in seen)
+
+
 def test_cycle_ms_sets_horovods_cycle_time_for_that_launch_only():
     for text in ("hvd:none,cycle_ms=10", "hvd:topk,ratio=0.01,cycle_ms=2.5", "hvd:local_sgd,period=4,cycle_ms=10"):
         spec = parse_method(text)

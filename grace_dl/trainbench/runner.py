@@ -182,7 +182,9 @@ def run_job(spec: MethodSpec | None, preset: Preset, np: int, rate: float | None
             out_dir: Path, index: int, ceiling_s: float | None) -> report.Result:
     """Launch one job and read rank 0's figures."""
     label = spec.label if spec is not None else "compute-only (-np 1)"
-    result_path = out_dir / "logs" / f"{index:02d}-{_slug(label)}-{_slug(rate_label(rate))}.json"
+    # absolute: a method's tree= launch runs in that tree's directory, where a relative
+    # --output would send rank 0's figures elsewhere
+    result_path = (out_dir / "logs" / f"{index:02d}-{_slug(label)}-{_slug(rate_label(rate))}.json").absolute()
     config = {"launcher": "none", "width": preset.width, "num_classes": preset.num_classes,
               "batch_size": preset.batch_size, "image_size": preset.image_size, "warmup": preset.warmup,
               "steps": preset.steps, "repeats": preset.repeats, "result": str(result_path),
