@@ -391,3 +391,44 @@ def test_random_choice_draws_every_subset_equally_often(backend, k):
     expected = draws / 15
     chi2 = sum((c - expected) ** 2 / expected for c in seen.values())
     assert chi2 < 36.1  # the 0.999 quantile of chi-square with 14 degrees of freedom
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-identical, but any NaN matches any NaN (inf - inf's sign is the CPU's)."""
+    nan = np.isnan(a)
+    return a.dtype == b.dtype and np.array_equal(nan, np.isnan(b)) and a[~nan].tobytes() == b[~nan].tobytes()
+
+
+@pytest.mark.parametrize("backend", [N, T], ids=["numpy", "torch"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 2, 17, 1000, 1029])
+@pytest.mark.parametrize("blocked", [True, False])
+def test_tails_made_a_block_at_a_time_are_the_protocols(monkeypatch, backend, dtype, n, blocked):
+    # adaptive threshold's tails: sums in the fixed order, counts, codes and the sign
+    # counts, streamed in small blocks (many, a short last one), against the defaults
+    import grace_dl.ops.numpy_backend as numpy_backend
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(dtype)
+    if n > 20:
+        x[rng.random(n) < 0.1] = 0
+        x[[3, 10, 11, 12, 13]] = [np.nan, -np.inf, np.inf, -0.0, np.copysign(np.nan, -1.0)]
+        x[100:200] = 0.25  # blocks with nothing in either tail
+    arr = torch.from_numpy(x) if backend is T else x
+    monkeypatch.setattr(numpy_backend, "_STREAMED_TAILS_MIN", 1 if blocked else 1 << 21)
+    monkeypatch.setattr(numpy_backend, "_TAIL_CODES_BLOCK", 16)
+    monkeypatch.setattr(numpy_backend, "_FUSED_BLOCK", 32)
+    assert np.array_equal(_as_np(backend.sign_counts(arr)), Ops.sign_counts(N, x))
+    assert _as_np(backend.sign_counts(arr)).tolist() == [int(np.sum(~(x <= 0))), int(np.sum(x < 0))]
+    for top, bottom in [(1.0, -1.2), (np.inf, -np.inf), (0.0, 0.0), (-0.5, 0.5), (np.nan, np.nan)]:
+        t, b = np.full(1, top, dtype), np.full(1, bottom, dtype)
+        bounds = (torch.from_numpy(t), torch.from_numpy(b)) if backend is T else (t, b)
+        sums, counts = backend.tail_sums(arr, *bounds)
+        want_sums, want_counts = Ops.tail_sums(N, x, t, b)
+        assert _same_bits(_as_np(sums), want_sums), (top, bottom)
+        assert _as_np(counts).dtype == np.int64 and np.array_equal(_as_np(counts), want_counts)
+        assert want_counts.tolist() == [int(np.sum(~(x < t))), int(np.sum(x <= b))]
+        codes = _as_np(backend.tail_codes(arr, *bounds))
+        upper = ~(x < t)
+        want = [i if upper[i] else -i - 1 for i in np.flatnonzero(upper | (x <= b))]
+        assert codes.dtype == np.int64 and codes.tolist() == want == Ops.tail_codes(N, x, t, b).tolist()

@@ -29,7 +29,6 @@ from ..core import Compressor, TensorContext
 from ..ops import DTYPE_ITEMSIZE, Array, Ops
 from ..payload import Payload, layout_nbytes, pack_words
 from ..registry import register
-from .sign import pairwise_sum
 from .topk import MAX_INT32_INDEX, check_ratio, sent_residual, sparse_compress, sparse_decompress_sum
 
 
@@ -187,12 +186,14 @@ class AdaptiveThreshold(Compressor):
         k = ops.floor(c * self.ratio)
         return ops.cast(ops.where((k < 1) & (c >= 1), k * 0 + 1, k), "int64")
 
-    def _side_masks(self, ops: Ops, x: Array, ctx: TensorContext) -> tuple[Array, Array]:
+    def _bounds(self, ops: Ops, x: Array, ctx: TensorContext) -> tuple[Array, Array]:
+        """The tails to send: (top, bottom), the upper tail the elements not below top,
+        the lower one those at or below bottom (see :meth:`Ops.tail_sums`)."""
         # a NaN ranks as +inf: it is positive ("not at most 0") and, sorted last, reads
         # as NaN where +inf would; "not below" a bound is true for it
         n = ctx.numel
-        k_pos = self._keep(ops, ops.count_true_array(~(x <= 0)))
-        k_neg = self._keep(ops, ops.count_true_array(x < 0))
+        sides = ops.sign_counts(x)
+        k_pos, k_neg = self._keep(ops, sides[0]), self._keep(ops, sides[1])
         # the k+-th largest value and the k--th smallest one of the sorted tensor
         # (negatives first, then zeros, then positives; an empty side reads a valid position)
         bounds = ops.sorted_values_at(x, ops.concat([ops.reshape(n - at_least_one(ops, k_pos), (1,)),
@@ -201,23 +202,17 @@ class AdaptiveThreshold(Compressor):
         bounds = ops.where(bounds != bounds, inf, bounds)  # a NaN read is the rank of +inf
         # a non-empty side's bound has its sign, so "at or past the bound" implies the side;
         # an empty side gets a bound no element passes (it has no +-inf or NaN, being empty)
-        top = ops.where(k_pos > 0, bounds[0:1], inf)
-        bottom = ops.where(k_neg > 0, bounds[1:2], -inf)
-        return ~(x < top), x <= bottom
+        return ops.where(k_pos > 0, bounds[0:1], inf), ops.where(k_neg > 0, bounds[1:2], -inf)
 
     def compress(self, ops: Ops, x: Array, ctx: TensorContext) -> Payload:
         if ctx.numel > MAX_INT32_INDEX:
             raise ValueError(f"tensor of {ctx.numel} elements: indices do not fit int32")
-        send_pos, send_neg = self._side_masks(ops, x, ctx)
-        zero = ops.zeros(1, ctx.dtype, x)  # broadcast
-        means = []
-        for mask in (send_pos, send_neg):
-            total = pairwise_sum(ops, ops.where(mask, x, zero), ctx.dtype)
-            count = ops.cast(ops.count_true_array(mask), ctx.dtype)
-            means.append(total / at_least_one(ops, count))
-        idx = ops.nonzero(send_pos | send_neg)
-        codes = ops.where(ops.gather(send_pos, idx), idx, -idx - 1)
-        return Payload.of(ops, pack_words(ops, [ops.concat(means), ops.cast(codes, "int32")]))
+        top, bottom = self._bounds(ops, x, ctx)
+        # each side's mean: its sum in the fixed order over all positions, divided by its count
+        sums, counts = ops.tail_sums(x, top, bottom)
+        means = sums / at_least_one(ops, ops.cast(counts, ctx.dtype))
+        codes = ops.tail_codes(x, top, bottom)
+        return Payload.of(ops, pack_words(ops, [means, ops.cast(codes, "int32")]))
 
     def decompress(self, ops: Ops, buffer: Array, ctx: TensorContext) -> Array:
         head = 2 * DTYPE_ITEMSIZE[ctx.dtype] // 4

@@ -955,6 +955,34 @@ class Ops(abc.ABC):
         backend may select them without sorting the whole array."""
         return self.gather(self.sort(x), positions)
 
+    def sign_counts(self, x: Array) -> Array:
+        """The 2-element int64 array of the elements of float ``x`` that are not at most
+        0 (positive, and NaN) and of those below 0, on the device (no host sync)."""
+        return self.concat([self.reshape(self.count_true_array(~(x <= 0)), (1,)),
+                            self.reshape(self.count_true_array(x < 0), (1,))])
+
+    def tail_sums(self, x: Array, top: Array, bottom: Array) -> tuple[Array, Array]:
+        """The two tails of 1-D float ``x``: the upper one, the
+        elements not below ``top`` (NaN among them), and the lower one, the elements at
+        or below ``bottom`` (``top`` and ``bottom``: 1-element arrays of ``x``'s dtype).
+        Returns the 2-element array of their :meth:`tree_sum` s, each taken over all
+        ``n`` positions with +0.0 outside its tail, and the 2-element int64 array of
+        their element counts, both on the device (no host sync)."""
+        zero = self.zeros(1, self.dtype(x), x)  # broadcast
+        upper, lower = ~(x < top), x <= bottom
+        sums = self.concat([self.tree_sum(self.where(upper, x, zero)), self.tree_sum(self.where(lower, x, zero))])
+        counts = self.concat([self.reshape(self.count_true_array(upper), (1,)),
+                              self.reshape(self.count_true_array(lower), (1,))])
+        return sums, counts
+
+    def tail_codes(self, x: Array, top: Array, bottom: Array) -> Array:
+        """The elements of 1-D float ``x`` in either tail of :meth:`tail_sums`, in
+        ascending order of their index ``i``, as int64 codes: ``i`` for an element of the
+        upper tail, ``-i - 1`` for one of the lower tail only."""
+        upper = ~(x < top)
+        idx = self.nonzero(upper | (x <= bottom))
+        return self.where(self.gather(upper, idx), idx, -idx - 1)
+
     def tree_sum_in(self, x: Array, dtype: str) -> Array:
         """:meth:`tree_sum` of ``cast(x, dtype)`` (1-D float ``x``, a float ``dtype`` at
         least as wide): a float32 tensor's sum in float64 without a backend having to

@@ -110,39 +110,72 @@ def _philox(key: int, counter: int) -> np.random.Philox:
     return generator
 
 
-def _sampled_order_statistic(x: np.ndarray, p: int, hits: int) -> Any:
-    """``sort(x)[p]`` (NaN last) for ``p`` within ``n / 8`` of either end, from the
-    elements past the ``j``-th most extreme of a strided sample (``j`` a few standard
-    deviations beyond the sample's expected share): when at least the needed count of
-    elements lies past it, the answer is among them. None otherwise (and for other
-    ``p``)."""
+def _sampled_order_statistics(x: np.ndarray, positions: list[int], hits: int) -> list:
+    """``sort(x)[p]`` (NaN last) for each ``p`` of ``positions`` within ``n / 8`` of either
+    end, from the elements past the ``j``-th most extreme of a strided sample (``j`` a few
+    standard deviations beyond the sample's expected share): when at least the needed
+    count of elements lies past it, the answer is among them. The candidates of every
+    position are gathered in one pass over ``x``, a cache block at a time. None for a
+    position where that fails (and for other positions)."""
     n = x.shape[0]
-    top = n - p  # the answer is the top-th largest
-    k = min(top, p + 1)
-    if 8 * k > n:
-        return None
-    aim = min(hits, max(8, n >> 14))
-    stride = max(1, n // min(n, -(-aim * n // k)))
-    sample = np.ascontiguousarray(x[::stride])
-    s = sample.shape[0]
-    share = k * s / n
-    j = min(s, math.ceil(share + 4.0 * math.sqrt(share) + 8.0))
-    if top <= p + 1:  # near the top: the elements not below the threshold (NaN included)
-        threshold = np.partition(sample, s - j)[s - j]
-        if threshold != threshold:
-            return None
-        candidates = x[~(x < threshold)]
+    plans = []  # (position, near the top, sampled threshold) or None
+    for p in positions:
+        top = n - p  # the answer is the top-th largest
+        k = min(top, p + 1)
+        if 8 * k > n:
+            plans.append(None)
+            continue
+        aim = min(hits, max(8, n >> 14))
+        stride = max(1, n // min(n, -(-aim * n // k)))
+        sample = np.ascontiguousarray(x[::stride])
+        s = sample.shape[0]
+        share = k * s / n
+        j = min(s, math.ceil(share + 4.0 * math.sqrt(share) + 8.0))
+        near_top = top <= p + 1
+        # near the top: the elements not below the threshold (NaN included); near the
+        # bottom: those not above it
+        threshold = np.partition(sample, s - j)[s - j] if near_top else np.partition(sample, j - 1)[j - 1]
+        plans.append(None if threshold != threshold else (p, near_top, threshold))
+    wanted = [plan for plan in plans if plan is not None]
+    found = _candidates_past(x, [(near_top, threshold) for _, near_top, threshold in wanted])
+    values = iter(found)
+    out = []
+    for plan in plans:
+        if plan is None:
+            out.append(None)
+            continue
+        p, near_top, _ = plan
+        candidates = next(values)
         c = candidates.shape[0]
-        if not top <= c <= n // 4:
-            return None
-        return np.partition(candidates, c - top)[c - top]
-    threshold = np.partition(sample, j - 1)[j - 1]  # near the bottom: those not above it
-    if threshold != threshold:
-        return None
-    candidates = x[x <= threshold]
-    if not p + 1 <= candidates.shape[0] <= n // 4:
-        return None
-    return np.partition(candidates, p)[p]
+        if near_top:
+            top = n - p
+            out.append(np.partition(candidates, c - top)[c - top] if top <= c <= n // 4 else None)
+        else:
+            out.append(np.partition(candidates, p)[p] if p + 1 <= c <= n // 4 else None)
+    return out
+
+
+def _candidates_past(x: np.ndarray, bounds: list[tuple[bool, Any]]) -> list[np.ndarray]:
+    """For each ``(upper, threshold)`` of ``bounds``, the elements of ``x`` not below
+    ``threshold`` (``upper``; NaN among them) or not above it, in index order: one pass
+    over ``x`` a block at a time, its masks in the cache."""
+    if not bounds:
+        return []
+    n = x.shape[0]
+    size = min(n, _TAIL_CODES_BLOCK)
+    mask = np.empty(size, np.bool_)
+    parts: list[list[np.ndarray]] = [[] for _ in bounds]
+    for a in range(0, n, size):
+        block = x[a:a + size]
+        m = mask[:block.shape[0]]
+        for (upper, threshold), found in zip(bounds, parts):
+            if upper:
+                np.less(block, threshold, out=m)
+                np.logical_not(m, out=m)
+            else:
+                np.less_equal(block, threshold, out=m)
+            found.append(block[m])
+    return [np.concatenate(found) for found in parts]
 
 
 def draws_for_distinct(n: int, k: int, have: int = 0) -> int:
@@ -676,9 +709,10 @@ class NumpyOps(Ops):
         n = x.shape[0]
         out = np.empty(positions.shape[0], x.dtype)
         full = []
-        for i, p in enumerate(positions.tolist()):
-            # near either end, among the candidates past a sampled threshold
-            value = _sampled_order_statistic(x, int(p), self.SAMPLED_TOPK_HITS) if n >= 1 << 12 else None
+        wanted = [int(p) for p in positions.tolist()]
+        # near either end, among the candidates past a sampled threshold
+        values = _sampled_order_statistics(x, wanted, self.SAMPLED_TOPK_HITS) if n >= 1 << 12 else [None] * len(wanted)
+        for i, value in enumerate(values):
             if value is None:
                 full.append(i)
             else:
@@ -687,6 +721,92 @@ class NumpyOps(Ops):
             wanted = positions[full]
             out[full] = np.partition(x, np.unique(wanted))[wanted]
         return out
+
+    def sign_counts(self, x):
+        x = np.asarray(x)
+        n = x.size
+        if n < _STREAMED_TAILS_MIN:
+            return np.array([n - np.count_nonzero(x <= 0), np.count_nonzero(x < 0)], np.int64)
+        # a block at a time: the masks stay in the cache
+        flat = x.reshape(-1)
+        size = _TAIL_CODES_BLOCK
+        mask = np.empty(size, np.bool_)
+        at_most_zero = below_zero = 0
+        for a in range(0, n, size):
+            block = flat[a:a + size]
+            m = mask[:block.shape[0]]
+            at_most_zero += np.count_nonzero(np.less_equal(block, 0, out=m))
+            below_zero += np.count_nonzero(np.less(block, 0, out=m))
+        return np.array([n - at_most_zero, below_zero], np.int64)
+
+    def tail_sums(self, x, top, bottom):
+        x = np.asarray(x)
+        n = x.shape[0]
+        if x.ndim != 1 or x.dtype not in (np.float32, np.float64):
+            return super().tail_sums(x, top, bottom)
+        # each tail as x's bits anded with an all-ones or all-zeros word (np.where branches
+        # per element)
+        t, b = x.dtype.type(np.asarray(top).reshape(-1)[0]), x.dtype.type(np.asarray(bottom).reshape(-1)[0])
+        ints = np.dtype(f"i{x.dtype.itemsize}")
+        bits = np.ascontiguousarray(x).view(ints)
+        if n < max(2, _STREAMED_TAILS_MIN):
+            below_top, lower = x < t, x <= b
+            upper_bits = np.subtract(below_top.view(np.uint8), 1, dtype=ints)  # -1 where not below
+            np.bitwise_and(bits, upper_bits, out=upper_bits)
+            lower_bits = np.negative(lower.view(np.uint8), dtype=ints)
+            np.bitwise_and(bits, lower_bits, out=lower_bits)
+            sums = np.concatenate([self.tree_sum(upper_bits.view(x.dtype)), self.tree_sum(lower_bits.view(x.dtype))])
+            return sums, np.array([n - np.count_nonzero(below_top), np.count_nonzero(lower)], np.int64)
+        # streamed a cache block at a time (_streamed_tree_sums): no full-size temporary
+        h = 1 << ((n - 1).bit_length() - 1)
+        size = min(_FUSED_BLOCK, h)
+        mask, keep = np.empty(size, np.bool_), np.empty(size, ints)
+        far_upper, far_lower = np.empty(size, x.dtype), np.empty(size, x.dtype)
+        counts = np.zeros(2, np.int64)
+
+        def split(a: int, z: int, upper: np.ndarray, lower: np.ndarray) -> None:
+            m, k = mask[:z - a], keep[:z - a]
+            np.less(x[a:z], t, out=m)  # below top: outside the upper tail
+            np.subtract(m.view(np.uint8), 1, dtype=ints, out=k)  # -1 where not below, else 0
+            np.bitwise_and(bits[a:z], k, out=upper.view(ints))
+            counts[0] += (z - a) - np.count_nonzero(m)
+            np.less_equal(x[a:z], b, out=m)
+            np.negative(m.view(np.uint8), dtype=ints, out=k)  # -1 where at or below bottom
+            np.bitwise_and(bits[a:z], k, out=lower.view(ints))
+            counts[1] += np.count_nonzero(m)
+
+        def first_level(a: int, z: int, out: list[np.ndarray]) -> None:
+            split(a, z, out[0], out[1])
+            far = min(z, n - h) - a  # elements i + h that exist (i < n - h)
+            if far > 0:
+                split(a + h, a + h + far, far_upper[:far], far_lower[:far])
+                out[0][:far] += far_upper[:far]
+                out[1][:far] += far_lower[:far]
+
+        return np.concatenate(_streamed_tree_sums(h, size, first_level, x.dtype, 2)), counts
+
+    def tail_codes(self, x, top, bottom):
+        x = np.asarray(x)
+        n = x.shape[0]
+        if x.ndim != 1 or n < _STREAMED_TAILS_MIN or x.dtype not in (np.float32, np.float64):
+            return super().tail_codes(x, top, bottom)
+        # a block at a time, its masks in the cache: only the selected codes are full-size
+        t, b = x.dtype.type(np.asarray(top).reshape(-1)[0]), x.dtype.type(np.asarray(bottom).reshape(-1)[0])
+        size = _TAIL_CODES_BLOCK
+        below, lower = np.empty(size, np.bool_), np.empty(size, np.bool_)
+        parts = []
+        for a in range(0, n, size):
+            z = min(n, a + size)
+            below_top = np.less(x[a:z], t, out=below[:z - a])
+            either = np.less_equal(x[a:z], b, out=lower[:z - a])
+            np.logical_or(either, ~below_top, out=either)
+            picked = np.flatnonzero(either)
+            if picked.shape[0]:
+                codes = picked + a
+                low_only = below_top[picked]  # not in the upper tail: in the lower one
+                codes[low_only] = -codes[low_only] - 1
+                parts.append(codes)
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     # -- quantization kernels
     @staticmethod
@@ -1721,6 +1841,10 @@ _WHERE_MASK_MIN = 1 << 12
 #: indices are small, and the one-pass version measured as fast or faster (threshold's
 #: round trip at 1e6 on NumPy: 2.3 ms against 5.2-5.4 ms blocked, the difference in
 #: which of the 8 MB buffers glibc hands back fresh pages; 2.1 against 1.9 on torch)
+#: from this many elements on, tail_sums and tail_codes run a cache block at a time
+_STREAMED_TAILS_MIN = 1 << 21
+#: elements per block of tail_codes
+_TAIL_CODES_BLOCK = 1 << 16
 _PACK_AT_LEAST_BLOCK = 1 << 16
 _PACK_AT_LEAST_BLOCKED_MIN = 1 << 22
 #: the same for sign_means, whose one-pass version makes four full-size temporaries

@@ -780,6 +780,22 @@ class TorchOps(Ops):
             return torch.from_numpy(_NUMPY.sorted_values_at(_np(x), _np(positions)))
         return super().sorted_values_at(x, positions)
 
+    def sign_counts(self, x):
+        if _on_cpu(x):
+            return torch.from_numpy(_NUMPY.sign_counts(_np(x)))
+        return super().sign_counts(x)
+
+    def tail_sums(self, x, top, bottom):
+        if _on_cpu(x, top, bottom):
+            sums, counts = _NUMPY.tail_sums(_np(x), _np(top), _np(bottom))
+            return torch.from_numpy(sums), torch.from_numpy(counts)
+        return super().tail_sums(x, top, bottom)
+
+    def tail_codes(self, x, top, bottom):
+        if _on_cpu(x, top, bottom):
+            return torch.from_numpy(_NUMPY.tail_codes(_np(x), _np(top), _np(bottom)))
+        return super().tail_codes(x, top, bottom)
+
     def tree_sum_in(self, x, dtype):
         if _on_cpu(x):
             return torch.from_numpy(_NUMPY.tree_sum_in(_np(x), dtype))
