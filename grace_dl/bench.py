@@ -370,6 +370,9 @@ def machine_info(backend: str) -> dict[str, Any]:
     """The machine and library versions a benchmark ran on."""
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpus": os.cpu_count(), "numpy": np.__version__}
+    from .ops import jit
+
+    info["jit"] = jit.describe()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]

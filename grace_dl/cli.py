@@ -138,8 +138,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 memory=args.memory))
             print(f"  {method} @ {numel:.2g}: {rows[-1].copy_multiple:.1f}x memcpy", file=sys.stderr, flush=True)
     print(b.format_table(rows, reference))
+    from .ops import jit
+
+    print()
+    print(jit.describe())
     if reference is not None:
-        print()
         print(b.describe_reference(reference, {r.backend for r in rows}))
     if args.write_reference:
         b.write_reference(rows, args.write_reference, repeats=repeats)

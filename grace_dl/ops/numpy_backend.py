@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import jit
 from .base import Ops, level_bits, median_network, run_median_network
 
 _NP_DTYPES = {
@@ -1095,6 +1096,15 @@ class NumpyOps(Ops):
             out[-1] = 0  # the bits past the last code
         code_bytes = out.view(np.uint8)
         generator = _philox(int(key), int(counter))
+        compiled = jit.kernels()
+        if compiled is not None:  # one compiled loop per block: round and pack
+            bits = np.ascontiguousarray(x).view(np.int32)
+            for a in range(0, n, _JIT_BLOCK):  # a multiple of 8: whole bytes per block
+                m = min(_JIT_BLOCK, n - a)
+                raw = generator.random_raw(-(-m // 2)).view("<u4")[:m]
+                np.right_shift(raw, np.uint32(9), out=raw)
+                compiled.natural_codes_packed(bits[a:a + m], raw, code_bytes[a * 9 // 8:])
+            return out
         size = max(32, min(_FUSED_BLOCK, -(-n // 32) * 32))
         for a in range(0, n, size):
             m = min(size, n - a)
@@ -1115,6 +1125,10 @@ class NumpyOps(Ops):
         n = int(n)
         raw = np.ascontiguousarray(words, dtype="<i4").view(np.uint8)
         bits = np.empty(n, np.uint32)
+        compiled = jit.kernels()
+        if compiled is not None:
+            compiled.natural_values(raw, n, bits)
+            return bits.view(np.float32)
         whole = n // 8 * 8
         for a in range(0, whole, _FUSED_BLOCK):  # a multiple of 8: whole 9-byte groups
             b = min(whole, a + _FUSED_BLOCK)
@@ -1310,6 +1324,20 @@ class NumpyOps(Ops):
         if not rows:
             return out
         generator = _philox(int(key), int(counter))
+        compiled = jit.kernels() if bits <= 8 else None
+        if compiled is not None:  # norms, codes and packing in compiled loops, per block
+            step = 32 // math.gcd(d, 32)  # buckets per whole words of codes
+            rows = max(step, _JIT_BLOCK // d // step * step)
+            codes, ratio = np.empty(min(n, rows * d), np.uint8), np.empty(min(n, rows * d), np.float32)
+            code_bytes = words.view(np.uint8)
+            for first in range(0, buckets, rows):
+                start, size = first * d, min(rows, buckets - first) * d
+                valid = min(n - start, size)
+                raw = generator.random_raw(-(-size // 2)).view("<u4")[:size]
+                compiled.dither_codes(x[start:start + valid], raw, d, levels, norms[first:first + rows],
+                                      codes[:valid], ratio[:valid])
+                compiled.pack_fields(codes[:valid], bits, code_bytes[start * bits // 8:])
+            return out
         noise, ratio = np.empty(rows * d, np.float32), np.empty(rows * d, np.float32)
         # codes are packed a run of blocks at a time: packing costs per call, not per element
         run = max(rows, _PACK_RUN // (rows * d) * rows)
@@ -1356,6 +1384,10 @@ class NumpyOps(Ops):
         table = self.dither_values(np.arange(1 << bits), levels, dtype)
         codes = words[buckets:]
         out = np.empty(n, np.float32)
+        compiled = jit.kernels()
+        if compiled is not None:
+            compiled.dither_values(codes.view(np.uint8), n, bits, d, table, norms, out)
+            return out
         # runs of whole buckets and whole words: the levels looked up, times the norms
         step = 32 // math.gcd(d, 32)
         rows = min(buckets, max(step, _PACK_RUN // d // step * step))
@@ -1841,6 +1873,9 @@ _WHERE_MASK_MIN = 1 << 12
 #: indices are small, and the one-pass version measured as fast or faster (threshold's
 #: round trip at 1e6 on NumPy: 2.3 ms against 5.2-5.4 ms blocked, the difference in
 #: which of the 8 MB buffers glibc hands back fresh pages; 2.1 against 1.9 on torch)
+#: elements per call of a compiled kernel (grace_dl.ops.jit) that draws a block at a
+#: time: a multiple of 32 (whole words), its draws ~1 MiB
+_JIT_BLOCK = 1 << 18
 #: from this many elements on, tail_sums and tail_codes run a cache block at a time
 _STREAMED_TAILS_MIN = 1 << 21
 #: elements per block of tail_codes

@@ -1,0 +1,207 @@
+"""Compiled loops for the NumPy backend's bit-level kernels, when numba is installed.
+
+NumPy's ufuncs make one pass over memory per operation; a kernel that rounds, packs or
+unpacks fields at odd widths takes a dozen such passes, or many per-block calls. Here
+each such kernel is one loop, compiled by numba (https://numba.pydata.org) on first use
+and cached on disk. Every loop computes exactly the integers the NumPy kernel it
+replaces computes (they work on the bits of the floats, never with float arithmetic),
+and the tests compare the two bit for bit.
+
+numba is optional: :func:`kernels` returns None without it, or when the environment
+variable ``GRACE_DL_JIT`` is ``0``, and the NumPy backend then runs its vectorised
+kernels. The module is imported only when a kernel is first needed, so importing
+grace_dl never imports numba.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import SimpleNamespace
+from typing import Optional
+
+_LOCK = threading.Lock()
+_LOADED: dict[str, Optional[SimpleNamespace]] = {}
+
+
+def enabled_by_environment() -> bool:
+    """False when ``GRACE_DL_JIT`` is set to ``0`` (the NumPy kernels are then used)."""
+    return os.environ.get("GRACE_DL_JIT", "1").strip() != "0"
+
+
+def kernels() -> Optional[SimpleNamespace]:
+    """The compiled kernels, or None where numba is missing or ``GRACE_DL_JIT=0``.
+    Loaded once per process (importing numba takes ~0.5 s; each kernel compiles on its
+    first call, ~0.2-1 s, or loads from numba's on-disk cache)."""
+    if "kernels" in _LOADED:
+        return _LOADED["kernels"]
+    with _LOCK:
+        if "kernels" not in _LOADED:
+            _LOADED["kernels"] = _build() if enabled_by_environment() else None
+    return _LOADED["kernels"]
+
+
+def describe() -> str:
+    """One line: whether the compiled kernels are used, and numba's version."""
+    if kernels() is None:
+        why = "GRACE_DL_JIT=0" if not enabled_by_environment() else "numba is not installed"
+        return f"compiled kernels: off ({why}; the NumPy kernels run)"
+    import numba
+
+    return f"compiled kernels: numba {numba.__version__} (GRACE_DL_JIT=0 turns them off)"
+
+
+def _build() -> Optional[SimpleNamespace]:
+    try:
+        import numba
+    except ImportError:
+        return None
+    import numpy as np
+    from numba import uint16, uint32, uint64
+
+    # nogil: the torch adapter compresses on a background thread while backward runs
+    jit = numba.njit(nogil=True, cache=True)
+
+    @jit
+    def natural_codes_packed(bits, draws, out):  # pragma: no cover - compiled
+        """Natural compression's 9-bit codes of the float32 ``bits`` (as int32), with
+        the 23-bit ``draws`` (uint32), packed into the bytes ``out`` as pack_uint packs
+        them (code ``i`` at bit ``9 i`` of a little-endian stream).
+
+        The codes follow Ops.power_of_two_codes: ``e`` the exponent field, plus one
+        where the draw is below the mantissa (and ``e < 254``), the sign as bit 8 where
+        ``e > 0``, 256 for NaN; made without branches into a buffer first (a loop that
+        vectorises), then packed: eight codes make nine bytes, a 64-bit word of codes
+        0-6 and code 7's lowest bit, then code 7 shifted down. A short last group
+        writes its ``ceil(9 m / 8)`` bytes."""
+        n = bits.shape[0]
+        codes = np.empty(n + 8, np.uint16)
+        for i in range(n):
+            b = bits[i]
+            mag = uint32(b) & uint32(0x7FFFFFFF)
+            e = mag >> uint32(23)
+            e += uint32((draws[i] < (mag & uint32(0x7FFFFF))) & (e < uint32(254)))
+            e |= uint32((b < 0) & (e > uint32(0))) << uint32(8)
+            nan = uint32(mag > uint32(0x7F800000))
+            codes[i] = uint16(e + nan * (uint32(256) - e))
+        codes[n:] = 0  # the short last group's missing codes
+        for g in range((n + 7) // 8):
+            i = 8 * g
+            word = uint64(0)
+            for j in range(8):
+                word |= uint64(codes[i + j]) << uint64(9 * j)
+            o = 9 * g
+            if i + 8 <= n:
+                for j in range(8):
+                    out[o + j] = (word >> uint64(8 * j)) & uint64(0xFF)
+                out[o + 8] = codes[i + 7] >> uint16(1)
+            else:
+                for j in range((9 * (n - i) + 7) // 8):
+                    out[o + j] = (word >> uint64(8 * j)) & uint64(0xFF)
+
+    @jit
+    def natural_values(raw, n, out):  # pragma: no cover - compiled
+        """The float32 values (as uint32 bits) of the ``n`` 9-bit codes packed in the
+        bytes ``raw`` (pack_uint's layout, at least ``ceil(9 n / 8)`` bytes): ``code <<
+        23``, but 0x7FC00000 (NaN) for the code 256, as Ops.power_of_two_values. Code
+        ``j`` of a group of eight starts at bit ``j`` of the group's byte ``j``."""
+        groups = n // 8
+        for g in range(groups):
+            o = 9 * g
+            for j in range(8):
+                code = ((uint32(raw[o + j]) | (uint32(raw[o + j + 1]) << uint32(8))) >> uint32(j)) & uint32(0x1FF)
+                out[8 * g + j] = uint32(0x7FC00000) if code == 256 else code << uint32(23)
+        o = 9 * groups
+        for j in range(n - 8 * groups):  # a short last group: its ceil(9 * rest / 8) = rest + 1 bytes
+            code = ((uint32(raw[o + j]) | (uint32(raw[o + j + 1]) << uint32(8))) >> uint32(j)) & uint32(0x1FF)
+            out[8 * groups + j] = uint32(0x7FC00000) if code == 256 else code << uint32(23)
+
+    @jit
+    def pack_fields(codes, bits, out):  # pragma: no cover - compiled
+        """The integers ``codes`` (each below ``2**bits``, ``1 <= bits <= 8``) packed
+        into the bytes ``out`` as pack_uint packs them (code ``i`` at bit ``bits * i`` of
+        a little-endian stream): eight codes make ``bits`` bytes, from one 64-bit word.
+        A short last group writes its ``ceil(bits * m / 8)`` bytes."""
+        n = codes.shape[0]
+        shift = uint64(bits)
+        for g in range((n + 7) // 8):
+            i = 8 * g
+            count = min(8, n - i)
+            word = uint64(0)
+            for j in range(count):
+                word |= uint64(codes[i + j]) << (shift * uint64(j))
+            o = bits * g
+            for j in range((bits * count + 7) // 8):
+                out[o + j] = (word >> uint64(8 * j)) & uint64(0xFF)
+
+    @jit
+    def dither_codes(x, draws, d, levels, norms, codes, ratio):  # pragma: no cover - compiled
+        """Natural dithering's norms and codes of float32 ``x`` (Ops.dither_bucket_words
+        before packing) in buckets of ``d``, the last one short where ``x`` is: each
+        bucket's norm (its largest magnitude, the positive quiet NaN where it holds NaN
+        or +-inf) into the float32 ``norms``, and Ops.dither_codes of ``x / norm`` (1
+        for a zero norm) with the draws ``(draws >> 8) / 2**24`` (``draws``: raw uint32
+        words) into the uint8 ``codes``; ``ratio``: float32 scratch of ``x``'s length.
+        Float operations are those of the NumPy kernel, each a single IEEE rounding."""
+        m = x.shape[0]
+        bits_in = x.view(np.int32)
+        norm_bits = norms.view(np.int32)
+        ratio_bits = ratio.view(np.int32)
+        for q in range((m + d - 1) // d):
+            start = q * d
+            stop = min(m, start + d)
+            peak = np.int32(0)
+            for i in range(start, stop):
+                peak = max(peak, bits_in[i] & np.int32(0x7FFFFFFF))
+            norm_bits[q] = np.int32(0x7FC00000) if peak >= np.int32(0x7F800000) else peak
+            divisor = np.float32(1.0) if norms[q] == np.float32(0.0) else norms[q]
+            np.divide(x[start:stop], divisor, ratio[start:stop])  # as a ufunc: vectorised
+        lowest = np.int32((128 - levels) << 23)
+        exponent_offset = np.int32(127 - levels)
+        middle = np.int32(levels)
+        unit = np.float32(2.0 ** -23)
+        draw_unit = np.float32(2.0 ** -24)
+        low_scale = np.float32(2.0 ** (levels - 1))
+        for i in range(m):  # without branches, so that the loop vectorises
+            a = ratio_bits[i] & np.int32(0x7FFFFFFF)
+            special = a >= np.int32(0x7F800000)
+            a = min(a, np.int32(0x3F800000))  # |y| clamped to 1
+            keep = a >= lowest
+            # the mantissa fraction, or below the lowest level |y| / 2**(1 - s): exact
+            # (|y| <= 1 there; a NaN's value is unused)
+            fraction = np.float32(a & np.int32(0x7FFFFF)) * unit
+            low = ratio[i] * low_scale
+            low = -low if low < np.float32(0.0) else low
+            p = fraction if keep else low
+            k = ((a >> np.int32(23)) - exponent_offset) if keep else np.int32(0)
+            k += np.int32(np.float32(np.int32(draws[i] >> uint32(8))) * draw_unit < p)
+            k = np.int32(0) if special else k
+            codes[i] = np.uint8(middle - k if bits_in[i] < 0 else middle + k)
+
+    @jit
+    def dither_values(raw, n, bits, d, table, norms, out):  # pragma: no cover - compiled
+        """Ops.dither_bucket_values for float32: the ``n`` codes of ``bits <= 8`` packed
+        in the bytes ``raw`` (pack_uint's layout), each looked up in ``table`` and
+        multiplied by its bucket's norm (one rounding)."""
+        mask = uint64((1 << bits) - 1)
+        if n == 0:
+            return
+        # each level times the bucket's norm: the products of the values
+        scaled = table * norms[0]
+        bucket, boundary = 0, d
+        for g in range((n + 7) // 8):  # eight codes from the group's bits bytes
+            o = bits * g
+            count = min(8, n - 8 * g)
+            word = uint64(0)
+            for j in range((bits * count + 7) // 8):
+                word |= uint64(raw[o + j]) << uint64(8 * j)
+            for j in range(count):
+                i = 8 * g + j
+                if i == boundary:
+                    bucket += 1
+                    boundary += d
+                    scaled[:] = table * norms[bucket]
+                out[i] = scaled[(word >> uint64(bits * j)) & mask]
+
+    return SimpleNamespace(natural_codes_packed=natural_codes_packed, natural_values=natural_values,
+                           pack_fields=pack_fields, dither_codes=dither_codes, dither_values=dither_values)

@@ -1,0 +1,101 @@
+"""The compiled kernels (grace_dl.ops.jit, numba) give the NumPy kernels' bits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from grace_dl.ops import jit
+from grace_dl.ops.base import Ops
+from grace_dl.ops.numpy_backend import NumpyOps
+
+pytest.importorskip("numba")
+
+ops = NumpyOps()
+
+
+@pytest.fixture
+def without_jit(monkeypatch):
+    """Runs a block with the NumPy kernels: ``with without_jit(): ...``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def block():
+        compiled = jit.kernels()
+        monkeypatch.setitem(jit._LOADED, "kernels", None)
+        try:
+            yield
+        finally:
+            monkeypatch.setitem(jit._LOADED, "kernels", compiled)
+
+    return block
+
+
+def _floats(n: int, seed: int) -> np.ndarray:
+    """float32 over the whole exponent range, with NaN (either sign), +-inf, signed
+    zeros, subnormals, the largest finite values and zero runs."""
+    rng = np.random.default_rng(seed)
+    with np.errstate(over="ignore"):
+        x = (rng.standard_normal(n) * 10.0 ** rng.integers(-45, 39, n)).astype(np.float32)
+    x[rng.random(n) < 0.05] = 0
+    specials = np.array([np.nan, -np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-45, -1e-45, 3.4e38, -3.4e38], np.float32)
+    if n:
+        x[rng.integers(0, n, min(n, 12))] = specials[rng.integers(0, len(specials), min(n, 12))]
+    if n > 700:
+        x[600:700] = 0.0  # whole zero buckets
+    return x
+
+
+def test_the_kernels_are_compiled_here():
+    # numba is installed (this module is skipped otherwise): the kernels must load, or
+    # every other test here would compare the NumPy kernels with themselves
+    assert jit.kernels() is not None
+    assert "numba" in jit.describe()
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 31, 33, 1000, (1 << 18) + 37])
+def test_natural_compression_compiled_is_the_numpy_kernels(without_jit, n):
+    x = _floats(n, n)
+    compiled = ops.power_of_two_words(x, 11, 3)
+    back = ops.power_of_two_from_words(compiled, n)
+    with without_jit():
+        words = ops.power_of_two_words(x, 11, 3)
+        values = ops.power_of_two_from_words(words, n)
+    assert compiled.dtype == np.int32 and compiled.tobytes() == words.tobytes()
+    assert back.dtype == np.float32 and back.tobytes() == values.tobytes()
+    if n <= 1000:  # and the protocol's own definition
+        assert compiled.tobytes() == Ops.power_of_two_words(ops, x, 11, 3).tobytes()
+        assert back.tobytes() == Ops.power_of_two_from_words(ops, compiled, n).tobytes()
+
+
+@pytest.mark.parametrize("levels", [1, 3, 7, 8, 15, 127])
+@pytest.mark.parametrize("bucket", [1, 5, 32, 512])
+@pytest.mark.parametrize("n", [0, 1, 31, 33, 1000, 70_001])
+def test_natural_dithering_compiled_is_the_numpy_kernels(without_jit, levels, bucket, n):
+    x = _floats(n, n + levels)
+    compiled = ops.dither_bucket_words(x, levels, bucket, 5, 9)
+    back = ops.dither_bucket_values(compiled, n, levels, bucket, "float32")
+    with without_jit():
+        words = ops.dither_bucket_words(x, levels, bucket, 5, 9)
+        values = ops.dither_bucket_values(words, n, levels, bucket, "float32")
+    assert compiled.dtype == np.int32 and compiled.tobytes() == words.tobytes()
+    assert back.dtype == np.float32 and back.tobytes() == values.tobytes()
+    if n <= 1000:
+        assert compiled.tobytes() == Ops.dither_bucket_words(ops, x, levels, bucket, 5, 9).tobytes()
+
+
+def test_grace_dl_jit_0_turns_the_kernels_off():
+    env = dict(os.environ, GRACE_DL_JIT="0")
+    code = "from grace_dl.ops import jit; print(jit.kernels() is None, jit.describe())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("True compiled kernels: off (GRACE_DL_JIT=0")
+
+
+def test_importing_grace_dl_does_not_import_numba():
+    code = "import sys, grace_dl, grace_dl.ops.numpy_backend; print('numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
