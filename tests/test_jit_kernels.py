@@ -99,3 +99,20 @@ def test_importing_grace_dl_does_not_import_numba():
     code = "import sys, grace_dl, grace_dl.ops.numpy_backend; print('numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("levels", [1, 2, 127])
+@pytest.mark.parametrize("bucket", [1, 7, 128, 512])
+@pytest.mark.parametrize("n", [0, 1, 31, 1000, 70_001])
+def test_qsgd_compiled_is_the_numpy_kernels(without_jit, levels, bucket, n):
+    x = _floats(n, n + bucket)
+    x[np.isnan(x) | np.isinf(x)] = 1.5  # no NaN norm: the compiled loop codes every block
+    # one bucket with a NaN norm: the NumPy kernel codes that block
+    nan = x.copy()
+    nan[n // 2:n // 2 + 1] = np.nan
+    finite, with_nan = ops.bucket_level_words(x, levels, bucket, 3, 4), ops.bucket_level_words(nan, levels, bucket, 3, 4)
+    with without_jit():
+        want, want_nan = ops.bucket_level_words(x, levels, bucket, 3, 4), ops.bucket_level_words(nan, levels, bucket, 3, 4)
+    assert finite.tobytes() == want.tobytes() and with_nan.tobytes() == want_nan.tobytes()
+    if n <= 1000:
+        assert with_nan.tobytes() == Ops.bucket_level_words(ops, nan, levels, bucket, 3, 4).tobytes()

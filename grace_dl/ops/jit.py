@@ -203,5 +203,33 @@ def _build() -> Optional[SimpleNamespace]:
                     scaled[:] = table * norms[bucket]
                 out[i] = scaled[(word >> uint64(bits * j)) & mask]
 
+    @jit
+    def qsgd_codes(grid, draws, divisors, d, levels, codes):  # pragma: no cover - compiled
+        """QSGD's byte codes (Ops.bucket_levels, then ``+ levels``) of the float32
+        ``grid`` in buckets of ``d`` with their ``divisors`` (the norms, 1 for a zero
+        norm; none NaN) and the draws ``(draws >> 8) / 2**24`` (``draws``: uint32 already
+        shifted), into the uint8 ``codes`` (its length: the elements to code). Each
+        float step is the NumPy kernel's, one IEEE rounding each: ``floor(|g| / norm *
+        s + u)`` capped at ``s``, with ``g``'s sign, plus ``s`` (exact in integers)."""
+        m = codes.shape[0]
+        signs = grid.view(np.int32)
+        s = np.float32(levels)
+        top = np.int32(levels)
+        draw_unit = np.float32(2.0 ** -24)
+        ratio = np.abs(grid[:m])
+        for q in range((m + d - 1) // d):
+            start, stop = q * d, min(m, q * d + d)
+            # as a ufunc, which vectorises (a loop's division does not here)
+            np.divide(ratio[start:stop], divisors[q], ratio[start:stop])
+        for i in range(m):
+            level = ratio[i] * s
+            level = level + np.float32(np.int32(draws[i])) * draw_unit
+            # floor, as truncation (the level is >= 0 and below s + 2, as |g| <= norm),
+            # capped at s; the sign of g (a level of 0 makes the code s either way)
+            k = min(np.int32(level), top)
+            k = -k if signs[i] < 0 else k
+            codes[i] = np.uint8(k + top)
+
     return SimpleNamespace(natural_codes_packed=natural_codes_packed, natural_values=natural_values,
-                           pack_fields=pack_fields, dither_codes=dither_codes, dither_values=dither_values)
+                           pack_fields=pack_fields, dither_codes=dither_codes, dither_values=dither_values,
+                           qsgd_codes=qsgd_codes)

@@ -1241,20 +1241,28 @@ class NumpyOps(Ops):
         mag, unit = np.empty((rows, d), x.dtype), np.empty((rows, d), x.dtype)
         codes = None  # int32 codes: for a block with a NaN norm, or widths other than 8
         code_bytes = words.view(np.uint8)
+        # float32 codes of a byte each: the levels and codes in one compiled loop
+        compiled = jit.kernels() if x.dtype == np.float32 and bits == 8 else None
         for first in range(0, buckets, rows):
             r = min(rows, buckets - first)
             start, size = first * d, r * d
             valid = min(n - start, size)
             raw = generator.random_raw(-(-size // 2)).view("<u4")[:size]
             np.right_shift(raw, np.uint32(8), out=raw)
-            # the draws of random_uniform, exact in either dtype
-            np.multiply(raw.view(np.int32), x.dtype.type(2.0 ** -24), out=noise.reshape(-1)[:size], dtype=x.dtype)
             if valid == size:
                 grid = x[start:start + size].reshape(r, d)
             else:  # the short last bucket, zero-padded
                 grid = np.zeros((r, d), x.dtype)
                 grid.reshape(-1)[:valid] = x[start:]
             block_norms = norms[first:first + r]
+            if compiled is not None:
+                divisors = _bucket_norms_block(grid, block_norms, mag[:r], unit[:r])
+                total = block_norms.sum()  # NaN exactly where a norm is (norms are >= 0)
+                if total == total:
+                    compiled.qsgd_codes(grid.reshape(-1), raw, divisors, d, levels, code_bytes[start:start + valid])
+                    continue
+            # the draws of random_uniform, exact in either dtype
+            np.multiply(raw.view(np.int32), x.dtype.type(2.0 ** -24), out=noise.reshape(-1)[:size], dtype=x.dtype)
             _bucket_levels_block(grid, noise[:r], levels, block_norms, None, mag[:r], unit[:r])
             if bits == 8:
                 total = block_norms.sum()  # NaN exactly where a norm is (norms are >= 0)
@@ -1987,12 +1995,10 @@ def _dither_codes_block(y: np.ndarray, u: np.ndarray, levels: int, out: np.ndarr
 _SIGN_BIT = {4: np.int32(-2**31), 8: np.int64(-2**63)}
 
 
-def _bucket_levels_block(grid: np.ndarray, noise: np.ndarray, levels: int, norms: np.ndarray,
-                         codes: np.ndarray | None, mag: np.ndarray, unit: np.ndarray) -> None:
-    """:meth:`NumpyOps.bucket_levels` of the rows ``grid`` into ``norms`` and int32
-    ``codes``, with ``mag`` and ``unit`` temporaries of the grid's shape; the codes are
-    left in ``mag`` as floats too (and only there if ``codes`` is None)."""
-    dtype = grid.dtype.type
+def _bucket_norms_block(grid: np.ndarray, norms: np.ndarray, mag: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """The norms of :meth:`NumpyOps.bucket_levels` of the rows ``grid`` into ``norms``,
+    with ``mag`` and ``unit`` temporaries of the grid's shape (``|grid|`` is left in
+    ``mag``); returns the divisors: the norms, 1 where a norm is 0."""
     np.abs(grid, out=mag)
     peak = mag.max(axis=1)
     # where(p > 0, p, p * 0 + 1) for p >= 0 or NaN: only a zero changes (NaN * 0 + 1 is
@@ -2012,6 +2018,16 @@ def _bucket_levels_block(grid: np.ndarray, noise: np.ndarray, levels: int, norms
     if not all_rows_nonzero and not norms.all():
         safe = norms.copy()
         safe[norms == 0] = 1
+    return safe
+
+
+def _bucket_levels_block(grid: np.ndarray, noise: np.ndarray, levels: int, norms: np.ndarray,
+                         codes: np.ndarray | None, mag: np.ndarray, unit: np.ndarray) -> None:
+    """:meth:`NumpyOps.bucket_levels` of the rows ``grid`` into ``norms`` and int32
+    ``codes``, with ``mag`` and ``unit`` temporaries of the grid's shape; the codes are
+    left in ``mag`` as floats too (and only there if ``codes`` is None)."""
+    dtype = grid.dtype.type
+    safe = _bucket_norms_block(grid, norms, mag, unit)
     np.divide(mag, safe[:, None], out=mag)
     np.multiply(mag, levels, out=mag)
     np.add(mag, noise, out=mag)
