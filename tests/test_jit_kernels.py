@@ -116,3 +116,22 @@ def test_qsgd_compiled_is_the_numpy_kernels(without_jit, levels, bucket, n):
     assert finite.tobytes() == want.tobytes() and with_nan.tobytes() == want_nan.tobytes()
     if n <= 1000:
         assert with_nan.tobytes() == Ops.bucket_level_words(ops, nan, levels, bucket, 3, 4).tobytes()
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("n", [1, 999, 5000])
+def test_sketch_median_compiled_is_the_numpy_kernels(without_jit, count, n):
+    # the count-sketch estimate: medians in totalOrder (NaN, signed zeros, ties), an even
+    # row count's mean of the middle two, rotations that wrap and negated blocks
+    width = 300
+    blocks = -(-n // width)
+    rng = np.random.default_rng(count * n)
+    rows = _floats(count * width, count + n).reshape(count, width)
+    rows[:, :40] = rng.integers(-2, 3, (count, 40))  # ties across rows
+    shifts = rng.integers(0, width, (count, blocks))
+    negate = rng.random((count, blocks)) < 0.5
+    compiled = ops.rotated_block_median(rows, n, shifts, negate)
+    with without_jit():
+        want = ops.rotated_block_median(rows, n, shifts, negate)
+    assert compiled.dtype == np.float32 and compiled.tobytes() == want.tobytes()
+    assert compiled.tobytes() == Ops.rotated_block_median(ops, rows, n, shifts, negate).tobytes()

@@ -230,6 +230,74 @@ def _build() -> Optional[SimpleNamespace]:
             k = -k if signs[i] < 0 else k
             codes[i] = np.uint8(k + top)
 
+    @jit
+    def _order_keys_into(source, flip, keys):  # pragma: no cover - compiled
+        """The totalOrder keys of the float32 bits ``source`` into ``keys`` (every NaN
+        the positive quiet NaN; the key of ``-v`` where ``flip``)."""
+        top = np.int32(0x7FFFFFFF)
+        inf_key = np.int32(0x7F800000)
+        for t in range(source.shape[0]):
+            b = source[t]
+            k = b ^ ((b >> np.int32(31)) & top)  # sign-magnitude bits as an order key
+            nan = (k > inf_key) | (k < -1 - inf_key)
+            k = (-1 - k) if flip else k
+            keys[t] = np.int32(0x7FC00000) if nan else k
+
+    @jit
+    def _compare_exchange(low, high):  # pragma: no cover - compiled
+        for t in range(low.shape[0]):
+            a, b = low[t], high[t]
+            low[t] = min(a, b)
+            high[t] = max(a, b)
+
+    @jit
+    def _float_bits_into(keys, bits):  # pragma: no cover - compiled
+        """The float32 bits of the order ``keys`` into ``bits``."""
+        for t in range(keys.shape[0]):
+            k = keys[t]
+            bits[t] = k ^ ((k >> np.int32(31)) & np.int32(0x7FFFFFFF))
+
+    @jit
+    def sketch_median(rows, n, shifts, negate, steps, middle, out):  # pragma: no cover - compiled
+        """Ops.rotated_block_median of float32 ``rows`` ``(R, width)`` into the float32
+        ``out`` (``n`` elements), ``shifts`` int64 and ``negate`` bool ``(R, blocks)``:
+        element ``q * width + c`` reads ``rows[r, (c + shifts[r, q]) mod width]`` of
+        every row, negated where ``negate[r, q]``, as IEEE 754 totalOrder keys (every NaN
+        the positive quiet NaN), and takes their median with the comparator network
+        ``steps`` (int64 ``(S, 2)``: min to the first position, max to the second) at
+        the positions ``middle`` (one, or two whose values' mean ``(a + b) * 0.5`` it
+        is). A tile of columns at a time, each pass a loop over contiguous slices."""
+        count, width = rows.shape
+        bits_in = rows.view(np.int32)
+        out_bits = out.view(np.int32)
+        tile = 4096
+        keys = np.empty((count, tile), np.int32)
+        pair = np.empty((2, tile), np.int32)
+        pair_values = pair.view(np.float32)
+        for q in range(shifts.shape[1]):
+            base = q * width
+            length = min(width, n - base)
+            for c0 in range(0, length, tile):
+                m = min(tile, length - c0)
+                for r in range(count):
+                    # the tile's sources: up to the row's end, then from its start
+                    first = c0 + shifts[r, q]
+                    if first >= width:
+                        first -= width
+                    run = min(m, width - first)
+                    _order_keys_into(bits_in[r, first:first + run], negate[r, q], keys[r, :run])
+                    if run < m:
+                        _order_keys_into(bits_in[r, :m - run], negate[r, q], keys[r, run:m])
+                for s in range(steps.shape[0]):
+                    _compare_exchange(keys[steps[s, 0], :m], keys[steps[s, 1], :m])
+                if middle.shape[0] == 1:
+                    _float_bits_into(keys[middle[0], :m], out_bits[base + c0:base + c0 + m])
+                else:
+                    _float_bits_into(keys[middle[0], :m], pair[0, :m])
+                    _float_bits_into(keys[middle[1], :m], pair[1, :m])
+                    for t in range(m):
+                        out[base + c0 + t] = (pair_values[0, t] + pair_values[1, t]) * np.float32(0.5)
+
     return SimpleNamespace(natural_codes_packed=natural_codes_packed, natural_values=natural_values,
                            pack_fields=pack_fields, dither_codes=dither_codes, dither_values=dither_values,
-                           qsgd_codes=qsgd_codes)
+                           qsgd_codes=qsgd_codes, sketch_median=sketch_median)

@@ -1574,6 +1574,15 @@ class NumpyOps(Ops):
     def rotated_block_median(self, rows, n, shifts, negate):
         if rows.shape[1] < _SKETCH_MIN_WIDTH or rows.dtype not in (np.float32, np.float64):
             return super().rotated_block_median(rows, n, shifts, negate)
+        compiled = jit.kernels() if rows.dtype == np.float32 else None
+        if compiled is not None:  # compiled loops over tiles of columns, the network's steps on keys
+            steps, middle = median_network(rows.shape[0])
+            out = np.empty(int(n), np.float32)
+            compiled.sketch_median(np.ascontiguousarray(rows), int(n), np.ascontiguousarray(shifts, dtype=np.int64),
+                                   np.ascontiguousarray(negate, dtype=np.bool_),
+                                   np.array([(i, j) for i, j, _, _ in steps], np.int64).reshape(-1, 2),
+                                   np.array(middle, np.int64), out)
+            return out
         return _rotated_block_median(rows, n, np.asarray(shifts).tolist(), np.asarray(negate).tolist())
 
     def clipped_ternary_codes(self, x, clip, bound, u):
