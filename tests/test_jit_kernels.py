@@ -135,3 +135,25 @@ def test_sketch_median_compiled_is_the_numpy_kernels(without_jit, count, n):
         want = ops.rotated_block_median(rows, n, shifts, negate)
     assert compiled.dtype == np.float32 and compiled.tobytes() == want.tobytes()
     assert compiled.tobytes() == Ops.rotated_block_median(ops, rows, n, shifts, negate).tobytes()
+
+
+@pytest.mark.parametrize("key, counter", [(0, 0), (5, 7), (2**128 - 1, 2**64 - 2), (9, 2**64 - 6),
+                                          (123456789 << 70, 2**192 - 3), (3, 2**256 - 9)])
+def test_compiled_philox_is_numpys_stream(key, counter):
+    # successive calls of every length, across blocks and counter carries, continue one
+    # stream exactly as NumPy's random_raw does (its unused words kept for the next call)
+    from grace_dl.ops.numpy_backend import _CompiledPhilox
+
+    compiled, numpy_philox = _CompiledPhilox(jit.kernels(), key, counter), np.random.Philox(key=key, counter=counter)
+    for m in [1, 3, 4, 5, 16, 17, 0, 2, 64, 1001, 7]:
+        got, want = compiled.random_raw(m), numpy_philox.random_raw(m)
+        assert got.dtype == np.uint64 and np.array_equal(got, want), m
+
+
+def test_random_kernels_draw_numpys_stream(without_jit):
+    draws = ops.random_uniform(100_003, 12, 34, None), ops.uniform_ints(70_001, 9, 12, 34, None)
+    with without_jit():
+        want = ops.random_uniform(100_003, 12, 34, None), ops.uniform_ints(70_001, 9, 12, 34, None)
+    generator = np.random.Generator(np.random.Philox(key=12, counter=34))
+    assert draws[0].tobytes() == want[0].tobytes() == generator.random(100_003, dtype=np.float32).tobytes()
+    assert draws[1].tobytes() == want[1].tobytes()

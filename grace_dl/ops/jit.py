@@ -57,7 +57,24 @@ def _build() -> Optional[SimpleNamespace]:
     except ImportError:
         return None
     import numpy as np
-    from numba import uint16, uint32, uint64
+    from llvmlite import ir
+    from numba import types, uint16, uint32, uint64
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def mulhilo64(typingctx, a, b):  # pragma: no cover - compiled
+        """The high and low 64-bit words of the 128-bit product of two uint64 (one
+        multiply instruction)."""
+        signature = types.UniTuple(types.uint64, 2)(types.uint64, types.uint64)
+
+        def codegen(context, builder, sig, args):
+            wide = ir.IntType(128)
+            product = builder.mul(builder.zext(args[0], wide), builder.zext(args[1], wide))
+            low = builder.trunc(product, ir.IntType(64))
+            high = builder.trunc(builder.lshr(product, ir.Constant(wide, 64)), ir.IntType(64))
+            return context.make_tuple(builder, sig.return_type, [high, low])
+
+        return signature, codegen
 
     # nogil: the torch adapter compresses on a background thread while backward runs
     jit = numba.njit(nogil=True, cache=True)
@@ -298,6 +315,77 @@ def _build() -> Optional[SimpleNamespace]:
                     for t in range(m):
                         out[base + c0 + t] = (pair_values[0, t] + pair_values[1, t]) * np.float32(0.5)
 
+    # Philox-4x64-10 (Salmon et al. 2011): the round multipliers and the Weyl constants
+    # that bump the key between rounds, as NumPy's np.random.Philox
+    m0, m1 = uint64(0xD2E7470EE14C6C93), uint64(0xCA5A826395121157)
+    w0, w1 = uint64(0x9E3779B97F4A7C15), uint64(0xBB67AE8584CAA73B)
+
+    @jit
+    def philox_block(counter, key, out, at):  # pragma: no cover - compiled
+        """One block: increment the 256-bit ``counter`` (uint64[4], in place), then its
+        four words (at most ``len(out) - at`` written) into ``out`` from ``at``."""
+        counter[0] += uint64(1)
+        if counter[0] == 0:
+            counter[1] += uint64(1)
+            if counter[1] == 0:
+                counter[2] += uint64(1)
+                if counter[2] == 0:
+                    counter[3] += uint64(1)
+        c0, c1, c2, c3 = counter[0], counter[1], counter[2], counter[3]
+        k0, k1 = key[0], key[1]
+        for _ in range(10):
+            hi0, lo0 = mulhilo64(m0, c0)
+            hi1, lo1 = mulhilo64(m1, c2)
+            c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+            k0 += w0
+            k1 += w1
+        words = (c0, c1, c2, c3)
+        for t in range(min(4, out.shape[0] - at)):
+            out[at + t] = words[t]
+
+    @jit
+    def philox_words(counter, key, out):  # pragma: no cover - compiled
+        """The next ``len(out)`` uint64 words of NumPy's Philox-4x64-10 stream with the
+        ``counter`` (uint64[4], advanced in place by one per block of four words) and the
+        ``key`` (uint64[2]): NumPy's ``random_raw``, bit for bit, the last block's
+        unwritten words dropped. Four blocks at a time where the counter's low word does
+        not carry within them, their multiplies interleaved (one block's ten rounds are
+        a chain of dependent multiplies)."""
+        n = out.shape[0]
+        at = 0
+        while at < n:
+            if n - at >= 16 and counter[0] <= uint64(0xFFFFFFFFFFFFFFFB):
+                base = counter[0]
+                a0, b0, d0, e0 = base + uint64(1), base + uint64(2), base + uint64(3), base + uint64(4)
+                a1 = b1 = d1 = e1 = counter[1]
+                a2 = b2 = d2 = e2 = counter[2]
+                a3 = b3 = d3 = e3 = counter[3]
+                k0, k1 = key[0], key[1]
+                for _ in range(10):
+                    ha0, la0 = mulhilo64(m0, a0)
+                    ha1, la1 = mulhilo64(m1, a2)
+                    hb0, lb0 = mulhilo64(m0, b0)
+                    hb1, lb1 = mulhilo64(m1, b2)
+                    hd0, ld0 = mulhilo64(m0, d0)
+                    hd1, ld1 = mulhilo64(m1, d2)
+                    he0, le0 = mulhilo64(m0, e0)
+                    he1, le1 = mulhilo64(m1, e2)
+                    a0, a1, a2, a3 = ha1 ^ a1 ^ k0, la1, ha0 ^ a3 ^ k1, la0
+                    b0, b1, b2, b3 = hb1 ^ b1 ^ k0, lb1, hb0 ^ b3 ^ k1, lb0
+                    d0, d1, d2, d3 = hd1 ^ d1 ^ k0, ld1, hd0 ^ d3 ^ k1, ld0
+                    e0, e1, e2, e3 = he1 ^ e1 ^ k0, le1, he0 ^ e3 ^ k1, le0
+                    k0 += w0
+                    k1 += w1
+                counter[0] = base + uint64(4)
+                out[at], out[at + 1], out[at + 2], out[at + 3] = a0, a1, a2, a3
+                out[at + 4], out[at + 5], out[at + 6], out[at + 7] = b0, b1, b2, b3
+                out[at + 8], out[at + 9], out[at + 10], out[at + 11] = d0, d1, d2, d3
+                out[at + 12], out[at + 13], out[at + 14], out[at + 15] = e0, e1, e2, e3
+                at += 16
+            else:
+                philox_block(counter, key, out, at)
+                at += 4
+
     return SimpleNamespace(natural_codes_packed=natural_codes_packed, natural_values=natural_values,
                            pack_fields=pack_fields, dither_codes=dither_codes, dither_values=dither_values,
-                           qsgd_codes=qsgd_codes, sketch_median=sketch_median)
+                           qsgd_codes=qsgd_codes, sketch_median=sketch_median, philox_words=philox_words)
