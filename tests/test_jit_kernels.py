@@ -157,3 +157,38 @@ def test_random_kernels_draw_numpys_stream(without_jit):
     generator = np.random.Generator(np.random.Philox(key=12, counter=34))
     assert draws[0].tobytes() == want[0].tobytes() == generator.random(100_003, dtype=np.float32).tobytes()
     assert draws[1].tobytes() == want[1].tobytes()
+
+
+@pytest.mark.parametrize("threshold", [0.5, 1e-30, 2.0, np.inf])
+def test_threshold_selection_and_scatter_compiled_are_the_numpy_kernels(without_jit, monkeypatch, threshold):
+    import grace_dl.ops.numpy_backend as numpy_backend
+
+    monkeypatch.setattr(numpy_backend, "_PACK_AT_LEAST_BLOCKED_MIN", 1)  # the kernels at every size
+    x = _floats(50_001, 3)
+    x[100:5000] = 0.25  # a long run with nothing at or above 0.5
+    level = np.full(1, threshold, np.float32)
+    packed = ops.pack_magnitude_at_least(x, level)
+    dense = ops.scatter_sparse(x.shape[0], packed, "float32")
+    with without_jit():
+        want = ops.pack_magnitude_at_least(x, level)
+        want_dense = ops.scatter_sparse(x.shape[0], want, "float32")
+    assert packed.dtype == np.int32 and packed.tobytes() == want.tobytes()
+    assert packed.tobytes() == Ops.pack_magnitude_at_least(ops, x, threshold).tobytes()
+    assert dense.dtype == np.float32 and dense.tobytes() == want_dense.tobytes()
+
+
+def test_scatter_of_indices_not_ascending_takes_the_general_path(without_jit):
+    # a payload the compiled one-pass scatter does not take: indices out of order (the
+    # last write wins, as NumPy assigns), and one outside the tensor (NumPy's error)
+    k = 5000
+    idx = np.arange(k, dtype=np.int32)[::-1].copy()
+    idx[10] = idx[11]  # a repeated index
+    values = np.arange(k, dtype=np.float32) + 1
+    buffer = np.concatenate([idx, values.view(np.int32)])
+    got = ops.scatter_sparse(2 * k, buffer, "float32")
+    with without_jit():
+        want = ops.scatter_sparse(2 * k, buffer, "float32")
+    assert got.tobytes() == want.tobytes()
+    buffer[0] = 3 * k  # out of range
+    with pytest.raises(IndexError):
+        ops.scatter_sparse(2 * k, buffer, "float32")

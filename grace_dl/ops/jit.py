@@ -315,6 +315,48 @@ def _build() -> Optional[SimpleNamespace]:
                     for t in range(m):
                         out[base + c0 + t] = (pair_values[0, t] + pair_values[1, t]) * np.float32(0.5)
 
+    @jit
+    def count_magnitude_at_least(bits, level):  # pragma: no cover - compiled
+        """How many of the float32 ``bits`` (int32) have a magnitude's bits at least
+        ``level``'s (the magnitudes order as their bits; NaN lies above +inf)."""
+        count = 0
+        for i in range(bits.shape[0]):
+            count += (bits[i] & np.int32(0x7FFFFFFF)) >= level
+        return count
+
+    @jit
+    def pack_magnitude_at_least(bits, level, indices, values):  # pragma: no cover - compiled
+        """The int32 indices and the float32 bits (int32) of the elements of ``bits``
+        counted by count_magnitude_at_least, in index order, into ``indices`` and
+        ``values`` (each as long as that count)."""
+        at = 0
+        for i in range(bits.shape[0]):
+            b = bits[i]
+            if (b & np.int32(0x7FFFFFFF)) >= level:
+                indices[at] = i
+                values[at] = b
+                at += 1
+
+    @jit
+    def scatter_ascending(indices, values, out):  # pragma: no cover - compiled
+        """``out`` = zeros with ``out[indices] = values``, in one pass, for ascending
+        distinct ``indices`` within ``out``: returns 0. Returns 1 at the first index that
+        is not above the one before it, 2 at one outside ``out`` (``out`` is then partly
+        written: the caller scatters another way)."""
+        n = out.shape[0]
+        previous = -1
+        for j in range(indices.shape[0]):
+            i = indices[j]
+            if i <= previous:
+                return 1
+            if i >= n:
+                return 2
+            out[previous + 1:i] = 0
+            out[i] = values[j]
+            previous = i
+        out[previous + 1:] = 0
+        return 0
+
     # Philox-4x64-10 (Salmon et al. 2011): the round multipliers and the Weyl constants
     # that bump the key between rounds, as NumPy's np.random.Philox
     m0, m1 = uint64(0xD2E7470EE14C6C93), uint64(0xCA5A826395121157)
@@ -388,4 +430,6 @@ def _build() -> Optional[SimpleNamespace]:
 
     return SimpleNamespace(natural_codes_packed=natural_codes_packed, natural_values=natural_values,
                            pack_fields=pack_fields, dither_codes=dither_codes, dither_values=dither_values,
-                           qsgd_codes=qsgd_codes, sketch_median=sketch_median, philox_words=philox_words)
+                           qsgd_codes=qsgd_codes, sketch_median=sketch_median, philox_words=philox_words,
+                           count_magnitude_at_least=count_magnitude_at_least,
+                           pack_magnitude_at_least=pack_magnitude_at_least, scatter_ascending=scatter_ascending)

@@ -589,6 +589,11 @@ class NumpyOps(Ops):
     def scatter_sparse(self, n, buffer, dtype):
         np_dtype = _np_dtype(dtype)
         k = buffer.shape[0] // (1 + np.dtype(np_dtype).itemsize // 4)
+        compiled = jit.kernels() if np_dtype == np.float32 and k >= _SMALL_SPARSE else None
+        if compiled is not None:  # one pass writing zeros and values: indices are ascending
+            out = np.empty(int(n), np_dtype)
+            if compiled.scatter_ascending(buffer[:k], buffer[k:].view(np_dtype), out) == 0:
+                return out
         out = np.zeros(int(n), np_dtype)
         values = buffer[k:].view(np_dtype)
         if k < _SMALL_SPARSE:  # few indices: int32 ones as they are, in one assignment
@@ -658,6 +663,13 @@ class NumpyOps(Ops):
         t = x.dtype.type(threshold)
         if not t > 0:
             return super().pack_magnitude_at_least(x, threshold)
+        compiled = jit.kernels() if x.dtype == np.float32 else None
+        if compiled is not None:  # the same two passes, each one compiled loop
+            bits, level = np.ascontiguousarray(x).view(np.int32), np.asarray(t).view(np.int32)
+            k = compiled.count_magnitude_at_least(bits, level)
+            buffer = np.empty(2 * k, np.int32)
+            compiled.pack_magnitude_at_least(bits, level, buffer[:k], buffer[k:])
+            return buffer
         # two passes a cache block at a time: count, then write each block's int32
         # indices and values straight into the payload (the selection of
         # nonzero_magnitude_at_least: magnitudes' bits compared as integers, NaN passes)

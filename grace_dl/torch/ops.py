@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..core import derive_key
+from ..ops import jit
 from ..ops.base import Ops
 from ..ops.numpy_backend import NumpyOps, draws_for_distinct, kth_largest_value
 
@@ -557,7 +558,8 @@ class TorchOps(Ops):
         if _on_cpu(buffer) and dtype in ("float32", "float64"):
             raw = _np(buffer)
             k = raw.shape[0] // (1 + _TORCH_DTYPES[dtype].itemsize // 4)
-            if k < _TORCH_SCATTER_MIN:
+            if k < _TORCH_SCATTER_MIN or (dtype == "float32" and jit.kernels() is not None):
+                # few indices, or NumPy's compiled one-pass scatter
                 return torch.from_numpy(_NUMPY.scatter_sparse(n, raw, dtype))
             # torch's scatter_ writes ~2x as fast as NumPy's fancy assignment; the int64
             # indices it needs are made a block at a time (a dense payload's would be
