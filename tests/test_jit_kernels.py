@@ -192,3 +192,21 @@ def test_scatter_of_indices_not_ascending_takes_the_general_path(without_jit):
     buffer[0] = 3 * k  # out of range
     with pytest.raises(IndexError):
         ops.scatter_sparse(2 * k, buffer, "float32")
+
+
+@pytest.mark.parametrize("threshold", [0.5, 1e-30, np.inf])
+def test_sparse_selection_and_packing_compiled_are_the_numpy_kernels(without_jit, threshold):
+    x = _floats(70_001, 8)
+    level = np.full(1, threshold, np.float32)
+    idx = ops.nonzero_magnitude_at_least(x, level)
+    payload = ops.pack_sparse(x, idx)
+    with without_jit():
+        want_idx = ops.nonzero_magnitude_at_least(x, level)
+        want = ops.pack_sparse(x, want_idx)
+    assert idx.dtype == np.int64 and np.array_equal(idx, want_idx)
+    assert payload.dtype == np.int32 and payload.tobytes() == want.tobytes()
+    bad = np.arange(5000, dtype=np.int64)
+    bad[-1] = x.shape[0]  # out of range: the kernel hands over to NumPy's own path
+    got = ops.pack_sparse(x, bad)
+    with without_jit():
+        assert got.tobytes() == ops.pack_sparse(x, bad).tobytes()

@@ -338,11 +338,35 @@ def _build() -> Optional[SimpleNamespace]:
                 at += 1
 
     @jit
+    def indices_magnitude_at_least(bits, level, indices):  # pragma: no cover - compiled
+        """The int64 indices of the elements of ``bits`` counted by
+        count_magnitude_at_least, in order, into ``indices`` (as long as that count)."""
+        at = 0
+        for i in range(bits.shape[0]):
+            if (bits[i] & np.int32(0x7FFFFFFF)) >= level:
+                indices[at] = i
+                at += 1
+
+    @jit
+    def pack_pairs(bits, indices, out_indices, out_values):  # pragma: no cover - compiled
+        """The sparse payload's two halves: the int64 ``indices`` as int32, and the
+        float32 bits (int32) at them. Returns False, the halves unfinished, at an index
+        outside ``bits``."""
+        n = bits.shape[0]
+        for j in range(indices.shape[0]):
+            i = indices[j]
+            if i < 0 or i >= n:
+                return False
+            out_indices[j] = np.int32(i)
+            out_values[j] = bits[i]
+        return True
+
+    @jit
     def scatter_ascending(indices, values, out):  # pragma: no cover - compiled
-        """``out`` = zeros with ``out[indices] = values``, in one pass, for ascending
-        distinct ``indices`` within ``out``: returns 0. Returns 1 at the first index that
-        is not above the one before it, 2 at one outside ``out`` (``out`` is then partly
-        written: the caller scatters another way)."""
+        """``out[indices] = values`` for ascending distinct ``indices`` within ``out``
+        (zero-filled by the caller: fresh zero pages cost no pass): returns 0. Returns 1
+        at the first index that is not above the one before it, 2 at one outside
+        ``out`` (``out`` is then partly written: the caller scatters another way)."""
         n = out.shape[0]
         previous = -1
         for j in range(indices.shape[0]):
@@ -351,10 +375,8 @@ def _build() -> Optional[SimpleNamespace]:
                 return 1
             if i >= n:
                 return 2
-            out[previous + 1:i] = 0
             out[i] = values[j]
             previous = i
-        out[previous + 1:] = 0
         return 0
 
     # Philox-4x64-10 (Salmon et al. 2011): the round multipliers and the Weyl constants
@@ -432,4 +454,5 @@ def _build() -> Optional[SimpleNamespace]:
                            pack_fields=pack_fields, dither_codes=dither_codes, dither_values=dither_values,
                            qsgd_codes=qsgd_codes, sketch_median=sketch_median, philox_words=philox_words,
                            count_magnitude_at_least=count_magnitude_at_least,
-                           pack_magnitude_at_least=pack_magnitude_at_least, scatter_ascending=scatter_ascending)
+                           pack_magnitude_at_least=pack_magnitude_at_least, scatter_ascending=scatter_ascending,
+                           indices_magnitude_at_least=indices_magnitude_at_least, pack_pairs=pack_pairs)

@@ -577,6 +577,11 @@ class NumpyOps(Ops):
     def pack_sparse(self, x, idx):
         k = idx.shape[0]
         buffer = np.empty(k * (1 + x.dtype.itemsize // 4), np.int32)
+        compiled = jit.kernels() if k >= _SMALL_SPARSE and x.dtype == np.float32 and x.ndim == 1 else None
+        if compiled is not None and idx.dtype == np.int64:
+            # one compiled pass; an index out of range: NumPy's take below (and its error)
+            if compiled.pack_pairs(np.ascontiguousarray(x).view(np.int32), idx, buffer[:k], buffer[k:]):
+                return buffer
         buffer[:k] = idx  # one converting pass instead of a cast and a concatenation
         if k < _SMALL_SPARSE:  # a gathered copy costs less than take's out= handling
             buffer[k:] = x[idx].view(np.int32)
@@ -590,8 +595,8 @@ class NumpyOps(Ops):
         np_dtype = _np_dtype(dtype)
         k = buffer.shape[0] // (1 + np.dtype(np_dtype).itemsize // 4)
         compiled = jit.kernels() if np_dtype == np.float32 and k >= _SMALL_SPARSE else None
-        if compiled is not None:  # one pass writing zeros and values: indices are ascending
-            out = np.empty(int(n), np_dtype)
+        if compiled is not None:  # one compiled pass for ascending indices
+            out = np.zeros(int(n), np_dtype)
             if compiled.scatter_ascending(buffer[:k], buffer[k:].view(np_dtype), out) == 0:
                 return out
         out = np.zeros(int(n), np_dtype)
@@ -641,6 +646,12 @@ class NumpyOps(Ops):
         if not isinstance(threshold, (int, float)):
             threshold = np.asarray(threshold).reshape(-1)[0]
         t = x.dtype.type(threshold)
+        compiled = jit.kernels() if x.dtype == np.float32 and x.ndim == 1 and x.shape[0] >= _SMALL_SPARSE else None
+        if t > 0 and compiled is not None:  # count, then the indices: two compiled passes
+            bits, level = np.ascontiguousarray(x).view(np.int32), np.asarray(t).view(np.int32)
+            idx = np.empty(compiled.count_magnitude_at_least(bits, level), np.int64)
+            compiled.indices_magnitude_at_least(bits, level, idx)
+            return idx
         if t > 0 and x.dtype in (np.float32, np.float64):
             # the magnitudes' bits compared as integers: they order like the values, and
             # a NaN's (sign cleared by abs) lie above +inf's, so NaN is selected as by
